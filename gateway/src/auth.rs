@@ -1,0 +1,282 @@
+//! Authentication: JWT verification at the handshake, the claims a session carries, the access
+//! rules of PROTOCOL.md §3 `join`, and token minting for the `token` subcommand.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use storage::{Room, RoomKind};
+
+/// What a token's holder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Agent,
+    User,
+    Customer,
+    Service,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Agent => "agent",
+            Role::User => "user",
+            Role::Customer => "customer",
+            Role::Service => "service",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Role> {
+        Some(match text {
+            "admin" => Role::Admin,
+            "agent" => Role::Agent,
+            "user" => Role::User,
+            "customer" => Role::Customer,
+            "service" => Role::Service,
+            _ => return None,
+        })
+    }
+
+    /// How this role's messages are labelled (`sender_type`).
+    pub fn sender_type(self) -> storage::SenderType {
+        match self {
+            Role::Admin | Role::Agent => storage::SenderType::Agent,
+            Role::User => storage::SenderType::User,
+            Role::Customer => storage::SenderType::Customer,
+            Role::Service => storage::SenderType::System,
+        }
+    }
+
+    /// Whether this role belongs to the team side (as opposed to a customer).
+    pub fn is_team(self) -> bool {
+        !matches!(self, Role::Customer)
+    }
+}
+
+/// The verified claims of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub tenant: String,
+    pub role: Role,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+}
+
+/// Why a token was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing bearer token")]
+    Missing,
+    #[error("invalid token: {0}")]
+    Invalid(#[from] jsonwebtoken::errors::Error),
+    #[error("invalid token: empty sub or tenant")]
+    EmptyIdentity,
+    #[error("bad key configuration: {0}")]
+    Config(String),
+}
+
+/// Verifies tokens with one configured key and algorithm; `alg: none` and any other algorithm
+/// (including the classic RS256→HS256 confusion) are refused because only the configured one
+/// is accepted.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+    signing: Option<EncodingKey>,
+    algorithm: Algorithm,
+}
+
+/// Where the verification key comes from.
+pub enum KeySource<'a> {
+    Secret(&'a [u8]),
+    PublicKeyFile(&'a Path, Option<Algorithm>),
+}
+
+impl Verifier {
+    pub fn new(
+        source: KeySource<'_>,
+        audience: &[String],
+        issuer: &[String],
+        leeway_secs: u64,
+    ) -> Result<Verifier, AuthError> {
+        let (key, algorithm, signing) = match source {
+            KeySource::Secret(secret) => (
+                DecodingKey::from_secret(secret),
+                Algorithm::HS256,
+                Some(EncodingKey::from_secret(secret)),
+            ),
+            KeySource::PublicKeyFile(path, algorithm) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    AuthError::Config(format!("cannot read {}: {e}", path.display()))
+                })?;
+                let algorithm = algorithm.unwrap_or_else(|| {
+                    if DecodingKey::from_rsa_pem(&pem).is_ok() {
+                        Algorithm::RS256
+                    } else {
+                        Algorithm::EdDSA
+                    }
+                });
+                let key = match algorithm {
+                    Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 => {
+                        DecodingKey::from_rsa_pem(&pem)
+                    }
+                    Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
+                    Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(&pem),
+                    other => {
+                        return Err(AuthError::Config(format!(
+                            "{other:?} needs a shared secret, not a public key"
+                        )))
+                    }
+                }
+                .map_err(|e| AuthError::Config(format!("bad public key: {e}")))?;
+                (key, algorithm, None)
+            }
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = leeway_secs;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        if audience.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(audience);
+        }
+        if !issuer.is_empty() {
+            validation.iss = Some(issuer.iter().cloned().collect::<HashSet<_>>());
+            validation.required_spec_claims.insert("iss".to_owned());
+        }
+        Ok(Verifier {
+            key,
+            validation,
+            signing,
+            algorithm,
+        })
+    }
+
+    /// Verifies a token and returns its claims.
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let data = decode::<Claims>(token, &self.key, &self.validation)?;
+        if data.claims.sub.is_empty() || data.claims.tenant.is_empty() {
+            return Err(AuthError::EmptyIdentity);
+        }
+        Ok(data.claims)
+    }
+
+    /// Signs claims with the configured secret (HS256 only: the server holds no private key).
+    pub fn mint(&self, claims: &Claims) -> Result<String, AuthError> {
+        let key = self.signing.as_ref().ok_or_else(|| {
+            AuthError::Config("minting needs --jwt-secret (the server holds no private key)".into())
+        })?;
+        Ok(encode(&Header::new(self.algorithm), claims, key)?)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+/// Extracts the token from `Authorization: Bearer …` or the `token` query parameter.
+pub fn token_from_request<B>(req: &hyper::Request<B>) -> Option<String> {
+    if let Some(value) = req.headers().get(hyper::header::AUTHORIZATION) {
+        let value = value.to_str().ok()?;
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_owned());
+    }
+    let query = req.uri().query()?;
+    query.split('&').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        (name == "token").then(|| value.to_owned())
+    })
+}
+
+/// Whether the claims allow joining an existing room (PROTOCOL.md §3 `join`): another tenant's
+/// room is never visible; participants may join; admins and services any room of their tenant;
+/// agents any conversation (support or prospect) of their tenant, as a shared inbox; a customer
+/// only a conversation it takes part in.
+pub fn may_join(claims: &Claims, room: &Room) -> Access {
+    if room.tenant_id != claims.tenant {
+        return Access::NotFound;
+    }
+    let participant = room.participants.iter().any(|p| p == &claims.sub);
+    match claims.role {
+        Role::Admin | Role::Service => Access::Allowed,
+        Role::Customer if participant && room.kind != RoomKind::Team => Access::Allowed,
+        Role::Customer => Access::NotFound,
+        Role::Agent if room.kind != RoomKind::Team => Access::Allowed,
+        _ if participant => Access::Allowed,
+        _ => Access::Forbidden,
+    }
+}
+
+/// The outcome of an access check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Allowed,
+    Forbidden,
+    NotFound,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(role: Role, exp: u64) -> Claims {
+        Claims {
+            sub: "u1".into(),
+            tenant: "t1".into(),
+            role,
+            exp,
+            name: None,
+            aud: None,
+            iss: None,
+        }
+    }
+
+    #[test]
+    fn mints_and_verifies_with_the_same_secret() {
+        let v = Verifier::new(KeySource::Secret(b"secret"), &[], &[], 0).unwrap();
+        let token = v.mint(&claims(Role::Agent, now_secs() + 60)).unwrap();
+        assert_eq!(v.verify(&token).unwrap().role, Role::Agent);
+        let other = Verifier::new(KeySource::Secret(b"other"), &[], &[], 0).unwrap();
+        assert!(other.verify(&token).is_err());
+    }
+
+    #[test]
+    fn refuses_expired_and_unsigned_tokens() {
+        let v = Verifier::new(KeySource::Secret(b"secret"), &[], &[], 0).unwrap();
+        let expired = v.mint(&claims(Role::Agent, now_secs() - 10)).unwrap();
+        assert!(v.verify(&expired).is_err());
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let body = b64.encode(serde_json::to_vec(&claims(Role::Admin, now_secs() + 60)).unwrap());
+        assert!(v.verify(&format!("{header}.{body}.")).is_err());
+    }
+
+    #[test]
+    fn checks_audience_and_issuer_when_configured() {
+        let v = Verifier::new(
+            KeySource::Secret(b"s"),
+            &["chat".to_owned()],
+            &["idp".to_owned()],
+            0,
+        )
+        .unwrap();
+        let mut c = claims(Role::User, now_secs() + 60);
+        assert!(v.verify(&v.mint(&c).unwrap()).is_err());
+        c.aud = Some("chat".into());
+        c.iss = Some("idp".into());
+        assert!(v.verify(&v.mint(&c).unwrap()).is_ok());
+    }
+}

@@ -1,0 +1,258 @@
+//! Prometheus metrics. Every handle is resolved once at start; labels are bounded (codes,
+//! error codes, shard numbers), never room or user ids.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::cmd::Code;
+use crate::codec::ErrorCode;
+
+/// Label index for frames that are not a known request code.
+pub const INVALID_CODE: usize = Code::ALL.len();
+
+/// Outbound frame kinds, by code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutCode {
+    Response(Code),
+    Connected,
+    Error,
+}
+
+impl OutCode {
+    fn index(self) -> usize {
+        match self {
+            OutCode::Response(code) => code.index(),
+            OutCode::Connected => Code::ALL.len(),
+            OutCode::Error => Code::ALL.len() + 1,
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Vec<IntGauge>,
+    pub rooms: Vec<IntGauge>,
+    frames_in: Vec<IntCounter>,
+    frames_out: Vec<IntCounter>,
+    errors: Vec<IntCounter>,
+    pub deliveries: IntCounter,
+    pub fanout_latency: Histogram,
+    pub store_commit_latency: Histogram,
+    pub store_batch_size: Histogram,
+    pub store_commit_failures: IntCounter,
+    pub outbound_drops: IntCounter,
+    pub slow_consumer_closes: IntCounter,
+    pub handshake_rejects: IntCounterVec,
+    pub closes: IntCounterVec,
+    pub outbound_queue_high_water: IntGauge,
+}
+
+impl Metrics {
+    pub fn new(shards: usize) -> Metrics {
+        let registry = Registry::new();
+        let connections_vec = IntGaugeVec::new(
+            Opts::new(
+                "gateway_connections",
+                "open WebSocket connections, by shard",
+            ),
+            &["shard"],
+        )
+        .unwrap();
+        let rooms_vec = IntGaugeVec::new(
+            Opts::new("gateway_rooms", "rooms loaded in memory, by shard"),
+            &["shard"],
+        )
+        .unwrap();
+        let frames_in_vec = IntCounterVec::new(
+            Opts::new("gateway_frames_in_total", "client frames received, by code"),
+            &["code"],
+        )
+        .unwrap();
+        let frames_out_vec = IntCounterVec::new(
+            Opts::new(
+                "gateway_frames_out_total",
+                "server frames queued to clients, by code",
+            ),
+            &["code"],
+        )
+        .unwrap();
+        let errors_vec = IntCounterVec::new(
+            Opts::new("gateway_errors_total", "error replies, by error code"),
+            &["error_code"],
+        )
+        .unwrap();
+        let deliveries = IntCounter::new(
+            "gateway_deliveries_total",
+            "chat events queued to room members other than the sender",
+        )
+        .unwrap();
+        let fanout_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_fanout_latency_seconds",
+                "from reading a chat frame to queueing it to every room member (store commit included)",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5,
+            ]),
+        )
+        .unwrap();
+        let store_commit_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_store_commit_seconds",
+                "duration of one group commit of the store",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+        )
+        .unwrap();
+        let store_batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_store_batch_size",
+                "write requests committed together in one transaction",
+            )
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ]),
+        )
+        .unwrap();
+        let store_commit_failures = IntCounter::new(
+            "gateway_store_commit_failures_total",
+            "group commits that failed (their writes were answered UNAVAILABLE)",
+        )
+        .unwrap();
+        let outbound_drops = IntCounter::new(
+            "gateway_outbound_queue_drops_total",
+            "ephemeral frames dropped because a connection's outbound queue was full",
+        )
+        .unwrap();
+        let slow_consumer_closes = IntCounter::new(
+            "gateway_slow_consumer_closes_total",
+            "connections closed with 1013 because their outbound queue overflowed",
+        )
+        .unwrap();
+        let handshake_rejects = IntCounterVec::new(
+            Opts::new(
+                "gateway_handshake_rejects_total",
+                "refused WebSocket handshakes, by reason",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        let closes = IntCounterVec::new(
+            Opts::new(
+                "gateway_closes_total",
+                "connections closed by the server, by close code",
+            ),
+            &["code"],
+        )
+        .unwrap();
+        let outbound_queue_high_water = IntGauge::new(
+            "gateway_outbound_queue_high_water",
+            "the most frames ever queued to one connection (never above the configured bound)",
+        )
+        .unwrap();
+
+        for collector in [
+            Box::new(connections_vec.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rooms_vec.clone()),
+            Box::new(frames_in_vec.clone()),
+            Box::new(frames_out_vec.clone()),
+            Box::new(errors_vec.clone()),
+            Box::new(deliveries.clone()),
+            Box::new(fanout_latency.clone()),
+            Box::new(store_commit_latency.clone()),
+            Box::new(store_batch_size.clone()),
+            Box::new(store_commit_failures.clone()),
+            Box::new(outbound_drops.clone()),
+            Box::new(slow_consumer_closes.clone()),
+            Box::new(handshake_rejects.clone()),
+            Box::new(closes.clone()),
+            Box::new(outbound_queue_high_water.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+
+        let shard_labels: Vec<String> = (0..shards).map(|s| s.to_string()).collect();
+        let mut frames_in: Vec<IntCounter> = Code::ALL
+            .iter()
+            .map(|c| frames_in_vec.with_label_values(&[c.as_str()]))
+            .collect();
+        frames_in.push(frames_in_vec.with_label_values(&["invalid"]));
+        let mut frames_out: Vec<IntCounter> = Code::ALL
+            .iter()
+            .map(|c| frames_out_vec.with_label_values(&[c.response()]))
+            .collect();
+        frames_out.push(frames_out_vec.with_label_values(&["connected"]));
+        frames_out.push(frames_out_vec.with_label_values(&["error"]));
+        for reason in ["unauthorized", "forbidden_origin", "bad_request", "timeout"] {
+            handshake_rejects.with_label_values(&[reason]);
+        }
+        for code in [
+            "1001", "1003", "1007", "1008", "1009", "1011", "1013", "1002",
+        ] {
+            closes.with_label_values(&[code]);
+        }
+        Metrics {
+            connections: shard_labels
+                .iter()
+                .map(|s| connections_vec.with_label_values(&[s.as_str()]))
+                .collect(),
+            rooms: shard_labels
+                .iter()
+                .map(|s| rooms_vec.with_label_values(&[s.as_str()]))
+                .collect(),
+            frames_in,
+            frames_out,
+            errors: ErrorCode::ALL
+                .iter()
+                .map(|e| errors_vec.with_label_values(&[e.as_str()]))
+                .collect(),
+            registry,
+            deliveries,
+            fanout_latency,
+            store_commit_latency,
+            store_batch_size,
+            store_commit_failures,
+            outbound_drops,
+            slow_consumer_closes,
+            handshake_rejects,
+            closes,
+            outbound_queue_high_water,
+        }
+    }
+
+    /// Counts one received frame (`None`: not a known code).
+    pub fn frame_in(&self, code: Option<Code>) {
+        self.frames_in[code.map_or(INVALID_CODE, Code::index)].inc();
+    }
+
+    /// Counts `n` queued server frames of one kind.
+    pub fn frames_out(&self, code: OutCode, n: u64) {
+        self.frames_out[code.index()].inc_by(n);
+    }
+
+    /// Counts one error reply.
+    pub fn error(&self, code: ErrorCode) {
+        self.errors[code.index()].inc();
+    }
+
+    /// Counts a server-initiated close.
+    pub fn close(&self, code: u16) {
+        self.closes.with_label_values(&[&code.to_string()]).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding metrics into memory cannot fail");
+        out
+    }
+}

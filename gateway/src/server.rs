@@ -1,0 +1,567 @@
+//! The HTTP front: one port for `GET /ws` (upgrade), `/healthz`, `/readyz`, `/metrics`, the
+//! room API and the optional conformance echo route; the accept loop that spreads connections
+//! over the shards; start-up and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::{Deserialize, Serialize};
+use storage::{AnyStore, NewRoom, RoomKind, Store, Timestamp};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch, Notify};
+
+use crate::auth::{token_from_request, Claims, Role, Verifier};
+use crate::config::Config;
+use crate::connection::{self, Mode};
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::presence::PresenceRegistry;
+use crate::shard::{self, ShardCommand, ShardHandle};
+
+/// Largest accepted HTTP API request body.
+const MAX_API_BODY: usize = 64 * 1024;
+
+/// State shared by the accept loop, the shards and every connection.
+pub struct Shared {
+    pub config: Config,
+    pub store: AnyStore,
+    pub metrics: Arc<Metrics>,
+    pub presence: PresenceRegistry,
+    pub shards: Vec<ShardHandle>,
+    pub verifier: Verifier,
+    next_conn: AtomicU64,
+    ready: AtomicBool,
+    shutdown: watch::Sender<bool>,
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+/// Decrements the live-connection count when a connection ends.
+pub struct ConnectionGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.shared.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.idle.notify_waiters();
+        }
+    }
+}
+
+impl Shared {
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Counts a live connection until the guard drops.
+    pub fn track_connection(self: &Arc<Self>, _outbox: Arc<Outbox>) -> ConnectionGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ConnectionGuard {
+            shared: self.clone(),
+        }
+    }
+
+    /// Fires when the server starts shutting down.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Live WebSocket connections.
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    stop_accept: oneshot::Sender<()>,
+    accept_task: tokio::task::JoinHandle<()>,
+    shard_threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("store: {0}")]
+    Store(#[from] storage::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Gateway {
+    /// Opens the store, starts the shards and serves on `listener`.
+    pub async fn start(
+        config: Config,
+        verifier: Verifier,
+        listener: TcpListener,
+    ) -> Result<Gateway, StartError> {
+        let shard_count = config.shard_count();
+        let metrics = Arc::new(Metrics::new(shard_count));
+        let commit_metrics = metrics.clone();
+        let store_config = storage::sqlite::SqliteConfig {
+            on_commit: Some(Arc::new(move |stats: storage::CommitStats| {
+                commit_metrics
+                    .store_commit_latency
+                    .observe(stats.duration.as_secs_f64());
+                commit_metrics
+                    .store_batch_size
+                    .observe(stats.batch_size as f64);
+                if !stats.ok {
+                    commit_metrics.store_commit_failures.inc();
+                }
+            })),
+            ..Default::default()
+        };
+        let url = config.store_url();
+        let store = tokio::task::spawn_blocking(move || storage::open_with(&url, store_config))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+
+        let mut shards = Vec::with_capacity(shard_count);
+        let mut shard_threads = Vec::with_capacity(shard_count);
+        let mut shared_senders = Vec::with_capacity(shard_count);
+        for index in 0..shard_count {
+            let (tx, rx) = oneshot::channel();
+            let (handle, thread) = shard::spawn(index, config.shard_queue, rx)?;
+            shards.push(handle);
+            shard_threads.push(thread);
+            shared_senders.push(tx);
+        }
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            config,
+            store,
+            metrics,
+            presence: PresenceRegistry::default(),
+            shards,
+            verifier,
+            next_conn: AtomicU64::new(1),
+            ready: AtomicBool::new(false),
+            shutdown,
+            active: AtomicUsize::new(0),
+            idle: Notify::new(),
+        });
+        for tx in shared_senders {
+            let _ = tx.send(shared.clone());
+        }
+        let local_addr = listener.local_addr()?;
+        let (stop_accept, stop_rx) = oneshot::channel();
+        let accept_task = tokio::spawn(accept_loop(shared.clone(), listener, stop_rx));
+        shared.ready.store(true, Ordering::Release);
+        tracing::info!(
+            addr = %local_addr,
+            shards = shard_count,
+            store = %shared.config.store_url(),
+            "gateway listening"
+        );
+        Ok(Gateway {
+            shared,
+            local_addr,
+            stop_accept,
+            accept_task,
+            shard_threads,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Graceful shutdown: stop accepting, close every connection with 1001 after what is
+    /// queued to it, let the shards finish in-flight commits, flush the store.
+    pub async fn shutdown(self) -> Result<(), storage::Error> {
+        let shared = self.shared;
+        shared.ready.store(false, Ordering::Release);
+        let _ = self.stop_accept.send(());
+        let _ = self.accept_task.await;
+        let _ = shared.shutdown.send(true);
+        let drained = async {
+            loop {
+                let idle = shared.idle.notified();
+                if shared.active_connections() == 0 {
+                    break;
+                }
+                idle.await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(10), drained)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = shared.active_connections(),
+                "connections still open after 10s, closing them hard"
+            );
+        }
+        for shard in &shared.shards {
+            let _ = shard.commands.send(ShardCommand::Shutdown).await;
+        }
+        let threads = self.shard_threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+        shared.store.close().await?;
+        tracing::info!("gateway stopped");
+        Ok(())
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: oneshot::Receiver<()>) {
+    let mut next_shard = 0usize;
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let shard_index = next_shard % shared.shards.len();
+        next_shard = next_shard.wrapping_add(1);
+        let runtime = shared.shards[shard_index].runtime.clone();
+        runtime.spawn(serve_http(shared.clone(), stream, shard_index));
+    }
+}
+
+async fn serve_http(shared: Arc<Shared>, stream: tokio::net::TcpStream, shard_index: usize) {
+    let handshake_timeout = Duration::from_millis(shared.config.handshake_timeout_ms);
+    let service_shared = shared.clone();
+    let service = service_fn(move |req| {
+        let shared = service_shared.clone();
+        async move { Ok::<_, std::convert::Infallible>(route(shared, req, shard_index).await) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(handshake_timeout)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    let mut shutdown = shared.shutdown_signal();
+    tokio::select! {
+        result = &mut connection => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        }
+        _ = shutdown.changed() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+        }
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).expect("serializing a response cannot fail");
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+#[derive(Serialize)]
+struct ApiError<'a> {
+    error: &'a str,
+    message: String,
+}
+
+fn api_error(status: StatusCode, error: &str, message: impl Into<String>) -> Response<Body> {
+    json_response(
+        status,
+        &ApiError {
+            error,
+            message: message.into(),
+        },
+    )
+}
+
+async fn route(shared: Arc<Shared>, req: Request<Incoming>, shard_index: usize) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/ws") => websocket(shared, req, shard_index),
+        (&Method::GET, "/conformance/echo") if shared.config.conformance_echo => {
+            upgrade(shared, req, Mode::Echo, shard_index)
+        }
+        (&Method::GET, "/healthz") => {
+            json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+        }
+        (&Method::GET, "/readyz") => {
+            if shared.ready.load(Ordering::Acquire) {
+                json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+            } else {
+                api_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not_ready",
+                    "starting or shutting down",
+                )
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let mut response = Response::new(Full::new(Bytes::from(shared.metrics.render())));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        (&Method::POST, "/api/rooms") => create_room(shared, req).await,
+        (_, "/ws" | "/healthz" | "/readyz" | "/metrics" | "/api/rooms") => api_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed",
+        ),
+        _ => api_error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+    }
+}
+
+fn authenticate(shared: &Shared, req: &Request<Incoming>) -> Result<Claims, Response<Body>> {
+    let reject = |message: String| {
+        shared
+            .metrics
+            .handshake_rejects
+            .with_label_values(&["unauthorized"])
+            .inc();
+        api_error(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    };
+    let token = token_from_request(req).ok_or_else(|| reject("missing bearer token".into()))?;
+    shared
+        .verifier
+        .verify(&token)
+        .map_err(|e| reject(e.to_string()))
+}
+
+fn websocket(shared: Arc<Shared>, req: Request<Incoming>, shard_index: usize) -> Response<Body> {
+    let allowed = &shared.config.allowed_origin;
+    if !allowed.is_empty() {
+        let origin = req
+            .headers()
+            .get(hyper::header::ORIGIN)
+            .and_then(|o| o.to_str().ok());
+        if !origin.is_some_and(|o| allowed.iter().any(|a| a == o)) {
+            shared
+                .metrics
+                .handshake_rejects
+                .with_label_values(&["forbidden_origin"])
+                .inc();
+            return api_error(
+                StatusCode::FORBIDDEN,
+                "forbidden_origin",
+                "origin not allowed",
+            );
+        }
+    }
+    let claims = match authenticate(&shared, &req) {
+        Ok(claims) => claims,
+        Err(response) => return response,
+    };
+    upgrade(shared, req, Mode::Protocol(Arc::new(claims)), shard_index)
+}
+
+fn upgrade(
+    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+    mode: Mode,
+    shard_index: usize,
+) -> Response<Body> {
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        shared
+            .metrics
+            .handshake_rejects
+            .with_label_values(&["bad_request"])
+            .inc();
+        return api_error(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "expected a websocket upgrade",
+        );
+    }
+    if *shared.shutdown.borrow() {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "server is shutting down",
+        );
+    }
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => {
+            shared
+                .metrics
+                .handshake_rejects
+                .with_label_values(&["bad_request"])
+                .inc();
+            return api_error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
+        }
+    };
+    let handshake_timeout = Duration::from_millis(shared.config.handshake_timeout_ms);
+    tokio::spawn(async move {
+        match tokio::time::timeout(handshake_timeout, upgrade).await {
+            Ok(Ok(ws)) => {
+                let upgraded = ws.into_inner().into_inner();
+                connection::run(shared, upgraded, mode, shard_index).await;
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "websocket upgrade failed"),
+            Err(_) => {
+                shared
+                    .metrics
+                    .handshake_rejects
+                    .with_label_values(&["timeout"])
+                    .inc();
+            }
+        }
+    });
+    response.map(|_| Full::new(Bytes::new()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRoomBody {
+    room_id: Option<String>,
+    kind: String,
+    title: Option<String>,
+    status: Option<String>,
+    #[serde(default)]
+    participants: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct RoomBody<'a> {
+    room_id: &'a str,
+    tenant_id: &'a str,
+    kind: &'static str,
+    title: &'a str,
+    status: &'a str,
+    participants: &'a [String],
+    created_at: Timestamp,
+    last_seq: u64,
+    created: bool,
+}
+
+/// `POST /api/rooms`: creates a room or conversation of the caller's tenant (team roles only).
+async fn create_room(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let claims = match authenticate(&shared, &req) {
+        Ok(claims) => claims,
+        Err(response) => return response,
+    };
+    if !matches!(claims.role, Role::Admin | Role::Agent | Role::Service) {
+        return api_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only admin, agent or service tokens may create rooms",
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_API_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "body larger than 64 KiB",
+            )
+        }
+    };
+    let body: CreateRoomBody = match serde_json::from_slice(&body) {
+        Ok(body) => body,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("invalid body: {e}"),
+            )
+        }
+    };
+    let Some(kind) = RoomKind::parse(&body.kind) else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "kind must be team, support or prospect",
+        );
+    };
+    let room_id = body
+        .room_id
+        .unwrap_or_else(|| ulid::Ulid::new().to_string());
+    if room_id.is_empty() || room_id.len() > crate::codec::envelope::MAX_ROOM_ID_BYTES {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "room_id must be 1 to 128 bytes",
+        );
+    }
+    if body.participants.len() > 1000
+        || body
+            .participants
+            .iter()
+            .any(|p| p.is_empty() || p.len() > 256)
+    {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "at most 1000 participants of 1 to 256 bytes",
+        );
+    }
+    let new_room = NewRoom {
+        title: body.title.unwrap_or_else(|| room_id.clone()),
+        room_id,
+        tenant_id: claims.tenant.clone(),
+        kind,
+        status: body.status.unwrap_or_else(|| "active".to_owned()),
+        participants: body.participants,
+        created_at: Timestamp::now(),
+    };
+    match shared.store.create_room(new_room).await {
+        Ok((room, _)) if room.tenant_id != claims.tenant => {
+            api_error(StatusCode::CONFLICT, "conflict", "room id is taken")
+        }
+        Ok((room, created)) => json_response(
+            if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
+            &RoomBody {
+                room_id: &room.room_id,
+                tenant_id: &room.tenant_id,
+                kind: room.kind.as_str(),
+                title: &room.title,
+                status: &room.status,
+                participants: &room.participants,
+                created_at: room.created_at,
+                last_seq: room.last_seq,
+                created,
+            },
+        ),
+        Err(e) => api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    }
+}

@@ -1,0 +1,1053 @@
+//! Room shards: one thread per core, each running its own single-threaded runtime and owning
+//! its rooms outright (members, sequencing of commits, read-receipt and typing fan-out). Frames
+//! for a room reach its shard over a bounded channel; nothing on the message path takes a lock
+//! shared with another shard. The same runtime also runs the connections accepted onto it.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use serde::Serialize;
+use storage::{Appended, Direction, HistoryQuery, NewMessage, Room, RoomKind, Store, Timestamp};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::auth::{may_join, Access, Claims, Role};
+use crate::cmd::chat::Chat;
+use crate::cmd::historic::Historic;
+use crate::cmd::join::Join;
+use crate::cmd::presence::PresenceStatus;
+use crate::cmd::typing::TypingStatus;
+use crate::cmd::Code;
+use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
+use crate::metrics::OutCode;
+use crate::outbox::{FrameClass, Outbox, Pushed};
+use crate::presence::UserKey;
+use crate::server::Shared;
+
+/// Connection ids are unique for the life of the process.
+pub type ConnId = u64;
+
+/// What a shard knows of a connection that talks to it.
+#[derive(Clone)]
+pub struct ConnRef {
+    pub id: ConnId,
+    pub outbox: Arc<Outbox>,
+    pub claims: Arc<Claims>,
+}
+
+impl ConnRef {
+    fn user_key(&self) -> UserKey {
+        UserKey {
+            tenant: self.claims.tenant.clone(),
+            user_id: self.claims.sub.clone(),
+        }
+    }
+}
+
+/// A request about one room, with what is needed to answer it.
+pub struct RoomRequest {
+    pub conn: ConnRef,
+    pub room_id: String,
+    pub reference: Option<String>,
+    /// When the connection read the frame (fan-out latency starts here).
+    pub received: Instant,
+    pub action: RoomAction,
+}
+
+pub enum RoomAction {
+    Join(Join),
+    Leave,
+    Chat(Chat),
+    Typing(TypingStatus),
+    ReadReceipt { message_id: String },
+    Historic(Historic),
+}
+
+impl RoomAction {
+    fn code(&self) -> Code {
+        match self {
+            RoomAction::Join(_) => Code::Join,
+            RoomAction::Leave => Code::Leave,
+            RoomAction::Chat(_) => Code::Chat,
+            RoomAction::Typing(_) => Code::Typing,
+            RoomAction::ReadReceipt { .. } => Code::ReadReceipt,
+            RoomAction::Historic(_) => Code::Historic,
+        }
+    }
+}
+
+/// Everything a shard can be asked.
+pub enum ShardCommand {
+    Room(RoomRequest),
+    /// The connection closed: forget it in these rooms (all owned by this shard).
+    Disconnect {
+        conn: ConnId,
+        rooms: Vec<String>,
+    },
+    /// Presence fan-out: the connections joined to any of these rooms.
+    CollectMembers {
+        rooms: Vec<String>,
+        reply: oneshot::Sender<Vec<(ConnId, Arc<Outbox>)>>,
+    },
+    /// Finish in-flight commits, then stop.
+    Shutdown,
+}
+
+/// Completions of work the shard handed to helper tasks.
+enum ShardEvent {
+    RoomLoaded {
+        room_id: String,
+        result: storage::Result<Option<Room>>,
+    },
+    RoomCreated {
+        room_id: String,
+        result: storage::Result<Room>,
+    },
+    JoinReady {
+        room_id: String,
+        conn: ConnId,
+        frame: Bytes,
+    },
+    ReceiptStored {
+        room_id: String,
+        conn: ConnRef,
+        broadcast: Option<Bytes>,
+    },
+}
+
+/// The handle other threads use to reach a shard.
+#[derive(Clone)]
+pub struct ShardHandle {
+    pub index: usize,
+    pub runtime: tokio::runtime::Handle,
+    pub commands: mpsc::Sender<ShardCommand>,
+}
+
+/// Which shard owns a room.
+pub fn shard_of(room_id: &str, shards: usize) -> usize {
+    let mut h = DefaultHasher::new();
+    room_id.hash(&mut h);
+    (h.finish() % shards as u64) as usize
+}
+
+/// Starts a shard thread; returns its handle and the thread's join handle.
+pub fn spawn(
+    index: usize,
+    queue: usize,
+    shared_rx: oneshot::Receiver<Arc<Shared>>,
+) -> std::io::Result<(ShardHandle, std::thread::JoinHandle<()>)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    let (tx, rx) = mpsc::channel(queue);
+    let thread = std::thread::Builder::new()
+        .name(format!("shard-{index}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                let Ok(shared) = shared_rx.await else {
+                    return;
+                };
+                Shard::new(index, shared).run(rx).await;
+            });
+            // Connections still running on this runtime are dropped with it.
+        })?;
+    Ok((
+        ShardHandle {
+            index,
+            runtime: handle,
+            commands: tx,
+        },
+        thread,
+    ))
+}
+
+struct Member {
+    conn: ConnRef,
+    /// While a join reply is being prepared, frames for this member wait here so the client
+    /// sees the join reply first and then every later event, in order.
+    pending: Option<Vec<(Bytes, FrameClass)>>,
+}
+
+struct RoomState {
+    room: Room,
+    members: HashMap<ConnId, Member>,
+    /// Chat commits on their way through the store.
+    inflight: u32,
+}
+
+enum Slot {
+    /// Waiting for the store; requests queue up here in arrival order.
+    Loading(Vec<RoomRequest>),
+    Ready(RoomState),
+}
+
+type AppendContext = (String, ConnRef, Option<String>, Instant);
+type AppendFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (AppendContext, storage::Result<Appended>)> + Send>,
+>;
+
+struct Shard {
+    index: usize,
+    shared: Arc<Shared>,
+    rooms: HashMap<String, Slot>,
+    appends: FuturesOrdered<AppendFuture>,
+    events_tx: mpsc::UnboundedSender<ShardEvent>,
+    events_rx: mpsc::UnboundedReceiver<ShardEvent>,
+}
+
+fn deliver(member: &mut Member, frame: Bytes, class: FrameClass) -> Pushed {
+    match &mut member.pending {
+        Some(pending) => {
+            pending.push((frame, class));
+            Pushed::Queued
+        }
+        None => member.conn.outbox.push(frame, class),
+    }
+}
+
+impl Shard {
+    fn new(index: usize, shared: Arc<Shared>) -> Shard {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        Shard {
+            index,
+            shared,
+            rooms: HashMap::new(),
+            appends: FuturesOrdered::new(),
+            events_tx,
+            events_rx,
+        }
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<ShardCommand>) {
+        let mut stopping = false;
+        loop {
+            tokio::select! {
+                biased;
+                Some((ctx, result)) = self.appends.next(), if !self.appends.is_empty() => {
+                    self.on_appended(ctx, result);
+                }
+                Some(event) = self.events_rx.recv() => self.on_event(event),
+                command = commands.recv(), if !stopping => match command {
+                    Some(ShardCommand::Shutdown) | None => stopping = true,
+                    Some(command) => self.on_command(command),
+                },
+                else => break,
+            }
+            if stopping && self.appends.is_empty() {
+                break;
+            }
+        }
+        tracing::debug!(shard = self.index, "shard stopped");
+    }
+
+    fn reply_error(
+        &self,
+        conn: &ConnRef,
+        code: Code,
+        room_id: &str,
+        reference: Option<&str>,
+        error: ProtocolError,
+    ) {
+        self.shared.metrics.error(error.code);
+        self.shared.metrics.frames_out(OutCode::Response(code), 1);
+        let frame = FrameBuilder::error(
+            code.response(),
+            Some(&conn.claims.sub),
+            Some(room_id),
+            reference,
+            &error,
+        );
+        conn.outbox.push(frame, FrameClass::Durable);
+    }
+
+    fn on_command(&mut self, command: ShardCommand) {
+        match command {
+            ShardCommand::Room(request) => self.on_room_request(request),
+            ShardCommand::Disconnect { conn, rooms } => {
+                for room_id in rooms {
+                    self.remove_member(&room_id, conn);
+                }
+            }
+            ShardCommand::CollectMembers { rooms, reply } => {
+                let mut out = Vec::new();
+                for room_id in &rooms {
+                    if let Some(Slot::Ready(state)) = self.rooms.get(room_id) {
+                        out.extend(
+                            state
+                                .members
+                                .values()
+                                .map(|m| (m.conn.id, m.conn.outbox.clone())),
+                        );
+                    }
+                }
+                let _ = reply.send(out);
+            }
+            ShardCommand::Shutdown => {}
+        }
+    }
+
+    fn on_room_request(&mut self, request: RoomRequest) {
+        match self.rooms.get_mut(&request.room_id) {
+            Some(Slot::Ready(_)) => self.handle_ready(request),
+            Some(Slot::Loading(queue)) => queue.push(request),
+            None => match &request.action {
+                RoomAction::Join(_) | RoomAction::Historic(_) => {
+                    let room_id = request.room_id.clone();
+                    self.rooms
+                        .insert(room_id.clone(), Slot::Loading(vec![request]));
+                    self.update_room_gauge();
+                    let store = self.shared.store.clone();
+                    let events = self.events_tx.clone();
+                    tokio::spawn(async move {
+                        let result = store.room(&room_id).await;
+                        let _ = events.send(ShardEvent::RoomLoaded { room_id, result });
+                    });
+                }
+                RoomAction::Leave => self.reply_leave(&request),
+                _ => {
+                    let code = request.action.code();
+                    self.reply_error(
+                        &request.conn,
+                        code,
+                        &request.room_id,
+                        request.reference.as_deref(),
+                        ProtocolError::new(ErrorCode::NotJoined, "join the room first"),
+                    );
+                }
+            },
+        }
+    }
+
+    fn update_room_gauge(&self) {
+        self.shared.metrics.rooms[self.index].set(self.rooms.len() as i64);
+    }
+
+    fn on_event(&mut self, event: ShardEvent) {
+        match event {
+            ShardEvent::RoomLoaded { room_id, result } => match result {
+                Ok(Some(room)) => self.room_ready(room),
+                Ok(None) => self.room_missing(room_id),
+                Err(e) => self.room_failed(&room_id, e),
+            },
+            ShardEvent::RoomCreated { room_id, result } => match result {
+                Ok(room) => self.room_ready(room),
+                Err(e) => self.room_failed(&room_id, e),
+            },
+            ShardEvent::JoinReady {
+                room_id,
+                conn,
+                frame,
+            } => {
+                let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
+                    return;
+                };
+                let Some(member) = state.members.get_mut(&conn) else {
+                    return;
+                };
+                let pending = member.pending.take().unwrap_or_default();
+                self.shared
+                    .metrics
+                    .frames_out(OutCode::Response(Code::Join), 1);
+                if member.conn.outbox.push(frame, FrameClass::Durable) == Pushed::Queued {
+                    for (frame, class) in pending {
+                        member.conn.outbox.push(frame, class);
+                    }
+                }
+            }
+            ShardEvent::ReceiptStored {
+                room_id,
+                conn,
+                broadcast,
+            } => {
+                if let (Some(frame), Some(Slot::Ready(state))) =
+                    (broadcast, self.rooms.get_mut(&room_id))
+                {
+                    let mut n = 0;
+                    for member in state.members.values_mut() {
+                        if member.conn.id != conn.id {
+                            deliver(member, frame.clone(), FrameClass::Durable);
+                            n += 1;
+                        }
+                    }
+                    self.shared
+                        .metrics
+                        .frames_out(OutCode::Response(Code::ReadReceipt), n);
+                }
+            }
+        }
+    }
+
+    fn room_ready(&mut self, room: Room) {
+        let room_id = room.room_id.clone();
+        let queued = match self.rooms.insert(
+            room_id.clone(),
+            Slot::Ready(RoomState {
+                room,
+                members: HashMap::new(),
+                inflight: 0,
+            }),
+        ) {
+            Some(Slot::Loading(queued)) => queued,
+            _ => Vec::new(),
+        };
+        for request in queued {
+            self.handle_ready(request);
+        }
+        self.maybe_unload(&room_id);
+    }
+
+    /// The room does not exist: the first join by a non-customer creates it as a team room of
+    /// that caller's tenant; everything else is NOT_FOUND.
+    fn room_missing(&mut self, room_id: String) {
+        let Some(Slot::Loading(queued)) = self.rooms.get_mut(&room_id) else {
+            return;
+        };
+        let creator = queued.iter().find_map(|r| match r.action {
+            RoomAction::Join(_) if r.conn.claims.role != Role::Customer => {
+                Some(r.conn.claims.clone())
+            }
+            _ => None,
+        });
+        match creator {
+            Some(claims) => {
+                let store = self.shared.store.clone();
+                let events = self.events_tx.clone();
+                tokio::spawn(async move {
+                    let new_room = storage::NewRoom::team(&room_id, &claims.tenant, &claims.sub);
+                    let result = store.create_room(new_room).await.map(|(room, _)| room);
+                    let _ = events.send(ShardEvent::RoomCreated { room_id, result });
+                });
+            }
+            None => {
+                let Some(Slot::Loading(queued)) = self.rooms.remove(&room_id) else {
+                    return;
+                };
+                self.update_room_gauge();
+                for request in queued {
+                    let code = request.action.code();
+                    self.reply_error(
+                        &request.conn,
+                        code,
+                        &request.room_id,
+                        request.reference.as_deref(),
+                        ProtocolError::new(ErrorCode::NotFound, "room not found"),
+                    );
+                }
+            }
+        }
+    }
+
+    fn room_failed(&mut self, room_id: &str, error: storage::Error) {
+        tracing::warn!(room_id, error = %error, "loading a room failed");
+        let Some(Slot::Loading(queued)) = self.rooms.remove(room_id) else {
+            return;
+        };
+        self.update_room_gauge();
+        for request in queued {
+            let code = request.action.code();
+            self.reply_error(
+                &request.conn,
+                code,
+                &request.room_id,
+                request.reference.as_deref(),
+                ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later"),
+            );
+        }
+    }
+
+    /// Drops a room from memory once nobody is joined and nothing is in flight.
+    fn maybe_unload(&mut self, room_id: &str) {
+        if let Some(Slot::Ready(state)) = self.rooms.get(room_id) {
+            if state.members.is_empty() && state.inflight == 0 {
+                self.rooms.remove(room_id);
+                self.update_room_gauge();
+            }
+        }
+    }
+
+    fn remove_member(&mut self, room_id: &str, conn: ConnId) {
+        if let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) {
+            if let Some(member) = state.members.remove(&conn) {
+                self.shared.presence.left(&member.conn.user_key(), room_id);
+            }
+        }
+        self.maybe_unload(room_id);
+    }
+
+    fn reply_leave(&self, request: &RoomRequest) {
+        self.shared
+            .metrics
+            .frames_out(OutCode::Response(Code::Leave), 1);
+        let frame = FrameBuilder::success(
+            Code::Leave.response(),
+            &request.conn.claims.sub,
+            Some(&request.room_id),
+            request.reference.as_deref(),
+            serde_json::Map::new(),
+        );
+        request.conn.outbox.push(frame, FrameClass::Durable);
+    }
+
+    fn handle_ready(&mut self, request: RoomRequest) {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&request.room_id) else {
+            unreachable!("handle_ready is called for ready rooms only");
+        };
+        let code = request.action.code();
+        let joined = state.members.contains_key(&request.conn.id);
+        let needs_membership = matches!(
+            request.action,
+            RoomAction::Chat(_) | RoomAction::Typing(_) | RoomAction::ReadReceipt { .. }
+        );
+        if needs_membership && !joined {
+            self.reply_error(
+                &request.conn,
+                code,
+                &request.room_id,
+                request.reference.as_deref(),
+                ProtocolError::new(ErrorCode::NotJoined, "join the room first"),
+            );
+            return;
+        }
+        match request.action {
+            RoomAction::Join(join) => {
+                self.join(request.conn, request.room_id, request.reference, join)
+            }
+            RoomAction::Leave => {
+                self.reply_leave_owned(
+                    &request.conn,
+                    &request.room_id,
+                    request.reference.as_deref(),
+                );
+                self.remove_member(&request.room_id, request.conn.id);
+            }
+            RoomAction::Chat(chat) => self.chat(
+                request.conn,
+                request.room_id,
+                request.reference,
+                request.received,
+                chat,
+            ),
+            RoomAction::Typing(status) => self.typing(&request.conn, &request.room_id, status),
+            RoomAction::ReadReceipt { message_id } => {
+                self.read_receipt(request.conn, request.room_id, request.reference, message_id)
+            }
+            RoomAction::Historic(historic) => {
+                self.historic(request.conn, request.room_id, request.reference, historic)
+            }
+        }
+    }
+
+    fn reply_leave_owned(&self, conn: &ConnRef, room_id: &str, reference: Option<&str>) {
+        self.shared
+            .metrics
+            .frames_out(OutCode::Response(Code::Leave), 1);
+        let frame = FrameBuilder::success(
+            Code::Leave.response(),
+            &conn.claims.sub,
+            Some(room_id),
+            reference,
+            serde_json::Map::new(),
+        );
+        conn.outbox.push(frame, FrameClass::Durable);
+    }
+
+    fn access_error(access: Access) -> Option<ProtocolError> {
+        match access {
+            Access::Allowed => None,
+            Access::NotFound => Some(ProtocolError::new(ErrorCode::NotFound, "room not found")),
+            Access::Forbidden => Some(ProtocolError::new(
+                ErrorCode::Forbidden,
+                "not a participant of this room",
+            )),
+        }
+    }
+
+    fn join(&mut self, conn: ConnRef, room_id: String, reference: Option<String>, join: Join) {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
+            return;
+        };
+        if let Some(error) = Self::access_error(may_join(&conn.claims, &state.room)) {
+            self.reply_error(&conn, Code::Join, &room_id, reference.as_deref(), error);
+            self.maybe_unload(&room_id);
+            return;
+        }
+        let user_key = conn.user_key();
+        let already_member = state.members.contains_key(&conn.id);
+        let first_of_user = !already_member && self.shared.presence.joined(&user_key, &room_id);
+        // Tell the others this user is here, with its current status (once per user and room).
+        if first_of_user {
+            let status = self.shared.presence.status(&user_key);
+            let frame = presence_frame(&conn.claims.sub, Some(&room_id), status);
+            let mut n = 0;
+            for member in state.members.values_mut() {
+                if member.conn.claims.sub != conn.claims.sub
+                    || member.conn.claims.tenant != conn.claims.tenant
+                {
+                    deliver(member, frame.clone(), FrameClass::Ephemeral);
+                    n += 1;
+                }
+            }
+            self.shared
+                .metrics
+                .frames_out(OutCode::Response(Code::Presence), n);
+        }
+        let mut users: Vec<&str> = state.room.participants.iter().map(String::as_str).collect();
+        for member in state.members.values() {
+            if member.conn.claims.tenant == state.room.tenant_id {
+                users.push(&member.conn.claims.sub);
+            }
+        }
+        users.push(&conn.claims.sub);
+        users.sort_unstable();
+        users.dedup();
+        users.truncate(500);
+        let presence: Vec<PresenceEntry> = users
+            .into_iter()
+            .map(|user_id| PresenceEntry {
+                status: self.shared.presence.status(&UserKey {
+                    tenant: state.room.tenant_id.clone(),
+                    user_id: user_id.to_owned(),
+                }),
+                user_id: user_id.to_owned(),
+            })
+            .collect();
+        let last_seq = state.room.last_seq;
+        let room_summary = RoomSummary::of(&state.room, last_seq);
+        state.members.insert(
+            conn.id,
+            Member {
+                conn: conn.clone(),
+                pending: Some(Vec::new()),
+            },
+        );
+
+        let store = self.shared.store.clone();
+        let events = self.events_tx.clone();
+        let include_notes = conn.claims.role.is_team();
+        tokio::spawn(async move {
+            let frame = match join.since_seq {
+                None => FrameBuilder::success(
+                    Code::Join.response(),
+                    &conn.claims.sub,
+                    Some(&room_id),
+                    reference.as_deref(),
+                    JoinData {
+                        room: room_summary,
+                        presence,
+                        missed: None,
+                        has_more: None,
+                    },
+                ),
+                Some(since) => {
+                    let query = HistoryQuery {
+                        after_seq: Some(since),
+                        before_seq: Some(last_seq + 1),
+                        limit: join.limit,
+                        search: None,
+                        include_notes,
+                    };
+                    match store.history(&room_id, query).await {
+                        Ok(page) => FrameBuilder::success(
+                            Code::Join.response(),
+                            &conn.claims.sub,
+                            Some(&room_id),
+                            reference.as_deref(),
+                            JoinData {
+                                room: room_summary,
+                                presence,
+                                missed: Some(page.messages),
+                                has_more: Some(page.has_more),
+                            },
+                        ),
+                        Err(e) => {
+                            tracing::warn!(room_id, error = %e, "reading missed messages failed");
+                            FrameBuilder::error(
+                                Code::Join.response(),
+                                Some(&conn.claims.sub),
+                                Some(&room_id),
+                                reference.as_deref(),
+                                &ProtocolError::new(
+                                    ErrorCode::Unavailable,
+                                    "storage unavailable, retry later",
+                                ),
+                            )
+                        }
+                    }
+                }
+            };
+            let _ = events.send(ShardEvent::JoinReady {
+                room_id,
+                conn: conn.id,
+                frame,
+            });
+        });
+    }
+
+    fn chat(
+        &mut self,
+        conn: ConnRef,
+        room_id: String,
+        reference: Option<String>,
+        received: Instant,
+        chat: Chat,
+    ) {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
+            return;
+        };
+        let direction = match (state.room.kind, conn.claims.role) {
+            (RoomKind::Team, _) => Direction::Internal,
+            (_, Role::Customer) => Direction::Incoming,
+            _ => Direction::Outgoing,
+        };
+        let message = NewMessage {
+            message_id: chat
+                .message_id
+                .unwrap_or_else(|| ulid::Ulid::new().to_string()),
+            room_id: room_id.clone(),
+            sender: conn.claims.sub.clone(),
+            sender_type: conn.claims.role.sender_type(),
+            direction,
+            kind: chat.kind,
+            message: chat.message,
+            attached_files: chat.attached_files,
+            reply_to: chat.reply_to,
+            mentions: Vec::new(),
+            metadata: chat.metadata,
+            created_at: Timestamp::now(),
+        };
+        state.inflight += 1;
+        let store = self.shared.store.clone();
+        self.appends.push_back(Box::pin(async move {
+            let result = store.append(message).await;
+            ((room_id, conn, reference, received), result)
+        }));
+    }
+
+    fn on_appended(
+        &mut self,
+        (room_id, conn, reference, received): AppendContext,
+        result: storage::Result<Appended>,
+    ) {
+        if let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) {
+            state.inflight = state.inflight.saturating_sub(1);
+        }
+        let appended = match result {
+            Ok(appended) => appended,
+            Err(e) => {
+                tracing::warn!(room_id, error = %e, "storing a chat message failed");
+                let error = match e {
+                    storage::Error::Invalid(m) => ProtocolError::new(ErrorCode::BadRequest, m),
+                    _ => ProtocolError::new(
+                        ErrorCode::Unavailable,
+                        "message not accepted: storage unavailable, retry with the same message_id",
+                    ),
+                };
+                self.reply_error(&conn, Code::Chat, &room_id, reference.as_deref(), error);
+                self.maybe_unload(&room_id);
+                return;
+            }
+        };
+        let metrics = &self.shared.metrics;
+        let direct = FrameBuilder::success(
+            Code::Chat.response(),
+            &conn.claims.sub,
+            Some(&room_id),
+            reference.as_deref(),
+            &appended.message,
+        );
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
+            conn.outbox.push(direct, FrameClass::Durable);
+            metrics.frames_out(OutCode::Response(Code::Chat), 1);
+            return;
+        };
+        if !appended.duplicate {
+            state.room.last_seq = state.room.last_seq.max(appended.message.seq);
+            let event = FrameBuilder::success(
+                Code::Chat.response(),
+                &conn.claims.sub,
+                Some(&room_id),
+                None,
+                &appended.message,
+            );
+            let customer_hidden = appended.message.direction == Direction::Note;
+            let mut n = 0u64;
+            for member in state.members.values_mut() {
+                if member.conn.id == conn.id
+                    || (customer_hidden && !member.conn.claims.role.is_team())
+                {
+                    continue;
+                }
+                deliver(member, event.clone(), FrameClass::Durable);
+                n += 1;
+            }
+            metrics.frames_out(OutCode::Response(Code::Chat), n + 1);
+            metrics.deliveries.inc_by(n);
+        } else {
+            metrics.frames_out(OutCode::Response(Code::Chat), 1);
+        }
+        match state.members.get_mut(&conn.id) {
+            Some(member) => deliver(member, direct, FrameClass::Durable),
+            None => conn.outbox.push(direct, FrameClass::Durable),
+        };
+        metrics
+            .fanout_latency
+            .observe(received.elapsed().as_secs_f64());
+        self.maybe_unload(&room_id);
+    }
+
+    fn typing(&mut self, conn: &ConnRef, room_id: &str, status: TypingStatus) {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        let frame = FrameBuilder::success(
+            Code::Typing.response(),
+            &conn.claims.sub,
+            Some(room_id),
+            None,
+            TypingData {
+                status,
+                sender: &conn.claims.sub,
+            },
+        );
+        let mut n = 0;
+        for member in state.members.values_mut() {
+            if member.conn.id != conn.id {
+                deliver(member, frame.clone(), FrameClass::Ephemeral);
+                n += 1;
+            }
+        }
+        self.shared
+            .metrics
+            .frames_out(OutCode::Response(Code::Typing), n);
+    }
+
+    fn read_receipt(
+        &mut self,
+        conn: ConnRef,
+        room_id: String,
+        reference: Option<String>,
+        message_id: String,
+    ) {
+        let store = self.shared.store.clone();
+        let events = self.events_tx.clone();
+        let metrics = self.shared.metrics.clone();
+        tokio::spawn(async move {
+            let fail = |error: ProtocolError| {
+                metrics.error(error.code);
+                metrics.frames_out(OutCode::Response(Code::ReadReceipt), 1);
+                let frame = FrameBuilder::error(
+                    Code::ReadReceipt.response(),
+                    Some(&conn.claims.sub),
+                    Some(&room_id),
+                    reference.as_deref(),
+                    &error,
+                );
+                conn.outbox.push(frame, FrameClass::Durable);
+            };
+            let unavailable =
+                || ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later");
+            let message = match store.message_by_id(&room_id, &message_id).await {
+                Ok(Some(m)) if m.direction != Direction::Note || conn.claims.role.is_team() => m,
+                Ok(_) => {
+                    return fail(ProtocolError::new(
+                        ErrorCode::NotFound,
+                        "message not found in this room",
+                    ))
+                }
+                Err(_) => return fail(unavailable()),
+            };
+            let Ok(marker) = store
+                .mark_read(&room_id, &conn.claims.sub, message.seq)
+                .await
+            else {
+                return fail(unavailable());
+            };
+            let Ok(unread) = store
+                .unread_count(&room_id, &conn.claims.sub, conn.claims.role.is_team())
+                .await
+            else {
+                return fail(unavailable());
+            };
+            let read_at = Timestamp::now();
+            let data = ReceiptData {
+                message_id: &message.message_id,
+                seq: message.seq,
+                sender: &conn.claims.sub,
+                read_at,
+                read_seq: Some(marker),
+                unread_count: Some(unread),
+            };
+            metrics.frames_out(OutCode::Response(Code::ReadReceipt), 1);
+            let direct = FrameBuilder::success(
+                Code::ReadReceipt.response(),
+                &conn.claims.sub,
+                Some(&room_id),
+                reference.as_deref(),
+                &data,
+            );
+            conn.outbox.push(direct, FrameClass::Durable);
+            // Others hear about it only when the marker moved to this message.
+            let broadcast = (marker == message.seq).then(|| {
+                FrameBuilder::success(
+                    Code::ReadReceipt.response(),
+                    &conn.claims.sub,
+                    Some(&room_id),
+                    None,
+                    ReceiptData {
+                        read_seq: None,
+                        unread_count: None,
+                        ..data
+                    },
+                )
+            });
+            let _ = events.send(ShardEvent::ReceiptStored {
+                room_id,
+                conn,
+                broadcast,
+            });
+        });
+    }
+
+    fn historic(
+        &mut self,
+        conn: ConnRef,
+        room_id: String,
+        reference: Option<String>,
+        historic: Historic,
+    ) {
+        let Some(Slot::Ready(state)) = self.rooms.get(&room_id) else {
+            return;
+        };
+        if let Some(error) = Self::access_error(may_join(&conn.claims, &state.room)) {
+            self.reply_error(&conn, Code::Historic, &room_id, reference.as_deref(), error);
+            self.maybe_unload(&room_id);
+            return;
+        }
+        let store = self.shared.store.clone();
+        let metrics = self.shared.metrics.clone();
+        let query = HistoryQuery {
+            before_seq: historic.before_seq,
+            after_seq: historic.after_seq,
+            limit: historic.limit,
+            search: historic.search,
+            include_notes: conn.claims.role.is_team(),
+        };
+        self.maybe_unload(&room_id);
+        tokio::spawn(async move {
+            let frame = match store.history(&room_id, query).await {
+                Ok(page) => FrameBuilder::success(
+                    Code::Historic.response(),
+                    &conn.claims.sub,
+                    Some(&room_id),
+                    reference.as_deref(),
+                    HistoricData {
+                        messages: &page.messages,
+                        has_more: page.has_more,
+                    },
+                ),
+                Err(e) => {
+                    tracing::warn!(room_id, error = %e, "reading history failed");
+                    metrics.error(ErrorCode::Unavailable);
+                    FrameBuilder::error(
+                        Code::Historic.response(),
+                        Some(&conn.claims.sub),
+                        Some(&room_id),
+                        reference.as_deref(),
+                        &ProtocolError::new(
+                            ErrorCode::Unavailable,
+                            "storage unavailable, retry later",
+                        ),
+                    )
+                }
+            };
+            metrics.frames_out(OutCode::Response(Code::Historic), 1);
+            conn.outbox.push(frame, FrameClass::Durable);
+        });
+    }
+}
+
+/// A `presence_response` event about `user_id`.
+pub fn presence_frame(user_id: &str, room_id: Option<&str>, status: PresenceStatus) -> Bytes {
+    FrameBuilder::success(
+        Code::Presence.response(),
+        user_id,
+        room_id,
+        None,
+        PresenceData {
+            status,
+            sender: user_id,
+        },
+    )
+}
+
+#[derive(Serialize)]
+struct PresenceData<'a> {
+    status: PresenceStatus,
+    sender: &'a str,
+}
+
+#[derive(Serialize)]
+struct PresenceEntry {
+    user_id: String,
+    status: PresenceStatus,
+}
+
+#[derive(Serialize)]
+struct RoomSummary {
+    room_id: String,
+    kind: &'static str,
+    title: String,
+    status: String,
+    last_seq: u64,
+}
+
+impl RoomSummary {
+    fn of(room: &Room, last_seq: u64) -> RoomSummary {
+        RoomSummary {
+            room_id: room.room_id.clone(),
+            kind: room.kind.as_str(),
+            title: room.title.clone(),
+            status: room.status.clone(),
+            last_seq,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct JoinData {
+    room: RoomSummary,
+    presence: Vec<PresenceEntry>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    missed: Option<Vec<storage::Message>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    has_more: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct TypingData<'a> {
+    status: TypingStatus,
+    sender: &'a str,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct ReceiptData<'a> {
+    message_id: &'a str,
+    seq: u64,
+    sender: &'a str,
+    read_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    read_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unread_count: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct HistoricData<'a> {
+    messages: &'a [storage::Message],
+    has_more: bool,
+}

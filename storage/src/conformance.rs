@@ -1,0 +1,679 @@
+//! The behaviour every [`Store`] backend must show, written once against the trait.
+//!
+//! Each case is a `pub async fn` that takes a fresh, empty store and panics on a violation.
+//! [`conformance_tests!`](crate::conformance_tests) turns them into one `#[tokio::test]` per case
+//! for a backend, so a failure names the behaviour:
+//!
+//! ```ignore
+//! async fn fresh_store() -> (MyStore, TempDir) { /* … */ }
+//! storage::conformance_tests!(fresh_store);
+//! ```
+//!
+//! The factory returns the store and a guard kept alive until the case ends (a temporary
+//! directory, a keyspace to drop, …). The generated tests need `tokio` with its `macros` and
+//! `rt-multi-thread` features.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use crate::{
+    Direction, Error, HistoryPage, HistoryQuery, Message, MessageType, NewMessage, NewRoom,
+    RoomKind, SenderType, Store, Timestamp,
+};
+
+/// Generates one `#[tokio::test]` per conformance case. `$make` names an `async fn() -> (S, G)`
+/// returning a fresh store and a guard to keep alive for the test.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:path) => {
+        $crate::conformance_tests!(@cases $make;
+            seq_starts_at_one_and_is_gap_free_per_room,
+            duplicate_message_id_returns_the_original,
+            duplicates_within_one_batch_are_stored_once,
+            concurrent_appends_get_every_seq_exactly_once,
+            append_to_a_missing_room_is_invalid,
+            invalid_request_does_not_fail_the_rest_of_its_batch,
+            create_room_is_idempotent,
+            room_lookup_returns_the_stored_room,
+            add_participant_keeps_insertion_order_and_ignores_repeats,
+            history_pages_backwards_from_the_newest,
+            history_pages_forwards_after_a_cursor,
+            history_between_two_cursors_reads_forwards,
+            history_limit_zero_means_fifty,
+            history_hides_notes_unless_asked,
+            history_search_matches_whole_words_case_insensitively,
+            history_search_pages_like_plain_history,
+            message_by_id_round_trips_every_field,
+            mark_read_never_moves_backwards,
+            unread_count_skips_own_and_read_messages,
+            writes_are_visible_once_acknowledged,
+            append_after_close_is_closed,
+        );
+    };
+    (@cases $make:path; $($case:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let (store, _guard) = $make().await;
+                $crate::conformance::$case(store).await;
+            }
+        )+
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+async fn team_room<S: Store>(store: &S, room_id: &str) {
+    let (_, created) = store
+        .create_room(NewRoom::team(room_id, "tenant", "alice"))
+        .await
+        .unwrap();
+    assert!(created, "room {room_id} already existed");
+}
+
+async fn say<S: Store>(store: &S, room_id: &str, sender: &str, text: &str) -> Message {
+    let appended = store
+        .append(NewMessage::text(room_id, sender, text))
+        .await
+        .unwrap();
+    assert!(!appended.duplicate);
+    appended.message
+}
+
+async fn note<S: Store>(store: &S, room_id: &str, sender: &str, text: &str) -> Message {
+    let mut message = NewMessage::text(room_id, sender, text);
+    message.direction = Direction::Note;
+    store.append(message).await.unwrap().message
+}
+
+/// Fills `room_id` with messages "m1" … "m{count}" (seq 1 … count).
+async fn fill<S: Store>(store: &S, room_id: &str, count: u64) {
+    for n in 1..=count {
+        let message = say(store, room_id, "alice", &format!("m{n}")).await;
+        assert_eq!(message.seq, n);
+    }
+}
+
+fn seqs(page: &HistoryPage) -> Vec<u64> {
+    page.messages.iter().map(|m| m.seq).collect()
+}
+
+fn range(from: u64, to: u64) -> Vec<u64> {
+    (from..=to).collect()
+}
+
+async fn page<S: Store>(
+    store: &S,
+    room_id: &str,
+    after: Option<u64>,
+    before: Option<u64>,
+    limit: u32,
+) -> HistoryPage {
+    let query = HistoryQuery {
+        after_seq: after,
+        before_seq: before,
+        limit,
+        ..HistoryQuery::default()
+    };
+    store.history(room_id, query).await.unwrap()
+}
+
+async fn search<S: Store>(store: &S, room_id: &str, words: &str) -> Vec<u64> {
+    let query = HistoryQuery {
+        search: Some(words.to_owned()),
+        limit: 100,
+        ..HistoryQuery::default()
+    };
+    seqs(&store.history(room_id, query).await.unwrap())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Appends and seq
+
+/// `seq` starts at 1 in every room and grows by one per message, independently per room.
+pub async fn seq_starts_at_one_and_is_gap_free_per_room<S: Store>(store: S) {
+    team_room(&store, "a").await;
+    team_room(&store, "b").await;
+    let mut got = Vec::new();
+    for room in ["a", "b", "a", "a", "b", "a"] {
+        got.push((room, say(&store, room, "alice", "hi").await.seq));
+    }
+    assert_eq!(
+        got,
+        [("a", 1), ("b", 1), ("a", 2), ("a", 3), ("b", 2), ("a", 4)]
+    );
+    assert_eq!(store.room("a").await.unwrap().unwrap().last_seq, 4);
+    assert_eq!(store.room("b").await.unwrap().unwrap().last_seq, 2);
+}
+
+/// A repeated `message_id` stores nothing and returns the original; ids are scoped per room.
+pub async fn duplicate_message_id_returns_the_original<S: Store>(store: S) {
+    team_room(&store, "a").await;
+    team_room(&store, "b").await;
+    let mut first = NewMessage::text("a", "alice", "first");
+    first.message_id = "msg-1".to_owned();
+    first.created_at = Timestamp(1_000);
+    let original = store.append(first.clone()).await.unwrap();
+    assert!(!original.duplicate);
+
+    let mut again = first.clone();
+    again.message = "second".to_owned();
+    again.created_at = Timestamp(2_000);
+    let repeated = store.append(again).await.unwrap();
+    assert!(repeated.duplicate);
+    assert_eq!(repeated.message, original.message);
+    assert_eq!(repeated.message.seq, 1);
+    assert_eq!(repeated.message.created_at, Timestamp(1_000));
+    assert_eq!(repeated.message.message, "first");
+
+    let history = page(&store, "a", None, None, 10).await;
+    assert_eq!(seqs(&history), [1]);
+    assert_eq!(say(&store, "a", "alice", "next").await.seq, 2);
+
+    let mut elsewhere = first;
+    elsewhere.room_id = "b".to_owned();
+    let other = store.append(elsewhere).await.unwrap();
+    assert!(!other.duplicate);
+    assert_eq!(other.message.seq, 1);
+}
+
+/// Concurrent appends sharing ids (likely committed in one batch) store each id once.
+pub async fn duplicates_within_one_batch_are_stored_once<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    let store = Arc::new(store);
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let mut message = NewMessage::text("r", "alice", &format!("copy {i}"));
+            message.message_id = format!("id-{}", i % 90);
+            tokio::spawn(async move { store.append(message).await.unwrap() })
+        })
+        .collect();
+    let mut by_id: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    for task in tasks {
+        let appended = task.await.unwrap();
+        by_id
+            .entry(appended.message.message_id.clone())
+            .or_default()
+            .push(appended);
+    }
+    assert_eq!(by_id.len(), 90);
+    let duplicates = by_id.values().flatten().filter(|a| a.duplicate).count();
+    assert_eq!(duplicates, 10);
+    for results in by_id.values() {
+        assert_eq!(results.iter().filter(|a| !a.duplicate).count(), 1);
+        assert!(results.iter().all(|a| a.message == results[0].message));
+    }
+    let history = page(&*store, "r", Some(0), None, 200).await;
+    assert_eq!(seqs(&history), range(1, 90));
+    assert!(!history.has_more);
+    assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 90);
+}
+
+/// 1000 appends from many tasks at once get exactly the seqs 1 … 1000.
+pub async fn concurrent_appends_get_every_seq_exactly_once<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    let store = Arc::new(store);
+    let tasks: Vec<_> = (0..50)
+        .map(|task| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                for n in 0..20 {
+                    let text = format!("task {task} message {n}");
+                    got.push(store.append(NewMessage::text("r", "alice", &text)).await);
+                }
+                got
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        let got: Vec<u64> = task
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.unwrap().message.seq)
+            .collect();
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+        all.extend(got);
+    }
+    all.sort_unstable();
+    assert_eq!(all, range(1, 1000));
+
+    let mut read = Vec::new();
+    let mut after = 0;
+    loop {
+        let history = page(&*store, "r", Some(after), None, 300).await;
+        read.extend(seqs(&history));
+        after = *read.last().unwrap();
+        if !history.has_more {
+            break;
+        }
+    }
+    assert_eq!(read, range(1, 1000));
+    assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 1000);
+}
+
+/// Appending to a room that does not exist is refused as invalid.
+pub async fn append_to_a_missing_room_is_invalid<S: Store>(store: S) {
+    let error = store
+        .append(NewMessage::text("nowhere", "alice", "hi"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Invalid(_)), "{error:?}");
+    assert!(!error.is_retryable());
+    assert!(store.room("nowhere").await.unwrap().is_none());
+    let error = store.add_participant("nowhere", "bob").await.unwrap_err();
+    assert!(matches!(error, Error::Invalid(_)), "{error:?}");
+}
+
+/// Invalid requests mixed into the same moment as valid ones fail alone.
+pub async fn invalid_request_does_not_fail_the_rest_of_its_batch<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    let store = Arc::new(store);
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let room = if i % 2 == 0 { "r" } else { "missing" };
+            let message = NewMessage::text(room, "alice", &format!("{i}"));
+            tokio::spawn(async move { (room, store.append(message).await) })
+        })
+        .collect();
+    let mut stored = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            ("r", result) => stored.push(result.unwrap().message.seq),
+            (_, result) => {
+                let error = result.unwrap_err();
+                assert!(matches!(error, Error::Invalid(_)), "{error:?}");
+            }
+        }
+    }
+    stored.sort_unstable();
+    assert_eq!(stored, range(1, 50));
+    assert_eq!(
+        seqs(&page(&*store, "r", Some(0), None, 100).await),
+        range(1, 50)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rooms
+
+/// Creating an existing room returns it unchanged.
+pub async fn create_room_is_idempotent<S: Store>(store: S) {
+    let mut room = NewRoom::team("r", "tenant", "alice");
+    room.participants = vec!["alice".into(), "bob".into(), "alice".into()];
+    let (created, fresh) = store.create_room(room).await.unwrap();
+    assert!(fresh);
+    assert_eq!(created.participants, ["alice", "bob"]);
+    assert_eq!(created.last_seq, 0);
+    say(&store, "r", "alice", "hi").await;
+
+    let mut other = NewRoom::team("r", "other-tenant", "carol");
+    other.title = "renamed".to_owned();
+    let (existing, fresh) = store.create_room(other).await.unwrap();
+    assert!(!fresh);
+    assert_eq!(existing.tenant_id, "tenant");
+    assert_eq!(existing.title, "r");
+    assert_eq!(existing.participants, ["alice", "bob"]);
+    assert_eq!(existing.last_seq, 1);
+    assert_eq!(store.room("r").await.unwrap().unwrap(), existing);
+}
+
+/// A stored room reads back field for field; an unknown one is `None`.
+pub async fn room_lookup_returns_the_stored_room<S: Store>(store: S) {
+    assert!(store.room("r").await.unwrap().is_none());
+    let room = NewRoom {
+        room_id: "r".into(),
+        tenant_id: "acme".into(),
+        kind: RoomKind::Support,
+        title: "Order #42".into(),
+        status: "open".into(),
+        participants: vec!["agent-1".into(), "customer-9".into()],
+        created_at: Timestamp(1_700_000_000_123),
+    };
+    let (created, _) = store.create_room(room.clone()).await.unwrap();
+    let stored = store.room("r").await.unwrap().unwrap();
+    assert_eq!(stored, created);
+    assert_eq!(stored.room_id, room.room_id);
+    assert_eq!(stored.tenant_id, room.tenant_id);
+    assert_eq!(stored.kind, room.kind);
+    assert_eq!(stored.title, room.title);
+    assert_eq!(stored.status, room.status);
+    assert_eq!(stored.participants, room.participants);
+    assert_eq!(stored.created_at, room.created_at);
+    assert_eq!(stored.last_seq, 0);
+    say(&store, "r", "agent-1", "hello").await;
+    assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 1);
+}
+
+/// Participants keep the order they joined in; adding one twice is a no-op.
+pub async fn add_participant_keeps_insertion_order_and_ignores_repeats<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    fill(&store, "r", 3).await;
+    for user in ["zed", "bob", "carol", "bob", "alice"] {
+        store.add_participant("r", user).await.unwrap();
+    }
+    let room = store.add_participant("r", "zed").await.unwrap();
+    assert_eq!(room.participants, ["alice", "zed", "bob", "carol"]);
+    assert_eq!(room.last_seq, 3);
+    assert_eq!(store.room("r").await.unwrap().unwrap(), room);
+}
+
+// ---------------------------------------------------------------------------------------------
+// History
+
+/// Without a cursor or with `before_seq` only, pages run backwards from the newest message.
+pub async fn history_pages_backwards_from_the_newest<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    fill(&store, "r", 25).await;
+    let newest = page(&store, "r", None, None, 10).await;
+    assert_eq!(seqs(&newest), range(16, 25));
+    assert!(newest.has_more);
+    let older = page(&store, "r", None, Some(16), 10).await;
+    assert_eq!(seqs(&older), range(6, 15));
+    assert!(older.has_more);
+    let oldest = page(&store, "r", None, Some(6), 10).await;
+    assert_eq!(seqs(&oldest), range(1, 5));
+    assert!(!oldest.has_more);
+    let none = page(&store, "r", None, Some(1), 10).await;
+    assert!(none.messages.is_empty() && !none.has_more);
+    let exact = page(&store, "r", None, Some(11), 10).await;
+    assert_eq!(seqs(&exact), range(1, 10));
+    assert!(!exact.has_more);
+    assert_eq!(newest.messages[0].message, "m16");
+    let empty = page(&store, "other", None, None, 10).await;
+    assert!(empty.messages.is_empty() && !empty.has_more);
+}
+
+/// With `after_seq` only, pages run forwards, oldest first.
+pub async fn history_pages_forwards_after_a_cursor<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    fill(&store, "r", 25).await;
+    let first = page(&store, "r", Some(0), None, 10).await;
+    assert_eq!(seqs(&first), range(1, 10));
+    assert!(first.has_more);
+    let middle = page(&store, "r", Some(10), None, 10).await;
+    assert_eq!(seqs(&middle), range(11, 20));
+    assert!(middle.has_more);
+    let last = page(&store, "r", Some(20), None, 10).await;
+    assert_eq!(seqs(&last), range(21, 25));
+    assert!(!last.has_more);
+    let exact = page(&store, "r", Some(15), None, 10).await;
+    assert_eq!(seqs(&exact), range(16, 25));
+    assert!(!exact.has_more);
+    let none = page(&store, "r", Some(25), None, 10).await;
+    assert!(none.messages.is_empty() && !none.has_more);
+}
+
+/// With both cursors, the open interval is read forwards from `after_seq`.
+pub async fn history_between_two_cursors_reads_forwards<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    fill(&store, "r", 25).await;
+    let part = page(&store, "r", Some(5), Some(12), 3).await;
+    assert_eq!(seqs(&part), [6, 7, 8]);
+    assert!(part.has_more);
+    let rest = page(&store, "r", Some(8), Some(12), 3).await;
+    assert_eq!(seqs(&rest), [9, 10, 11]);
+    assert!(!rest.has_more);
+    let whole = page(&store, "r", Some(5), Some(12), 10).await;
+    assert_eq!(seqs(&whole), range(6, 11));
+    assert!(!whole.has_more);
+    let empty = page(&store, "r", Some(5), Some(6), 10).await;
+    assert!(empty.messages.is_empty() && !empty.has_more);
+}
+
+/// `limit` 0 means the default page of 50.
+pub async fn history_limit_zero_means_fifty<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    fill(&store, "r", 60).await;
+    let newest = page(&store, "r", None, None, 0).await;
+    assert_eq!(seqs(&newest), range(11, 60));
+    assert!(newest.has_more);
+    let forwards = page(&store, "r", Some(0), None, 0).await;
+    assert_eq!(seqs(&forwards), range(1, 50));
+    assert!(forwards.has_more);
+}
+
+/// `NOTE` messages show only with `include_notes`, and hidden ones do not count for `has_more`.
+pub async fn history_hides_notes_unless_asked<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    note(&store, "r", "alice", "n1").await;
+    say(&store, "r", "alice", "m2").await;
+    note(&store, "r", "alice", "n3").await;
+    say(&store, "r", "alice", "m4").await;
+    note(&store, "r", "alice", "n5").await;
+
+    let hidden = page(&store, "r", None, None, 2).await;
+    assert_eq!(seqs(&hidden), [2, 4]);
+    assert!(!hidden.has_more);
+    let forwards = page(&store, "r", Some(0), None, 2).await;
+    assert_eq!(seqs(&forwards), [2, 4]);
+    assert!(!forwards.has_more);
+
+    let query = HistoryQuery {
+        limit: 2,
+        include_notes: true,
+        ..HistoryQuery::default()
+    };
+    let shown = store.history("r", query).await.unwrap();
+    assert_eq!(seqs(&shown), [4, 5]);
+    assert!(shown.has_more);
+    assert_eq!(shown.messages[1].direction, Direction::Note);
+}
+
+/// Search words match whole words of the text, case-insensitively (Unicode aware), all of them.
+pub async fn history_search_matches_whole_words_case_insensitively<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    for text in [
+        "hello world",       // 1
+        "Hello, World!",     // 2
+        "say hello",         // 3
+        "shellout",          // 4
+        "world peace",       // 5
+        "HELLO there",       // 6
+        "Été chaud",         // 7
+        "100% sure_thing",   // 8
+        "straße in MÜNCHEN", // 9
+    ] {
+        say(&store, "r", "alice", text).await;
+    }
+    assert_eq!(search(&store, "r", "Hello").await, [1, 2, 3, 6]);
+    assert_eq!(search(&store, "r", "hello").await, [1, 2, 3, 6]);
+    assert_eq!(search(&store, "r", "ell").await, Vec::<u64>::new());
+    assert_eq!(search(&store, "r", "hell").await, Vec::<u64>::new());
+    assert_eq!(search(&store, "r", "hello world").await, [1, 2]);
+    assert_eq!(search(&store, "r", "  WORLD,hello ").await, [1, 2]);
+    assert_eq!(search(&store, "r", "hello peace").await, Vec::<u64>::new());
+    assert_eq!(search(&store, "r", "été").await, [7]);
+    assert_eq!(search(&store, "r", "ÉTÉ").await, [7]);
+    assert_eq!(search(&store, "r", "ete").await, Vec::<u64>::new());
+    assert_eq!(search(&store, "r", "100%").await, [8]);
+    assert_eq!(search(&store, "r", "sure").await, [8]);
+    assert_eq!(search(&store, "r", "thing").await, [8]);
+    assert_eq!(search(&store, "r", "%").await, range(1, 9));
+    assert_eq!(search(&store, "r", "_").await, range(1, 9));
+    assert_eq!(search(&store, "r", "münchen").await, [9]);
+    assert_eq!(search(&store, "r", "STRASSE").await, Vec::<u64>::new());
+    assert_eq!(search(&store, "r", "Straße").await, [9]);
+    assert_eq!(search(&store, "r", "   ").await, range(1, 9));
+    assert_eq!(search(&store, "r", "").await, range(1, 9));
+}
+
+/// A search pages like plain history: `limit` counts matches, `has_more` looks for more matches.
+pub async fn history_search_pages_like_plain_history<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    for n in 1..=20 {
+        let text = if n % 3 == 0 { "ping" } else { "pong" };
+        say(&store, "r", "alice", text).await;
+    }
+    note(&store, "r", "alice", "ping").await; // 21
+    let query = |after_seq, before_seq, limit, include_notes| HistoryQuery {
+        after_seq,
+        before_seq,
+        limit,
+        include_notes,
+        search: Some("PING".to_owned()),
+    };
+    let newest = store
+        .history("r", query(None, None, 2, false))
+        .await
+        .unwrap();
+    assert_eq!(seqs(&newest), [15, 18]);
+    assert!(newest.has_more);
+    let with_notes = store
+        .history("r", query(None, None, 2, true))
+        .await
+        .unwrap();
+    assert_eq!(seqs(&with_notes), [18, 21]);
+    let older = store
+        .history("r", query(None, Some(15), 10, false))
+        .await
+        .unwrap();
+    assert_eq!(seqs(&older), [3, 6, 9, 12]);
+    assert!(!older.has_more);
+    let forwards = store
+        .history("r", query(Some(3), None, 3, false))
+        .await
+        .unwrap();
+    assert_eq!(seqs(&forwards), [6, 9, 12]);
+    assert!(forwards.has_more);
+    let last = store
+        .history("r", query(Some(12), Some(18), 3, false))
+        .await
+        .unwrap();
+    assert_eq!(seqs(&last), [15]);
+    assert!(!last.has_more);
+}
+
+/// A stored message reads back exactly as it was appended (plus its seq).
+pub async fn message_by_id_round_trips_every_field<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    team_room(&store, "other").await;
+    say(&store, "r", "alice", "first").await;
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("channel".into(), "whatsapp".into());
+    metadata.insert(
+        "nested".into(),
+        serde_json::json!({"a": [1, 2, null], "b": true}),
+    );
+    let new = NewMessage {
+        message_id: "01HXYZ".into(),
+        room_id: "r".into(),
+        sender: "customer-9".into(),
+        sender_type: SenderType::Customer,
+        direction: Direction::Incoming,
+        kind: MessageType::Image,
+        message: "look: ünïcødé 🎉 'quotes' \"double\"".into(),
+        attached_files: vec!["https://files/a.png".into(), "b.pdf".into()],
+        reply_to: Some("earlier-id".into()),
+        mentions: vec!["alice".into(), "bob".into()],
+        metadata,
+        created_at: Timestamp(1_700_000_000_999),
+    };
+    let appended = store.append(new.clone()).await.unwrap();
+    assert_eq!(appended.message, new.clone().into_message(2));
+    let found = store.message_by_id("r", "01HXYZ").await.unwrap();
+    assert_eq!(found, Some(new.into_message(2)));
+    assert_eq!(store.message_by_id("r", "unknown").await.unwrap(), None);
+    assert_eq!(store.message_by_id("other", "01HXYZ").await.unwrap(), None);
+    let history = page(&store, "r", None, None, 10).await;
+    assert_eq!(Some(&history.messages[1]), found.as_ref());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Read markers
+
+/// The read marker only moves forwards; it starts at 0.
+pub async fn mark_read_never_moves_backwards<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    fill(&store, "r", 10).await;
+    assert_eq!(store.read_marker("r", "bob").await.unwrap(), 0);
+    assert_eq!(store.mark_read("r", "bob", 5).await.unwrap(), 5);
+    assert_eq!(store.mark_read("r", "bob", 3).await.unwrap(), 5);
+    assert_eq!(store.read_marker("r", "bob").await.unwrap(), 5);
+    assert_eq!(store.mark_read("r", "bob", 7).await.unwrap(), 7);
+    assert_eq!(store.read_marker("r", "bob").await.unwrap(), 7);
+    assert_eq!(store.read_marker("r", "carol").await.unwrap(), 0);
+    assert_eq!(store.read_marker("nowhere", "bob").await.unwrap(), 0);
+    let error = store.mark_read("nowhere", "bob", 1).await.unwrap_err();
+    assert!(matches!(error, Error::Invalid(_)), "{error:?}");
+}
+
+/// Unread counts what others sent after the reader's marker; notes only when asked.
+pub async fn unread_count_skips_own_and_read_messages<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    say(&store, "r", "alice", "a1").await; // 1
+    say(&store, "r", "bob", "b2").await; // 2
+    say(&store, "r", "alice", "a3").await; // 3
+    note(&store, "r", "alice", "n4").await; // 4
+    say(&store, "r", "alice", "a5").await; // 5
+    say(&store, "r", "bob", "b6").await; // 6
+
+    assert_eq!(store.unread_count("r", "bob", false).await.unwrap(), 3);
+    assert_eq!(store.unread_count("r", "bob", true).await.unwrap(), 4);
+    assert_eq!(store.unread_count("r", "alice", false).await.unwrap(), 2);
+    assert_eq!(store.unread_count("r", "carol", true).await.unwrap(), 6);
+
+    store.mark_read("r", "bob", 3).await.unwrap();
+    assert_eq!(store.unread_count("r", "bob", false).await.unwrap(), 1);
+    assert_eq!(store.unread_count("r", "bob", true).await.unwrap(), 2);
+    store.mark_read("r", "bob", 6).await.unwrap();
+    assert_eq!(store.unread_count("r", "bob", true).await.unwrap(), 0);
+    store.mark_read("r", "alice", 2).await.unwrap();
+    assert_eq!(store.unread_count("r", "alice", false).await.unwrap(), 1);
+    assert_eq!(store.unread_count("nowhere", "bob", true).await.unwrap(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Visibility and lifecycle
+
+/// Every read issued after a write's future resolved sees that write.
+pub async fn writes_are_visible_once_acknowledged<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    for n in 1..=50u64 {
+        let message = say(&store, "r", "alice", &format!("m{n}")).await;
+        assert_eq!(message.seq, n);
+        let after = page(&store, "r", Some(n - 1), None, 10).await;
+        assert_eq!(after.messages, std::slice::from_ref(&message));
+        let found = store.message_by_id("r", &message.message_id).await.unwrap();
+        assert_eq!(found.as_ref(), Some(&message));
+        assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, n);
+        assert_eq!(store.mark_read("r", "bob", n).await.unwrap(), n);
+        assert_eq!(store.read_marker("r", "bob").await.unwrap(), n);
+        let user = format!("user-{n}");
+        let room = store.add_participant("r", &user).await.unwrap();
+        let stored = store.room("r").await.unwrap().unwrap();
+        assert_eq!(stored.participants, room.participants);
+        assert_eq!(stored.participants.last(), Some(&user));
+    }
+    let ids: HashSet<_> = page(&store, "r", Some(0), None, 100)
+        .await
+        .messages
+        .into_iter()
+        .map(|m| m.message_id)
+        .collect();
+    assert_eq!(ids.len(), 50);
+}
+
+/// `close` makes later writes fail with `Closed`; closing twice is fine.
+pub async fn append_after_close_is_closed<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    say(&store, "r", "alice", "before").await;
+    store.close().await.unwrap();
+    let error = store
+        .append(NewMessage::text("r", "alice", "after"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Closed), "{error:?}");
+    assert!(error.is_retryable());
+    let error = store
+        .create_room(NewRoom::team("s", "tenant", "alice"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Closed), "{error:?}");
+    store.close().await.unwrap();
+}

@@ -1,0 +1,253 @@
+//! The stored records. `Message` serializes exactly as PROTOCOL.md §4 shows it on the wire.
+
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Milliseconds since the Unix epoch; serialized as RFC 3339 UTC with milliseconds
+/// (`2023-05-01T12:34:56.789Z`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp(since_epoch.as_millis() as i64)
+    }
+
+    /// Writes the RFC 3339 form into `out` without allocating.
+    pub fn write_rfc3339(self, out: &mut String) {
+        use std::fmt::Write;
+        let nanos = i128::from(self.0) * 1_000_000;
+        let dt = time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let _ = write!(
+            out,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            dt.year(),
+            u8::from(dt.month()),
+            dt.day(),
+            dt.hour(),
+            dt.minute(),
+            dt.second(),
+            dt.millisecond()
+        );
+    }
+
+    /// The RFC 3339 form.
+    pub fn to_rfc3339(self) -> String {
+        let mut out = String::with_capacity(24);
+        self.write_rfc3339(&mut out);
+        out
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut out = String::with_capacity(24);
+        self.write_rfc3339(&mut out);
+        serializer.serialize_str(&out)
+    }
+}
+
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $(
+                #[doc = concat!("`", $text, "`")]
+                #[serde(rename = $text)]
+                $variant,
+            )+
+        }
+
+        impl $name {
+            /// The wire and storage spelling.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text,)+ }
+            }
+
+            /// Parses the wire and storage spelling.
+            pub fn parse(text: &str) -> Option<Self> {
+                match text { $($text => Some($name::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Who sent a message.
+    SenderType { User => "user", Agent => "agent", Customer => "customer", Contact => "contact", Ai => "ai", System => "system" }
+);
+
+string_enum!(
+    /// Which way a message travels (PROTOCOL.md §4).
+    Direction { Incoming => "INCOMING", Outgoing => "OUTGOING", Note => "NOTE", Internal => "INTERNAL" }
+);
+
+string_enum!(
+    /// The content type of a message.
+    MessageType {
+        Text => "text", Markdown => "markdown", Image => "image", Audio => "audio", Video => "video",
+        File => "file", Location => "location", Carousel => "carousel", Card => "card",
+        Dropdown => "dropdown", Choice => "choice",
+    }
+);
+
+string_enum!(
+    /// What a room is for.
+    RoomKind { Team => "team", Support => "support", Prospect => "prospect" }
+);
+
+/// A stored message, as PROTOCOL.md §4 shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Message {
+    pub message_id: String,
+    pub seq: u64,
+    pub room_id: String,
+    pub sender: String,
+    pub sender_type: SenderType,
+    pub direction: Direction,
+    #[serde(rename = "type")]
+    pub kind: MessageType,
+    pub message: String,
+    pub attached_files: Vec<String>,
+    pub reply_to: Option<String>,
+    pub mentions: Vec<String>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub created_at: Timestamp,
+}
+
+/// A message to store; the store assigns `seq`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    pub message_id: String,
+    pub room_id: String,
+    pub sender: String,
+    pub sender_type: SenderType,
+    pub direction: Direction,
+    pub kind: MessageType,
+    pub message: String,
+    pub attached_files: Vec<String>,
+    pub reply_to: Option<String>,
+    pub mentions: Vec<String>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub created_at: Timestamp,
+}
+
+impl NewMessage {
+    /// A plain text message from a team member in a team room, with a fresh ULID as its id.
+    pub fn text(room_id: &str, sender: &str, message: &str) -> Self {
+        NewMessage {
+            message_id: ulid::Ulid::new().to_string(),
+            room_id: room_id.to_owned(),
+            sender: sender.to_owned(),
+            sender_type: SenderType::User,
+            direction: Direction::Internal,
+            kind: MessageType::Text,
+            message: message.to_owned(),
+            attached_files: Vec::new(),
+            reply_to: None,
+            mentions: Vec::new(),
+            metadata: serde_json::Map::new(),
+            created_at: Timestamp::now(),
+        }
+    }
+
+    /// The stored form once `seq` is known.
+    pub fn into_message(self, seq: u64) -> Message {
+        Message {
+            message_id: self.message_id,
+            seq,
+            room_id: self.room_id,
+            sender: self.sender,
+            sender_type: self.sender_type,
+            direction: self.direction,
+            kind: self.kind,
+            message: self.message,
+            attached_files: self.attached_files,
+            reply_to: self.reply_to,
+            mentions: self.mentions,
+            metadata: self.metadata,
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// The outcome of [`crate::Store::append`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Appended {
+    /// The stored message (the original one when `duplicate`).
+    pub message: Message,
+    /// True when the `message_id` was already stored and nothing new was written.
+    pub duplicate: bool,
+}
+
+/// A room (a team room or a conversation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Room {
+    pub room_id: String,
+    pub tenant_id: String,
+    pub kind: RoomKind,
+    pub title: String,
+    pub status: String,
+    pub participants: Vec<String>,
+    pub created_at: Timestamp,
+    /// Highest stored `seq` (0 for an empty room).
+    pub last_seq: u64,
+}
+
+/// A room to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRoom {
+    pub room_id: String,
+    pub tenant_id: String,
+    pub kind: RoomKind,
+    pub title: String,
+    pub status: String,
+    pub participants: Vec<String>,
+    pub created_at: Timestamp,
+}
+
+impl NewRoom {
+    /// A team room with one first participant, titled after its id.
+    pub fn team(room_id: &str, tenant_id: &str, first_participant: &str) -> Self {
+        NewRoom {
+            room_id: room_id.to_owned(),
+            tenant_id: tenant_id.to_owned(),
+            kind: RoomKind::Team,
+            title: room_id.to_owned(),
+            status: "active".to_owned(),
+            participants: vec![first_participant.to_owned()],
+            created_at: Timestamp::now(),
+        }
+    }
+}
+
+/// Which messages of a room to read. Results are always oldest first.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HistoryQuery {
+    /// Only messages with `seq < before_seq`.
+    pub before_seq: Option<u64>,
+    /// Only messages with `seq > after_seq`.
+    pub after_seq: Option<u64>,
+    /// At most this many messages (the caller enforces its own caps; 0 means none).
+    pub limit: u32,
+    /// Only messages whose text contains every one of these words, case-insensitively,
+    /// as whole words.
+    pub search: Option<String>,
+    /// Whether `NOTE` messages are visible to the reader.
+    pub include_notes: bool,
+}
+
+/// One page of history.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HistoryPage {
+    /// Oldest first.
+    pub messages: Vec<Message>,
+    /// Whether more messages match in the paging direction: older ones when paging backwards
+    /// (no cursor or `before_seq` only), newer ones when paging forwards (`after_seq`).
+    pub has_more: bool,
+}
