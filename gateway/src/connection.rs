@@ -546,7 +546,10 @@ pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_inde
                 },
                 &frame.payload,
             );
-            if frame.opcode == WsOpCode::Close {
+            if frame.opcode == WsOpCode::Close && frame.payload.len() > 125 {
+                // Control frames carry at most 125 bytes (RFC 6455 §5.5).
+                outbox.close(1002, "control frame too long");
+            } else if frame.opcode == WsOpCode::Close {
                 // The echo of the peer's close: send it after what is queued, then stop.
                 outbox.close_with_frame(bytes);
             } else {

@@ -55,8 +55,10 @@ struct RawEnvelope<'a> {
 
 fn raw_string<'a>(raw: &'a RawValue) -> Option<Cow<'a, str>> {
     // Borrowed when the string has no escapes, owned otherwise.
-    let text: Cow<'a, str> = Deserialize::deserialize(raw).ok()?;
-    Some(text)
+    if let Ok(text) = <&'a str as Deserialize>::deserialize(raw) {
+        return Some(Cow::Borrowed(text));
+    }
+    String::deserialize(raw).ok().map(Cow::Owned)
 }
 
 fn is_null(raw: &RawValue) -> bool {

@@ -89,3 +89,116 @@ impl std::fmt::Display for ProtocolError {
 }
 
 impl std::error::Error for ProtocolError {}
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::ws::payload_of;
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn envelope_round_trips(
+            code in "[a-z_]{1,20}",
+            user in "\\PC{1,40}",
+            room in proptest::option::of("\\PC{1,40}"),
+            reference in proptest::option::of("[ -~]{0,64}"),
+            text in "\\PC{0,200}",
+        ) {
+            let mut frame = serde_json::json!({
+                "code": code, "user_id": user, "data": {"message": text},
+            });
+            if let Some(room) = &room {
+                frame["room_id"] = serde_json::json!(room);
+            }
+            if let Some(reference) = &reference {
+                frame["ref"] = serde_json::json!(reference);
+            }
+            let bytes = serde_json::to_vec(&frame).unwrap();
+            let env = parse_envelope(&bytes).unwrap();
+            prop_assert_eq!(env.code.as_ref(), code.as_str());
+            prop_assert_eq!(env.user_id.as_ref(), user.as_str());
+            prop_assert_eq!(env.room_id.as_deref(), room.as_deref());
+            prop_assert_eq!(env.reference.as_deref(), reference.as_deref());
+            let data: serde_json::Value = serde_json::from_str(env.data.get()).unwrap();
+            prop_assert_eq!(&data["message"], &serde_json::json!(text));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_envelope(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_objects_never_panic(value in arbitrary_json()) {
+            let bytes = serde_json::to_vec(&value).unwrap();
+            if let Ok(env) = parse_envelope(&bytes) {
+                if let Some(code) = crate::cmd::Code::parse(&env.code) {
+                    let _ = crate::cmd::Command::parse(code, env.data, &env.user_id);
+                }
+            }
+        }
+
+        #[test]
+        fn replies_encode_to_valid_frames(user in "\\PC{1,40}", text in "\\PC{0,300}", reference in proptest::option::of("[ -~]{0,64}")) {
+            let frame = FrameBuilder::success("chat_response", &user, Some("r"), reference.as_deref(), serde_json::json!({"message": text}));
+            let value: serde_json::Value = serde_json::from_slice(payload_of(&frame)).unwrap();
+            prop_assert_eq!(&value["user_id"], &serde_json::json!(user));
+            prop_assert_eq!(&value["data"]["message"], &serde_json::json!(text));
+        }
+    }
+
+    fn arbitrary_json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            "\\PC{0,20}".prop_map(serde_json::Value::from),
+            prop_oneof![
+                Just("chat"),
+                Just("join"),
+                Just("typing"),
+                Just("read_receipt"),
+                Just("presence"),
+                Just("historic"),
+                Just("ping"),
+                Just("leave")
+            ]
+            .prop_map(serde_json::Value::from),
+        ];
+        let value = leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("code".to_owned()),
+                        Just("user_id".to_owned()),
+                        Just("room_id".to_owned()),
+                        Just("data".to_owned()),
+                        Just("ref".to_owned()),
+                        Just("message".to_owned()),
+                        Just("sender".to_owned()),
+                        Just("status".to_owned()),
+                        "[a-z]{1,6}"
+                    ],
+                    inner,
+                    0..6,
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        });
+        proptest::collection::btree_map(
+            prop_oneof![
+                Just("code".to_owned()),
+                Just("user_id".to_owned()),
+                Just("room_id".to_owned()),
+                Just("data".to_owned()),
+                Just("ref".to_owned())
+            ],
+            value,
+            0..5,
+        )
+        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect()))
+    }
+}

@@ -101,7 +101,11 @@ pub fn token(user: &str, tenant: &str, role: Role) -> String {
 
 /// A raw HTTP/1.1 GET; returns (status, body).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    http_request(addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).await
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    )
+    .await
 }
 
 pub async fn http_request(addr: std::net::SocketAddr, raw: &str) -> (u16, String) {
@@ -119,7 +123,10 @@ pub async fn http_request(addr: std::net::SocketAddr, raw: &str) -> (u16, String
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -147,12 +154,19 @@ impl Client {
             connected: Value::Null,
         };
         client.connected = client.recv().await;
-        assert_eq!(client.connected["code"], "connected", "{}", client.connected);
+        assert_eq!(
+            client.connected["code"], "connected",
+            "{}",
+            client.connected
+        );
         client
     }
 
     pub async fn send(&mut self, value: Value) {
-        self.ws.send(Message::text(value.to_string())).await.unwrap();
+        self.ws
+            .send(Message::text(value.to_string()))
+            .await
+            .unwrap();
     }
 
     pub async fn send_raw(&mut self, message: Message) {
@@ -161,13 +175,17 @@ impl Client {
 
     /// Next JSON frame (pings are answered by tungstenite).
     pub async fn recv(&mut self) -> Value {
-        self.recv_within(Duration::from_secs(10)).await.expect("a frame within 10s")
+        self.recv_within(Duration::from_secs(10))
+            .await
+            .expect("a frame within 10s")
     }
 
     pub async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let next = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()?;
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
             match next {
                 Some(Ok(Message::Text(text))) => return Some(serde_json::from_str(&text).unwrap()),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -198,7 +216,9 @@ impl Client {
         loop {
             match tokio::time::timeout(Duration::from_secs(15), self.ws.next()).await {
                 Err(_) => panic!("connection not closed within 15s"),
-                Ok(Some(Ok(Message::Close(Some(frame))))) => return Closed::Code(u16::from(frame.code)),
+                Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                    return Closed::Code(u16::from(frame.code))
+                }
                 Ok(Some(Ok(Message::Close(None)))) => return Closed::Code(1005),
                 Ok(Some(Ok(_))) => continue,
                 Ok(Some(Err(_))) | Ok(None) => return Closed::NoCloseFrame,
@@ -229,7 +249,8 @@ impl Client {
 
     pub async fn chat(&mut self, room: &str, text: &str) -> Value {
         let user = self.user.clone();
-        self.request("chat", Some(room), json!({"message": text, "sender": user})).await
+        self.request("chat", Some(room), json!({"message": text, "sender": user}))
+            .await
     }
 }
 
