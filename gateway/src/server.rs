@@ -342,14 +342,15 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>, shard_index: usize) 
     }
 }
 
-fn authenticate(shared: &Shared, req: &Request<Incoming>) -> Result<Claims, Response<Body>> {
+/// Verifies the request's token; on failure the `401` response to send.
+fn authenticate(shared: &Shared, req: &Request<Incoming>) -> Result<Claims, Box<Response<Body>>> {
     let reject = |message: String| {
         shared
             .metrics
             .handshake_rejects
             .with_label_values(&["unauthorized"])
             .inc();
-        api_error(StatusCode::UNAUTHORIZED, "unauthorized", message)
+        Box::new(api_error(StatusCode::UNAUTHORIZED, "unauthorized", message))
     };
     let token = token_from_request(req).ok_or_else(|| reject("missing bearer token".into()))?;
     shared
@@ -380,7 +381,7 @@ fn websocket(shared: Arc<Shared>, req: Request<Incoming>, shard_index: usize) ->
     }
     let claims = match authenticate(&shared, &req) {
         Ok(claims) => claims,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     upgrade(shared, req, Mode::Protocol(Arc::new(claims)), shard_index)
 }
@@ -469,7 +470,7 @@ struct RoomBody<'a> {
 async fn create_room(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let claims = match authenticate(&shared, &req) {
         Ok(claims) => claims,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     if !matches!(claims.role, Role::Admin | Role::Agent | Role::Service) {
         return api_error(

@@ -888,7 +888,7 @@ impl Shard {
                 &conn.claims.sub,
                 Some(&room_id),
                 reference.as_deref(),
-                &data,
+                data,
             );
             conn.outbox.push(direct, FrameClass::Durable);
             // Others hear about it only when the marker moved to this message.

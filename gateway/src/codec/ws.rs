@@ -58,7 +58,7 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
     let mut reason = reason.as_bytes();
     if reason.len() > 123 {
         let mut cut = 123;
-        while !std::str::from_utf8(&reason[..cut]).is_ok() {
+        while std::str::from_utf8(&reason[..cut]).is_err() {
             cut -= 1;
         }
         reason = &reason[..cut];

@@ -257,3 +257,220 @@ impl Client {
 pub fn close_code(code: u16) -> CloseCode {
     CloseCode::from(code)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Added helpers (protocol and error tests).
+
+/// A raw HTTP/1.1 POST with an optional bearer token and a JSON body; returns (status, body).
+pub async fn http_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let auth = bearer.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    let raw = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    http_request(addr, &raw).await
+}
+
+/// Creates a room through `POST /api/rooms`; panics unless it answers 200 or 201.
+pub async fn create_room(server: &TestServer, bearer: &str, body: Value) -> Value {
+    let (status, text) =
+        http_post(server.addr, "/api/rooms", Some(bearer), &body.to_string()).await;
+    assert!(status == 200 || status == 201, "{status} {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// An unsigned `alg: none` token carrying the given claims.
+pub fn alg_none_token(claims: &Claims) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let body = b64.encode(serde_json::to_vec(claims).unwrap());
+    format!("{header}.{body}.")
+}
+
+/// The HTTP status of a refused WebSocket handshake (panics when the upgrade succeeds or fails
+/// some other way).
+pub async fn handshake_status(
+    request: tokio_tungstenite::tungstenite::handshake::client::Request,
+) -> u16 {
+    match tokio_tungstenite::connect_async(request).await {
+        Ok(_) => panic!("the handshake was expected to be refused"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("expected an HTTP error, got {other:?}"),
+    }
+}
+
+impl Client {
+    /// Every JSON frame that arrives within `wait`.
+    pub async fn drain(&mut self, wait: Duration) -> Vec<Value> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Some(v) = self
+            .recv_within(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await
+        {
+            out.push(v);
+        }
+        out
+    }
+
+    /// Sends a raw text frame (not necessarily JSON).
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text.to_owned())).await.unwrap();
+    }
+
+    /// Sends `ping` and waits for its reply; proves the connection still serves requests.
+    pub async fn ping(&mut self) -> Value {
+        let v = self.request("ping", None, json!({})).await;
+        assert_eq!(v["status"], "success", "{v}");
+        assert_eq!(v["code"], "ping_response", "{v}");
+        v
+    }
+}
+
+/// A WebSocket client over a plain TCP socket, for what tungstenite will not send or for a
+/// peer that never reads: it completes the upgrade and then only does what it is told.
+pub struct RawClient {
+    pub reader: tokio::net::tcp::OwnedReadHalf,
+    /// `None` once a test took it (to write from another task).
+    pub writer: Option<tokio::net::tcp::OwnedWriteHalf>,
+    /// Bytes read but not yet consumed.
+    pub buf: Vec<u8>,
+}
+
+/// One frame as the raw client read it.
+#[derive(Debug)]
+pub struct RawFrame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+/// A masked frame header announcing `len` payload bytes (with an all-zero mask, so the payload
+/// goes on the wire as written).
+pub fn raw_header(fin: bool, opcode: u8, len: u64) -> Vec<u8> {
+    let mut header = vec![(u8::from(fin) << 7) | opcode];
+    match len {
+        0..=125 => header.push(0x80 | len as u8),
+        126..=65535 => {
+            header.push(0x80 | 126);
+            header.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            header.push(0x80 | 127);
+            header.extend_from_slice(&len.to_be_bytes());
+        }
+    }
+    header.extend_from_slice(&[0, 0, 0, 0]);
+    header
+}
+
+impl RawClient {
+    /// Upgrades `GET /ws?token=…`; panics unless the server answers 101.
+    pub async fn connect(addr: std::net::SocketAddr, token: &str) -> RawClient {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "GET /ws?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+                .await
+                .expect("handshake response in time")
+                .unwrap();
+            assert!(n > 0, "connection closed during the handshake");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        buf.drain(..end);
+        let (reader, writer) = stream.into_split();
+        RawClient {
+            reader,
+            writer: Some(writer),
+            buf,
+        }
+    }
+
+    /// Writes raw bytes.
+    pub async fn write(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let writer = self.writer.as_mut().expect("the writer was taken");
+        writer.write_all(bytes).await.unwrap();
+    }
+
+    /// Writes one complete masked frame.
+    pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        let mut bytes = raw_header(fin, opcode, payload.len() as u64);
+        bytes.extend_from_slice(payload);
+        self.write(&bytes).await;
+    }
+
+    /// Reads the next frame; `None` when the connection ends (or nothing arrives in `wait`).
+    pub async fn read_frame(&mut self, wait: Duration) -> Option<RawFrame> {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if self.buf.len() >= 2 {
+                let len_code = (self.buf[1] & 0x7f) as usize;
+                let parsed = match len_code {
+                    126 if self.buf.len() >= 4 => {
+                        Some((4, u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize))
+                    }
+                    127 if self.buf.len() >= 10 => Some((
+                        10,
+                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
+                    )),
+                    126 | 127 => None,
+                    n => Some((2, n)),
+                };
+                if let Some((header, len)) = parsed {
+                    if self.buf.len() >= header + len {
+                        let frame = RawFrame {
+                            fin: self.buf[0] & 0x80 != 0,
+                            opcode: self.buf[0] & 0x0f,
+                            payload: self.buf[header..header + len].to_vec(),
+                        };
+                        self.buf.drain(..header + len);
+                        return Some(frame);
+                    }
+                }
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = match tokio::time::timeout_at(deadline, self.reader.read(&mut chunk)).await {
+                Err(_) | Ok(Err(_)) | Ok(Ok(0)) => return None,
+                Ok(Ok(n)) => n,
+            };
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads frames until a close frame and returns its code (`None` when the connection ended
+    /// without one or nothing came within `wait`).
+    pub async fn close_code(&mut self, wait: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let frame = self.read_frame(left).await?;
+            if frame.opcode == 0x8 {
+                return Some(if frame.payload.len() >= 2 {
+                    u16::from_be_bytes([frame.payload[0], frame.payload[1]])
+                } else {
+                    1005
+                });
+            }
+        }
+    }
+}
