@@ -353,7 +353,12 @@ impl Shard {
                 self.shared
                     .metrics
                     .frames_out(OutCode::Response(Code::Join), 1);
-                if member.conn.outbox.push(frame, FrameClass::Durable) == Pushed::Queued {
+                // `DroppedEphemeral` also means the reply was queued: the events that waited
+                // for it must follow (or overflow into a 1013 close), never vanish.
+                if matches!(
+                    member.conn.outbox.push(frame, FrameClass::Durable),
+                    Pushed::Queued | Pushed::DroppedEphemeral
+                ) {
                     for (frame, class) in pending {
                         member.conn.outbox.push(frame, class);
                     }
