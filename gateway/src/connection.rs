@@ -391,6 +391,10 @@ impl Session {
     }
 
     async fn on_close(self) {
+        // Take the user's rooms before the shards forget this connection's memberships (each
+        // `Disconnect` also drops the room from the user's presence entry), or a shard thread
+        // that runs first leaves nobody to tell that the user went offline.
+        let offline_rooms = self.shared.presence.disconnect(&self.user_key);
         let mut by_shard: HashMap<usize, Vec<String>> = HashMap::new();
         for (room, shard) in self.joined {
             by_shard.entry(shard).or_default().push(room);
@@ -404,7 +408,7 @@ impl Session {
                 })
                 .await;
         }
-        if let Some(rooms) = self.shared.presence.disconnect(&self.user_key) {
+        if let Some(rooms) = offline_rooms {
             let frame = presence_frame(
                 &self.conn.claims.sub,
                 None,

@@ -171,6 +171,10 @@ struct Member {
     /// While a join reply is being prepared, frames for this member wait here so the client
     /// sees the join reply first and then every later event, in order.
     pending: Option<Vec<(Bytes, FrameClass)>>,
+    /// Later requests of this connection for this room, held while the join reply is being
+    /// prepared and replayed in order once it is out (so a pipelined `leave` cannot drop the
+    /// join reply, nor a `chat` overtake it).
+    held: Vec<RoomRequest>,
 }
 
 struct RoomState {
@@ -350,6 +354,7 @@ impl Shard {
                     return;
                 };
                 let pending = member.pending.take().unwrap_or_default();
+                let held = std::mem::take(&mut member.held);
                 self.shared
                     .metrics
                     .frames_out(OutCode::Response(Code::Join), 1);
@@ -362,6 +367,9 @@ impl Shard {
                     for (frame, class) in pending {
                         member.conn.outbox.push(frame, class);
                     }
+                }
+                for request in held {
+                    self.on_room_request(request);
                 }
             }
             ShardEvent::ReceiptStored {
@@ -502,6 +510,12 @@ impl Shard {
         let Some(Slot::Ready(state)) = self.rooms.get_mut(&request.room_id) else {
             unreachable!("handle_ready is called for ready rooms only");
         };
+        if let Some(member) = state.members.get_mut(&request.conn.id) {
+            if member.pending.is_some() {
+                member.held.push(request);
+                return;
+            }
+        }
         let code = request.action.code();
         let joined = state.members.contains_key(&request.conn.id);
         let needs_membership = matches!(
@@ -628,6 +642,7 @@ impl Shard {
             Member {
                 conn: conn.clone(),
                 pending: Some(Vec::new()),
+                held: Vec::new(),
             },
         );
 

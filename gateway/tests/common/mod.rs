@@ -457,6 +457,29 @@ impl RawClient {
         }
     }
 
+    /// Writes several text frames with a single write, so the server reads them together.
+    pub async fn send_texts(&mut self, texts: &[String]) {
+        let mut bytes = Vec::new();
+        for text in texts {
+            bytes.extend(raw_header(true, 0x1, text.len() as u64));
+            bytes.extend_from_slice(text.as_bytes());
+        }
+        self.write(&bytes).await;
+    }
+
+    /// The next text frame as JSON, skipping control frames; `None` when nothing comes in
+    /// `wait` or the connection ends.
+    pub async fn recv_json(&mut self, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let frame = self.read_frame(left).await?;
+            if frame.opcode == 0x1 {
+                return Some(serde_json::from_slice(&frame.payload).unwrap());
+            }
+        }
+    }
+
     /// Reads frames until a close frame and returns its code (`None` when the connection ended
     /// without one or nothing came within `wait`).
     pub async fn close_code(&mut self, wait: Duration) -> Option<u16> {
