@@ -264,6 +264,72 @@ mod tests {
         assert!(v.verify(&format!("{header}.{body}.")).is_err());
     }
 
+    fn key(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/keys")
+            .join(name)
+    }
+
+    fn sign(algorithm: Algorithm, key: &EncodingKey, claims: &Claims) -> String {
+        encode(&Header::new(algorithm), claims, key).unwrap()
+    }
+
+    #[test]
+    fn verifies_eddsa_and_rs256_tokens_with_a_public_key_file() {
+        let c = claims(Role::User, now_secs() + 60);
+        let ed_private = std::fs::read(key("ed25519-private.pem")).unwrap();
+        let ed = Verifier::new(
+            KeySource::PublicKeyFile(&key("ed25519-public.pem"), None),
+            &[],
+            &[],
+            0,
+        )
+        .unwrap();
+        let token = sign(
+            Algorithm::EdDSA,
+            &EncodingKey::from_ed_pem(&ed_private).unwrap(),
+            &c,
+        );
+        assert_eq!(ed.verify(&token).unwrap().sub, "u1");
+
+        let rsa_private = std::fs::read(key("rsa-private.pem")).unwrap();
+        let rsa = Verifier::new(
+            KeySource::PublicKeyFile(&key("rsa-public.pem"), None),
+            &[],
+            &[],
+            0,
+        )
+        .unwrap();
+        let token = sign(
+            Algorithm::RS256,
+            &EncodingKey::from_rsa_pem(&rsa_private).unwrap(),
+            &c,
+        );
+        assert_eq!(rsa.verify(&token).unwrap().sub, "u1");
+        // Each verifier accepts its own algorithm only.
+        assert!(ed.verify(&token).is_err());
+        // The server holds no private key, so it cannot mint.
+        assert!(rsa.mint(&c).is_err());
+    }
+
+    #[test]
+    fn refuses_algorithm_confusion_with_the_public_key_as_hmac_secret() {
+        let public = std::fs::read(key("rsa-public.pem")).unwrap();
+        let rsa = Verifier::new(
+            KeySource::PublicKeyFile(&key("rsa-public.pem"), None),
+            &[],
+            &[],
+            0,
+        )
+        .unwrap();
+        let forged = sign(
+            Algorithm::HS256,
+            &EncodingKey::from_secret(&public),
+            &claims(Role::Admin, now_secs() + 60),
+        );
+        assert!(rsa.verify(&forged).is_err());
+    }
+
     #[test]
     fn checks_audience_and_issuer_when_configured() {
         let v = Verifier::new(

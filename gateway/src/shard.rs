@@ -537,11 +537,7 @@ impl Shard {
                 self.join(request.conn, request.room_id, request.reference, join)
             }
             RoomAction::Leave => {
-                self.reply_leave_owned(
-                    &request.conn,
-                    &request.room_id,
-                    request.reference.as_deref(),
-                );
+                self.reply_leave(&request);
                 self.remove_member(&request.room_id, request.conn.id);
             }
             RoomAction::Chat(chat) => self.chat(
@@ -559,20 +555,6 @@ impl Shard {
                 self.historic(request.conn, request.room_id, request.reference, historic)
             }
         }
-    }
-
-    fn reply_leave_owned(&self, conn: &ConnRef, room_id: &str, reference: Option<&str>) {
-        self.shared
-            .metrics
-            .frames_out(OutCode::Response(Code::Leave), 1);
-        let frame = FrameBuilder::success(
-            Code::Leave.response(),
-            &conn.claims.sub,
-            Some(room_id),
-            reference,
-            serde_json::Map::new(),
-        );
-        conn.outbox.push(frame, FrameClass::Durable);
     }
 
     fn access_error(access: Access) -> Option<ProtocolError> {

@@ -1,0 +1,85 @@
+//! When storage cannot take a write, the sender gets UNAVAILABLE, nothing is stored or
+//! broadcast, and a retry with the same message_id succeeds once storage recovers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use gateway::auth::Role;
+use serde_json::json;
+
+/// Makes the gateway's own database refuse inserts of messages whose text starts with `fail`,
+/// the way a full disk or an I/O error would fail the commit.
+fn break_storage(db: &std::path::Path) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER fail_writes BEFORE INSERT ON messages WHEN NEW.message LIKE 'fail%'
+         BEGIN SELECT RAISE(ABORT, 'simulated disk failure'); END;",
+    )
+    .unwrap();
+}
+
+fn repair_storage(db: &std::path::Path) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch("DROP TRIGGER fail_writes;").unwrap();
+}
+
+#[tokio::test]
+async fn failed_commit_is_unavailable_and_a_retry_with_the_same_message_id_succeeds() {
+    let server = TestServer::start().await;
+    let db = server.dir.path().join("gateway.db");
+    let mut alice = server.connect("alice", "acme", Role::Admin).await;
+    let mut bob = server.connect("bob", "acme", Role::Admin).await;
+    alice.join("room-u").await;
+    bob.join("room-u").await;
+    let first = alice.chat("room-u", "before the failure").await;
+    assert_eq!(first["data"]["seq"], 1);
+    bob.recv_code("chat_response").await;
+
+    break_storage(&db);
+    let failed = alice
+        .request(
+            "chat",
+            Some("room-u"),
+            json!({"message": "fail: not stored", "sender": "alice", "message_id": "m-retry"}),
+        )
+        .await;
+    assert_eq!(failed["status"], "error", "{failed}");
+    assert_eq!(failed["code"], "chat_response");
+    assert_eq!(failed["data"]["error_code"], "UNAVAILABLE");
+    // Nothing was broadcast and nothing was stored.
+    bob.expect_silence(Duration::from_millis(300)).await;
+    let history = alice.request("historic", Some("room-u"), json!({})).await;
+    assert_eq!(history["data"]["messages"].as_array().unwrap().len(), 1);
+
+    // The connection and the room keep working for writes that can be stored.
+    let other = alice.chat("room-u", "unaffected").await;
+    assert_eq!(
+        other["data"]["seq"], 2,
+        "no seq was burnt by the failed write"
+    );
+    bob.recv_code("chat_response").await;
+
+    repair_storage(&db);
+    let retried = alice
+        .request(
+            "chat",
+            Some("room-u"),
+            json!({"message": "fail: not stored", "sender": "alice", "message_id": "m-retry"}),
+        )
+        .await;
+    assert_eq!(retried["status"], "success", "{retried}");
+    assert_eq!(retried["data"]["seq"], 3);
+    assert_eq!(retried["data"]["message_id"], "m-retry");
+    let event = bob.recv_code("chat_response").await;
+    assert_eq!(event["data"]["seq"], 3);
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("gateway_errors_total{error_code=\"UNAVAILABLE\"} 1"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
