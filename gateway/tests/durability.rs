@@ -19,7 +19,7 @@ use gateway::auth::Role;
 use gateway::config::Config;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 const TENANT: &str = "acme";
@@ -907,97 +907,34 @@ async fn sigterm_closes_clients_with_1001_exits_zero_and_keeps_acknowledged_mess
 // Overload: slow consumers and slowloris
 // ---------------------------------------------------------------------------------------------
 
-/// A hand-rolled WebSocket client for misbehaving peers.
-struct RawWs {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl RawWs {
-    async fn connect(addr: SocketAddr, token: &str, recv_buffer: Option<u32>) -> RawWs {
-        let socket = TcpSocket::new_v4().unwrap();
-        if let Some(size) = recv_buffer {
-            socket.set_recv_buffer_size(size).unwrap();
-        }
-        let mut stream = socket.connect(addr).await.unwrap();
-        let request = format!(
-            "GET /ws?token={token} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Sec-WebSocket-Version: 13\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        let end = loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end + 4;
-            }
-            let mut chunk = [0u8; 1024];
-            let n = stream.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed during the handshake");
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        buf.drain(..end);
-        RawWs { stream, buf }
-    }
-
-    async fn send_text(&mut self, text: &str) {
-        let payload = text.as_bytes();
-        let mask = [0x37u8, 0xfa, 0x21, 0x3d];
-        let mut frame = vec![0x81u8];
-        match payload.len() {
-            n @ 0..=125 => frame.push(0x80 | n as u8),
-            n @ 126..=65535 => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.stream.write_all(&frame).await.unwrap();
-    }
-
-    /// A complete server frame from the buffer: (opcode, payload).
-    fn parse(&mut self) -> Option<(u8, Vec<u8>)> {
-        let b = &self.buf;
-        if b.len() < 2 {
-            return None;
-        }
-        assert_eq!(b[1] & 0x80, 0, "server frames are not masked");
-        let (len, header) = match b[1] & 0x7f {
-            126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
-            127 if b.len() >= 10 => (
-                u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
-                10,
-            ),
-            126 | 127 => return None,
-            n => (n as usize, 2),
-        };
-        if b.len() < header + len {
-            return None;
-        }
-        let opcode = b[0] & 0x0f;
-        let payload = b[header..header + len].to_vec();
-        self.buf.drain(..header + len);
-        Some((opcode, payload))
-    }
-
-    /// The next frame; `None` on EOF, error or timeout.
-    async fn next_frame(&mut self, wait: Duration) -> Option<(u8, Vec<u8>)> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            if let Some(frame) = self.parse() {
-                return Some(frame);
-            }
-            let mut chunk = vec![0u8; 64 * 1024];
-            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
-                Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
-                _ => return None,
+/// A connection with a tiny receive buffer that joins `room` (waiting for the `join_response`
+/// with `reference`) and then stops reading until the test reads from it again.
+async fn stalled_join(
+    server: &TestServer,
+    user: &str,
+    room: &str,
+    reference: &str,
+) -> (RawClient, Value) {
+    let mut raw = RawClient::connect_with_recv_buffer(
+        server.addr,
+        &token(user, TENANT, Role::Admin),
+        Some(4096),
+    )
+    .await;
+    raw.send_text(
+        &json!({"code": "join", "user_id": user, "room_id": room, "data": {}, "ref": reference})
+            .to_string(),
+    )
+    .await;
+    loop {
+        let frame = raw
+            .read_frame(Duration::from_secs(10))
+            .await
+            .expect("join reply");
+        if frame.opcode == 1 {
+            let v: Value = serde_json::from_slice(&frame.payload).unwrap();
+            if v["code"] == "join_response" && v["ref"] == reference {
+                return (raw, v);
             }
         }
     }
@@ -1015,30 +952,8 @@ async fn slow_consumer_is_closed_with_1013_within_queue_bound_while_others_get_e
     let room = "firehose";
 
     // The slow consumer: joins, then stops reading (with a tiny receive buffer).
-    let mut slow = RawWs::connect(
-        server.addr,
-        &token("slowpoke", TENANT, Role::Admin),
-        Some(4096),
-    )
-    .await;
-    slow.send_text(
-        &json!({"code": "join", "user_id": "slowpoke", "room_id": room, "data": {}, "ref": "j"})
-            .to_string(),
-    )
-    .await;
-    loop {
-        let (opcode, payload) = slow
-            .next_frame(Duration::from_secs(10))
-            .await
-            .expect("join reply");
-        if opcode == 1 {
-            let v: Value = serde_json::from_slice(&payload).unwrap();
-            if v["code"] == "join_response" {
-                assert_eq!(v["status"], "success", "{v}");
-                break;
-            }
-        }
-    }
+    let (mut slow, v) = stalled_join(&server, "slowpoke", room, "j").await;
+    assert_eq!(v["status"], "success", "{v}");
 
     // Healthy readers.
     let done_at = Arc::new(AtomicU64::new(0));
@@ -1108,21 +1023,25 @@ async fn slow_consumer_is_closed_with_1013_within_queue_bound_while_others_get_e
     // The slow consumer resumes reading: what was already on its way, then close 1013.
     let mut delivered = Vec::new();
     let close = loop {
-        match slow.next_frame(Duration::from_secs(10)).await {
-            Some((1, payload)) => {
+        match slow.read_frame(Duration::from_secs(10)).await {
+            Some(RawFrame {
+                opcode: 1, payload, ..
+            }) => {
                 let v: Value = serde_json::from_slice(&payload).unwrap();
                 if v["code"] == "chat_response" {
                     delivered.push(seq(&v["data"]));
                 }
             }
-            Some((8, payload)) => break Some(u16::from_be_bytes([payload[0], payload[1]])),
+            Some(RawFrame {
+                opcode: 8, payload, ..
+            }) => break Some(u16::from_be_bytes([payload[0], payload[1]])),
             Some(_) => {}
             None => break None,
         }
     };
     assert_eq!(close, Some(1013), "slow consumer close code");
     assert!(
-        slow.next_frame(Duration::from_millis(500)).await.is_none(),
+        slow.read_frame(Duration::from_millis(500)).await.is_none(),
         "frames after the close"
     );
 
@@ -1201,11 +1120,7 @@ async fn slowloris_and_idle_connections_are_dropped_after_handshake_timeout_whil
         let started = Instant::now();
         let stream = TcpStream::connect(addr).await.unwrap();
         let (mut read, mut write) = stream.into_split();
-        let request = format!(
-            "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            token("loris", TENANT, Role::Admin)
-        );
+        let request = upgrade_request(&token("loris", TENANT, Role::Admin));
         let sent = Arc::new(AtomicUsize::new(0));
         let sent_by_writer = sent.clone();
         let writer = tokio::spawn(async move {
@@ -1319,26 +1234,7 @@ async fn join_reply_under_backpressure_keeps_events_that_arrived_while_it_was_pr
     .await;
     assert_eq!(filled.acked.len() as u64, HISTORY);
 
-    let mut slow = RawWs::connect(
-        server.addr,
-        &token("stalled", TENANT, Role::Admin),
-        Some(4096),
-    )
-    .await;
-    slow.send_text(
-        &json!({"code": "join", "user_id": "stalled", "room_id": noisy, "data": {}, "ref": "j1"})
-            .to_string(),
-    )
-    .await;
-    loop {
-        let (opcode, payload) = slow
-            .next_frame(Duration::from_secs(10))
-            .await
-            .expect("join reply");
-        if opcode == 1 && serde_json::from_slice::<Value>(&payload).unwrap()["ref"] == "j1" {
-            break;
-        }
-    }
+    let (mut slow, _) = stalled_join(&server, "stalled", noisy, "j1").await;
 
     // Typing floods the stalled connection until its queue is full of ephemeral frames.
     let mut typer = server.connect("typer", TENANT, Role::Admin).await;
@@ -1398,7 +1294,10 @@ async fn join_reply_under_backpressure_keeps_events_that_arrived_while_it_was_pr
     let mut events = Vec::new();
     let mut close = None;
     let mut wait = Duration::from_secs(2);
-    while let Some((opcode, payload)) = slow.next_frame(wait).await {
+    while let Some(RawFrame {
+        opcode, payload, ..
+    }) = slow.read_frame(wait).await
+    {
         if opcode == 8 {
             close = Some(u16::from_be_bytes([payload[0], payload[1]]));
             break;

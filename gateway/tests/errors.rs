@@ -608,20 +608,10 @@ async fn binary_frame_closes_1003() {
 
 /// Writes a raw upgrade request and returns the status of the response head.
 async fn raw_handshake_status(addr: std::net::SocketAddr, request: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let mut chunk = [0u8; 1024];
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
-            .await
-            .expect("a response head in time")
-            .unwrap();
-        assert!(n > 0, "closed without a response");
-        head.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
+    let (head, _) = read_response_head(&mut stream, Duration::from_secs(5)).await;
     head.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
@@ -693,12 +683,7 @@ async fn handshake_with_garbage_token_is_401() {
         .insert(AUTHORIZATION, HeaderValue::from_static("Bearer garbage"));
     assert_eq!(handshake_status(request).await, 401);
     // The raw answer is a plain HTTP 401, not a switch of protocols.
-    let status = raw_handshake_status(
-        server.addr,
-        "GET /ws?token=garbage HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await;
+    let status = raw_handshake_status(server.addr, &upgrade_request("garbage")).await;
     assert_eq!(status, 401);
     server.stop().await;
 }

@@ -370,32 +370,65 @@ pub fn raw_header(fin: bool, opcode: u8, len: u64) -> Vec<u8> {
     header
 }
 
+/// The WebSocket upgrade request for `GET /ws?token=…`.
+pub fn upgrade_request(token: &str) -> String {
+    format!(
+        "GET /ws?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// Reads an HTTP response head (each read within `wait`); returns the head and the bytes that
+/// followed it.
+pub async fn read_response_head(stream: &mut TcpStream, wait: Duration) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(wait, stream.read(&mut chunk))
+            .await
+            .expect("a response head in time")
+            .unwrap();
+        assert!(n > 0, "closed before the end of the response head");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.drain(..end);
+    (head, buf)
+}
+
 impl RawClient {
     /// Upgrades `GET /ws?token=…`; panics unless the server answers 101.
     pub async fn connect(addr: std::net::SocketAddr, token: &str) -> RawClient {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        let request = format!(
-            "GET /ws?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        let end = loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end + 4;
-            }
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
-                .await
-                .expect("handshake response in time")
-                .unwrap();
-            assert!(n > 0, "connection closed during the handshake");
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        RawClient::connect_with_recv_buffer(addr, token, None).await
+    }
+
+    /// As [`RawClient::connect`], with the socket's receive buffer set to `recv_buffer` bytes
+    /// (a small one makes a peer that stops reading fill up quickly).
+    pub async fn connect_with_recv_buffer(
+        addr: std::net::SocketAddr,
+        token: &str,
+        recv_buffer: Option<u32>,
+    ) -> RawClient {
+        use tokio::io::AsyncWriteExt;
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }
+        .unwrap();
+        if let Some(size) = recv_buffer {
+            socket.set_recv_buffer_size(size).unwrap();
+        }
+        let mut stream = socket.connect(addr).await.unwrap();
+        stream
+            .write_all(upgrade_request(token).as_bytes())
+            .await
+            .unwrap();
+        let (head, buf) = read_response_head(&mut stream, Duration::from_secs(10)).await;
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        buf.drain(..end);
         let (reader, writer) = stream.into_split();
         RawClient {
             reader,
@@ -418,12 +451,18 @@ impl RawClient {
         self.write(&bytes).await;
     }
 
+    /// Writes one text frame.
+    pub async fn send_text(&mut self, text: &str) {
+        self.send_frame(true, 0x1, text.as_bytes()).await;
+    }
+
     /// Reads the next frame; `None` when the connection ends (or nothing arrives in `wait`).
     pub async fn read_frame(&mut self, wait: Duration) -> Option<RawFrame> {
         use tokio::io::AsyncReadExt;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             if self.buf.len() >= 2 {
+                assert_eq!(self.buf[1] & 0x80, 0, "server frames are not masked");
                 let len_code = (self.buf[1] & 0x7f) as usize;
                 let parsed = match len_code {
                     126 if self.buf.len() >= 4 => {
@@ -467,33 +506,34 @@ impl RawClient {
         self.write(&bytes).await;
     }
 
-    /// The next text frame as JSON, skipping control frames; `None` when nothing comes in
-    /// `wait` or the connection ends.
-    pub async fn recv_json(&mut self, wait: Duration) -> Option<Value> {
+    /// The next frame with `opcode`, skipping any other; `None` when nothing comes in `wait` or
+    /// the connection ends.
+    pub async fn read_frame_of(&mut self, opcode: u8, wait: Duration) -> Option<RawFrame> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let frame = self.read_frame(left).await?;
-            if frame.opcode == 0x1 {
-                return Some(serde_json::from_slice(&frame.payload).unwrap());
+            if frame.opcode == opcode {
+                return Some(frame);
             }
         }
+    }
+
+    /// The next text frame as JSON, skipping control frames; `None` when nothing comes in
+    /// `wait` or the connection ends.
+    pub async fn recv_json(&mut self, wait: Duration) -> Option<Value> {
+        let frame = self.read_frame_of(0x1, wait).await?;
+        Some(serde_json::from_slice(&frame.payload).unwrap())
     }
 
     /// Reads frames until a close frame and returns its code (`None` when the connection ended
     /// without one or nothing came within `wait`).
     pub async fn close_code(&mut self, wait: Duration) -> Option<u16> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let frame = self.read_frame(left).await?;
-            if frame.opcode == 0x8 {
-                return Some(if frame.payload.len() >= 2 {
-                    u16::from_be_bytes([frame.payload[0], frame.payload[1]])
-                } else {
-                    1005
-                });
-            }
-        }
+        let frame = self.read_frame_of(0x8, wait).await?;
+        Some(if frame.payload.len() >= 2 {
+            u16::from_be_bytes([frame.payload[0], frame.payload[1]])
+        } else {
+            1005
+        })
     }
 }
