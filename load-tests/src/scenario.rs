@@ -1,0 +1,449 @@
+//! The load scenarios. Everything runs on one thread (a `LocalSet`): the generator is pinned to
+//! one core, and a single thread needs no locks or atomics per frame.
+
+use std::cell::Cell;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::time::Duration;
+
+use gateway::auth::{now_secs, Claims, KeySource, Role, Verifier};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::client::{self, find, number_after, Frame};
+use crate::stats::Stats;
+
+/// Connections per source address: stays well below the ~28k ephemeral ports of one address.
+const CONNECTIONS_PER_SOURCE: usize = 25_000;
+
+/// Where and as whom to connect.
+pub struct Target {
+    pub server: SocketAddr,
+    pub verifier: Verifier,
+    pub tenant: String,
+    /// Unique per run so rooms start empty.
+    pub run_id: String,
+}
+
+impl Target {
+    pub fn new(server: SocketAddr, secret: &str, tenant: &str) -> Target {
+        Target {
+            server,
+            verifier: Verifier::new(KeySource::Secret(secret.as_bytes()), &[], &[], 0)
+                .expect("an hmac key always builds"),
+            tenant: tenant.to_owned(),
+            run_id: format!("{:x}", now_secs()),
+        }
+    }
+
+    fn path(&self, user: &str) -> String {
+        let claims = Claims {
+            sub: user.to_owned(),
+            tenant: self.tenant.clone(),
+            role: Role::Admin,
+            exp: now_secs() + 86_400,
+            name: None,
+            aud: None,
+            iss: None,
+        };
+        let token = self
+            .verifier
+            .mint(&claims)
+            .expect("minting with a secret works");
+        format!("/ws?token={token}")
+    }
+
+    /// Source address for the `index`-th connection: 127.0.0.1, 127.0.0.2, … so one machine
+    /// can open more than 64k connections to a loopback server.
+    fn source(&self, index: usize) -> Option<IpAddr> {
+        if !self.server.ip().is_loopback() || !self.server.is_ipv4() {
+            return None;
+        }
+        let n = (index / CONNECTIONS_PER_SOURCE) as u8;
+        Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + n)))
+    }
+
+    pub fn room(&self, name: &str) -> String {
+        format!("lg-{}-{name}", self.run_id)
+    }
+}
+
+/// A live connection: frames to send go through an unbounded channel to its writer task,
+/// which writes everything queued in one syscall.
+#[derive(Clone)]
+pub struct Conn {
+    pub user: Rc<str>,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// Signalled on every direct reply (frames carrying our `ref`).
+    pub replies: Rc<Notify>,
+    pub alive: Rc<Cell<bool>>,
+}
+
+impl Conn {
+    /// Connects, upgrades and starts the reader and writer tasks.
+    pub async fn open(
+        target: &Target,
+        index: usize,
+        user: &str,
+        stats: Rc<Stats>,
+    ) -> std::io::Result<Conn> {
+        let stream =
+            match client::connect(target.server, target.source(index), &target.path(user)).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    stats.connect_failures.set(stats.connect_failures.get() + 1);
+                    return Err(e);
+                }
+            };
+        stats.connected.set(stats.connected.get() + 1);
+        let (mut reader, mut write) = client::split(stream);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let replies = Rc::new(Notify::new());
+        let alive = Rc::new(Cell::new(true));
+        tokio::task::spawn_local(async move {
+            let mut batch = Vec::new();
+            while let Some(first) = rx.recv().await {
+                batch.clear();
+                batch.extend_from_slice(&first);
+                while let Ok(more) = rx.try_recv() {
+                    batch.extend_from_slice(&more);
+                }
+                if write.write_all(&batch).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let pong_tx = tx.clone();
+        let (reply_signal, alive_flag) = (replies.clone(), alive.clone());
+        tokio::task::spawn_local(async move {
+            let mut close_seen = false;
+            let mut on_frame = |frame: Frame<'_>| match frame {
+                Frame::Text(payload) => classify(&stats, &reply_signal, payload),
+                Frame::Ping(payload) => {
+                    let mut pong = Vec::with_capacity(6 + payload.len());
+                    client::encode_pong(&mut pong, payload);
+                    let _ = pong_tx.send(pong);
+                }
+                Frame::Close(code) => {
+                    close_seen = true;
+                    stats.closed(code);
+                }
+                Frame::Other => {}
+            };
+            while reader.read_some(&mut on_frame).await {}
+            if !close_seen {
+                stats.closed(1006);
+            }
+            alive_flag.set(false);
+            reply_signal.notify_one();
+        });
+        Ok(Conn {
+            user: user.into(),
+            tx,
+            replies,
+            alive,
+        })
+    }
+
+    /// Queues one text frame.
+    pub fn send(&self, json: &str) {
+        let mut frame = Vec::with_capacity(json.len() + 14);
+        client::encode_text(&mut frame, json.as_bytes());
+        let _ = self.tx.send(frame);
+    }
+
+    pub fn join(&self, room: &str, reference: &str) {
+        self.send(&format!(
+            r#"{{"code":"join","user_id":"{}","room_id":"{room}","data":{{}},"ref":"{reference}"}}"#,
+            self.user
+        ));
+    }
+}
+
+/// Counts one text frame: direct replies carry our `ref` (`t<intended ns>`), chat events from
+/// others carry the intended send time in the message text (`t=<ns>`).
+fn classify(stats: &Stats, replies: &Notify, payload: &[u8]) {
+    let reply = number_after(payload, b"\"ref\":\"t");
+    if find(payload, b"\"status\":\"error\"").is_some() {
+        stats.error();
+        if reply.is_some() {
+            replies.notify_one();
+        }
+        return;
+    }
+    if let Some(intended) = reply {
+        stats.acked(Some(intended));
+        replies.notify_one();
+    } else if find(payload, b"\"code\":\"chat_response\"").is_some() {
+        stats.delivered(number_after(payload, b"\"message\":\"t="));
+    }
+}
+
+/// A chat frame whose text carries the intended send time, padded to `size` bytes.
+pub fn chat_frame(
+    user: &str,
+    room: &str,
+    intended_ns: u64,
+    size: usize,
+    message_id: Option<&str>,
+) -> String {
+    let mut text = format!("t={intended_ns} ");
+    while text.len() < size {
+        text.push('x');
+    }
+    let id = message_id
+        .map(|m| format!(r#","message_id":"{m}""#))
+        .unwrap_or_default();
+    format!(
+        r#"{{"code":"chat","user_id":"{user}","room_id":"{room}","ref":"t{intended_ns}","data":{{"message":"{text}","sender":"{user}"{id}}}}}"#
+    )
+}
+
+/// Opens `count` connections spread evenly over `ramp_up`, naming users with `user_of`.
+pub async fn open_many(
+    target: &Target,
+    stats: &Rc<Stats>,
+    count: usize,
+    ramp_up: Duration,
+    user_of: impl Fn(usize) -> String,
+) -> Vec<Option<Conn>> {
+    let gap = if count > 0 {
+        ramp_up / count as u32
+    } else {
+        Duration::ZERO
+    };
+    let mut conns = Vec::with_capacity(count);
+    let started = Instant::now();
+    for i in 0..count {
+        conns.push(Conn::open(target, i, &user_of(i), stats.clone()).await.ok());
+        tokio::time::sleep_until(started + gap * (i as u32 + 1)).await;
+    }
+    conns
+}
+
+/// An open-loop schedule: the k-th event is due at `start + k / rate`; a late sender catches
+/// up at once, and latency is counted from the due time.
+pub struct Schedule {
+    start: Instant,
+    interval: Duration,
+    k: u64,
+}
+
+impl Schedule {
+    pub fn new(rate_per_sec: f64, offset: Duration) -> Schedule {
+        Schedule {
+            start: Instant::now() + offset,
+            interval: Duration::from_secs_f64(1.0 / rate_per_sec.max(0.001)),
+            k: 0,
+        }
+    }
+
+    /// Waits for the next due time and returns it.
+    pub async fn next(&mut self) -> Instant {
+        let due = self.start + self.interval.mul_f64(self.k as f64);
+        self.k += 1;
+        tokio::time::sleep_until(due).await;
+        due
+    }
+}
+
+/// Nanoseconds since the run's epoch of a tokio instant.
+pub fn ns_of(stats: &Stats, at: Instant) -> u64 {
+    at.into_std()
+        .saturating_duration_since(stats.epoch)
+        .as_nanos() as u64
+}
+
+/// What one open-loop sender does: where, how fast, how big, until when.
+#[derive(Clone)]
+pub struct Plan {
+    pub room: String,
+    /// Events per second.
+    pub rate: f64,
+    /// Message text size in bytes.
+    pub size: usize,
+    pub until: Instant,
+    /// Delay of the first event, to spread senders' phases.
+    pub offset: Duration,
+}
+
+/// Runs a sender that stops when `until` passes.
+pub fn spawn_chat_sender(conn: Conn, plan: Plan, stats: Rc<Stats>) {
+    tokio::task::spawn_local(async move {
+        let Plan {
+            room,
+            rate,
+            size,
+            until,
+            offset,
+        } = plan;
+        let mut schedule = Schedule::new(rate, offset);
+        loop {
+            let due = schedule.next().await;
+            if due >= until || !conn.alive.get() {
+                break;
+            }
+            conn.send(&chat_frame(
+                &conn.user,
+                &room,
+                ns_of(&stats, due),
+                size,
+                None,
+            ));
+            stats.sent();
+        }
+    });
+}
+
+/// `mixed`: per member, a repeating pattern of 20 actions: 4 chats, 12 typing updates, 3 read
+/// receipts (of its own latest message) and 1 presence change.
+pub fn spawn_mixed_member(conn: Conn, plan: Plan, stats: Rc<Stats>, index: usize) {
+    const PATTERN: [u8; 20] = [
+        b'c', b't', b't', b't', b'r', b'c', b't', b't', b't', b'r', b'c', b't', b't', b't', b'r',
+        b'c', b't', b't', b't', b'p',
+    ];
+    tokio::task::spawn_local(async move {
+        let Plan {
+            room,
+            rate,
+            size,
+            until,
+            offset,
+        } = plan;
+        let mut schedule = Schedule::new(rate, offset);
+        let mut chats = 0u64;
+        let mut step = index;
+        loop {
+            let due = schedule.next().await;
+            if due >= until || !conn.alive.get() {
+                break;
+            }
+            let user = &conn.user;
+            let t = ns_of(&stats, due);
+            match PATTERN[step % PATTERN.len()] {
+                b'c' => {
+                    chats += 1;
+                    let id = format!("m-{user}-{chats}");
+                    conn.send(&chat_frame(user, &room, t, size, Some(&id)));
+                    stats.sent();
+                }
+                b't' => {
+                    let status = if step.is_multiple_of(2) {
+                        "started"
+                    } else {
+                        "stopped"
+                    };
+                    conn.send(&format!(
+                        r#"{{"code":"typing","user_id":"{user}","room_id":"{room}","data":{{"status":"{status}","sender":"{user}"}}}}"#
+                    ));
+                }
+                b'r' if chats > 0 => {
+                    conn.send(&format!(
+                        r#"{{"code":"read_receipt","user_id":"{user}","room_id":"{room}","ref":"t{t}","data":{{"message_id":"m-{user}-{chats}","sender":"{user}"}}}}"#
+                    ));
+                    stats.request();
+                }
+                b'p' => {
+                    let status = if (step / PATTERN.len()).is_multiple_of(2) {
+                        "away"
+                    } else {
+                        "online"
+                    };
+                    conn.send(&format!(
+                        r#"{{"code":"presence","user_id":"{user}","data":{{"status":"{status}","sender":"{user}"}}}}"#
+                    ));
+                }
+                _ => {}
+            }
+            step += 1;
+        }
+    });
+}
+
+/// `history`: a closed-loop reader alternating `historic` and `join` + `since_seq` requests.
+pub fn spawn_history_reader(conn: Conn, room: String, stats: Rc<Stats>, until: Instant) {
+    tokio::task::spawn_local(async move {
+        let mut k = 0u64;
+        while Instant::now() < until && conn.alive.get() {
+            let t = stats.now_ns();
+            let user = &conn.user;
+            let frame = if k.is_multiple_of(2) {
+                format!(
+                    r#"{{"code":"historic","user_id":"{user}","room_id":"{room}","ref":"t{t}","data":{{"limit":50}}}}"#
+                )
+            } else {
+                format!(
+                    r#"{{"code":"join","user_id":"{user}","room_id":"{room}","ref":"t{t}","data":{{"since_seq":0,"limit":100}}}}"#
+                )
+            };
+            conn.send(&frame);
+            stats.request();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.replies.notified()).await;
+            k += 1;
+        }
+    });
+}
+
+/// `churn`: connect → join → chat → leave → disconnect, as fast as replies come back.
+pub fn spawn_churn_worker(target: Rc<Target>, worker: usize, stats: Rc<Stats>, until: Instant) {
+    tokio::task::spawn_local(async move {
+        let room = target.room(&format!("churn-{}", worker % 16));
+        let mut cycle = 0usize;
+        while Instant::now() < until {
+            let user = format!("churn-{worker}-{}", cycle % 4);
+            let started = stats.now_ns();
+            let Ok(stream) =
+                client::connect(target.server, target.source(worker), &target.path(&user)).await
+            else {
+                stats.connect_failures.set(stats.connect_failures.get() + 1);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let (mut reader, mut write) = client::split(stream);
+            let mut out = Vec::new();
+            for json in [
+                format!(r#"{{"code":"join","user_id":"{user}","room_id":"{room}","data":{{}}}}"#),
+                chat_frame(&user, &room, started, 100, None),
+                format!(
+                    r#"{{"code":"leave","user_id":"{user}","room_id":"{room}","data":{{}},"ref":"leave"}}"#
+                ),
+            ] {
+                client::encode_text(&mut out, json.as_bytes());
+            }
+            stats.sent();
+            if write.write_all(&out).await.is_err() {
+                continue;
+            }
+            let mut done = false;
+            let mut failed = false;
+            while !done {
+                let mut on_frame = |frame: Frame<'_>| {
+                    if let Frame::Text(p) = frame {
+                        if find(p, b"\"status\":\"error\"").is_some() {
+                            failed = true;
+                        }
+                        if find(p, b"\"code\":\"leave_response\"").is_some() {
+                            done = true;
+                        }
+                    }
+                };
+                let read =
+                    tokio::time::timeout(Duration::from_secs(5), reader.read_some(&mut on_frame))
+                        .await;
+                if !matches!(read, Ok(true)) {
+                    break;
+                }
+            }
+            if failed || !done {
+                stats.error();
+            } else {
+                stats.acked(Some(started));
+            }
+            let mut close = vec![0x88, 0x82, 0, 0, 0, 0];
+            close.extend_from_slice(&1000u16.to_be_bytes());
+            let _ = write.write_all(&close).await;
+            cycle += 1;
+        }
+    });
+}
