@@ -45,7 +45,10 @@ pub enum Mode {
 fn into_socket(upgraded: Upgraded) -> Option<(impl AsyncRead + Unpin, OwnedWriteHalf)> {
     let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
     let (read, write) = parts.io.into_inner().into_split();
-    Some((std::io::Cursor::new(parts.read_buf).chain(read), write))
+    // Copy what hyper read past the handshake (usually nothing): holding a slice of its read
+    // buffer would keep the whole buffer alive for the life of the connection.
+    let leftover = Bytes::copy_from_slice(&parts.read_buf);
+    Some((std::io::Cursor::new(leftover).chain(read), write))
 }
 
 /// A token bucket for per-connection rate limits.
