@@ -12,6 +12,41 @@ use tokio::net::{TcpSocket, TcpStream};
 /// Size of each read from the socket.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// How envelopes travel over the WebSocket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// One JSON envelope per text frame, path `/ws?token=…` (the gateway).
+    #[default]
+    Ws,
+    /// Socket.IO v4 over the Engine.IO websocket transport: envelopes travel as
+    /// `42["message",<json>]`, Engine.IO pings (`2`) are answered with `3`.
+    Socketio,
+}
+
+/// Socket.IO event prefix and suffix around one JSON envelope.
+const SOCKETIO_PREFIX: &[u8] = b"42[\"message\",";
+const SOCKETIO_SUFFIX: &[u8] = b"]";
+
+impl Protocol {
+    /// The upgrade request's path and query for a user whose token is `token`.
+    pub fn path(self, token: &str) -> String {
+        match self {
+            Protocol::Ws => format!("/ws?token={token}"),
+            Protocol::Socketio => {
+                format!("/socket.io/?EIO=4&transport=websocket&token={token}")
+            }
+        }
+    }
+
+    /// Appends one client text frame carrying the JSON envelope `json`.
+    pub fn encode(self, out: &mut Vec<u8>, json: &[u8]) {
+        match self {
+            Protocol::Ws => encode_text(out, json),
+            Protocol::Socketio => encode_text_parts(out, &[SOCKETIO_PREFIX, json, SOCKETIO_SUFFIX]),
+        }
+    }
+}
+
 /// Connects from `source` (a 127.0.0.x address spreads connections over more source ports)
 /// and completes the WebSocket upgrade.
 pub async fn connect(
@@ -56,7 +91,13 @@ pub async fn connect(
 /// Appends one masked text frame to `out`. The mask key is zero, which RFC 6455 allows and
 /// spares the generator the XOR pass (the server unmasks as usual).
 pub fn encode_text(out: &mut Vec<u8>, payload: &[u8]) {
-    let len = payload.len();
+    encode_text_parts(out, &[payload]);
+}
+
+/// Like [`encode_text`], with the payload given as consecutive parts (no joining copy).
+pub fn encode_text_parts(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.reserve(len + 14);
     out.push(0x81);
     match len {
         0..=125 => out.push(0x80 | len as u8),
@@ -70,7 +111,9 @@ pub fn encode_text(out: &mut Vec<u8>, payload: &[u8]) {
         }
     }
     out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(payload);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
 }
 
 /// A pong for a server ping (empty payload echoes are enough for the gateway's pings).
@@ -229,5 +272,40 @@ mod tests {
             assert_eq!(out.len(), header + 4 + len);
             assert_eq!(out[1] & 0x80, 0x80);
         }
+    }
+
+    #[test]
+    fn wraps_envelopes_for_socketio() {
+        let json = br#"{"code":"ping","user_id":"u","data":{},"ref":"t1"}"#;
+        let mut plain = Vec::new();
+        Protocol::Ws.encode(&mut plain, json);
+        let mut expected = Vec::new();
+        encode_text(&mut expected, json);
+        assert_eq!(plain, expected);
+
+        let mut wrapped = Vec::new();
+        Protocol::Socketio.encode(&mut wrapped, json);
+        let payload = [&b"42[\"message\","[..], json, b"]"].concat();
+        let mut expected = Vec::new();
+        encode_text(&mut expected, &payload);
+        assert_eq!(wrapped, expected);
+        assert_eq!(&wrapped[6..], &payload[..]);
+        assert_eq!(wrapped[1], 0x80 | payload.len() as u8);
+
+        // Past the 125-byte form the length header grows with the wrapper counted in.
+        let long = vec![b'x'; 120];
+        let mut wrapped = Vec::new();
+        Protocol::Socketio.encode(&mut wrapped, &long);
+        assert_eq!(wrapped[1], 0x80 | 126);
+        assert_eq!(u16::from_be_bytes([wrapped[2], wrapped[3]]), 134);
+        assert!(wrapped.ends_with(b"xx]"));
+    }
+
+    #[test]
+    fn socketio_paths() {
+        assert_eq!(Protocol::Ws.path("abc"), "/ws?token=abc");
+        assert!(Protocol::Socketio
+            .path("abc")
+            .starts_with("/socket.io/?EIO=4&transport=websocket"));
     }
 }

@@ -6,6 +6,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use loadgen::client::Protocol;
 use loadgen::report::{own_cpu, rss_kib, scrape, Report};
 use loadgen::scenario::{self, open_many, Conn, Plan, Target};
 use loadgen::stats::Stats;
@@ -41,6 +42,10 @@ struct Cli {
     /// Write the JSON report here.
     #[arg(long, global = true)]
     json: Option<std::path::PathBuf>,
+    /// Framing: `ws` (one JSON envelope per text frame, path /ws) or `socketio` (Socket.IO v4
+    /// over the websocket transport, path /socket.io/, events `42["message",{…}]`).
+    #[arg(long, value_enum, default_value_t = Protocol::Ws, global = true)]
+    protocol: Protocol,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -132,7 +137,12 @@ fn main() {
 
 async fn run(cli: &Cli) -> Report {
     let stats = Rc::new(Stats::new());
-    let target = Rc::new(Target::new(cli.server, &cli.secret, &cli.tenant));
+    let target = Rc::new(Target::new(
+        cli.server,
+        &cli.secret,
+        &cli.tenant,
+        cli.protocol,
+    ));
     let ramp = Duration::from_secs(cli.ramp_up);
     let metrics_before = scrape(cli.server).await;
     let rss_before = cli.server_pid.and_then(rss_kib);

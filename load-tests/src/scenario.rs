@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use gateway::auth::{now_secs, Claims, KeySource, Role, Verifier};
 use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::client::{self, find, number_after, Frame};
+use crate::client::{self, find, number_after, Frame, FrameReader, Protocol};
 use crate::stats::Stats;
 
 /// Connections per source address: stays well below the ~28k ephemeral ports of one address.
@@ -24,16 +25,19 @@ pub struct Target {
     pub tenant: String,
     /// Unique per run so rooms start empty.
     pub run_id: String,
+    /// Plain WebSocket (the gateway) or Socket.IO framing.
+    pub protocol: Protocol,
 }
 
 impl Target {
-    pub fn new(server: SocketAddr, secret: &str, tenant: &str) -> Target {
+    pub fn new(server: SocketAddr, secret: &str, tenant: &str, protocol: Protocol) -> Target {
         Target {
             server,
             verifier: Verifier::new(KeySource::Secret(secret.as_bytes()), &[], &[], 0)
                 .expect("an hmac key always builds"),
             tenant: tenant.to_owned(),
             run_id: format!("{:x}", now_secs()),
+            protocol,
         }
     }
 
@@ -51,7 +55,42 @@ impl Target {
             .verifier
             .mint(&claims)
             .expect("minting with a secret works");
-        format!("/ws?token={token}")
+        self.protocol.path(&token)
+    }
+
+    /// Connects and upgrades as `user`; with Socket.IO, also waits for the Engine.IO open
+    /// packet, connects to the default namespace (`40`) and waits for its `40{…}` answer, so
+    /// that the first envelope sent cannot arrive before the namespace is joined.
+    pub async fn connect(
+        &self,
+        index: usize,
+        user: &str,
+    ) -> std::io::Result<(FrameReader, OwnedWriteHalf)> {
+        let stream = client::connect(self.server, self.source(index), &self.path(user)).await?;
+        let (mut reader, mut write) = client::split(stream);
+        if self.protocol == Protocol::Socketio {
+            let mut connect = Vec::with_capacity(8);
+            client::encode_text(&mut connect, b"40");
+            write.write_all(&connect).await?;
+            let handshake = async {
+                let mut connected = false;
+                while !connected {
+                    let mut on_frame = |frame: Frame<'_>| {
+                        if let Frame::Text(p) = frame {
+                            connected |= p.starts_with(b"40");
+                        }
+                    };
+                    if !reader.read_some(&mut on_frame).await {
+                        return Err(std::io::Error::other("socket.io: closed during connect"));
+                    }
+                }
+                Ok(())
+            };
+            tokio::time::timeout(Duration::from_secs(10), handshake)
+                .await
+                .map_err(|_| std::io::Error::other("socket.io: no namespace connect"))??;
+        }
+        Ok((reader, write))
     }
 
     /// Source address for the `index`-th connection: 127.0.0.1, 127.0.0.2, … so one machine
@@ -74,6 +113,7 @@ impl Target {
 #[derive(Clone)]
 pub struct Conn {
     pub user: Rc<str>,
+    protocol: Protocol,
     tx: mpsc::UnboundedSender<Vec<u8>>,
     /// Signalled on every direct reply (frames carrying our `ref`).
     pub replies: Rc<Notify>,
@@ -88,16 +128,15 @@ impl Conn {
         user: &str,
         stats: Rc<Stats>,
     ) -> std::io::Result<Conn> {
-        let stream =
-            match client::connect(target.server, target.source(index), &target.path(user)).await {
-                Ok(stream) => stream,
-                Err(e) => {
-                    stats.connect_failures.set(stats.connect_failures.get() + 1);
-                    return Err(e);
-                }
-            };
+        let (mut reader, mut write) = match target.connect(index, user).await {
+            Ok(halves) => halves,
+            Err(e) => {
+                stats.connect_failures.set(stats.connect_failures.get() + 1);
+                return Err(e);
+            }
+        };
         stats.connected.set(stats.connected.get() + 1);
-        let (mut reader, mut write) = client::split(stream);
+        let protocol = target.protocol;
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let replies = Rc::new(Notify::new());
         let alive = Rc::new(Cell::new(true));
@@ -119,6 +158,12 @@ impl Conn {
         tokio::task::spawn_local(async move {
             let mut close_seen = false;
             let mut on_frame = |frame: Frame<'_>| match frame {
+                // An Engine.IO ping: answer with a pong (`3`).
+                Frame::Text(b"2") if protocol == Protocol::Socketio => {
+                    let mut pong = Vec::with_capacity(7);
+                    client::encode_text(&mut pong, b"3");
+                    let _ = pong_tx.send(pong);
+                }
                 Frame::Text(payload) => classify(&stats, &reply_signal, payload),
                 Frame::Ping(payload) => {
                     let mut pong = Vec::with_capacity(6 + payload.len());
@@ -140,16 +185,17 @@ impl Conn {
         });
         Ok(Conn {
             user: user.into(),
+            protocol,
             tx,
             replies,
             alive,
         })
     }
 
-    /// Queues one text frame.
+    /// Queues one text frame carrying the JSON envelope `json`.
     pub fn send(&self, json: &str) {
-        let mut frame = Vec::with_capacity(json.len() + 14);
-        client::encode_text(&mut frame, json.as_bytes());
+        let mut frame = Vec::with_capacity(json.len() + 28);
+        self.protocol.encode(&mut frame, json.as_bytes());
         let _ = self.tx.send(frame);
     }
 
@@ -393,14 +439,11 @@ pub fn spawn_churn_worker(target: Rc<Target>, worker: usize, stats: Rc<Stats>, u
         while Instant::now() < until {
             let user = format!("churn-{worker}-{}", cycle % 4);
             let started = stats.now_ns();
-            let Ok(stream) =
-                client::connect(target.server, target.source(worker), &target.path(&user)).await
-            else {
+            let Ok((mut reader, mut write)) = target.connect(worker, &user).await else {
                 stats.connect_failures.set(stats.connect_failures.get() + 1);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
-            let (mut reader, mut write) = client::split(stream);
             let mut out = Vec::new();
             for json in [
                 format!(r#"{{"code":"join","user_id":"{user}","room_id":"{room}","data":{{}}}}"#),
@@ -409,7 +452,7 @@ pub fn spawn_churn_worker(target: Rc<Target>, worker: usize, stats: Rc<Stats>, u
                     r#"{{"code":"leave","user_id":"{user}","room_id":"{room}","data":{{}},"ref":"leave"}}"#
                 ),
             ] {
-                client::encode_text(&mut out, json.as_bytes());
+                target.protocol.encode(&mut out, json.as_bytes());
             }
             stats.sent();
             if write.write_all(&out).await.is_err() {
