@@ -6,19 +6,19 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use fastwebsockets::{OpCode as WsOpCode, Role as WsRole, WebSocketError};
+use bytes::{Buf, Bytes, BytesMut};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use crate::auth::{now_secs, Claims};
 use crate::cmd::{Code, Command};
 use crate::codec::reply::response_code;
-use crate::codec::ws::{self, OpCode};
+use crate::codec::ws::{self, CloseWith, OpCode};
 use crate::codec::{parse_envelope, ErrorCode, FrameBuilder, ProtocolError};
 use crate::metrics::OutCode;
 use crate::outbox::{FrameClass, Outbox, OutboxMetrics};
@@ -32,6 +32,8 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 const MAX_WRITE_BYTES: usize = 256 * 1024;
 /// Most rooms one connection may be joined to.
 const MAX_JOINED_ROOMS: usize = 10_000;
+/// Size of the read buffer allocated when bytes arrive (it is released once they are handled).
+const READ_CHUNK: usize = 16 * 1024;
 
 /// What the connection serves.
 pub enum Mode {
@@ -41,14 +43,64 @@ pub enum Mode {
     Echo,
 }
 
-/// Turns a finished HTTP upgrade into the raw socket halves (plus bytes hyper already read).
-fn into_socket(upgraded: Upgraded) -> Option<(impl AsyncRead + Unpin, OwnedWriteHalf)> {
+/// Turns a finished HTTP upgrade into the raw socket halves, plus the bytes hyper already read
+/// past the handshake (usually none).
+fn into_socket(upgraded: Upgraded) -> Option<(OwnedReadHalf, OwnedWriteHalf, BytesMut)> {
     let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
     let (read, write) = parts.io.into_inner().into_split();
-    // Copy what hyper read past the handshake (usually nothing): holding a slice of its read
-    // buffer would keep the whole buffer alive for the life of the connection.
-    let leftover = Bytes::copy_from_slice(&parts.read_buf);
-    Some((std::io::Cursor::new(leftover).chain(read), write))
+    // Copy rather than keep a slice: a slice would hold hyper's whole read buffer for the life
+    // of the connection.
+    let leftover = BytesMut::from(&parts.read_buf[..]);
+    Some((read, write, leftover))
+}
+
+/// Reads client frames off the socket. Its buffer exists only while bytes are pending: it is
+/// allocated when the socket turns readable and released once every complete frame in it has
+/// been handed out, so an idle connection holds no read buffer at all. Frame payloads are split
+/// off the buffer and unmasked in place, without a copy.
+struct FrameReader {
+    socket: OwnedReadHalf,
+    buf: BytesMut,
+    max_payload: usize,
+}
+
+impl FrameReader {
+    /// The next complete frame already buffered; `Ok(None)` when more bytes are needed.
+    fn next_frame(&mut self) -> Result<Option<(ws::ClientHead, Bytes)>, CloseWith> {
+        let Some(head) = ws::decode_head(&self.buf, self.max_payload)? else {
+            return Ok(None);
+        };
+        if self.buf.len() < head.frame_len() {
+            // The header passed the size limit: make room for the rest of this frame at once.
+            self.buf.reserve(head.frame_len() - self.buf.len());
+            return Ok(None);
+        }
+        let mut frame = self.buf.split_to(head.frame_len());
+        frame.advance(head.header_len);
+        ws::unmask(&mut frame, head.mask);
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+        Ok(Some((head, frame.freeze())))
+    }
+
+    /// Reads what the socket holds once it is readable; `Ok(false)` at end of stream.
+    fn fill(&mut self) -> std::io::Result<bool> {
+        if self.buf.capacity() == self.buf.len() {
+            self.buf.reserve(READ_CHUNK);
+        }
+        match self.socket.try_read_buf(&mut self.buf) {
+            Ok(0) => Ok(false),
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if self.buf.is_empty() {
+                    self.buf = BytesMut::new();
+                }
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// A token bucket for per-connection rate limits.
@@ -86,13 +138,10 @@ impl TokenBucket {
 /// invalid text message fails on the first bad fragment.
 struct Assembler {
     max: usize,
-    opcode: Option<WsOpCode>,
+    opcode: Option<OpCode>,
     buf: Vec<u8>,
     valid_up_to: usize,
 }
-
-/// Why the connection must close, as a close code and reason.
-type CloseWith = (u16, &'static str);
 
 impl Assembler {
     fn new(max: usize) -> Self {
@@ -116,20 +165,23 @@ impl Assembler {
     /// Feeds one data frame; returns a complete message when one is ready.
     fn push(
         &mut self,
-        opcode: WsOpCode,
+        opcode: OpCode,
         fin: bool,
-        payload: BytesMut,
-    ) -> Result<Option<(WsOpCode, Bytes)>, CloseWith> {
+        payload: Bytes,
+    ) -> Result<Option<(OpCode, Bytes)>, CloseWith> {
         match (opcode, self.opcode) {
-            (WsOpCode::Text | WsOpCode::Binary, Some(_)) => {
+            (OpCode::Text | OpCode::Binary, Some(_)) => {
                 return Err((1002, "new message inside a fragmented message"))
             }
-            (WsOpCode::Continuation, None) => return Err((1002, "continuation without a message")),
-            (WsOpCode::Text | WsOpCode::Binary, None) if fin => {
-                // fastwebsockets already validated a complete text frame's UTF-8.
-                return Ok(Some((opcode, payload.freeze())));
+            (OpCode::Continuation, None) => return Err((1002, "continuation without a message")),
+            (OpCode::Text | OpCode::Binary, None) if fin => {
+                // The common case: a whole message in one frame, handed on without a copy.
+                if opcode == OpCode::Text && std::str::from_utf8(&payload).is_err() {
+                    return Err((1007, "invalid utf-8 in text message"));
+                }
+                return Ok(Some((opcode, payload)));
             }
-            (WsOpCode::Text | WsOpCode::Binary, None) => {
+            (OpCode::Text | OpCode::Binary, None) => {
                 self.opcode = Some(opcode);
                 self.buf.clear();
                 self.valid_up_to = 0;
@@ -141,7 +193,7 @@ impl Assembler {
         }
         self.buf.extend_from_slice(&payload);
         let message_opcode = self.opcode.expect("set above");
-        if message_opcode == WsOpCode::Text {
+        if message_opcode == OpCode::Text {
             self.check_utf8(fin)?;
         }
         if !fin {
@@ -153,20 +205,10 @@ impl Assembler {
     }
 }
 
-fn close_code_for(error: &WebSocketError) -> Option<CloseWith> {
-    Some(match error {
-        WebSocketError::InvalidUTF8 => (1007, "invalid utf-8"),
-        WebSocketError::FrameTooLarge => (1009, "frame too big"),
-        WebSocketError::UnexpectedEOF
-        | WebSocketError::IoError(_)
-        | WebSocketError::SendError(_) => return None,
-        _ => (1002, "protocol error"),
-    })
-}
-
 /// Writes everything the outbox hands over, in as few syscalls as possible, until a close.
 async fn write_loop(outbox: Arc<Outbox>, mut socket: OwnedWriteHalf, timeout: Duration) {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(16);
+    // Allocated on first use, so an idle connection's writer holds no buffer.
+    let mut batch: Vec<Bytes> = Vec::new();
     let mut buf: Vec<u8> = Vec::new();
     loop {
         let close = outbox.next_batch(&mut batch).await;
@@ -252,7 +294,9 @@ impl Session {
         self.conn.outbox.push(frame, FrameClass::Durable);
     }
 
-    async fn on_text(&mut self, payload: &[u8], received: Instant) {
+    /// Checks and parses one text message. Whatever the connection can answer itself is
+    /// answered here; a room request comes back with the index of the shard that owns the room.
+    fn on_text(&mut self, payload: &[u8], received: Instant) -> Option<(usize, ShardCommand)> {
         let envelope = match parse_envelope(payload) {
             Ok(envelope) => envelope,
             Err(e) => {
@@ -269,7 +313,7 @@ impl Session {
                     e.reference.as_deref(),
                     &e.error,
                 );
-                return;
+                return None;
             }
         };
         let reference_owned = envelope.reference.map(|r| r.into_owned());
@@ -283,13 +327,13 @@ impl Session {
                 format!("unknown code {:?}", envelope.code),
             );
             self.error(&response_code(&envelope.code), room_id, reference, &error);
-            return;
+            return None;
         };
         self.shared.metrics.frame_in(Some(code));
         if !self.requests.take(received) {
             let error = ProtocolError::new(ErrorCode::RateLimited, "too many requests, slow down");
             self.error(code.response(), room_id, reference, &error);
-            return;
+            return None;
         }
         if envelope.user_id != self.conn.claims.sub {
             let error = ProtocolError::new(
@@ -297,18 +341,18 @@ impl Session {
                 "user_id must equal the token's subject",
             );
             self.error(code.response(), room_id, reference, &error);
-            return;
+            return None;
         }
         if code.needs_room() && room_id.is_none() {
             let error = ProtocolError::bad_request("room_id is required for this code");
             self.error(code.response(), room_id, reference, &error);
-            return;
+            return None;
         }
         let command = match Command::parse(code, envelope.data, &self.conn.claims.sub) {
             Ok(command) => command,
             Err(error) => {
                 self.error(code.response(), room_id, reference, &error);
-                return;
+                return None;
             }
         };
         let action = match command {
@@ -326,7 +370,7 @@ impl Session {
                     },
                 );
                 self.conn.outbox.push(frame, FrameClass::Durable);
-                return;
+                return None;
             }
             Command::Presence(presence) => {
                 if let Some(rooms) = self
@@ -337,14 +381,14 @@ impl Session {
                     let frame = presence_frame(&self.conn.claims.sub, None, presence.status);
                     spawn_presence_broadcast(self.shared.clone(), rooms, self.conn.id, frame);
                 }
-                return;
+                return None;
             }
             Command::Typing(typing) => {
                 if !self.typing.take(received) {
                     let error =
                         ProtocolError::new(ErrorCode::RateLimited, "too many typing updates");
                     self.error(code.response(), room_id, reference, &error);
-                    return;
+                    return None;
                 }
                 RoomAction::Typing(typing.status)
             }
@@ -370,7 +414,7 @@ impl Session {
                         reference_owned.as_deref(),
                         &error,
                     );
-                    return;
+                    return None;
                 }
                 self.joined.insert(room_id.clone(), shard_index);
             }
@@ -386,11 +430,7 @@ impl Session {
             received,
             action,
         };
-        // Bounded: a busy shard slows this reader down instead of queueing without limit.
-        let _ = self.shared.shards[shard_index]
-            .commands
-            .send(ShardCommand::Room(request))
-            .await;
+        Some((shard_index, ShardCommand::Room(request)))
     }
 
     async fn on_close(self) {
@@ -419,6 +459,16 @@ impl Session {
             );
             spawn_presence_broadcast(self.shared.clone(), rooms, self.conn.id, frame);
         }
+    }
+}
+
+/// Hands a command to a shard. The channel is bounded, so a busy shard slows this reader down
+/// instead of queueing without limit; the waiting send is boxed because it is rare, and its
+/// state would otherwise sit in every connection's future.
+async fn send_to_shard(shared: &Shared, shard: usize, command: ShardCommand) {
+    let commands = &shared.shards[shard].commands;
+    if let Err(mpsc::error::TrySendError::Full(command)) = commands.try_send(command) {
+        let _ = Box::pin(commands.send(command)).await;
     }
 }
 
@@ -458,7 +508,7 @@ fn spawn_presence_broadcast(shared: Arc<Shared>, rooms: Vec<String>, except: Con
 
 /// Runs a connection to completion on the current (shard) runtime.
 pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_index: usize) {
-    let Some((read, write)) = into_socket(upgraded) else {
+    let Some((read, write, leftover)) = into_socket(upgraded) else {
         tracing::warn!("upgraded connection is not a tcp stream");
         return;
     };
@@ -517,11 +567,11 @@ pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_inde
         Mode::Echo => None,
     };
 
-    let (mut reader, _) =
-        fastwebsockets::after_handshake_split(read, tokio::io::sink(), WsRole::Server);
-    reader.set_max_message_size(config.max_message_bytes + 1);
-    reader.set_auto_close(true);
-    reader.set_auto_pong(true);
+    let mut reader = FrameReader {
+        socket: read,
+        buf: leftover,
+        max_payload: config.max_message_bytes,
+    };
     let mut assembler = Assembler::new(config.max_message_bytes);
 
     let heartbeat = Duration::from_millis(config.heartbeat_ms.max(10));
@@ -543,123 +593,105 @@ pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_inde
         outbox.close(code, reason);
     };
 
-    'frames: loop {
-        let mut send_fn = |frame: fastwebsockets::Frame<'_>| {
-            let bytes = ws::frame(
-                if frame.opcode == WsOpCode::Close {
-                    OpCode::Close
-                } else {
-                    OpCode::Pong
-                },
-                &frame.payload,
-            );
-            if frame.opcode == WsOpCode::Close && frame.payload.len() > 125 {
-                // Control frames carry at most 125 bytes (RFC 6455 §5.5).
-                outbox.close(1002, "control frame too long");
-            } else if frame.opcode == WsOpCode::Close {
-                // The echo of the peer's close: send it after what is queued, then stop.
-                outbox.close_with_frame(bytes);
-            } else {
-                outbox.push(bytes, FrameClass::Ephemeral);
-            }
-            std::future::ready(Ok::<(), std::convert::Infallible>(()))
-        };
-        let read = reader.read_frame(&mut send_fn);
-        tokio::pin!(read);
-        let result = loop {
-            let linger = async {
-                match closing {
-                    Some(deadline) => tokio::time::sleep_until(deadline).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                result = &mut read => break result,
-                _ = &mut writer => break 'frames,
-                _ = linger => break 'frames,
-                _ = ticker.tick(), if closing.is_none() => {
-                    if last_seen.elapsed() >= heartbeat * 3 {
-                        close(1001, "heartbeat timeout");
-                        closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
-                    } else {
-                        outbox.push(ws::frame(OpCode::Ping, b""), FrameClass::Ephemeral);
-                    }
-                }
-                _ = &mut expired, if closing.is_none() && session.is_some() => {
-                    if let Some(session) = &session {
-                        let error = ProtocolError::new(ErrorCode::AuthError, "token expired");
-                        session.error("error", None, None, &error);
-                    }
-                    close(1008, "token expired");
-                    closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
-                }
-                _ = shutdown.changed(), if closing.is_none() => {
-                    close(1001, "server shutting down");
-                    closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
-                }
-            }
-        };
-        let frame = match result {
-            Ok(frame) => frame,
-            Err(error) => {
-                if let Some((code, reason)) = close_code_for(&error) {
-                    if closing.is_none() {
-                        close(code, reason);
-                        closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
-                        continue;
-                    }
-                }
-                break;
-            }
-        };
-        last_seen = Instant::now();
-        let (opcode, fin, payload) = match frame.opcode {
-            WsOpCode::Close => {
-                // Auto-close queued the echo; wait for the writer to send it.
-                closing.get_or_insert(tokio::time::Instant::now() + CLOSE_LINGER);
-                continue;
-            }
-            WsOpCode::Pong | WsOpCode::Ping => continue,
-            opcode => {
-                let payload = match frame.payload {
-                    fastwebsockets::Payload::Bytes(b) => b,
-                    other => BytesMut::from(&other[..]),
-                };
-                (opcode, frame.fin, payload)
-            }
-        };
+    loop {
         if closing.is_some() {
-            continue;
+            // Past a close nothing more is handled: bytes are only drained until the peer's
+            // end of stream or the linger deadline.
+            reader.buf = BytesMut::new();
         }
-        let message = match assembler.push(opcode, fin, payload) {
-            Ok(Some(message)) => message,
-            Ok(None) => continue,
+        let next = match reader.next_frame() {
+            Ok(next) => next,
             Err((code, reason)) => {
                 close(code, reason);
                 closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
                 continue;
             }
         };
-        match (&mut session, message.0) {
-            (Some(session), WsOpCode::Text) => session.on_text(&message.1, last_seen).await,
-            (Some(_), _) => {
-                close(1003, "binary frames are not accepted");
+        if let Some((head, payload)) = next {
+            last_seen = Instant::now();
+            let message = match head.opcode {
+                OpCode::Close => {
+                    match ws::check_close_payload(&payload) {
+                        // Echo the peer's close after what is queued, then stop.
+                        Ok(()) => outbox.close_with_frame(ws::frame(OpCode::Close, &payload)),
+                        Err((code, reason)) => close(code, reason),
+                    }
+                    closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
+                    continue;
+                }
+                OpCode::Ping => {
+                    outbox.push(ws::frame(OpCode::Pong, &payload), FrameClass::Ephemeral);
+                    continue;
+                }
+                OpCode::Pong => continue,
+                opcode => match assembler.push(opcode, head.fin, payload) {
+                    Ok(Some(message)) => message,
+                    Ok(None) => continue,
+                    Err((code, reason)) => {
+                        close(code, reason);
+                        closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
+                        continue;
+                    }
+                },
+            };
+            match (&mut session, message.0) {
+                (Some(session), OpCode::Text) => {
+                    if let Some((shard, command)) = session.on_text(&message.1, last_seen) {
+                        send_to_shard(&shared, shard, command).await;
+                    }
+                }
+                (Some(_), _) => {
+                    close(1003, "binary frames are not accepted");
+                    closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
+                }
+                (None, opcode) => {
+                    outbox.push(ws::frame(opcode, &message.1), FrameClass::Durable);
+                }
+            }
+            continue;
+        }
+        let linger = async {
+            match closing {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            readable = reader.socket.readable() => {
+                if !matches!(readable.and_then(|()| reader.fill()), Ok(true)) {
+                    break;
+                }
+            }
+            _ = &mut writer => break,
+            _ = linger => break,
+            _ = ticker.tick(), if closing.is_none() => {
+                if last_seen.elapsed() >= heartbeat * 3 {
+                    close(1001, "heartbeat timeout");
+                    closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
+                } else {
+                    outbox.push(ws::frame(OpCode::Ping, b""), FrameClass::Ephemeral);
+                }
+            }
+            _ = &mut expired, if closing.is_none() && session.is_some() => {
+                if let Some(session) = &session {
+                    let error = ProtocolError::new(ErrorCode::AuthError, "token expired");
+                    session.error("error", None, None, &error);
+                }
+                close(1008, "token expired");
                 closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
             }
-            (None, opcode) => {
-                let op = if opcode == WsOpCode::Text {
-                    OpCode::Text
-                } else {
-                    OpCode::Binary
-                };
-                outbox.push(ws::frame(op, &message.1), FrameClass::Durable);
+            _ = shutdown.changed(), if closing.is_none() => {
+                close(1001, "server shutting down");
+                closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
             }
         }
     }
 
     connections.dec();
     if let Some(session) = session {
-        session.on_close().await;
+        // Boxed: the close path runs once, and keeping its state out of this future keeps
+        // every idle connection smaller.
+        Box::pin(session.on_close()).await;
     }
     // Let the writer finish a close in progress; it gives up on its own after the write timeout.
     if !writer.is_finished() {
@@ -677,33 +709,37 @@ mod tests {
     fn assembler_enforces_size_and_utf8_across_fragments() {
         let mut a = Assembler::new(8);
         assert_eq!(
-            a.push(WsOpCode::Text, false, BytesMut::from(&b"abcd"[..])),
+            a.push(OpCode::Text, false, Bytes::from_static(&b"abcd"[..])),
             Ok(None)
         );
         assert_eq!(
-            a.push(WsOpCode::Continuation, false, BytesMut::from(&b"efghi"[..])),
+            a.push(
+                OpCode::Continuation,
+                false,
+                Bytes::from_static(&b"efghi"[..])
+            ),
             Err((1009, "message too big"))
         );
         let mut a = Assembler::new(64);
         // "é" split across two fragments is fine.
         assert_eq!(
-            a.push(WsOpCode::Text, false, BytesMut::from(&b"a\xc3"[..])),
+            a.push(OpCode::Text, false, Bytes::from_static(&b"a\xc3"[..])),
             Ok(None)
         );
         let done = a
-            .push(WsOpCode::Continuation, true, BytesMut::from(&b"\xa9"[..]))
+            .push(OpCode::Continuation, true, Bytes::from_static(&b"\xa9"[..]))
             .unwrap();
         assert_eq!(done.unwrap().1, Bytes::from_static("aé".as_bytes()));
         // An invalid byte fails on its fragment, before the message ends.
         assert_eq!(
-            a.push(WsOpCode::Text, false, BytesMut::from(&b"a\xff"[..]))
+            a.push(OpCode::Text, false, Bytes::from_static(&b"a\xff"[..]))
                 .unwrap_err()
                 .0,
             1007
         );
         let mut a = Assembler::new(64);
         assert_eq!(
-            a.push(WsOpCode::Continuation, true, BytesMut::new())
+            a.push(OpCode::Continuation, true, Bytes::new())
                 .unwrap_err()
                 .0,
             1002

@@ -131,6 +131,34 @@ mod proptests {
         }
 
         #[test]
+        fn arbitrary_bytes_never_panic_the_frame_decoder(
+            bytes in proptest::collection::vec(any::<u8>(), 0..64),
+            max in 0usize..200,
+        ) {
+            if let Ok(Some(head)) = ws::decode_head(&bytes, max) {
+                prop_assert!(head.payload_len <= max);
+                prop_assert!(head.header_len >= 6 && head.header_len <= 14);
+                let mut payload = bytes[head.header_len.min(bytes.len())..].to_vec();
+                ws::unmask(&mut payload, head.mask);
+            }
+            let _ = ws::check_close_payload(&bytes);
+        }
+
+        #[test]
+        fn unmasking_twice_restores_the_payload(
+            payload in proptest::collection::vec(any::<u8>(), 0..100),
+            mask in any::<[u8; 4]>(),
+        ) {
+            let mut masked = payload.clone();
+            ws::unmask(&mut masked, mask);
+            for (i, (m, p)) in masked.iter().zip(&payload).enumerate() {
+                prop_assert_eq!(*m, p ^ mask[i % 4]);
+            }
+            ws::unmask(&mut masked, mask);
+            prop_assert_eq!(masked, payload);
+        }
+
+        #[test]
         fn arbitrary_json_objects_never_panic(value in arbitrary_json()) {
             let bytes = serde_json::to_vec(&value).unwrap();
             if let Ok(env) = parse_envelope(&bytes) {

@@ -1,19 +1,152 @@
-//! WebSocket framing for what the server sends: unmasked frames, so one encoded frame (header
-//! and payload together) can be shared by every recipient.
+//! WebSocket framing (RFC 6455), without I/O. Server frames are unmasked, so one encoded frame
+//! (header and payload together) can be shared by every recipient. Client frames are decoded
+//! from whatever bytes have arrived: [`decode_head`] checks a header against the protocol and the
+//! size limit before anything is buffered for the payload, and [`unmask`] unmasks it in place.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// Longest header of an unmasked frame: 2 bytes + 8 bytes of extended length.
 pub const MAX_HEADER_LEN: usize = 10;
 
-/// WebSocket opcodes the server sends.
+/// WebSocket opcodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpCode {
+    Continuation = 0x0,
     Text = 0x1,
     Binary = 0x2,
     Close = 0x8,
     Ping = 0x9,
     Pong = 0xA,
+}
+
+impl OpCode {
+    /// The opcode of a frame's first byte; `None` for the reserved ones.
+    pub fn from_bits(bits: u8) -> Option<OpCode> {
+        Some(match bits {
+            0x0 => OpCode::Continuation,
+            0x1 => OpCode::Text,
+            0x2 => OpCode::Binary,
+            0x8 => OpCode::Close,
+            0x9 => OpCode::Ping,
+            0xA => OpCode::Pong,
+            _ => return None,
+        })
+    }
+
+    /// Close, ping and pong: never fragmented, at most 125 bytes of payload.
+    pub fn is_control(self) -> bool {
+        matches!(self, OpCode::Close | OpCode::Ping | OpCode::Pong)
+    }
+}
+
+/// Why the connection must be closed: the close code and a short reason.
+pub type CloseWith = (u16, &'static str);
+
+/// The header of a frame from a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientHead {
+    pub fin: bool,
+    pub opcode: OpCode,
+    pub mask: [u8; 4],
+    /// Bytes of header before the payload.
+    pub header_len: usize,
+    pub payload_len: usize,
+}
+
+impl ClientHead {
+    /// Header and payload together.
+    pub fn frame_len(&self) -> usize {
+        self.header_len + self.payload_len
+    }
+}
+
+/// Decodes the header of the client frame at the start of `buf`: `Ok(None)` until enough bytes
+/// have arrived for the whole header. Fails with the close code the peer gets: `1002` for a
+/// protocol violation (reserved bits or opcode, an unmasked frame, a fragmented or oversized
+/// control frame, a 64-bit length with its top bit set), `1009` for a payload over
+/// `max_payload`, so nothing is ever buffered for a frame that will be refused.
+pub fn decode_head(buf: &[u8], max_payload: usize) -> Result<Option<ClientHead>, CloseWith> {
+    let [b0, b1, ..] = *buf else {
+        return Ok(None);
+    };
+    if b0 & 0x70 != 0 {
+        return Err((1002, "reserved bits set"));
+    }
+    let fin = b0 & 0x80 != 0;
+    let opcode = OpCode::from_bits(b0 & 0x0f).ok_or((1002, "reserved opcode"))?;
+    if b1 & 0x80 == 0 {
+        return Err((1002, "client frames must be masked"));
+    }
+    let (extra, len_code) = match b1 & 0x7f {
+        126 => (2, None),
+        127 => (8, None),
+        n => (0, Some(usize::from(n))),
+    };
+    let header_len = 2 + extra + 4;
+    if opcode.is_control() && (!fin || extra > 0) {
+        return Err(if fin {
+            (1002, "control frame over 125 bytes")
+        } else {
+            (1002, "fragmented control frame")
+        });
+    }
+    if buf.len() < header_len {
+        return Ok(None);
+    }
+    let payload_len = match len_code {
+        Some(n) => n,
+        None if extra == 2 => usize::from(u16::from_be_bytes([buf[2], buf[3]])),
+        None => {
+            let n = u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes"));
+            if n >> 63 != 0 {
+                return Err((1002, "frame length has its top bit set"));
+            }
+            usize::try_from(n).unwrap_or(usize::MAX)
+        }
+    };
+    if payload_len > max_payload {
+        return Err((1009, "frame too big"));
+    }
+    let mask = buf[header_len - 4..header_len].try_into().expect("4 bytes");
+    Ok(Some(ClientHead {
+        fin,
+        opcode,
+        mask,
+        header_len,
+        payload_len,
+    }))
+}
+
+/// Unmasks a client payload in place (RFC 6455 §5.3), eight bytes at a time.
+pub fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let wide = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let mut chunks = payload.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let word = u64::from_ne_bytes(chunk[..].try_into().expect("8 bytes")) ^ wide;
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    for (i, byte) in chunks.into_remainder().iter_mut().enumerate() {
+        *byte ^= mask[i % 4];
+    }
+}
+
+/// Checks a close frame's payload from a client: empty, or a code a peer may send followed by
+/// a UTF-8 reason.
+pub fn check_close_payload(payload: &[u8]) -> Result<(), CloseWith> {
+    match payload {
+        [] => Ok(()),
+        [_] => Err((1002, "close payload of one byte")),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
+                return Err((1002, "invalid close code"));
+            }
+            std::str::from_utf8(reason).map_err(|_| (1007, "invalid utf-8 in close reason"))?;
+            Ok(())
+        }
+    }
 }
 
 /// Length of the header for a payload of `len` bytes.
@@ -132,6 +265,92 @@ mod tests {
             fb.payload_writer().write_all(&payload).unwrap();
             assert_eq!(fb.finish(OpCode::Text), frame(OpCode::Text, &payload));
         }
+    }
+
+    /// A masked client frame, as a client library would send it.
+    fn client_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut out = vec![first];
+        match payload.len() {
+            n @ 0..=125 => out.push(0x80 | n as u8),
+            n @ 126..=65535 => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    #[test]
+    fn client_frames_decode_and_unmask_at_every_length_form() {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        for len in [0usize, 5, 125, 126, 1000, 65535, 65536] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let wire = client_frame(0x81, &payload, mask);
+            // Every strict prefix of the header is incomplete.
+            let head = decode_head(&wire, 1 << 20).unwrap().unwrap();
+            for cut in 0..head.header_len {
+                assert_eq!(decode_head(&wire[..cut], 1 << 20), Ok(None), "cut {cut}");
+            }
+            assert_eq!(head.opcode, OpCode::Text);
+            assert!(head.fin);
+            assert_eq!(head.payload_len, len);
+            assert_eq!(head.frame_len(), wire.len());
+            let mut body = wire[head.header_len..].to_vec();
+            unmask(&mut body, head.mask);
+            assert_eq!(body, payload);
+        }
+    }
+
+    #[test]
+    fn protocol_violations_and_oversized_frames_are_refused_from_the_header() {
+        let mask = [1, 2, 3, 4];
+        let refused = |wire: &[u8]| decode_head(wire, 1000).unwrap_err().0;
+        assert_eq!(refused(&client_frame(0xC1, b"x", mask)), 1002, "rsv1");
+        assert_eq!(refused(&client_frame(0x83, b"x", mask)), 1002, "opcode 3");
+        assert_eq!(refused(&[0x81, 0x01, b'x']), 1002, "unmasked");
+        assert_eq!(
+            refused(&client_frame(0x09, b"", mask)),
+            1002,
+            "fragmented ping"
+        );
+        assert_eq!(
+            refused(&client_frame(0x89, &[0; 126], mask)),
+            1002,
+            "long ping"
+        );
+        assert_eq!(refused(&client_frame(0x81, &[b'a'; 1001], mask)), 1009);
+        // Refused from the 14-byte header alone, with the 2^62-byte payload nowhere.
+        let mut huge = vec![0x82, 0xff];
+        huge.extend_from_slice(&(1u64 << 62).to_be_bytes());
+        huge.extend_from_slice(&mask);
+        assert_eq!(refused(&huge), 1009);
+        huge[2] = 0x80;
+        assert_eq!(refused(&huge), 1002);
+    }
+
+    #[test]
+    fn close_payloads_need_a_valid_code_and_utf8_reason() {
+        assert_eq!(check_close_payload(b""), Ok(()));
+        assert_eq!(check_close_payload(&[0x03]).unwrap_err().0, 1002);
+        for code in [1000u16, 1001, 1003, 1007, 1011, 3000, 4999] {
+            assert_eq!(check_close_payload(&code.to_be_bytes()), Ok(()), "{code}");
+        }
+        for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+            assert_eq!(
+                check_close_payload(&code.to_be_bytes()).unwrap_err().0,
+                1002,
+                "{code}"
+            );
+        }
+        let mut bad_reason = 1000u16.to_be_bytes().to_vec();
+        bad_reason.extend_from_slice(b"\xff");
+        assert_eq!(check_close_payload(&bad_reason).unwrap_err().0, 1007);
     }
 
     #[test]
