@@ -464,7 +464,7 @@ impl Session {
 
 /// Hands a command to a shard. The channel is bounded, so a busy shard slows this reader down
 /// instead of queueing without limit; the waiting send is boxed because it is rare, and its
-/// state would otherwise sit in every connection's future.
+/// state would otherwise sit in every idle connection's future.
 async fn send_to_shard(shared: &Shared, shard: usize, command: ShardCommand) {
     let commands = &shared.shards[shard].commands;
     if let Err(mpsc::error::TrySendError::Full(command)) = commands.try_send(command) {
@@ -608,6 +608,10 @@ pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_inde
             }
         };
         if let Some((head, payload)) = next {
+            // Every frame counts against the task's cooperative budget: a client that keeps
+            // its socket full must not hold the shard's thread (rooms and other connections
+            // run there too).
+            tokio::task::consume_budget().await;
             last_seen = Instant::now();
             let message = match head.opcode {
                 OpCode::Close => {
