@@ -137,10 +137,18 @@ fn handle_message(conn: &Rc<Conn>, rooms: &Rooms, joined: &mut Vec<Rc<RefCell<Ro
     }
 }
 
-async fn serve(stream: TcpStream, rooms: Rooms) -> std::io::Result<()> {
+/// Size of the one read buffer every connection reads into (the server is single-threaded, and
+/// no connection holds it across an await).
+const SCRATCH: usize = 64 * 1024;
+
+async fn serve(
+    stream: TcpStream,
+    rooms: Rooms,
+    scratch: Rc<RefCell<Vec<u8>>>,
+) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let (mut read, mut write) = stream.into_split();
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; 4096];
     let mut len = 0;
     // The upgrade.
     let head_end = loop {
@@ -169,8 +177,9 @@ async fn serve(stream: TcpStream, rooms: Rooms) -> std::io::Result<()> {
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
     );
     write.write_all(response.as_bytes()).await?;
-    buf.copy_within(head_end..len, 0);
-    len -= head_end;
+    // Between reads a connection keeps only the bytes of a frame that has not fully arrived.
+    let mut partial = buf[head_end..len].to_vec();
+    drop(buf);
 
     let conn = Rc::new(Conn {
         out: RefCell::new(Vec::new()),
@@ -193,6 +202,16 @@ async fn serve(stream: TcpStream, rooms: Rooms) -> std::io::Result<()> {
 
     let mut joined = Vec::new();
     'read: loop {
+        read.readable().await?;
+        let mut buf = scratch.borrow_mut();
+        let mut len = partial.len();
+        buf[..len].copy_from_slice(&partial);
+        match read.try_read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
         let mut start = 0;
         loop {
             let avail = &mut buf[start..len];
@@ -213,7 +232,7 @@ async fn serve(stream: TcpStream, rooms: Rooms) -> std::io::Result<()> {
                 n => (6, n as usize),
             };
             if avail.len() < header + payload_len {
-                if header + payload_len > buf.len() {
+                if header + payload_len > SCRATCH {
                     break 'read;
                 }
                 break;
@@ -235,13 +254,7 @@ async fn serve(stream: TcpStream, rooms: Rooms) -> std::io::Result<()> {
             }
             start += header + payload_len;
         }
-        buf.copy_within(start..len, 0);
-        len -= start;
-        let n = read.read(&mut buf[len..]).await?;
-        if n == 0 {
-            break;
-        }
-        len += n;
+        partial = buf[start..len].to_vec();
     }
     writer.abort();
     for room in joined {
@@ -262,11 +275,13 @@ fn main() -> std::io::Result<()> {
         let listener = TcpListener::bind(&addr).await?;
         eprintln!("minimal-peer listening on {addr}");
         let rooms: Rooms = Rc::default();
+        let scratch = Rc::new(RefCell::new(vec![0u8; SCRATCH]));
         loop {
             let (stream, _) = listener.accept().await?;
             let rooms = rooms.clone();
+            let scratch = scratch.clone();
             tokio::task::spawn_local(async move {
-                let _ = serve(stream, rooms).await;
+                let _ = serve(stream, rooms, scratch).await;
             });
         }
     })
