@@ -3,6 +3,7 @@
 //! socket and buffers and nothing else; room state lives in the shards.
 
 use std::collections::HashMap;
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,8 +29,10 @@ use crate::shard::{self, presence_frame, ConnId, ConnRef, RoomAction, RoomReques
 
 /// How long a closing connection waits for the peer's close frame before dropping the socket.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
-/// Largest write handed to the kernel at once when coalescing queued frames.
+/// About the most bytes handed to the kernel in one write of queued frames.
 const MAX_WRITE_BYTES: usize = 256 * 1024;
+/// Most frames in one vectored write (Linux's `IOV_MAX` is 1024).
+const MAX_IOV: usize = 256;
 /// Most rooms one connection may be joined to.
 const MAX_JOINED_ROOMS: usize = 10_000;
 /// Size of the read buffer allocated when bytes arrive (it is released once they are handled).
@@ -209,39 +212,14 @@ impl Assembler {
 async fn write_loop(outbox: Arc<Outbox>, mut socket: OwnedWriteHalf, timeout: Duration) {
     // Allocated on first use, so an idle connection's writer holds no buffer.
     let mut batch: Vec<Bytes> = Vec::new();
-    let mut buf: Vec<u8> = Vec::new();
     loop {
         let close = outbox.next_batch(&mut batch).await;
-        let mut result: Result<std::io::Result<()>, tokio::time::error::Elapsed> = Ok(Ok(()));
-        if batch.len() == 1 {
-            result = tokio::time::timeout(timeout, socket.write_all(&batch[0])).await;
-        } else if !batch.is_empty() {
-            for frame in batch.iter() {
-                if !buf.is_empty() && buf.len() + frame.len() > MAX_WRITE_BYTES {
-                    result = tokio::time::timeout(timeout, socket.write_all(&buf)).await;
-                    buf.clear();
-                    if !matches!(result, Ok(Ok(()))) {
-                        break;
-                    }
-                }
-                buf.extend_from_slice(frame);
-            }
-            if matches!(result, Ok(Ok(()))) && !buf.is_empty() {
-                result = tokio::time::timeout(timeout, socket.write_all(&buf)).await;
-            }
-            buf.clear();
-            if buf.capacity() > MAX_WRITE_BYTES {
-                buf = Vec::new();
-            }
-        }
+        let result = write_frames(&mut socket, &batch, timeout).await;
         batch.clear();
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => {
-                // Peer gone or not reading at all: nothing more can be delivered.
-                outbox.close(1006, "write failed");
-                return;
-            }
+        if result.is_err() {
+            // Peer gone or not reading at all: nothing more can be delivered.
+            outbox.close(1006, "write failed");
+            return;
         }
         if let Some(close) = close {
             let frame = close
@@ -250,6 +228,54 @@ async fn write_loop(outbox: Arc<Outbox>, mut socket: OwnedWriteHalf, timeout: Du
             let _ = tokio::time::timeout(timeout, socket.write_all(&frame)).await;
             let _ = socket.shutdown().await;
             return;
+        }
+    }
+}
+
+/// Writes the frames in order with vectored writes straight from the shared frame buffers (no
+/// copy into a staging buffer): up to `MAX_IOV` frames or about `MAX_WRITE_BYTES` per syscall,
+/// each given `timeout` to make progress.
+async fn write_frames(
+    socket: &mut OwnedWriteHalf,
+    frames: &[Bytes],
+    timeout: Duration,
+) -> std::io::Result<()> {
+    // The first frame not yet fully written, and how much of it is.
+    let (mut index, mut offset) = (0, 0);
+    loop {
+        while index < frames.len() && offset == frames[index].len() {
+            index += 1;
+            offset = 0;
+        }
+        if index == frames.len() {
+            return Ok(());
+        }
+        // On the heap: an array here would sit in every connection's writer future.
+        let mut slices = Vec::with_capacity((frames.len() - index).min(MAX_IOV));
+        slices.push(IoSlice::new(&frames[index][offset..]));
+        let mut bytes = slices[0].len();
+        for frame in &frames[index + 1..] {
+            if slices.len() == MAX_IOV || bytes >= MAX_WRITE_BYTES {
+                break;
+            }
+            slices.push(IoSlice::new(frame));
+            bytes += frame.len();
+        }
+        let mut written = tokio::time::timeout(timeout, socket.write_vectored(&slices))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let rest = frames[index].len() - offset;
+            if written < rest {
+                offset += written;
+                break;
+            }
+            written -= rest;
+            index += 1;
+            offset = 0;
         }
     }
 }
