@@ -11,7 +11,7 @@ use bench::{chat_message, drain, outbox_metrics, outboxes, OUTBOUND_QUEUE, ROOM,
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gateway::cmd::Code;
 use gateway::codec::FrameBuilder;
-use gateway::outbox::{FrameClass, Pushed};
+use gateway::outbox::{FrameClass, Frames, Pushed};
 
 /// Fan-outs timed back to back before the queues are drained.
 const ROUNDS_PER_DRAIN: u64 = 64;
@@ -29,7 +29,7 @@ fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("fanout");
     for n in [10usize, 100, 1000] {
         let boxes = outboxes(n, &metrics);
-        let mut batch = Vec::with_capacity(n * ROUNDS_PER_DRAIN as usize);
+        let mut batch = Frames::with_capacity(n * ROUNDS_PER_DRAIN as usize);
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &boxes, |b, boxes| {
             b.iter_custom(|iters| {

@@ -20,9 +20,7 @@
 //! assert!(matches!(command, Command::Chat(_)));
 //! ```
 
-use bytes::Bytes;
-use futures_util::FutureExt;
-use gateway::outbox::{Outbox, OutboxMetrics};
+use gateway::outbox::{Frames, Outbox, OutboxMetrics, Taken};
 use prometheus::{IntCounter, IntGauge};
 use storage::{Message, NewMessage, Timestamp};
 
@@ -96,21 +94,19 @@ pub fn outboxes(n: usize, metrics: &OutboxMetrics) -> Vec<Outbox> {
         .collect()
 }
 
-/// Moves everything queued in `outbox` into `batch`, as the connection's writer does, without a
-/// runtime: with frames queued the writer's `next_batch` completes on its first poll.
-pub fn drain(outbox: &Outbox, batch: &mut Vec<Bytes>) {
-    if outbox.is_empty() {
-        return;
-    }
-    let close = outbox
-        .next_batch(batch)
-        .now_or_never()
-        .expect("queued frames are handed over without waiting");
-    debug_assert!(close.is_none(), "a bench outbox never closes");
+/// Moves everything queued in `outbox` to the back of `batch`, as the connection does before a
+/// write.
+pub fn drain(outbox: &Outbox, batch: &mut Frames) {
+    let taken = outbox.take(batch);
+    debug_assert!(
+        !matches!(taken, Taken::Close(_)),
+        "a bench outbox never closes"
+    );
 }
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
     use gateway::cmd::{Code, Command};
     use gateway::codec::ws::payload_of;
     use gateway::codec::{parse_envelope, FrameBuilder};
@@ -158,7 +154,7 @@ mod tests {
             assert_eq!(o.push(frame.clone(), FrameClass::Durable), Pushed::Queued);
             assert_eq!(o.push(frame.clone(), FrameClass::Durable), Pushed::Queued);
         }
-        let mut batch = Vec::new();
+        let mut batch = Frames::new();
         for o in &boxes {
             drain(o, &mut batch);
             assert!(o.is_empty());

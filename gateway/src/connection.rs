@@ -1,16 +1,21 @@
-//! One WebSocket connection: the reader (frames in, checks, dispatch to room shards), the
-//! writer (everything queued, written in batches) and the heartbeat. The connection owns its
-//! socket and buffers and nothing else; room state lives in the shards.
+//! One WebSocket connection in one task: frames in (checks, dispatch to room shards) and
+//! everything queued for it out, in batched vectored writes. The connection owns its socket and
+//! buffers and nothing else; room state lives in the shards, and heartbeats, token expiry and
+//! the shutdown close come from its shard's sweep ([`crate::liveness`]).
 //!
 //! fastwebsockets performs the upgrade; frames are then read with the codec's sans-io decoder
 //! ([`crate::codec::ws`]) rather than fastwebsockets' reader, which keeps an 8 KiB buffer per
-//! connection for its whole life. Here the read buffer exists only while bytes are pending, so
-//! an idle connection holds none (14.2 KiB → 5.3 KiB per idle connection, measured with
-//! `loadgen connections`); the Autobahn suite runs against this path.
+//! connection for its whole life. Here the read buffer exists only while bytes are pending, the
+//! write queue's buffer only while frames are, and reading, writing and waiting share one small
+//! task, so an idle connection holds little beyond its socket (measured with
+//! `loadgen connections`, see `load-tests/README.md`); the Autobahn suite runs against this path.
 
 use std::collections::HashMap;
+use std::future::{poll_fn, Future};
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -18,22 +23,24 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::time::Sleep;
 
-use crate::auth::{now_secs, Claims};
+use crate::auth::Claims;
 use crate::cmd::{Code, Command};
 use crate::codec::reply::response_code;
 use crate::codec::ws::{self, CloseWith, OpCode};
 use crate::codec::{parse_envelope, ErrorCode, FrameBuilder, ProtocolError};
+use crate::liveness::{self, LiveConn};
 use crate::metrics::OutCode;
-use crate::outbox::{FrameClass, Outbox, OutboxMetrics};
+use crate::outbox::{clock_ms, FrameClass, Frames, Outbox, OutboxMetrics, Taken};
 use crate::presence::UserKey;
 use crate::server::Shared;
 use crate::shard::{self, presence_frame, ConnId, ConnRef, RoomAction, RoomRequest, ShardCommand};
 
-/// How long a closing connection waits for the peer's close frame before dropping the socket.
+/// How long a closing connection may take to get its close frame written before the socket is
+/// dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// About the most bytes handed to the kernel in one write of queued frames.
 const MAX_WRITE_BYTES: usize = 256 * 1024;
@@ -43,6 +50,9 @@ const MAX_IOV: usize = 256;
 const MAX_JOINED_ROOMS: usize = 10_000;
 /// Size of the read buffer allocated when bytes arrive (it is released once they are handled).
 const READ_CHUNK: usize = 16 * 1024;
+/// A write queue buffer this small is released once written out; a busy connection's bigger
+/// one is kept for its next batch.
+const SMALL_QUEUE: usize = 16;
 
 /// What the connection serves.
 pub enum Mode {
@@ -52,15 +62,14 @@ pub enum Mode {
     Echo,
 }
 
-/// Turns a finished HTTP upgrade into the raw socket halves, plus the bytes hyper already read
-/// past the handshake (usually none).
-fn into_socket(upgraded: Upgraded) -> Option<(OwnedReadHalf, OwnedWriteHalf, BytesMut)> {
+/// Turns a finished HTTP upgrade into the raw socket, plus the bytes hyper already read past
+/// the handshake (usually none).
+fn into_socket(upgraded: Upgraded) -> Option<(TcpStream, BytesMut)> {
     let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
-    let (read, write) = parts.io.into_inner().into_split();
     // Copy rather than keep a slice: a slice would hold hyper's whole read buffer for the life
     // of the connection.
     let leftover = BytesMut::from(&parts.read_buf[..]);
-    Some((read, write, leftover))
+    Some((parts.io.into_inner(), leftover))
 }
 
 /// Reads client frames off the socket. Its buffer exists only while bytes are pending: it is
@@ -68,7 +77,6 @@ fn into_socket(upgraded: Upgraded) -> Option<(OwnedReadHalf, OwnedWriteHalf, Byt
 /// been handed out, so an idle connection holds no read buffer at all. Frame payloads are split
 /// off the buffer and unmasked in place, without a copy.
 struct FrameReader {
-    socket: OwnedReadHalf,
     buf: BytesMut,
     max_payload: usize,
 }
@@ -94,11 +102,11 @@ impl FrameReader {
     }
 
     /// Reads what the socket holds once it is readable; `Ok(false)` at end of stream.
-    fn fill(&mut self) -> std::io::Result<bool> {
+    fn fill(&mut self, socket: &TcpStream) -> std::io::Result<bool> {
         if self.buf.capacity() == self.buf.len() {
             self.buf.reserve(READ_CHUNK);
         }
-        match self.socket.try_read_buf(&mut self.buf) {
+        match socket.try_read_buf(&mut self.buf) {
             Ok(0) => Ok(false),
             Ok(_) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -214,76 +222,108 @@ impl Assembler {
     }
 }
 
-/// Writes everything the outbox hands over, in as few syscalls as possible, until a close.
-async fn write_loop(outbox: Arc<Outbox>, mut socket: OwnedWriteHalf, timeout: Duration) {
-    // Allocated on first use, so an idle connection's writer holds no buffer.
-    let mut batch: Vec<Bytes> = Vec::new();
-    loop {
-        let close = outbox.next_batch(&mut batch).await;
-        let result = write_frames(&mut socket, &batch, timeout).await;
-        batch.clear();
-        if result.is_err() {
-            // Peer gone or not reading at all: nothing more can be delivered.
-            outbox.close(1006, "write failed");
-            return;
-        }
-        if let Some(close) = close {
+/// Frames taken from the outbox and not yet written, in order; then, once a close is asked
+/// for, the close frame.
+#[derive(Default)]
+struct Writer {
+    frames: Frames,
+    /// Bytes of the front frame already written.
+    offset: usize,
+    /// The close frame is queued: nothing more is taken from the outbox.
+    close_queued: bool,
+}
+
+impl Writer {
+    fn has_pending(&self) -> bool {
+        !self.frames.is_empty()
+    }
+
+    /// Everything, the close frame included, is written.
+    fn close_written(&self) -> bool {
+        self.close_queued && self.frames.is_empty()
+    }
+
+    fn accept(&mut self, taken: Taken) {
+        if let Taken::Close(close) = taken {
             let frame = close
                 .frame
                 .unwrap_or_else(|| ws::close_frame(close.code, &close.reason));
-            let _ = tokio::time::timeout(timeout, socket.write_all(&frame)).await;
-            let _ = socket.shutdown().await;
-            return;
+            self.frames.push_back((frame, FrameClass::Durable));
+            self.close_queued = true;
         }
+    }
+
+    /// Takes what the outbox holds, without waiting.
+    fn refill(&mut self, outbox: &Outbox) {
+        if !self.close_queued {
+            let taken = outbox.take(&mut self.frames);
+            self.accept(taken);
+        }
+    }
+
+    /// Like [`Writer::refill`], registering for a wake-up when nothing is queued.
+    fn poll_refill(&mut self, cx: &mut Context<'_>, outbox: &Outbox) -> Poll<()> {
+        if self.close_queued {
+            return Poll::Pending;
+        }
+        outbox
+            .poll_take(cx, &mut self.frames)
+            .map(|taken| self.accept(taken))
+    }
+
+    /// Writes as much as the socket takes now, with vectored writes straight from the shared
+    /// frame buffers (no staging copy): up to `MAX_IOV` frames or about `MAX_WRITE_BYTES` per
+    /// syscall. `Ok(true)` when anything was written.
+    fn flush(&mut self, socket: &TcpStream) -> std::io::Result<bool> {
+        let mut progressed = false;
+        while !self.frames.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let (mut count, mut bytes) = (0, 0);
+            for (frame, _) in &self.frames {
+                if count == MAX_IOV || bytes >= MAX_WRITE_BYTES {
+                    break;
+                }
+                let part = if count == 0 {
+                    &frame[self.offset..]
+                } else {
+                    &frame[..]
+                };
+                slices[count] = IoSlice::new(part);
+                count += 1;
+                bytes += part.len();
+            }
+            let mut written = match socket.try_write_vectored(&slices[..count]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(written) => written,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(progressed),
+                Err(e) => return Err(e),
+            };
+            progressed = true;
+            while written > 0 {
+                let rest = self.frames[0].0.len() - self.offset;
+                if written < rest {
+                    self.offset += written;
+                    break;
+                }
+                written -= rest;
+                self.frames.pop_front();
+                self.offset = 0;
+            }
+        }
+        if self.frames.capacity() <= SMALL_QUEUE {
+            self.frames = Frames::new();
+        }
+        Ok(progressed)
     }
 }
 
-/// Writes the frames in order with vectored writes straight from the shared frame buffers (no
-/// copy into a staging buffer): up to `MAX_IOV` frames or about `MAX_WRITE_BYTES` per syscall,
-/// each given `timeout` to make progress.
-async fn write_frames(
-    socket: &mut OwnedWriteHalf,
-    frames: &[Bytes],
-    timeout: Duration,
-) -> std::io::Result<()> {
-    // The first frame not yet fully written, and how much of it is.
-    let (mut index, mut offset) = (0, 0);
-    loop {
-        while index < frames.len() && offset == frames[index].len() {
-            index += 1;
-            offset = 0;
-        }
-        if index == frames.len() {
-            return Ok(());
-        }
-        // On the heap: an array here would sit in every connection's writer future.
-        let mut slices = Vec::with_capacity((frames.len() - index).min(MAX_IOV));
-        slices.push(IoSlice::new(&frames[index][offset..]));
-        let mut bytes = slices[0].len();
-        for frame in &frames[index + 1..] {
-            if slices.len() == MAX_IOV || bytes >= MAX_WRITE_BYTES {
-                break;
-            }
-            slices.push(IoSlice::new(frame));
-            bytes += frame.len();
-        }
-        let mut written = tokio::time::timeout(timeout, socket.write_vectored(&slices))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while written > 0 {
-            let rest = frames[index].len() - offset;
-            if written < rest {
-                offset += written;
-                break;
-            }
-            written -= rest;
-            index += 1;
-            offset = 0;
-        }
-    }
+/// What woke a waiting connection.
+enum Wake {
+    Readable(std::io::Result<()>),
+    Writable,
+    Queued,
+    LingerOver,
+    WriteStalled,
 }
 
 #[derive(Serialize)]
@@ -317,13 +357,15 @@ impl Session {
         reference: Option<&str>,
         error: &ProtocolError,
     ) {
-        self.shared.metrics.error(error.code);
-        self.shared
-            .metrics
-            .frames_out(OutCode::Error, u64::from(code == "error"));
-        let frame =
-            FrameBuilder::error(code, Some(&self.conn.claims.sub), room_id, reference, error);
-        self.conn.outbox.push(frame, FrameClass::Durable);
+        liveness::send_error(
+            &self.shared.metrics,
+            &self.conn.outbox,
+            code,
+            Some(&self.conn.claims.sub),
+            room_id,
+            reference,
+            error,
+        );
     }
 
     /// Checks and parses one text message. Whatever the connection can answer itself is
@@ -494,13 +536,20 @@ impl Session {
     }
 }
 
-/// Hands a command to a shard. The channel is bounded, so a busy shard slows this reader down
-/// instead of queueing without limit; the waiting send is boxed because it is rare, and its
+/// Hands a command to a shard. The channel is bounded, so a busy shard slows this connection
+/// down instead of queueing without limit. The waiting send is boxed because it is rare, and its
 /// state would otherwise sit in every idle connection's future.
-async fn send_to_shard(shared: &Shared, shard: usize, command: ShardCommand) {
+fn send_to_shard(
+    shared: &Shared,
+    shard: usize,
+    command: ShardCommand,
+) -> Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> {
     let commands = &shared.shards[shard].commands;
-    if let Err(mpsc::error::TrySendError::Full(command)) = commands.try_send(command) {
-        let _ = Box::pin(commands.send(command)).await;
+    match commands.try_send(command) {
+        Err(mpsc::error::TrySendError::Full(command)) => Some(Box::pin(async move {
+            let _ = commands.send(command).await;
+        })),
+        _ => None,
     }
 }
 
@@ -538,9 +587,14 @@ fn spawn_presence_broadcast(shared: Arc<Shared>, rooms: Vec<String>, except: Con
     });
 }
 
+/// Boxed, because most connections never have one: a deadline `after` from now.
+fn deadline(after: Duration) -> Pin<Box<Sleep>> {
+    Box::pin(tokio::time::sleep(after))
+}
+
 /// Runs a connection to completion on the current (shard) runtime.
 pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_index: usize) {
-    let Some((read, write, leftover)) = into_socket(upgraded) else {
+    let Some((mut stream, leftover)) = into_socket(upgraded) else {
         tracing::warn!("upgraded connection is not a tcp stream");
         return;
     };
@@ -555,10 +609,20 @@ pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_inde
         },
     ));
     let write_timeout = Duration::from_millis(config.write_timeout_ms);
-    let mut writer = tokio::spawn(write_loop(outbox.clone(), write, write_timeout));
     let connections = shared.metrics.connections[shard_index].clone();
     connections.inc();
-    let _guard = shared.track_connection(outbox.clone());
+    let claims = match &mode {
+        Mode::Protocol(claims) => Some(claims.clone()),
+        Mode::Echo => None,
+    };
+    let _guard = shared.track_connection(
+        shard_index,
+        conn_id,
+        LiveConn {
+            outbox: outbox.clone(),
+            claims,
+        },
+    );
 
     let mut session = match &mode {
         Mode::Protocol(claims) => {
@@ -600,42 +664,29 @@ pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_inde
     };
 
     let mut reader = FrameReader {
-        socket: read,
         buf: leftover,
         max_payload: config.max_message_bytes,
     };
     let mut assembler = Assembler::new(config.max_message_bytes);
-
-    let heartbeat = Duration::from_millis(config.heartbeat_ms.max(10));
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    let mut last_seen = Instant::now();
-    let expiry = match &mode {
-        Mode::Protocol(claims) => {
-            tokio::time::Instant::now() + Duration::from_secs(claims.exp.saturating_sub(now_secs()))
-        }
-        Mode::Echo => tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400),
-    };
-    let expired = tokio::time::sleep_until(expiry);
-    tokio::pin!(expired);
-    let mut shutdown = shared.shutdown_signal();
-    let mut closing: Option<tokio::time::Instant> = None;
-    let metrics = shared.metrics.clone();
-    let close = |code: u16, reason: &str| {
-        metrics.close(code);
-        outbox.close(code, reason);
-    };
+    let mut writer = Writer::default();
+    // Once closing, input is no longer handled, only drained while the close frame waits to be
+    // written, until the linger deadline at most.
+    let mut linger: Option<Pin<Box<Sleep>>> = None;
+    // Set while queued frames wait for the socket to take them.
+    let mut write_stall: Option<Pin<Box<Sleep>>> = None;
+    let metrics = &shared.metrics;
+    let close = |code: u16, reason: &str| liveness::close(metrics, &outbox, code, reason);
 
     loop {
-        if closing.is_some() {
-            // Past a close nothing more is handled: bytes are only drained until the peer's
-            // end of stream or the linger deadline.
+        // 1. Handle the complete frames already read.
+        if linger.is_some() {
             reader.buf = BytesMut::new();
         }
         let next = match reader.next_frame() {
             Ok(next) => next,
             Err((code, reason)) => {
                 close(code, reason);
-                closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
+                linger.get_or_insert_with(|| deadline(CLOSE_LINGER));
                 continue;
             }
         };
@@ -644,7 +695,6 @@ pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_inde
             // its socket full must not hold the shard's thread (rooms and other connections
             // run there too).
             tokio::task::consume_budget().await;
-            last_seen = Instant::now();
             let message = match head.opcode {
                 OpCode::Close => {
                     match ws::check_close_payload(&payload) {
@@ -652,7 +702,7 @@ pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_inde
                         Ok(()) => outbox.close_with_frame(ws::frame(OpCode::Close, &payload)),
                         Err((code, reason)) => close(code, reason),
                     }
-                    closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
+                    linger.get_or_insert_with(|| deadline(CLOSE_LINGER));
                     continue;
                 }
                 OpCode::Ping => {
@@ -665,20 +715,22 @@ pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_inde
                     Ok(None) => continue,
                     Err((code, reason)) => {
                         close(code, reason);
-                        closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
+                        linger.get_or_insert_with(|| deadline(CLOSE_LINGER));
                         continue;
                     }
                 },
             };
             match (&mut session, message.0) {
                 (Some(session), OpCode::Text) => {
-                    if let Some((shard, command)) = session.on_text(&message.1, last_seen) {
-                        send_to_shard(&shared, shard, command).await;
+                    if let Some((shard, command)) = session.on_text(&message.1, Instant::now()) {
+                        if let Some(wait) = send_to_shard(&shared, shard, command) {
+                            wait.await;
+                        }
                     }
                 }
                 (Some(_), _) => {
                     close(1003, "binary frames are not accepted");
-                    closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
+                    linger.get_or_insert_with(|| deadline(CLOSE_LINGER));
                 }
                 (None, opcode) => {
                     outbox.push(ws::frame(opcode, &message.1), FrameClass::Durable);
@@ -686,40 +738,60 @@ pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_inde
             }
             continue;
         }
-        let linger = async {
-            match closing {
-                Some(deadline) => tokio::time::sleep_until(deadline).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            readable = reader.socket.readable() => {
-                if !matches!(readable.and_then(|()| reader.fill()), Ok(true)) {
-                    break;
+
+        // 2. Write what is queued, as far as the socket takes it now.
+        writer.refill(&outbox);
+        match writer.flush(&stream) {
+            Ok(progressed) => {
+                if !writer.has_pending() {
+                    write_stall = None;
+                } else if progressed || write_stall.is_none() {
+                    // The socket is full: the peer has `write_timeout` to take more.
+                    write_stall = Some(deadline(write_timeout));
                 }
             }
-            _ = &mut writer => break,
-            _ = linger => break,
-            _ = ticker.tick(), if closing.is_none() => {
-                if last_seen.elapsed() >= heartbeat * 3 {
-                    close(1001, "heartbeat timeout");
-                    closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
-                } else {
-                    outbox.push(ws::frame(OpCode::Ping, b""), FrameClass::Ephemeral);
+            // The peer is gone: nothing more can be delivered.
+            Err(_) => break,
+        }
+        if writer.close_written() {
+            // The close frame is out (an echo completes the handshake; for a close of ours the
+            // client has what it needs to reconnect): done.
+            let _ = stream.shutdown().await;
+            break;
+        }
+
+        // 3. Wait for bytes, for room in the socket, for frames or a close, or a deadline.
+        let wake = poll_fn(|cx| {
+            if let Some(linger) = &mut linger {
+                if linger.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::LingerOver);
                 }
             }
-            _ = &mut expired, if closing.is_none() && session.is_some() => {
-                if let Some(session) = &session {
-                    let error = ProtocolError::new(ErrorCode::AuthError, "token expired");
-                    session.error("error", None, None, &error);
+            if let Some(stall) = &mut write_stall {
+                if stall.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::WriteStalled);
                 }
-                close(1008, "token expired");
-                closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
             }
-            _ = shutdown.changed(), if closing.is_none() => {
-                close(1001, "server shutting down");
-                closing = Some(tokio::time::Instant::now() + CLOSE_LINGER);
+            if let Poll::Ready(result) = stream.poll_read_ready(cx) {
+                return Poll::Ready(Wake::Readable(result));
             }
+            if writer.has_pending() {
+                if stream.poll_write_ready(cx).is_ready() {
+                    return Poll::Ready(Wake::Writable);
+                }
+            } else if writer.poll_refill(cx, &outbox).is_ready() {
+                return Poll::Ready(Wake::Queued);
+            }
+            Poll::Pending
+        })
+        .await;
+        match wake {
+            Wake::Readable(Ok(())) => match reader.fill(&stream) {
+                Ok(true) => outbox.seen(clock_ms()),
+                Ok(false) | Err(_) => break,
+            },
+            Wake::Writable | Wake::Queued => {}
+            Wake::Readable(Err(_)) | Wake::LingerOver | Wake::WriteStalled => break,
         }
     }
 
@@ -729,11 +801,13 @@ pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_inde
         // every idle connection smaller.
         Box::pin(session.on_close()).await;
     }
-    // Let the writer finish a close in progress; it gives up on its own after the write timeout.
-    if !writer.is_finished() {
+    // Best effort, without waiting: what is still queued and a close frame, if the socket
+    // takes them now.
+    if !writer.close_written() {
         outbox.close(1001, "closing");
-        let _ = tokio::time::timeout(write_timeout, &mut writer).await;
-        writer.abort();
+        writer.refill(&outbox); // the frames queued before the close,
+        writer.refill(&outbox); // then the close itself
+        let _ = writer.flush(&stream);
     }
 }
 

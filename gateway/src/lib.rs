@@ -5,8 +5,9 @@
 //!
 //! - [`codec`]: envelope parsing and frame encoding; no I/O.
 //! - [`cmd`]: one module per protocol code, each validating its `data`.
-//! - [`connection`]: one WebSocket: reader, batched writer, heartbeat, limits.
+//! - [`connection`]: one WebSocket in one task: frames in, batched writes out, limits.
 //! - [`outbox`]: a connection's bounded outbound queue and the slow-consumer policy.
+//! - [`liveness`]: each shard's connections and its heartbeat, expiry and shutdown sweep.
 //! - [`shard`]: room shards, each a thread that owns its rooms outright.
 //! - [`presence`]: who is online, across rooms.
 //! - [`auth`]: JWT verification, claims, access rules, token minting.
@@ -32,6 +33,7 @@ pub mod cmd;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod liveness;
 pub mod metrics;
 pub mod outbox;
 pub mod presence;

@@ -1,17 +1,20 @@
 //! A connection's bounded outbound queue and the slow-consumer policy (PROTOCOL.md §1).
 //!
-//! Producers (shards, the connection's own reader) push complete frame bytes; the connection's
-//! writer takes everything queued in one go and writes it with as few syscalls as it can.
+//! Producers (shards, the connection's own reader, its shard's heartbeat sweep) push complete
+//! frame bytes; the connection takes everything queued in one go and writes it with as few
+//! syscalls as it can.
 //! When the queue is full, ephemeral frames (typing, presence) are dropped first; when a durable
 //! frame cannot be queued the connection is closed with 1013 and the client recovers the gap
 //! with `join` + `since_seq`.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 use bytes::Bytes;
 use prometheus::{IntCounter, IntGauge};
-use tokio::sync::Notify;
 
 /// How a frame may be treated under pressure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,12 +47,35 @@ pub enum Pushed {
     Closed,
 }
 
+/// Queued frames in order, with how each may be treated under pressure.
+pub type Frames = VecDeque<(Bytes, FrameClass)>;
+
+/// What [`Outbox::take`] handed over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Taken {
+    /// Nothing is queued.
+    Nothing,
+    /// Frames were moved out.
+    Frames,
+    /// Everything queued before the close request has been handed over: send this close next.
+    /// Reported once.
+    Close(CloseRequest),
+}
+
 struct State {
-    frames: VecDeque<(Bytes, FrameClass)>,
+    frames: Frames,
     ephemeral: usize,
     close: Option<CloseRequest>,
-    /// Set once the close request has been handed to the writer.
+    /// Set once the close request has been handed over.
     finished: bool,
+    /// The connection waiting for frames; woken by the push that makes the queue non-empty.
+    waker: Option<Waker>,
+}
+
+/// Milliseconds on a process-wide monotonic clock.
+pub fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 /// Counters shared by every outbox.
@@ -60,12 +86,14 @@ pub struct OutboxMetrics {
     pub high_water: IntGauge,
 }
 
-/// The bounded queue between producers and a connection's writer.
+/// The bounded queue between producers and a connection, and what its shard's heartbeat sweep
+/// reads of it.
 pub struct Outbox {
     state: Mutex<State>,
-    notify: Notify,
     bound: usize,
     metrics: OutboxMetrics,
+    /// When the peer last sent bytes ([`clock_ms`]).
+    last_seen_ms: AtomicU64,
 }
 
 impl Outbox {
@@ -76,11 +104,22 @@ impl Outbox {
                 ephemeral: 0,
                 close: None,
                 finished: false,
+                waker: None,
             }),
-            notify: Notify::new(),
             bound: bound.max(1),
             metrics,
+            last_seen_ms: AtomicU64::new(clock_ms()),
         }
+    }
+
+    /// Records that the peer sent something (heartbeat bookkeeping).
+    pub fn seen(&self, now_ms: u64) {
+        self.last_seen_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// When the peer last sent something ([`clock_ms`]).
+    pub fn last_seen_ms(&self) -> u64 {
+        self.last_seen_ms.load(Ordering::Relaxed)
     }
 
     /// The configured bound, in frames.
@@ -122,9 +161,10 @@ impl Outbox {
                         reason: "slow consumer: outbound queue full, rejoin with since_seq".into(),
                         frame: None,
                     });
+                    let waker = state.waker.take();
                     drop(state);
                     self.metrics.slow_consumer_closes.inc();
-                    self.notify.notify_one();
+                    wake(waker);
                     return Pushed::Overflowed;
                 }
             }
@@ -134,14 +174,14 @@ impl Outbox {
         }
         state.frames.push_back((frame, class));
         let len = state.frames.len() as i64;
-        let was_empty = len == 1;
+        // Only the push that makes the queue non-empty finds a waker: the connection takes
+        // everything at once, so later pushes have nobody to wake.
+        let waker = state.waker.take();
         drop(state);
         if len > self.metrics.high_water.get() {
             self.metrics.high_water.set(len);
         }
-        if was_empty {
-            self.notify.notify_one();
-        }
+        wake(waker);
         outcome
     }
 
@@ -169,8 +209,9 @@ impl Outbox {
         if state.close.is_none() {
             state.close = Some(request);
         }
+        let waker = state.waker.take();
         drop(state);
-        self.notify.notify_one();
+        wake(waker);
     }
 
     /// The pending close request, if any.
@@ -195,31 +236,60 @@ impl Outbox {
         self.len() == 0
     }
 
-    /// Waits until frames are queued or a close is requested; moves every queued frame into
-    /// `batch`. Returns the close request once everything before it has been handed over.
-    pub async fn next_batch(&self, batch: &mut Vec<Bytes>) -> Option<CloseRequest> {
-        loop {
-            {
-                let mut state = self.state.lock().expect("outbox lock poisoned");
-                if !state.frames.is_empty() {
-                    batch.extend(state.frames.drain(..).map(|(f, _)| f));
-                    state.ephemeral = 0;
-                    return None;
+    /// Moves every queued frame to the back of `into` (swapping buffers when `into` is empty,
+    /// so nothing is copied). Once a close is requested and everything before it has been
+    /// handed over, reports the close, once.
+    pub fn take(&self, into: &mut Frames) -> Taken {
+        let mut state = self.state.lock().expect("outbox lock poisoned");
+        Self::take_locked(&mut state, into)
+    }
+
+    /// Like [`Outbox::take`], but when there is nothing to hand over, arranges for the
+    /// connection's task to be woken by the next push or close request.
+    pub fn poll_take(&self, cx: &mut Context<'_>, into: &mut Frames) -> Poll<Taken> {
+        let mut state = self.state.lock().expect("outbox lock poisoned");
+        match Self::take_locked(&mut state, into) {
+            Taken::Nothing => {
+                match &mut state.waker {
+                    Some(waker) if waker.will_wake(cx.waker()) => {}
+                    slot => *slot = Some(cx.waker().clone()),
                 }
-                if let Some(close) = state.close.clone() {
-                    if !state.finished {
-                        state.finished = true;
-                        return Some(close);
-                    }
-                }
+                Poll::Pending
             }
-            self.notify.notified().await;
+            taken => Poll::Ready(taken),
         }
+    }
+
+    fn take_locked(state: &mut State, into: &mut Frames) -> Taken {
+        if !state.frames.is_empty() {
+            if into.is_empty() {
+                std::mem::swap(&mut state.frames, into);
+            } else {
+                into.append(&mut state.frames);
+            }
+            state.ephemeral = 0;
+            return Taken::Frames;
+        }
+        match &state.close {
+            Some(close) if !state.finished => {
+                state.finished = true;
+                Taken::Close(close.clone())
+            }
+            _ => Taken::Nothing,
+        }
+    }
+}
+
+fn wake(waker: Option<Waker>) {
+    if let Some(waker) = waker {
+        waker.wake();
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn outbox(bound: usize) -> Outbox {
@@ -265,15 +335,46 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn batches_everything_then_reports_close_once() {
+    #[test]
+    fn hands_over_everything_then_reports_close_once() {
         let o = outbox(8);
         o.push(Bytes::from_static(b"a"), FrameClass::Durable);
         o.push(Bytes::from_static(b"b"), FrameClass::Durable);
         o.close(1001, "bye");
-        let mut batch = Vec::new();
-        assert_eq!(o.next_batch(&mut batch).await, None);
+        let mut batch = Frames::new();
+        assert_eq!(o.take(&mut batch), Taken::Frames);
         assert_eq!(batch.len(), 2);
-        assert_eq!(o.next_batch(&mut batch).await.unwrap().code, 1001);
+        let Taken::Close(close) = o.take(&mut batch) else {
+            panic!("the close follows the frames");
+        };
+        assert_eq!(close.code, 1001);
+        assert_eq!(o.take(&mut batch), Taken::Nothing);
+        assert_eq!(batch.len(), 2, "nothing more after the close");
+    }
+
+    #[test]
+    fn a_waiting_connection_is_woken_by_the_first_push_only() {
+        use std::sync::atomic::AtomicUsize;
+        use std::task::Wake;
+
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let o = outbox(8);
+        let mut batch = Frames::new();
+        assert_eq!(o.poll_take(&mut cx, &mut batch), Poll::Pending);
+        o.push(Bytes::from_static(b"a"), FrameClass::Durable);
+        o.push(Bytes::from_static(b"b"), FrameClass::Durable);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(o.poll_take(&mut cx, &mut batch), Poll::Ready(Taken::Frames));
+        assert_eq!(o.poll_take(&mut cx, &mut batch), Poll::Pending);
+        o.close(1000, "");
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
     }
 }

@@ -23,10 +23,10 @@ use tokio::sync::{oneshot, watch, Notify};
 use crate::auth::{token_from_request, Claims, Role, Verifier};
 use crate::config::Config;
 use crate::connection::{self, Mode};
+use crate::liveness::{self, LiveConn};
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
 use crate::presence::PresenceRegistry;
-use crate::shard::{self, ShardCommand, ShardHandle};
+use crate::shard::{self, ConnId, ShardCommand, ShardHandle};
 
 /// Largest accepted HTTP API request body.
 const MAX_API_BODY: usize = 64 * 1024;
@@ -49,10 +49,13 @@ pub struct Shared {
 /// Decrements the live-connection count when a connection ends.
 pub struct ConnectionGuard {
     shared: Arc<Shared>,
+    shard: usize,
+    id: ConnId,
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
+        self.shared.shards[self.shard].live.remove(self.id);
         if self.shared.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.shared.idle.notify_waiters();
         }
@@ -64,11 +67,26 @@ impl Shared {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Counts a live connection until the guard drops.
-    pub fn track_connection(self: &Arc<Self>, _outbox: Arc<Outbox>) -> ConnectionGuard {
+    /// Registers a connection running on `shard`'s thread with that shard's sweep (heartbeat,
+    /// expiry, shutdown) and the count graceful shutdown waits on, until the guard drops.
+    pub fn track_connection(
+        self: &Arc<Self>,
+        shard: usize,
+        id: ConnId,
+        conn: LiveConn,
+    ) -> ConnectionGuard {
         self.active.fetch_add(1, Ordering::AcqRel);
+        let outbox = conn.outbox.clone();
+        self.shards[shard].live.insert(id, conn);
+        // The sweep closes what is registered when shutdown starts; this closes what
+        // registers after.
+        if *self.shutdown.borrow() {
+            liveness::close(&self.metrics, &outbox, 1001, "server shutting down");
+        }
         ConnectionGuard {
             shared: self.clone(),
+            shard,
+            id,
         }
     }
 
@@ -424,20 +442,24 @@ fn upgrade(
     };
     let handshake_timeout = Duration::from_millis(shared.config.handshake_timeout_ms);
     tokio::spawn(async move {
-        match tokio::time::timeout(handshake_timeout, upgrade).await {
-            Ok(Ok(ws)) => {
-                let upgraded = ws.into_inner().into_inner();
-                connection::run(shared, upgraded, mode, shard_index).await;
+        let upgraded = match tokio::time::timeout(handshake_timeout, upgrade).await {
+            Ok(Ok(ws)) => ws.into_inner().into_inner(),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "websocket upgrade failed");
+                return;
             }
-            Ok(Err(e)) => tracing::debug!(error = %e, "websocket upgrade failed"),
             Err(_) => {
                 shared
                     .metrics
                     .handshake_rejects
                     .with_label_values(&["timeout"])
                     .inc();
+                return;
             }
-        }
+        };
+        // A task of its own, sized for the connection alone: continuing in this one would keep
+        // room for the handshake's futures for the life of the connection.
+        tokio::spawn(connection::run(shared, upgraded, mode, shard_index));
     });
     response.map(|_| Full::new(Bytes::new()))
 }

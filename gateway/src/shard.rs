@@ -23,6 +23,7 @@ use crate::cmd::presence::PresenceStatus;
 use crate::cmd::typing::TypingStatus;
 use crate::cmd::Code;
 use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
+use crate::liveness::{self, Registry};
 use crate::metrics::OutCode;
 use crate::outbox::{FrameClass, Outbox, Pushed};
 use crate::presence::UserKey;
@@ -125,6 +126,8 @@ pub struct ShardHandle {
     pub index: usize,
     pub runtime: tokio::runtime::Handle,
     pub commands: mpsc::Sender<ShardCommand>,
+    /// The connections running on this shard's thread.
+    pub live: Arc<Registry>,
 }
 
 /// Which shard owns a room.
@@ -152,6 +155,7 @@ pub fn spawn(
                 let Ok(shared) = shared_rx.await else {
                     return;
                 };
+                tokio::spawn(liveness::sweep(shared.clone(), index));
                 Shard::new(index, shared).run(rx).await;
             });
             // Connections still running on this runtime are dropped with it.
@@ -161,6 +165,7 @@ pub fn spawn(
             index,
             runtime: handle,
             commands: tx,
+            live: Arc::default(),
         },
         thread,
     ))
