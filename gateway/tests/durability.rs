@@ -6,9 +6,6 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -541,115 +538,6 @@ async fn graceful_restart_on_same_data_dir_keeps_history_and_continues_seq() {
     server.stop().await;
 }
 
-/// The real binary, killed when dropped.
-struct GatewayProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` that tolerates a server that is not up yet.
-async fn try_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let attempt = async {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut out = Vec::new();
-        stream.read_to_end(&mut out).await.ok()?;
-        String::from_utf8_lossy(&out)
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    tokio::time::timeout(Duration::from_secs(2), attempt)
-        .await
-        .ok()
-        .flatten()
-}
-
-impl GatewayProcess {
-    async fn spawn(dir: &Path) -> GatewayProcess {
-        for _ in 0..5 {
-            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-                .arg("--listen")
-                .arg(addr.to_string())
-                .arg("--data-dir")
-                .arg(dir)
-                .args(["--jwt-secret", SECRET, "--shards", "2"])
-                .args(["--rate-limit", "1000000", "--rate-burst", "1000000"])
-                .args(["--log", "warn"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("spawning the gateway binary");
-            let mut process = GatewayProcess { child, addr };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if process.child.try_wait().unwrap().is_some() {
-                    break; // e.g. the port was taken meanwhile: try another
-                }
-                if try_get_status(addr, "/readyz").await == Some(200) {
-                    return process;
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        }
-        panic!("the gateway binary did not become ready");
-    }
-
-    fn url(&self, token: &str) -> String {
-        format!("ws://{}/ws?token={token}", self.addr)
-    }
-
-    async fn connect(&self, user: &str) -> Client {
-        Client::connect(&self.url(&token(user, TENANT, Role::Admin)), user).await
-    }
-
-    /// SIGKILL (what `Child::kill` sends), then reap.
-    fn kill_9(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the gateway did not exit in time"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// What one loading client sent and which of it was acknowledged.
 struct Load {
     room: String,
@@ -725,7 +613,9 @@ async fn kill_9_during_write_load_loses_no_acknowledged_message_and_leaves_no_ga
     let acks = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..6 {
-        let client = process.connect(&format!("writer-{i}")).await;
+        let client = process
+            .connect(&format!("writer-{i}"), TENANT, Role::Admin)
+            .await;
         let room = format!("crash-{}", i % 2);
         tasks.push(tokio::spawn(load(
             client,
@@ -761,7 +651,7 @@ async fn kill_9_during_write_load_loses_no_acknowledged_message_and_leaves_no_ga
     println!("killed with {total_acked} acknowledged, {unacked} in flight");
 
     let process = GatewayProcess::spawn(dir.path()).await;
-    let mut auditor = process.connect("auditor").await;
+    let mut auditor = process.connect("auditor", TENANT, Role::Admin).await;
     for room in ["crash-0", "crash-1"] {
         let stored = read_all(&mut auditor, room).await;
         assert_gap_free(&stored);
@@ -795,7 +685,7 @@ async fn kill_9_during_write_load_loses_no_acknowledged_message_and_leaves_no_ga
         let mut max = stored.len() as u64;
         for l in &room_loads {
             let user = l.sent[0].rsplit_once('-').unwrap().0.to_owned();
-            let mut writer = process.connect(&user).await;
+            let mut writer = process.connect(&user, TENANT, Role::Admin).await;
             writer.join(room).await;
             for mid in l.sent.iter().filter(|m| !l.acked.contains_key(*m)) {
                 let r = chat_with_id(&mut writer, room, &format!("{mid} retry"), mid).await;
@@ -826,7 +716,9 @@ async fn sigterm_closes_clients_with_1001_exits_zero_and_keeps_acknowledged_mess
     let room = "term-room";
     let mut clients = Vec::new();
     for i in 0..3 {
-        let mut c = process.connect(&format!("member-{i}")).await;
+        let mut c = process
+            .connect(&format!("member-{i}"), TENANT, Role::Admin)
+            .await;
         c.join(room).await;
         clients.push(c);
     }
@@ -845,7 +737,7 @@ async fn sigterm_closes_clients_with_1001_exits_zero_and_keeps_acknowledged_mess
             .send(chat_frame(&user, room, &mid, &mid, &mid))
             .await;
     }
-    process.sigterm();
+    process.signal("TERM");
 
     for c in clients.iter_mut() {
         let code = loop {
@@ -881,7 +773,7 @@ async fn sigterm_closes_clients_with_1001_exits_zero_and_keeps_acknowledged_mess
     );
 
     let process = GatewayProcess::spawn(dir.path()).await;
-    let mut auditor = process.connect("auditor").await;
+    let mut auditor = process.connect("auditor", TENANT, Role::Admin).await;
     let stored = read_all(&mut auditor, room).await;
     assert_gap_free(&stored);
     let stored_seq: HashMap<&str, u64> = stored
