@@ -1,5 +1,6 @@
 //! Durability and overload: concurrent writers, idempotent retries, recovery after a
-//! reconnect, restarts (graceful, `kill -9`, SIGTERM), slow consumers and slowloris clients.
+//! reconnect, restarts (graceful, `kill -9`, SIGTERM and SIGINT), slow consumers and slowloris
+//! clients.
 //!
 //! The in-process tests use [`TestServer`]; the crash and signal tests run the real binary.
 
@@ -709,8 +710,54 @@ async fn kill_9_during_write_load_loses_no_acknowledged_message_and_leaves_no_ga
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_closes_clients_with_1001_exits_zero_and_keeps_acknowledged_messages() {
+/// What a member saw from a shutdown signal on.
+struct UntilClose {
+    user: String,
+    /// message_id -> seq of every successful direct chat reply.
+    acked: HashMap<String, u64>,
+    /// The close frame's code (`None` for a close frame without one).
+    close: Option<u16>,
+}
+
+/// Reads a member's frames until the server's close frame; panics if the connection ends
+/// without one.
+async fn read_until_close(mut client: Client) -> UntilClose {
+    let mut acked = HashMap::new();
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(15), client.ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("{}: not closed within 15s", client.user))
+        {
+            Some(Ok(Message::Text(text))) => {
+                let v: Value = serde_json::from_str(&text).unwrap();
+                if v["code"] == "chat_response" {
+                    assert_eq!(v["status"], "success", "{v}");
+                    if let Some(reference) = v["ref"].as_str() {
+                        acked.insert(reference.to_owned(), seq(&v["data"]));
+                    }
+                }
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => panic!(
+                "{}: connection ended without a close frame: {other:?}",
+                client.user
+            ),
+        }
+    };
+    UntilClose {
+        user: client.user,
+        acked,
+        close,
+    }
+}
+
+/// Graceful shutdown on `signal` (`TERM` or `INT`) of the real binary: every chat the server
+/// had read before the signal is answered, no new client gets in, every open socket is closed
+/// with 1001, the process exits 0, and after a restart every acknowledged message is stored
+/// under the seq it was acknowledged with.
+async fn graceful_shutdown_on(signal: &str) {
+    const IN_FLIGHT: usize = 200;
     let dir = tempfile::tempdir().unwrap();
     let mut process = GatewayProcess::spawn(dir.path()).await;
     let room = "term-room";
@@ -729,47 +776,87 @@ async fn sigterm_closes_clients_with_1001_exits_zero_and_keeps_acknowledged_mess
         assert_eq!(r["status"], "success", "{r}");
         acked.insert(mid, seq(&r["data"]));
     }
-    // More in flight while the signal arrives.
+
+    // A burst of chats, then a ping. A connection handles its frames in order and answers
+    // `ping` itself, so the ping's reply proves the server has read every chat before it while
+    // their commits may still be under way.
     let user = clients[1].user.clone();
-    for i in 0..50 {
+    for i in 0..IN_FLIGHT {
         let mid = format!("inflight-{i}");
         clients[1]
             .send(chat_frame(&user, room, &mid, &mid, &mid))
             .await;
     }
-    process.signal("TERM");
-
-    for c in clients.iter_mut() {
-        let code = loop {
-            match tokio::time::timeout(Duration::from_secs(15), c.ws.next())
-                .await
-                .expect("closed within 15s")
-            {
-                Some(Ok(Message::Text(text))) => {
-                    let v: Value = serde_json::from_str(&text).unwrap();
-                    if v["code"] == "chat_response" && v["status"] == "success" {
-                        if let Some(reference) = v["ref"].as_str() {
-                            acked.insert(reference.to_owned(), seq(&v["data"]));
-                        }
-                    }
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    break frame.map(|f| u16::from(f.code));
-                }
-                Some(Ok(_)) => {}
-                other => panic!(
-                    "{}: connection ended without a close frame: {other:?}",
-                    c.user
-                ),
-            }
-        };
-        assert_eq!(code, Some(1001), "{}: close code", c.user);
+    clients[1]
+        .send(json!({"code": "ping", "user_id": user, "data": {}, "ref": "barrier"}))
+        .await;
+    loop {
+        let v = clients[1].recv().await;
+        if v["ref"] == "barrier" {
+            break;
+        }
+        if v["code"] == "chat_response" && v["ref"].is_string() {
+            assert_eq!(v["status"], "success", "{v}");
+            acked.insert(v["ref"].as_str().unwrap().to_owned(), seq(&v["data"]));
+        }
     }
+    let answered_before = acked.len() - 20;
+    process.signal(signal);
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|c| tokio::spawn(read_until_close(c)))
+        .collect();
+
+    // Draining: /readyz stops answering 200 (503 while the process still answers, nothing once
+    // its listener is closed), and from then on no handshake is let in.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match try_get_status(process.addr, "/readyz").await {
+            Some(200) => assert!(
+                Instant::now() < deadline,
+                "still ready 10s after SIG{signal}"
+            ),
+            None | Some(503) => break,
+            Some(other) => panic!("/readyz answered {other} while shutting down"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let late = process.url(&token("latecomer", TENANT, Role::Admin));
+    match tokio_tungstenite::connect_async(late).await {
+        Ok(_) => panic!("a new websocket was accepted after SIG{signal}"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 503, "{response:?}")
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Io(_)) => {} // the listener is closed
+        Err(other) => panic!("unexpected handshake failure: {other:?}"),
+    }
+
+    for reader in readers {
+        let seen = tokio::time::timeout(Duration::from_secs(20), reader)
+            .await
+            .expect("every member is closed")
+            .unwrap();
+        assert_eq!(seen.close, Some(1001), "{}: close code", seen.user);
+        acked.extend(seen.acked);
+    }
+    let missing: Vec<String> = (0..IN_FLIGHT)
+        .map(|i| format!("inflight-{i}"))
+        .filter(|mid| !acked.contains_key(mid))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {IN_FLIGHT} chats read before SIG{signal} got no reply: {missing:?}",
+        missing.len()
+    );
+    println!(
+        "SIG{signal}: {} of {IN_FLIGHT} replies were still to come when the signal was sent",
+        IN_FLIGHT - answered_before
+    );
     let status = process.wait_exit(Duration::from_secs(15)).await;
     assert_eq!(
         status.code(),
         Some(0),
-        "exit status after SIGTERM: {status}"
+        "exit status after SIG{signal}: {status}"
     );
 
     let process = GatewayProcess::spawn(dir.path()).await;
@@ -780,6 +867,11 @@ async fn sigterm_closes_clients_with_1001_exits_zero_and_keeps_acknowledged_mess
         .iter()
         .map(|m| (m["message_id"].as_str().unwrap(), seq(m)))
         .collect();
+    assert_eq!(
+        stored.len(),
+        acked.len(),
+        "exactly the acknowledged messages"
+    );
     for (mid, s) in &acked {
         assert_eq!(
             stored_seq.get(mid.as_str()),
@@ -793,6 +885,16 @@ async fn sigterm_closes_clients_with_1001_exits_zero_and_keeps_acknowledged_mess
         r["data"]["seq"].as_u64().unwrap(),
         j["data"]["room"]["last_seq"].as_u64().unwrap() + 1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_answers_chats_in_flight_refuses_newcomers_closes_1001_and_exits_zero() {
+    graceful_shutdown_on("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigint_answers_chats_in_flight_refuses_newcomers_closes_1001_and_exits_zero() {
+    graceful_shutdown_on("INT").await;
 }
 
 // ---------------------------------------------------------------------------------------------
