@@ -179,14 +179,14 @@ fn token_without_a_secret_fails_naming_the_flag_even_with_a_public_key() {
     let stderr = failure(&token_command(&["--sub", "alice", "--tenant", TENANT]));
     assert!(stderr.contains("minting needs --jwt-secret"), "{stderr}");
     // A public key verifies tokens but cannot sign them.
-    let public_key = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/rsa-public.pem");
+    let public_key = key_file("rsa-public.pem");
     let stderr = failure(&token_command(&[
         "--sub",
         "alice",
         "--tenant",
         TENANT,
         "--jwt-public-key",
-        public_key,
+        public_key.to_str().unwrap(),
     ]));
     assert!(stderr.contains("minting needs --jwt-secret"), "{stderr}");
 }

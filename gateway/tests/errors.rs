@@ -709,12 +709,6 @@ async fn handshake_with_bearer_header_is_accepted() {
     server.stop().await;
 }
 
-fn key_file(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/keys")
-        .join(name)
-}
-
 /// A token signed with jsonwebtoken directly, whatever the gateway expects.
 fn signed(algorithm: Algorithm, key: &EncodingKey, claims: &Claims) -> String {
     jsonwebtoken::encode(&Header::new(algorithm), claims, key).unwrap()

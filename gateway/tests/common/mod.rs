@@ -110,6 +110,13 @@ pub fn token(user: &str, tenant: &str, role: Role) -> String {
     token_with(&claims(user, tenant, role, now_secs() + 3600), SECRET)
 }
 
+/// A throwaway key of `tests/keys`.
+pub fn key_file(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/keys")
+        .join(name)
+}
+
 /// A raw HTTP/1.1 GET; returns (status, body).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     http_request(
