@@ -148,6 +148,8 @@ impl Verifier {
             validation.validate_aud = false;
         } else {
             validation.set_audience(audience);
+            // jsonwebtoken checks `aud` only when the token has one: require it.
+            validation.required_spec_claims.insert("aud".to_owned());
         }
         if !issuer.is_empty() {
             validation.iss = Some(issuer.iter().cloned().collect::<HashSet<_>>());
@@ -344,5 +346,11 @@ mod tests {
         c.aud = Some("chat".into());
         c.iss = Some("idp".into());
         assert!(v.verify(&v.mint(&c).unwrap()).is_ok());
+        // Each is required on its own.
+        c.aud = None;
+        assert!(v.verify(&v.mint(&c).unwrap()).is_err());
+        c.aud = Some("chat".into());
+        c.iss = None;
+        assert!(v.verify(&v.mint(&c).unwrap()).is_err());
     }
 }

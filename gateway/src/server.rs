@@ -90,9 +90,14 @@ impl Shared {
         }
     }
 
-    /// Fires when the server starts shutting down.
+    /// Fires when the server starts shutting down (at once for a receiver taken after that,
+    /// so a connection that starts late does not miss it).
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
+        let mut receiver = self.shutdown.subscribe();
+        if *receiver.borrow() {
+            receiver.mark_changed();
+        }
+        receiver
     }
 
     /// Live WebSocket connections.
@@ -177,8 +182,8 @@ impl Gateway {
         }
         let local_addr = listener.local_addr()?;
         let (stop_accept, stop_rx) = oneshot::channel();
-        let accept_task = tokio::spawn(accept_loop(shared.clone(), listener, stop_rx));
         shared.ready.store(true, Ordering::Release);
+        let accept_task = tokio::spawn(accept_loop(shared.clone(), listener, stop_rx));
         tracing::info!(
             addr = %local_addr,
             shards = shard_count,
@@ -202,13 +207,30 @@ impl Gateway {
         &self.shared
     }
 
-    /// Graceful shutdown: stop accepting, close every connection with 1001 after what is
-    /// queued to it, let the shards finish in-flight commits, flush the store.
+    /// Graceful shutdown: stop accepting, let the shards finish the chat commits under way
+    /// (so their replies are queued), close every connection with 1001 after what is queued to
+    /// it, stop the shards, flush the store.
     pub async fn shutdown(self) -> Result<(), storage::Error> {
         let shared = self.shared;
         shared.ready.store(false, Ordering::Release);
         let _ = self.stop_accept.send(());
         let _ = self.accept_task.await;
+        let commits = async {
+            let mut waits = Vec::with_capacity(shared.shards.len());
+            for shard in &shared.shards {
+                let (tx, rx) = oneshot::channel();
+                if shard.commands.send(ShardCommand::Drain(tx)).await.is_ok() {
+                    waits.push(rx);
+                }
+            }
+            futures_util::future::join_all(waits).await;
+        };
+        if tokio::time::timeout(Duration::from_secs(10), commits)
+            .await
+            .is_err()
+        {
+            tracing::warn!("chat commits still under way after 10s, closing connections anyway");
+        }
         let _ = shared.shutdown.send(true);
         let drained = async {
             loop {
@@ -422,7 +444,9 @@ fn upgrade(
             "expected a websocket upgrade",
         );
     }
-    if *shared.shutdown.borrow() {
+    // While shutdown drains the commits under way (not ready, connections not yet told to
+    // close) no new socket is admitted either, so /readyz and the upgrade agree.
+    if *shared.shutdown.borrow() || !shared.ready.load(Ordering::Acquire) {
         return api_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",

@@ -94,6 +94,9 @@ pub enum ShardCommand {
         rooms: Vec<String>,
         reply: oneshot::Sender<Vec<(ConnId, Arc<Outbox>)>>,
     },
+    /// Answers once every chat commit started before it has finished and its replies are
+    /// queued (graceful shutdown waits for this before it closes the connections).
+    Drain(oneshot::Sender<()>),
     /// Finish in-flight commits, then stop.
     Shutdown,
 }
@@ -205,6 +208,11 @@ struct Shard {
     shared: Arc<Shared>,
     rooms: HashMap<String, Slot>,
     appends: FuturesOrdered<AppendFuture>,
+    /// Chat commits started and finished so far (they finish in order).
+    appends_started: u64,
+    appends_finished: u64,
+    /// `Drain` requests with the number of commits each waits for.
+    drains: Vec<(u64, oneshot::Sender<()>)>,
     events_tx: mpsc::UnboundedSender<ShardEvent>,
     events_rx: mpsc::UnboundedReceiver<ShardEvent>,
 }
@@ -227,6 +235,9 @@ impl Shard {
             shared,
             rooms: HashMap::new(),
             appends: FuturesOrdered::new(),
+            appends_started: 0,
+            appends_finished: 0,
+            drains: Vec::new(),
             events_tx,
             events_rx,
         }
@@ -239,6 +250,8 @@ impl Shard {
                 biased;
                 Some((ctx, result)) = self.appends.next(), if !self.appends.is_empty() => {
                     self.on_appended(ctx, result);
+                    self.appends_finished += 1;
+                    self.answer_drains();
                 }
                 Some(event) = self.events_rx.recv() => self.on_event(event),
                 command = commands.recv(), if !stopping => match command {
@@ -296,7 +309,23 @@ impl Shard {
                 }
                 let _ = reply.send(out);
             }
+            ShardCommand::Drain(reply) => {
+                self.drains.push((self.appends_started, reply));
+                self.answer_drains();
+            }
             ShardCommand::Shutdown => {}
+        }
+    }
+
+    /// Answers the `Drain` requests whose commits have all finished.
+    fn answer_drains(&mut self) {
+        let finished = self.appends_finished;
+        let (done, waiting) = std::mem::take(&mut self.drains)
+            .into_iter()
+            .partition(|(target, _)| *target <= finished);
+        self.drains = waiting;
+        for (_, reply) in done {
+            let _ = reply.send(());
         }
     }
 
@@ -728,6 +757,7 @@ impl Shard {
             created_at: Timestamp::now(),
         };
         state.inflight += 1;
+        self.appends_started += 1;
         let store = self.shared.store.clone();
         self.appends.push_back(Box::pin(async move {
             let result = store.append(message).await;

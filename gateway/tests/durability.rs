@@ -1,14 +1,12 @@
 //! Durability and overload: concurrent writers, idempotent retries, recovery after a
-//! reconnect, restarts (graceful, `kill -9`, SIGTERM), slow consumers and slowloris clients.
+//! reconnect, restarts (graceful, `kill -9`, SIGTERM and SIGINT), slow consumers and slowloris
+//! clients.
 //!
 //! The in-process tests use [`TestServer`]; the crash and signal tests run the real binary.
 
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -541,115 +539,6 @@ async fn graceful_restart_on_same_data_dir_keeps_history_and_continues_seq() {
     server.stop().await;
 }
 
-/// The real binary, killed when dropped.
-struct GatewayProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` that tolerates a server that is not up yet.
-async fn try_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let attempt = async {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut out = Vec::new();
-        stream.read_to_end(&mut out).await.ok()?;
-        String::from_utf8_lossy(&out)
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    tokio::time::timeout(Duration::from_secs(2), attempt)
-        .await
-        .ok()
-        .flatten()
-}
-
-impl GatewayProcess {
-    async fn spawn(dir: &Path) -> GatewayProcess {
-        for _ in 0..5 {
-            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-                .arg("--listen")
-                .arg(addr.to_string())
-                .arg("--data-dir")
-                .arg(dir)
-                .args(["--jwt-secret", SECRET, "--shards", "2"])
-                .args(["--rate-limit", "1000000", "--rate-burst", "1000000"])
-                .args(["--log", "warn"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("spawning the gateway binary");
-            let mut process = GatewayProcess { child, addr };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if process.child.try_wait().unwrap().is_some() {
-                    break; // e.g. the port was taken meanwhile: try another
-                }
-                if try_get_status(addr, "/readyz").await == Some(200) {
-                    return process;
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        }
-        panic!("the gateway binary did not become ready");
-    }
-
-    fn url(&self, token: &str) -> String {
-        format!("ws://{}/ws?token={token}", self.addr)
-    }
-
-    async fn connect(&self, user: &str) -> Client {
-        Client::connect(&self.url(&token(user, TENANT, Role::Admin)), user).await
-    }
-
-    /// SIGKILL (what `Child::kill` sends), then reap.
-    fn kill_9(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the gateway did not exit in time"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// What one loading client sent and which of it was acknowledged.
 struct Load {
     room: String,
@@ -725,7 +614,9 @@ async fn kill_9_during_write_load_loses_no_acknowledged_message_and_leaves_no_ga
     let acks = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..6 {
-        let client = process.connect(&format!("writer-{i}")).await;
+        let client = process
+            .connect(&format!("writer-{i}"), TENANT, Role::Admin)
+            .await;
         let room = format!("crash-{}", i % 2);
         tasks.push(tokio::spawn(load(
             client,
@@ -761,7 +652,7 @@ async fn kill_9_during_write_load_loses_no_acknowledged_message_and_leaves_no_ga
     println!("killed with {total_acked} acknowledged, {unacked} in flight");
 
     let process = GatewayProcess::spawn(dir.path()).await;
-    let mut auditor = process.connect("auditor").await;
+    let mut auditor = process.connect("auditor", TENANT, Role::Admin).await;
     for room in ["crash-0", "crash-1"] {
         let stored = read_all(&mut auditor, room).await;
         assert_gap_free(&stored);
@@ -795,7 +686,7 @@ async fn kill_9_during_write_load_loses_no_acknowledged_message_and_leaves_no_ga
         let mut max = stored.len() as u64;
         for l in &room_loads {
             let user = l.sent[0].rsplit_once('-').unwrap().0.to_owned();
-            let mut writer = process.connect(&user).await;
+            let mut writer = process.connect(&user, TENANT, Role::Admin).await;
             writer.join(room).await;
             for mid in l.sent.iter().filter(|m| !l.acked.contains_key(*m)) {
                 let r = chat_with_id(&mut writer, room, &format!("{mid} retry"), mid).await;
@@ -819,14 +710,62 @@ async fn kill_9_during_write_load_loses_no_acknowledged_message_and_leaves_no_ga
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_closes_clients_with_1001_exits_zero_and_keeps_acknowledged_messages() {
+/// What a member saw from a shutdown signal on.
+struct UntilClose {
+    user: String,
+    /// message_id -> seq of every successful direct chat reply.
+    acked: HashMap<String, u64>,
+    /// The close frame's code (`None` for a close frame without one).
+    close: Option<u16>,
+}
+
+/// Reads a member's frames until the server's close frame; panics if the connection ends
+/// without one.
+async fn read_until_close(mut client: Client) -> UntilClose {
+    let mut acked = HashMap::new();
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(15), client.ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("{}: not closed within 15s", client.user))
+        {
+            Some(Ok(Message::Text(text))) => {
+                let v: Value = serde_json::from_str(&text).unwrap();
+                if v["code"] == "chat_response" {
+                    assert_eq!(v["status"], "success", "{v}");
+                    if let Some(reference) = v["ref"].as_str() {
+                        acked.insert(reference.to_owned(), seq(&v["data"]));
+                    }
+                }
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => panic!(
+                "{}: connection ended without a close frame: {other:?}",
+                client.user
+            ),
+        }
+    };
+    UntilClose {
+        user: client.user,
+        acked,
+        close,
+    }
+}
+
+/// Graceful shutdown on `signal` (`TERM` or `INT`) of the real binary: every chat the server
+/// had read before the signal is answered, no new client gets in, every open socket is closed
+/// with 1001, the process exits 0, and after a restart every acknowledged message is stored
+/// under the seq it was acknowledged with.
+async fn graceful_shutdown_on(signal: &str) {
+    const IN_FLIGHT: usize = 200;
     let dir = tempfile::tempdir().unwrap();
     let mut process = GatewayProcess::spawn(dir.path()).await;
     let room = "term-room";
     let mut clients = Vec::new();
     for i in 0..3 {
-        let mut c = process.connect(&format!("member-{i}")).await;
+        let mut c = process
+            .connect(&format!("member-{i}"), TENANT, Role::Admin)
+            .await;
         c.join(room).await;
         clients.push(c);
     }
@@ -837,57 +776,102 @@ async fn sigterm_closes_clients_with_1001_exits_zero_and_keeps_acknowledged_mess
         assert_eq!(r["status"], "success", "{r}");
         acked.insert(mid, seq(&r["data"]));
     }
-    // More in flight while the signal arrives.
+
+    // A burst of chats, then a ping. A connection handles its frames in order and answers
+    // `ping` itself, so the ping's reply proves the server has read every chat before it while
+    // their commits may still be under way.
     let user = clients[1].user.clone();
-    for i in 0..50 {
+    for i in 0..IN_FLIGHT {
         let mid = format!("inflight-{i}");
         clients[1]
             .send(chat_frame(&user, room, &mid, &mid, &mid))
             .await;
     }
-    process.sigterm();
-
-    for c in clients.iter_mut() {
-        let code = loop {
-            match tokio::time::timeout(Duration::from_secs(15), c.ws.next())
-                .await
-                .expect("closed within 15s")
-            {
-                Some(Ok(Message::Text(text))) => {
-                    let v: Value = serde_json::from_str(&text).unwrap();
-                    if v["code"] == "chat_response" && v["status"] == "success" {
-                        if let Some(reference) = v["ref"].as_str() {
-                            acked.insert(reference.to_owned(), seq(&v["data"]));
-                        }
-                    }
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    break frame.map(|f| u16::from(f.code));
-                }
-                Some(Ok(_)) => {}
-                other => panic!(
-                    "{}: connection ended without a close frame: {other:?}",
-                    c.user
-                ),
-            }
-        };
-        assert_eq!(code, Some(1001), "{}: close code", c.user);
+    clients[1]
+        .send(json!({"code": "ping", "user_id": user, "data": {}, "ref": "barrier"}))
+        .await;
+    loop {
+        let v = clients[1].recv().await;
+        if v["ref"] == "barrier" {
+            break;
+        }
+        if v["code"] == "chat_response" && v["ref"].is_string() {
+            assert_eq!(v["status"], "success", "{v}");
+            acked.insert(v["ref"].as_str().unwrap().to_owned(), seq(&v["data"]));
+        }
     }
+    let answered_before = acked.len() - 20;
+    process.signal(signal);
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|c| tokio::spawn(read_until_close(c)))
+        .collect();
+
+    // Draining: /readyz stops answering 200 (503 while the process still answers, nothing once
+    // its listener is closed), and from then on no handshake is let in.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match try_get_status(process.addr, "/readyz").await {
+            Some(200) => assert!(
+                Instant::now() < deadline,
+                "still ready 10s after SIG{signal}"
+            ),
+            None | Some(503) => break,
+            Some(other) => panic!("/readyz answered {other} while shutting down"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let late = process.url(&token("latecomer", TENANT, Role::Admin));
+    match tokio_tungstenite::connect_async(late).await {
+        Ok(_) => panic!("a new websocket was accepted after SIG{signal}"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 503, "{response:?}")
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Io(_)) => {} // the listener is closed
+        Err(other) => panic!("unexpected handshake failure: {other:?}"),
+    }
+
+    for reader in readers {
+        let seen = tokio::time::timeout(Duration::from_secs(20), reader)
+            .await
+            .expect("every member is closed")
+            .unwrap();
+        assert_eq!(seen.close, Some(1001), "{}: close code", seen.user);
+        acked.extend(seen.acked);
+    }
+    let missing: Vec<String> = (0..IN_FLIGHT)
+        .map(|i| format!("inflight-{i}"))
+        .filter(|mid| !acked.contains_key(mid))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {IN_FLIGHT} chats read before SIG{signal} got no reply: {missing:?}",
+        missing.len()
+    );
+    println!(
+        "SIG{signal}: {} of {IN_FLIGHT} replies were still to come when the signal was sent",
+        IN_FLIGHT - answered_before
+    );
     let status = process.wait_exit(Duration::from_secs(15)).await;
     assert_eq!(
         status.code(),
         Some(0),
-        "exit status after SIGTERM: {status}"
+        "exit status after SIG{signal}: {status}"
     );
 
     let process = GatewayProcess::spawn(dir.path()).await;
-    let mut auditor = process.connect("auditor").await;
+    let mut auditor = process.connect("auditor", TENANT, Role::Admin).await;
     let stored = read_all(&mut auditor, room).await;
     assert_gap_free(&stored);
     let stored_seq: HashMap<&str, u64> = stored
         .iter()
         .map(|m| (m["message_id"].as_str().unwrap(), seq(m)))
         .collect();
+    assert_eq!(
+        stored.len(),
+        acked.len(),
+        "exactly the acknowledged messages"
+    );
     for (mid, s) in &acked {
         assert_eq!(
             stored_seq.get(mid.as_str()),
@@ -901,6 +885,16 @@ async fn sigterm_closes_clients_with_1001_exits_zero_and_keeps_acknowledged_mess
         r["data"]["seq"].as_u64().unwrap(),
         j["data"]["room"]["last_seq"].as_u64().unwrap() + 1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_answers_chats_in_flight_refuses_newcomers_closes_1001_and_exits_zero() {
+    graceful_shutdown_on("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigint_answers_chats_in_flight_refuses_newcomers_closes_1001_and_exits_zero() {
+    graceful_shutdown_on("INT").await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use gateway::auth::{now_secs, Role};
+use gateway::auth::{now_secs, Claims, Role};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::header::{HeaderValue, AUTHORIZATION, ORIGIN};
@@ -705,6 +706,102 @@ async fn handshake_with_bearer_header_is_accepted() {
     };
     assert_eq!(client.recv().await["code"], "connected");
     client.ping().await;
+    server.stop().await;
+}
+
+/// A token signed with jsonwebtoken directly, whatever the gateway expects.
+fn signed(algorithm: Algorithm, key: &EncodingKey, claims: &Claims) -> String {
+    jsonwebtoken::encode(&Header::new(algorithm), claims, key).unwrap()
+}
+
+/// Connects with `token` and expects a working session.
+async fn assert_accepted(server: &TestServer, token: &str, user: &str) {
+    let mut client = Client::connect(&server.url(token), user).await;
+    client.ping().await;
+}
+
+#[tokio::test]
+async fn handshake_with_a_wrong_or_missing_audience_is_401_when_one_is_required() {
+    let server = TestServer::start_with(|c| c.jwt_audience = vec!["chat".to_owned()]).await;
+    let mut c = claims("alice", TENANT, Role::Agent, now_secs() + 600);
+    for audience in [Some("billing"), Some(""), None] {
+        c.aud = audience.map(str::to_owned);
+        let t = token_with(&c, SECRET);
+        assert_eq!(
+            handshake_status(ws_request(&server, Some(&t))).await,
+            401,
+            "aud {audience:?}"
+        );
+    }
+    c.aud = Some("chat".to_owned());
+    assert_accepted(&server, &token_with(&c, SECRET), "alice").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn handshake_with_a_wrong_or_missing_issuer_is_401_when_one_is_required() {
+    let server =
+        TestServer::start_with(|c| c.jwt_issuer = vec!["https://idp.example".to_owned()]).await;
+    let mut c = claims("alice", TENANT, Role::Agent, now_secs() + 600);
+    for issuer in [Some("https://evil.example"), Some("idp.example"), None] {
+        c.iss = issuer.map(str::to_owned);
+        let t = token_with(&c, SECRET);
+        assert_eq!(
+            handshake_status(ws_request(&server, Some(&t))).await,
+            401,
+            "iss {issuer:?}"
+        );
+    }
+    c.iss = Some("https://idp.example".to_owned());
+    assert_accepted(&server, &token_with(&c, SECRET), "alice").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn hs256_gateway_refuses_an_rs256_token() {
+    let server = TestServer::start().await;
+    let private = std::fs::read(key_file("rsa-private.pem")).unwrap();
+    let rs256 = signed(
+        Algorithm::RS256,
+        &EncodingKey::from_rsa_pem(&private).unwrap(),
+        &claims("alice", TENANT, Role::Admin, now_secs() + 600),
+    );
+    assert_eq!(
+        handshake_status(ws_request(&server, Some(&rs256))).await,
+        401
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rs256_gateway_refuses_an_hs256_token_keyed_with_its_public_key_pem() {
+    let server = TestServer::start_with(|c| {
+        c.jwt_secret = None;
+        c.jwt_public_key = Some(key_file("rsa-public.pem"));
+    })
+    .await;
+    let c = claims("alice", TENANT, Role::Admin, now_secs() + 600);
+    // The classic confusion: the public key, which anyone may have, used as an HMAC secret.
+    let public = std::fs::read(key_file("rsa-public.pem")).unwrap();
+    let forged = signed(Algorithm::HS256, &EncodingKey::from_secret(&public), &c);
+    assert_eq!(
+        handshake_status(ws_request(&server, Some(&forged))).await,
+        401
+    );
+    // The shared test secret means nothing to this gateway either.
+    let hs256 = token_with(&c, SECRET);
+    assert_eq!(
+        handshake_status(ws_request(&server, Some(&hs256))).await,
+        401
+    );
+    // What the key pair's owner signs gets in.
+    let private = std::fs::read(key_file("rsa-private.pem")).unwrap();
+    let genuine = signed(
+        Algorithm::RS256,
+        &EncodingKey::from_rsa_pem(&private).unwrap(),
+        &c,
+    );
+    assert_accepted(&server, &genuine, "alice").await;
     server.stop().await;
 }
 

@@ -567,6 +567,47 @@ async fn read_marker_never_moves_backwards() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn read_receipt_of_an_unknown_message_is_not_found_and_moves_nothing() {
+    let server = TestServer::start().await;
+    let mut a = server.connect("alice", TENANT, Role::Admin).await;
+    let mut b = server.connect("bob", TENANT, Role::Admin).await;
+    a.join("receipts-nf").await;
+    b.join("receipts-nf").await;
+    let m1 = a.chat("receipts-nf", "first").await["data"].clone();
+    a.chat("receipts-nf", "second").await;
+    // A message of another room is unknown in this one.
+    a.join("elsewhere").await;
+    let foreign = a.chat("elsewhere", "not here").await["data"].clone();
+    a.drain(QUIET).await;
+    b.drain(QUIET).await;
+
+    for message_id in [json!("no-such-message"), foreign["message_id"].clone()] {
+        let v = b
+            .request(
+                "read_receipt",
+                Some("receipts-nf"),
+                json!({"message_id": message_id, "sender": "bob"}),
+            )
+            .await;
+        assert_error(&v, "read_receipt_response", "NOT_FOUND");
+        assert_eq!(v["room_id"], "receipts-nf", "{v}");
+    }
+    // Nobody heard of it, and bob's marker did not move: both messages are still unread.
+    a.expect_silence(QUIET).await;
+    let v = b
+        .request(
+            "read_receipt",
+            Some("receipts-nf"),
+            json!({"message_id": m1["message_id"], "sender": "bob"}),
+        )
+        .await;
+    assert_eq!(v["status"], "success", "{v}");
+    assert_eq!(v["data"]["read_seq"], 1, "{v}");
+    assert_eq!(v["data"]["unread_count"], 1, "{v}");
+    server.stop().await;
+}
+
 /// Two room names owned by different shards (the test server runs two).
 fn rooms_on_two_shards() -> (String, String) {
     let first = "shared-0".to_owned();
@@ -1129,6 +1170,73 @@ async fn agents_join_support_conversations_of_their_tenant() {
     let v = a.chat("conv-9", "how can I help?").await;
     assert_eq!(v["data"]["direction"], "OUTGOING", "{v}");
     assert_eq!(v["data"]["sender_type"], "agent", "{v}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn customer_never_sees_a_note_in_historic_join_or_read_receipt() {
+    let server = TestServer::start().await;
+    support_room(&server, "conv-notes", "cust-1").await;
+    let mut a = agent(&server, "alice").await;
+    a.join("conv-notes").await;
+    assert_eq!(a.chat("conv-notes", "hello there").await["data"]["seq"], 1);
+    let dir = server.stop().await;
+
+    // No protocol code writes notes yet, so one goes straight into the gateway's store.
+    let store = storage::open(&test_config(dir.path()).store_url()).unwrap();
+    let mut note = storage::NewMessage::text("conv-notes", "alice", "internal refund approved");
+    note.sender_type = storage::SenderType::Agent;
+    note.direction = storage::Direction::Note;
+    let note_id = note.message_id.clone();
+    let stored = storage::Store::append(&store, note).await.unwrap();
+    assert_eq!(stored.message.seq, 2);
+    storage::Store::close(&store).await.unwrap();
+
+    let server = TestServer::start_in(dir, |_| {}).await;
+    let mut a = agent(&server, "alice").await;
+    a.join("conv-notes").await;
+    assert_eq!(a.chat("conv-notes", "all sorted").await["data"]["seq"], 3);
+    // The team sees the note.
+    let v = a.request("historic", Some("conv-notes"), json!({})).await;
+    assert_eq!(seqs(&v["data"]["messages"]), [1, 2, 3], "{v}");
+    assert_eq!(v["data"]["messages"][1]["direction"], "NOTE", "{v}");
+
+    let mut c = server.connect("cust-1", TENANT, Role::Customer).await;
+    for query in [
+        json!({}),
+        json!({"after_seq": 0}),
+        json!({"before_seq": 3}),
+        json!({"limit": 1, "before_seq": 3}),
+    ] {
+        let v = c
+            .request("historic", Some("conv-notes"), query.clone())
+            .await;
+        assert_eq!(v["status"], "success", "{v}");
+        let shown = v["data"]["messages"].as_array().unwrap();
+        assert!(
+            shown.iter().all(|m| m["direction"] != "NOTE"),
+            "{query}: {v}"
+        );
+        assert_eq!(v["data"]["has_more"], false, "{query}: {v}");
+    }
+    let v = c.request("historic", Some("conv-notes"), json!({})).await;
+    assert_eq!(seqs(&v["data"]["messages"]), [1, 3], "{v}");
+    let v = c
+        .request("historic", Some("conv-notes"), json!({"search": "refund"}))
+        .await;
+    assert_eq!(v["data"]["messages"], json!([]), "{v}");
+    let v = c
+        .request("join", Some("conv-notes"), json!({"since_seq": 0}))
+        .await;
+    assert_eq!(seqs(&v["data"]["missed"]), [1, 3], "{v}");
+    let v = c
+        .request(
+            "read_receipt",
+            Some("conv-notes"),
+            json!({"message_id": note_id, "sender": "cust-1"}),
+        )
+        .await;
+    assert_error(&v, "read_receipt_response", "NOT_FOUND");
     server.stop().await;
 }
 

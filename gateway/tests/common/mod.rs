@@ -2,6 +2,8 @@
 //! tokio-tungstenite (an independent WebSocket implementation, not the gateway's codec).
 #![allow(dead_code, unreachable_pub)]
 
+mod process;
+
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -14,6 +16,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+// Not every test binary runs the real process.
+#[allow(unused_imports)]
+pub use process::*;
 
 pub const SECRET: &str = "integration-test-secret";
 
@@ -46,7 +52,12 @@ impl TestServer {
     pub async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = test_config(dir.path());
         tweak(&mut config);
-        let verifier = Verifier::new(KeySource::Secret(SECRET.as_bytes()), &[], &[], 0).unwrap();
+        // As the binary does: the key, algorithm, audience and issuer all come from the config.
+        let (verifier, dev_secret) = gateway::verifier_from_config(&config).unwrap();
+        assert!(
+            dev_secret.is_none(),
+            "test servers run with a configured key"
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gateway = Gateway::start(config, verifier, listener).await.unwrap();
         let addr = gateway.local_addr();
@@ -97,6 +108,13 @@ pub fn token_with(claims: &Claims, secret: &str) -> String {
 
 pub fn token(user: &str, tenant: &str, role: Role) -> String {
     token_with(&claims(user, tenant, role, now_secs() + 3600), SECRET)
+}
+
+/// A throwaway key of `tests/keys`.
+pub fn key_file(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/keys")
+        .join(name)
 }
 
 /// A raw HTTP/1.1 GET; returns (status, body).

@@ -1,0 +1,384 @@
+//! The command line of the real binary: `gateway token` mints tokens that verify with the
+//! configured secret and that a gateway with that secret accepts, and refuses clearly what it
+//! cannot mint; a gateway started without any key runs in development mode, printing a secret,
+//! a ready token and a command that connects.
+//!
+//! Tokens are checked with jsonwebtoken directly and connections made with tokio-tungstenite,
+//! not with the gateway's own verifier or codec.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const TENANT: &str = "acme";
+
+/// Runs `gateway token ARGS` to completion.
+fn token_command(args: &[&str]) -> Output {
+    gateway_command()
+        .arg("token")
+        .args(args)
+        .output()
+        .expect("running gateway token")
+}
+
+/// The one line a successful `gateway token` prints.
+fn printed_token(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "exit {}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout.clone()).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one line, the token: {stdout:?}");
+    lines[0].to_owned()
+}
+
+/// A failed run: exit status 1, nothing on stdout; returns stderr.
+fn failure(output: &Output) -> String {
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(output.stdout.is_empty(), "{output:?}");
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+/// Verifies an HS256 token with `secret` (signature and `exp`, plus `aud` / `iss` when given)
+/// and returns its claims.
+fn verify(token: &str, secret: &str, audience: Option<&str>, issuer: Option<&str>) -> Value {
+    let mut validation = Validation::new(Algorithm::HS256);
+    match audience {
+        Some(audience) => validation.set_audience(&[audience]),
+        None => validation.validate_aud = false,
+    }
+    if let Some(issuer) = issuer {
+        validation.set_issuer(&[issuer]);
+    }
+    let key = DecodingKey::from_secret(secret.as_bytes());
+    decode::<Value>(token, &key, &validation)
+        .unwrap_or_else(|e| panic!("{token} does not verify: {e}"))
+        .claims
+}
+
+/// `exp` is `ttl` seconds after a moment between `before` and now.
+fn assert_expires_in(claims: &Value, before: u64, ttl: u64) {
+    let exp = claims["exp"].as_u64().unwrap_or_else(|| panic!("{claims}"));
+    let after = gateway::auth::now_secs();
+    assert!(
+        (before + ttl..=after + ttl).contains(&exp),
+        "exp {exp} not {ttl}s after {before}..{after}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// gateway token
+
+#[test]
+fn token_prints_an_hs256_token_with_the_given_claims_signed_with_the_secret() {
+    let before = gateway::auth::now_secs();
+    let output = token_command(&[
+        "--sub",
+        "alice",
+        "--tenant",
+        TENANT,
+        "--role",
+        "customer",
+        "--name",
+        "Alice Liddell",
+        "--ttl-secs",
+        "600",
+        "--jwt-secret",
+        SECRET,
+    ]);
+    let token = printed_token(&output);
+    assert_eq!(decode_header(&token).unwrap().alg, Algorithm::HS256);
+    let claims = verify(&token, SECRET, None, None);
+    assert_eq!(claims["sub"], "alice", "{claims}");
+    assert_eq!(claims["tenant"], TENANT, "{claims}");
+    assert_eq!(claims["role"], "customer", "{claims}");
+    assert_eq!(claims["name"], "Alice Liddell", "{claims}");
+    assert_expires_in(&claims, before, 600);
+    // No audience or issuer is configured, so none is claimed.
+    assert!(
+        claims.get("aud").is_none() && claims.get("iss").is_none(),
+        "{claims}"
+    );
+    // Signed with that secret and no other.
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.validate_aud = false;
+    assert!(decode::<Value>(&token, &DecodingKey::from_secret(b"other"), &validation).is_err());
+}
+
+#[test]
+fn token_defaults_to_an_agent_for_a_day_and_reads_the_secret_from_the_environment() {
+    let before = gateway::auth::now_secs();
+    let output = gateway_command()
+        .args(["token", "--sub", "bob", "--tenant", TENANT])
+        .env("GATEWAY_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    let claims = verify(&printed_token(&output), SECRET, None, None);
+    assert_eq!(claims["sub"], "bob", "{claims}");
+    assert_eq!(claims["role"], "agent", "{claims}");
+    assert!(claims.get("name").is_none(), "{claims}");
+    assert_expires_in(&claims, before, 86_400);
+}
+
+#[test]
+fn token_claims_the_configured_audience_and_issuer() {
+    let output = token_command(&[
+        "--sub",
+        "alice",
+        "--tenant",
+        TENANT,
+        "--jwt-secret",
+        SECRET,
+        "--jwt-audience",
+        "chat",
+        "--jwt-issuer",
+        "https://idp.example",
+    ]);
+    let claims = verify(
+        &printed_token(&output),
+        SECRET,
+        Some("chat"),
+        Some("https://idp.example"),
+    );
+    assert_eq!(claims["aud"], "chat", "{claims}");
+    assert_eq!(claims["iss"], "https://idp.example", "{claims}");
+}
+
+#[test]
+fn token_with_an_unknown_role_fails_naming_it_and_the_valid_roles() {
+    let output = token_command(&[
+        "--sub",
+        "alice",
+        "--tenant",
+        TENANT,
+        "--role",
+        "wizard",
+        "--jwt-secret",
+        SECRET,
+    ]);
+    let stderr = failure(&output);
+    assert!(stderr.contains(r#"unknown role "wizard""#), "{stderr}");
+    assert!(
+        stderr.contains("admin, agent, user, customer, service"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn token_without_a_secret_fails_naming_the_flag_even_with_a_public_key() {
+    let stderr = failure(&token_command(&["--sub", "alice", "--tenant", TENANT]));
+    assert!(stderr.contains("minting needs --jwt-secret"), "{stderr}");
+    // A public key verifies tokens but cannot sign them.
+    let public_key = key_file("rsa-public.pem");
+    let stderr = failure(&token_command(&[
+        "--sub",
+        "alice",
+        "--tenant",
+        TENANT,
+        "--jwt-public-key",
+        public_key.to_str().unwrap(),
+    ]));
+    assert!(stderr.contains("minting needs --jwt-secret"), "{stderr}");
+}
+
+#[tokio::test]
+async fn minted_token_is_accepted_by_a_gateway_with_the_same_secret_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let process = GatewayProcess::spawn(dir.path()).await;
+    let minted = printed_token(&token_command(&[
+        "--sub",
+        "alice",
+        "--tenant",
+        TENANT,
+        "--role",
+        "agent",
+        "--jwt-secret",
+        SECRET,
+    ]));
+    let mut client = Client::connect(&process.url(&minted), "alice").await;
+    assert_eq!(client.connected["user_id"], "alice");
+    assert_eq!(client.connected["data"]["tenant_id"], TENANT);
+    client.join("minted").await;
+    client.ping().await;
+
+    let foreign = printed_token(&token_command(&[
+        "--sub",
+        "alice",
+        "--tenant",
+        TENANT,
+        "--jwt-secret",
+        "another-secret",
+    ]));
+    let request = process.url(&foreign).into_client_request().unwrap();
+    assert_eq!(handshake_status(request).await, 401);
+}
+
+#[tokio::test]
+async fn minted_token_satisfies_a_gateway_that_requires_audience_and_issuer() {
+    let dir = tempfile::tempdir().unwrap();
+    let required = ["--jwt-audience", "chat", "--jwt-issuer", "idp"];
+    let process = GatewayProcess::spawn_with(dir.path(), &required).await;
+    let mut args = vec!["--sub", "alice", "--tenant", TENANT, "--jwt-secret", SECRET];
+    let plain = printed_token(&token_command(&args));
+    args.extend(required);
+    let claimed = printed_token(&token_command(&args));
+    let mut client = Client::connect(&process.url(&claimed), "alice").await;
+    client.ping().await;
+    // The same token without the claims is refused.
+    let request = process.url(&plain).into_client_request().unwrap();
+    assert_eq!(handshake_status(request).await, 401);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Development mode
+
+/// What the development-mode banner says.
+struct Banner {
+    text: String,
+    secret: String,
+    token: String,
+    /// The whole `connect:` line.
+    command: String,
+    /// The URL inside the command.
+    url: String,
+}
+
+/// Reads the binary's stderr until the banner's closing line of stars.
+fn read_banner(stderr: std::process::ChildStderr) -> Banner {
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keeps draining stderr after the banner, so the gateway never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut lines: Vec<String> = Vec::new();
+    while lines
+        .iter()
+        .filter(|l| l.trim().starts_with("****"))
+        .count()
+        < 2
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(_) => panic!("no complete banner on stderr; got {lines:#?}"),
+        }
+    }
+    let after = |prefix: &str| -> String {
+        lines
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in {lines:#?}"))
+            .trim()
+            .to_owned()
+    };
+    let secret = after("secret:");
+    let token_label = lines
+        .iter()
+        .position(|l| l.trim().starts_with("token"))
+        .unwrap_or_else(|| panic!("no token line in {lines:#?}"));
+    let token = lines[token_label + 1].trim().to_owned();
+    let command = after("connect:");
+    let url = command
+        .split('\'')
+        .nth(1)
+        .unwrap_or_else(|| panic!("no quoted URL in {command:?}"))
+        .to_owned();
+    Banner {
+        text: lines.join("\n"),
+        secret,
+        token,
+        command,
+        url,
+    }
+}
+
+#[tokio::test]
+async fn without_a_key_the_gateway_prints_a_secret_a_token_and_a_command_that_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    // Port 0: the banner must report the address actually bound.
+    let mut child = gateway_command()
+        .args(["--listen", "127.0.0.1:0", "--shards", "1", "--log", "warn"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let banner = read_banner(child.stderr.take().unwrap());
+    let text = &banner.text;
+    assert!(text.contains("DEVELOPMENT MODE"), "{text}");
+    assert!(text.contains("random secret"), "{text}");
+    assert!(
+        text.contains("Do not run like this in production"),
+        "{text}"
+    );
+    assert_eq!(banner.secret.len(), 64, "{text}");
+    assert!(
+        banner.secret.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{text}"
+    );
+
+    let before = gateway::auth::now_secs() - 60;
+    let claims = verify(&banner.token, &banner.secret, None, None);
+    assert_eq!(claims["sub"], "dev-admin", "{claims}");
+    assert_eq!(claims["tenant"], "dev", "{claims}");
+    assert_eq!(claims["role"], "admin", "{claims}");
+    assert_eq!(claims["name"], "Developer", "{claims}");
+    assert!(
+        claims["exp"].as_u64().unwrap() > before + 86_400 - 120,
+        "{claims}"
+    );
+
+    assert!(
+        banner.command.starts_with("npx wscat -c '"),
+        "{}",
+        banner.command
+    );
+    let rest = banner
+        .url
+        .strip_prefix("ws://127.0.0.1:")
+        .unwrap_or_else(|| panic!("{}", banner.url));
+    let (port, query) = rest.split_once("/ws?token=").unwrap();
+    let port: u16 = port.parse().unwrap();
+    assert_ne!(port, 0, "the banner names the bound port");
+    assert_eq!(query, banner.token);
+
+    let process = GatewayProcess {
+        child,
+        addr: ([127, 0, 0, 1], port).into(),
+    };
+    let mut client = Client::connect(&banner.url, "dev-admin").await;
+    assert_eq!(client.connected["status"], "success");
+    assert_eq!(client.connected["user_id"], "dev-admin");
+    assert_eq!(client.connected["data"]["tenant_id"], "dev");
+    let v = client.join("dev-room").await;
+    assert_eq!(v["data"]["room"]["kind"], "team", "{v}");
+    let r = client.chat("dev-room", "hello from dev mode").await;
+    assert_eq!(r["status"], "success", "{r}");
+
+    // The printed secret is the one in effect: tokens minted with it get in too.
+    let minted = printed_token(&token_command(&[
+        "--sub",
+        "bob",
+        "--tenant",
+        "dev",
+        "--jwt-secret",
+        &banner.secret,
+    ]));
+    let mut bob = Client::connect(&process.url(&minted), "bob").await;
+    bob.ping().await;
+}
