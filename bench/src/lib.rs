@@ -20,6 +20,8 @@
 //! assert!(matches!(command, Command::Chat(_)));
 //! ```
 
+use std::sync::Arc;
+
 use gateway::outbox::{Frames, Outbox, OutboxMetrics, Taken};
 use prometheus::{IntCounter, IntGauge};
 use storage::{Message, NewMessage, Timestamp};
@@ -78,17 +80,17 @@ pub fn chat_message() -> Message {
 }
 
 /// Counters shared by every outbox, not registered anywhere.
-pub fn outbox_metrics() -> OutboxMetrics {
-    OutboxMetrics {
+pub fn outbox_metrics() -> Arc<OutboxMetrics> {
+    Arc::new(OutboxMetrics {
         drops: IntCounter::new("outbound_drops", "dropped frames").expect("valid counter"),
         slow_consumer_closes: IntCounter::new("slow_consumer_closes", "slow consumers")
             .expect("valid counter"),
         high_water: IntGauge::new("outbound_high_water", "deepest queue").expect("valid gauge"),
-    }
+    })
 }
 
 /// `n` outboxes with the default bound, sharing `metrics` as the gateway's connections do.
-pub fn outboxes(n: usize, metrics: &OutboxMetrics) -> Vec<Outbox> {
+pub fn outboxes(n: usize, metrics: &Arc<OutboxMetrics>) -> Vec<Outbox> {
     (0..n)
         .map(|_| Outbox::new(OUTBOUND_QUEUE, metrics.clone()))
         .collect()

@@ -34,9 +34,8 @@ use crate::codec::ws::{self, CloseWith, OpCode};
 use crate::codec::{parse_envelope, ErrorCode, FrameBuilder, ProtocolError};
 use crate::liveness::{self, LiveConn};
 use crate::metrics::OutCode;
-use crate::outbox::{clock_ms, FrameClass, Frames, Outbox, OutboxMetrics, Taken};
-use crate::presence::UserKey;
-use crate::server::Shared;
+use crate::outbox::{clock_ms, FrameClass, Frames, Outbox, Taken};
+use crate::server::{ConnectionGuard, Shared};
 use crate::shard::{self, presence_frame, ConnId, ConnRef, RoomAction, RoomRequest, ShardCommand};
 
 /// How long a closing connection may take to get its close frame written before the socket is
@@ -342,7 +341,6 @@ struct PingData {
 struct Session {
     shared: Arc<Shared>,
     conn: ConnRef,
-    user_key: UserKey,
     /// Rooms this connection joined, with their shard.
     joined: HashMap<String, usize>,
     requests: TokenBucket,
@@ -450,7 +448,7 @@ impl Session {
                 if let Some(rooms) = self
                     .shared
                     .presence
-                    .set_status(&self.user_key, presence.status)
+                    .set_status(&self.conn.user_key(), presence.status)
                 {
                     let frame = presence_frame(&self.conn.claims.sub, None, presence.status);
                     spawn_presence_broadcast(self.shared.clone(), rooms, self.conn.id, frame);
@@ -511,7 +509,7 @@ impl Session {
         // Take the user's rooms before the shards forget this connection's memberships (each
         // `Disconnect` also drops the room from the user's presence entry), or a shard thread
         // that runs first leaves nobody to tell that the user went offline.
-        let offline_rooms = self.shared.presence.disconnect(&self.user_key);
+        let offline_rooms = self.shared.presence.disconnect(&self.conn.user_key());
         let mut by_shard: HashMap<usize, Vec<String>> = HashMap::new();
         for (room, shard) in self.joined {
             by_shard.entry(shard).or_default().push(room);
@@ -539,18 +537,28 @@ impl Session {
 /// Hands a command to a shard. The channel is bounded, so a busy shard slows this connection
 /// down instead of queueing without limit. The waiting send is boxed because it is rare, and its
 /// state would otherwise sit in every idle connection's future.
-fn send_to_shard(
-    shared: &Shared,
-    shard: usize,
-    command: ShardCommand,
-) -> Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> {
-    let commands = &shared.shards[shard].commands;
-    match commands.try_send(command) {
-        Err(mpsc::error::TrySendError::Full(command)) => Some(Box::pin(async move {
-            let _ = commands.send(command).await;
-        })),
+fn send_to_shard(shared: &Arc<Shared>, shard: usize, command: ShardCommand) -> Option<ShardSend> {
+    match shared.shards[shard].commands.try_send(command) {
+        Err(mpsc::error::TrySendError::Full(command)) => {
+            let shared = shared.clone();
+            Some(Box::pin(async move {
+                let _ = shared.shards[shard].commands.send(command).await;
+            }))
+        }
         _ => None,
     }
+}
+
+/// A send to a busy shard's queue, waiting for room.
+type ShardSend = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What handling the input already read left to do.
+enum Handled {
+    /// A frame was handled (or the input refused); with a send to wait for when its shard's
+    /// queue was full.
+    Frame(Option<ShardSend>),
+    /// No complete frame is buffered.
+    NeedBytes,
 }
 
 /// Sends one presence frame to every connection sharing one of `rooms`, once each.
@@ -592,30 +600,47 @@ fn deadline(after: Duration) -> Pin<Box<Sleep>> {
     Box::pin(tokio::time::sleep(after))
 }
 
-/// Runs a connection to completion on the current (shard) runtime.
-pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_index: usize) {
-    let Some((mut stream, leftover)) = into_socket(upgraded) else {
+/// One connection's state, all of it owned by its task.
+struct Connection {
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    outbox: Arc<Outbox>,
+    session: Option<Session>,
+    reader: FrameReader,
+    assembler: Assembler,
+    writer: Writer,
+    /// Set once closing: input is no longer handled, only drained while the close frame waits
+    /// to be written, until this deadline at most.
+    linger: Option<Pin<Box<Sleep>>>,
+    /// Set while queued frames wait for the socket to take them.
+    write_stall: Option<Pin<Box<Sleep>>>,
+    _guard: ConnectionGuard,
+}
+
+/// Sets up a connection on the current (shard) runtime; the returned future runs it to
+/// completion. The setup is not part of the future, so the task that runs it holds only what
+/// the connection keeps.
+pub fn run(
+    shared: Arc<Shared>,
+    upgraded: Upgraded,
+    mode: Mode,
+    shard_index: usize,
+) -> Option<impl Future<Output = ()> + Send> {
+    let Some((stream, leftover)) = into_socket(upgraded) else {
         tracing::warn!("upgraded connection is not a tcp stream");
-        return;
+        return None;
     };
     let config = &shared.config;
     let conn_id = shared.next_conn_id();
     let outbox = Arc::new(Outbox::new(
         config.outbound_queue,
-        OutboxMetrics {
-            drops: shared.metrics.outbound_drops.clone(),
-            slow_consumer_closes: shared.metrics.slow_consumer_closes.clone(),
-            high_water: shared.metrics.outbound_queue_high_water.clone(),
-        },
+        shared.outbox_metrics.clone(),
     ));
-    let write_timeout = Duration::from_millis(config.write_timeout_ms);
-    let connections = shared.metrics.connections[shard_index].clone();
-    connections.inc();
     let claims = match &mode {
         Mode::Protocol(claims) => Some(claims.clone()),
         Mode::Echo => None,
     };
-    let _guard = shared.track_connection(
+    let guard = shared.track_connection(
         shard_index,
         conn_id,
         LiveConn {
@@ -623,25 +648,25 @@ pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_inde
             claims,
         },
     );
-
-    let mut session = match &mode {
+    let session = match mode {
         Mode::Protocol(claims) => {
-            let user_key = UserKey {
-                tenant: claims.tenant.clone(),
-                user_id: claims.sub.clone(),
+            let conn = ConnRef {
+                id: conn_id,
+                outbox: outbox.clone(),
+                claims,
             };
-            shared.presence.connect(&user_key);
+            shared.presence.connect(&conn.user_key());
             let session_id = ulid::Ulid::new().to_string();
             let frame = FrameBuilder::encode(&crate::codec::Reply {
                 success: true,
                 code: "connected",
-                user_id: Some(&claims.sub),
+                user_id: Some(&conn.claims.sub),
                 room_id: None,
                 reference: None,
                 timestamp: storage::Timestamp::now(),
                 data: ConnectedData {
                     session_id: &session_id,
-                    tenant_id: &claims.tenant,
+                    tenant_id: &conn.claims.tenant,
                     heartbeat_ms: config.heartbeat_ms,
                 },
             });
@@ -649,12 +674,7 @@ pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_inde
             outbox.push(frame, FrameClass::Durable);
             Some(Session {
                 shared: shared.clone(),
-                conn: ConnRef {
-                    id: conn_id,
-                    outbox: outbox.clone(),
-                    claims: claims.clone(),
-                },
-                user_key,
+                conn,
                 joined: HashMap::new(),
                 requests: TokenBucket::new(config.rate_limit, config.rate_burst),
                 typing: TokenBucket::new(config.typing_rate, config.typing_rate.saturating_mul(2)),
@@ -662,152 +682,201 @@ pub async fn run(shared: Arc<Shared>, upgraded: Upgraded, mode: Mode, shard_inde
         }
         Mode::Echo => None,
     };
-
-    let mut reader = FrameReader {
-        buf: leftover,
-        max_payload: config.max_message_bytes,
+    let connection = Connection {
+        reader: FrameReader {
+            buf: leftover,
+            max_payload: config.max_message_bytes,
+        },
+        assembler: Assembler::new(config.max_message_bytes),
+        shared,
+        stream,
+        outbox,
+        session,
+        writer: Writer::default(),
+        linger: None,
+        write_stall: None,
+        _guard: guard,
     };
-    let mut assembler = Assembler::new(config.max_message_bytes);
-    let mut writer = Writer::default();
-    // Once closing, input is no longer handled, only drained while the close frame waits to be
-    // written, until the linger deadline at most.
-    let mut linger: Option<Pin<Box<Sleep>>> = None;
-    // Set while queued frames wait for the socket to take them.
-    let mut write_stall: Option<Pin<Box<Sleep>>> = None;
-    let metrics = &shared.metrics;
-    let close = |code: u16, reason: &str| liveness::close(metrics, &outbox, code, reason);
+    Some(connection.serve())
+}
 
-    loop {
-        // 1. Handle the complete frames already read.
-        if linger.is_some() {
-            reader.buf = BytesMut::new();
-        }
-        let next = match reader.next_frame() {
-            Ok(next) => next,
-            Err((code, reason)) => {
-                close(code, reason);
-                linger.get_or_insert_with(|| deadline(CLOSE_LINGER));
-                continue;
-            }
-        };
-        if let Some((head, payload)) = next {
-            // Every frame counts against the task's cooperative budget: a client that keeps
-            // its socket full must not hold the shard's thread (rooms and other connections
-            // run there too).
-            tokio::task::consume_budget().await;
-            let message = match head.opcode {
-                OpCode::Close => {
-                    match ws::check_close_payload(&payload) {
-                        // Echo the peer's close after what is queued, then stop.
-                        Ok(()) => outbox.close_with_frame(ws::frame(OpCode::Close, &payload)),
-                        Err((code, reason)) => close(code, reason),
+impl Connection {
+    fn close(&self, code: u16, reason: &str) {
+        liveness::close(&self.shared.metrics, &self.outbox, code, reason);
+    }
+
+    /// Stops handling input; the close frame has until the linger deadline to go out.
+    fn closing(&mut self) {
+        self.linger.get_or_insert_with(|| deadline(CLOSE_LINGER));
+    }
+
+    // Not an `async fn`: its argument would be stored twice in the future (once as the
+    // argument, once as the binding), doubling every connection's task.
+    #[allow(clippy::manual_async_fn)]
+    fn serve(mut self) -> impl Future<Output = ()> + Send {
+        async move {
+            self.shared.metrics.connections[self.shard()].inc();
+            loop {
+                // 1. Handle the complete frames already read, one per turn. Every frame counts
+                // against the task's cooperative budget: a client that keeps its socket full must
+                // not hold the shard's thread (rooms and other connections run there too).
+                if let Handled::Frame(send) = self.handle_buffered() {
+                    tokio::task::consume_budget().await;
+                    if let Some(send) = send {
+                        send.await;
                     }
-                    linger.get_or_insert_with(|| deadline(CLOSE_LINGER));
                     continue;
                 }
-                OpCode::Ping => {
-                    outbox.push(ws::frame(OpCode::Pong, &payload), FrameClass::Ephemeral);
-                    continue;
-                }
-                OpCode::Pong => continue,
-                opcode => match assembler.push(opcode, head.fin, payload) {
-                    Ok(Some(message)) => message,
-                    Ok(None) => continue,
-                    Err((code, reason)) => {
-                        close(code, reason);
-                        linger.get_or_insert_with(|| deadline(CLOSE_LINGER));
-                        continue;
-                    }
-                },
-            };
-            match (&mut session, message.0) {
-                (Some(session), OpCode::Text) => {
-                    if let Some((shard, command)) = session.on_text(&message.1, Instant::now()) {
-                        if let Some(wait) = send_to_shard(&shared, shard, command) {
-                            wait.await;
+
+                // 2. Write what is queued, as far as the socket takes it now.
+                self.writer.refill(&self.outbox);
+                match self.writer.flush(&self.stream) {
+                    Ok(progressed) => {
+                        if !self.writer.has_pending() {
+                            self.write_stall = None;
+                        } else if progressed || self.write_stall.is_none() {
+                            // The socket is full: the peer has the write timeout to take more.
+                            let timeout =
+                                Duration::from_millis(self.shared.config.write_timeout_ms);
+                            self.write_stall = Some(deadline(timeout));
                         }
                     }
+                    // The peer is gone: nothing more can be delivered.
+                    Err(_) => break,
                 }
-                (Some(_), _) => {
-                    close(1003, "binary frames are not accepted");
-                    linger.get_or_insert_with(|| deadline(CLOSE_LINGER));
+                if self.writer.close_written() {
+                    // The close frame is out (an echo completes the handshake; for a close of ours
+                    // the client has what it needs to reconnect): done.
+                    let _ = self.stream.shutdown().await;
+                    break;
                 }
-                (None, opcode) => {
-                    outbox.push(ws::frame(opcode, &message.1), FrameClass::Durable);
-                }
-            }
-            continue;
-        }
 
-        // 2. Write what is queued, as far as the socket takes it now.
-        writer.refill(&outbox);
-        match writer.flush(&stream) {
-            Ok(progressed) => {
-                if !writer.has_pending() {
-                    write_stall = None;
-                } else if progressed || write_stall.is_none() {
-                    // The socket is full: the peer has `write_timeout` to take more.
-                    write_stall = Some(deadline(write_timeout));
+                // 3. Wait for bytes, for room in the socket, for frames or a close, or a deadline.
+                match poll_fn(|cx| self.poll_wake(cx)).await {
+                    Wake::Readable(Ok(())) => match self.reader.fill(&self.stream) {
+                        Ok(true) => self.outbox.seen(clock_ms()),
+                        Ok(false) | Err(_) => break,
+                    },
+                    Wake::Writable | Wake::Queued => {}
+                    Wake::Readable(Err(_)) | Wake::LingerOver | Wake::WriteStalled => break,
                 }
             }
-            // The peer is gone: nothing more can be delivered.
-            Err(_) => break,
-        }
-        if writer.close_written() {
-            // The close frame is out (an echo completes the handshake; for a close of ours the
-            // client has what it needs to reconnect): done.
-            let _ = stream.shutdown().await;
-            break;
-        }
 
-        // 3. Wait for bytes, for room in the socket, for frames or a close, or a deadline.
-        let wake = poll_fn(|cx| {
-            if let Some(linger) = &mut linger {
-                if linger.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Wake::LingerOver);
+            self.shared.metrics.connections[self.shard()].dec();
+            // Boxed: the close path runs once, and keeping its state out of this future keeps
+            // every idle connection smaller.
+            let on_close = self
+                .session
+                .take()
+                .map(|session| Box::pin(session.on_close()));
+            if let Some(on_close) = on_close {
+                on_close.await;
+            }
+            // Best effort, without waiting: what is still queued and a close frame, if the socket
+            // takes them now.
+            if !self.writer.close_written() {
+                self.outbox.close(1001, "closing");
+                self.writer.refill(&self.outbox); // the frames queued before the close,
+                self.writer.refill(&self.outbox); // then the close itself
+                let _ = self.writer.flush(&self.stream);
+            }
+        }
+    }
+
+    fn shard(&self) -> usize {
+        self._guard.shard()
+    }
+
+    /// Handles the next complete frame already read, if there is one. Kept out of `serve`, and
+    /// returning only a boxed future, so that no frame or command sits in the connection's
+    /// future while it waits.
+    fn handle_buffered(&mut self) -> Handled {
+        if self.linger.is_some() {
+            self.reader.buf = BytesMut::new();
+        }
+        match self.reader.next_frame() {
+            Ok(Some((head, payload))) => {
+                let send = self
+                    .on_frame(head, payload)
+                    .and_then(|(shard, command)| send_to_shard(&self.shared, shard, command));
+                Handled::Frame(send)
+            }
+            Ok(None) => Handled::NeedBytes,
+            Err((code, reason)) => {
+                self.close(code, reason);
+                self.closing();
+                Handled::Frame(None)
+            }
+        }
+    }
+
+    /// Handles one client frame; a room request comes back for the caller to hand to its shard.
+    fn on_frame(&mut self, head: ws::ClientHead, payload: Bytes) -> Option<(usize, ShardCommand)> {
+        let (opcode, message) = match head.opcode {
+            OpCode::Close => {
+                match ws::check_close_payload(&payload) {
+                    // Echo the peer's close after what is queued, then stop.
+                    Ok(()) => self
+                        .outbox
+                        .close_with_frame(ws::frame(OpCode::Close, &payload)),
+                    Err((code, reason)) => self.close(code, reason),
                 }
+                self.closing();
+                return None;
             }
-            if let Some(stall) = &mut write_stall {
-                if stall.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Wake::WriteStalled);
+            OpCode::Ping => {
+                self.outbox
+                    .push(ws::frame(OpCode::Pong, &payload), FrameClass::Ephemeral);
+                return None;
+            }
+            OpCode::Pong => return None,
+            opcode => match self.assembler.push(opcode, head.fin, payload) {
+                Ok(Some(message)) => message,
+                Ok(None) => return None,
+                Err((code, reason)) => {
+                    self.close(code, reason);
+                    self.closing();
+                    return None;
                 }
-            }
-            if let Poll::Ready(result) = stream.poll_read_ready(cx) {
-                return Poll::Ready(Wake::Readable(result));
-            }
-            if writer.has_pending() {
-                if stream.poll_write_ready(cx).is_ready() {
-                    return Poll::Ready(Wake::Writable);
-                }
-            } else if writer.poll_refill(cx, &outbox).is_ready() {
-                return Poll::Ready(Wake::Queued);
-            }
-            Poll::Pending
-        })
-        .await;
-        match wake {
-            Wake::Readable(Ok(())) => match reader.fill(&stream) {
-                Ok(true) => outbox.seen(clock_ms()),
-                Ok(false) | Err(_) => break,
             },
-            Wake::Writable | Wake::Queued => {}
-            Wake::Readable(Err(_)) | Wake::LingerOver | Wake::WriteStalled => break,
+        };
+        match (&mut self.session, opcode) {
+            (Some(session), OpCode::Text) => session.on_text(&message, Instant::now()),
+            (Some(_), _) => {
+                self.close(1003, "binary frames are not accepted");
+                self.closing();
+                None
+            }
+            (None, opcode) => {
+                self.outbox
+                    .push(ws::frame(opcode, &message), FrameClass::Durable);
+                None
+            }
         }
     }
 
-    connections.dec();
-    if let Some(session) = session {
-        // Boxed: the close path runs once, and keeping its state out of this future keeps
-        // every idle connection smaller.
-        Box::pin(session.on_close()).await;
-    }
-    // Best effort, without waiting: what is still queued and a close frame, if the socket
-    // takes them now.
-    if !writer.close_written() {
-        outbox.close(1001, "closing");
-        writer.refill(&outbox); // the frames queued before the close,
-        writer.refill(&outbox); // then the close itself
-        let _ = writer.flush(&stream);
+    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        if let Some(linger) = &mut self.linger {
+            if linger.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::LingerOver);
+            }
+        }
+        if let Some(stall) = &mut self.write_stall {
+            if stall.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::WriteStalled);
+            }
+        }
+        if let Poll::Ready(result) = self.stream.poll_read_ready(cx) {
+            return Poll::Ready(Wake::Readable(result));
+        }
+        if self.writer.has_pending() {
+            if self.stream.poll_write_ready(cx).is_ready() {
+                return Poll::Ready(Wake::Writable);
+            }
+        } else if self.writer.poll_refill(cx, &self.outbox).is_ready() {
+            return Poll::Ready(Wake::Queued);
+        }
+        Poll::Pending
     }
 }
 

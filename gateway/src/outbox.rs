@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -65,7 +65,8 @@ pub enum Taken {
 struct State {
     frames: Frames,
     ephemeral: usize,
-    close: Option<CloseRequest>,
+    /// Boxed: it is rare, and the space would otherwise sit in every connection's outbox.
+    close: Option<Box<CloseRequest>>,
     /// Set once the close request has been handed over.
     finished: bool,
     /// The connection waiting for frames; woken by the push that makes the queue non-empty.
@@ -91,13 +92,13 @@ pub struct OutboxMetrics {
 pub struct Outbox {
     state: Mutex<State>,
     bound: usize,
-    metrics: OutboxMetrics,
+    metrics: Arc<OutboxMetrics>,
     /// When the peer last sent bytes ([`clock_ms`]).
     last_seen_ms: AtomicU64,
 }
 
 impl Outbox {
-    pub fn new(bound: usize, metrics: OutboxMetrics) -> Outbox {
+    pub fn new(bound: usize, metrics: Arc<OutboxMetrics>) -> Outbox {
         Outbox {
             state: Mutex::new(State {
                 frames: VecDeque::new(),
@@ -156,11 +157,11 @@ impl Outbox {
                     // recovers from storage with join + since_seq.
                     state.frames.clear();
                     state.ephemeral = 0;
-                    state.close = Some(CloseRequest {
+                    state.close = Some(Box::new(CloseRequest {
                         code: 1013,
                         reason: "slow consumer: outbound queue full, rejoin with since_seq".into(),
                         frame: None,
-                    });
+                    }));
                     let waker = state.waker.take();
                     drop(state);
                     self.metrics.slow_consumer_closes.inc();
@@ -207,7 +208,7 @@ impl Outbox {
     fn request_close(&self, request: CloseRequest) {
         let mut state = self.state.lock().expect("outbox lock poisoned");
         if state.close.is_none() {
-            state.close = Some(request);
+            state.close = Some(Box::new(request));
         }
         let waker = state.waker.take();
         drop(state);
@@ -220,7 +221,8 @@ impl Outbox {
             .lock()
             .expect("outbox lock poisoned")
             .close
-            .clone()
+            .as_deref()
+            .cloned()
     }
 
     /// Frames waiting to be written.
@@ -273,7 +275,7 @@ impl Outbox {
         match &state.close {
             Some(close) if !state.finished => {
                 state.finished = true;
-                Taken::Close(close.clone())
+                Taken::Close(CloseRequest::clone(close))
             }
             _ => Taken::Nothing,
         }
@@ -288,18 +290,16 @@ fn wake(waker: Option<Waker>) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     fn outbox(bound: usize) -> Outbox {
         Outbox::new(
             bound,
-            OutboxMetrics {
+            Arc::new(OutboxMetrics {
                 drops: IntCounter::new("d", "d").unwrap(),
                 slow_consumer_closes: IntCounter::new("s", "s").unwrap(),
                 high_water: IntGauge::new("h", "h").unwrap(),
-            },
+            }),
         )
     }
 

@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::connection::{self, Mode};
 use crate::liveness::{self, LiveConn};
 use crate::metrics::Metrics;
+use crate::outbox::OutboxMetrics;
 use crate::presence::PresenceRegistry;
 use crate::shard::{self, ConnId, ShardCommand, ShardHandle};
 
@@ -36,6 +37,8 @@ pub struct Shared {
     pub config: Config,
     pub store: AnyStore,
     pub metrics: Arc<Metrics>,
+    /// The counters every connection's outbox shares.
+    pub outbox_metrics: Arc<OutboxMetrics>,
     pub presence: PresenceRegistry,
     pub shards: Vec<ShardHandle>,
     pub verifier: Verifier,
@@ -51,6 +54,13 @@ pub struct ConnectionGuard {
     shared: Arc<Shared>,
     shard: usize,
     id: ConnId,
+}
+
+impl ConnectionGuard {
+    /// The shard whose thread runs the connection.
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
 }
 
 impl Drop for ConnectionGuard {
@@ -164,10 +174,16 @@ impl Gateway {
             shared_senders.push(tx);
         }
         let (shutdown, _) = watch::channel(false);
+        let outbox_metrics = Arc::new(OutboxMetrics {
+            drops: metrics.outbound_drops.clone(),
+            slow_consumer_closes: metrics.slow_consumer_closes.clone(),
+            high_water: metrics.outbound_queue_high_water.clone(),
+        });
         let shared = Arc::new(Shared {
             config,
             store,
             metrics,
+            outbox_metrics,
             presence: PresenceRegistry::default(),
             shards,
             verifier,
@@ -483,7 +499,9 @@ fn upgrade(
         };
         // A task of its own, sized for the connection alone: continuing in this one would keep
         // room for the handshake's futures for the life of the connection.
-        tokio::spawn(connection::run(shared, upgraded, mode, shard_index));
+        if let Some(connection) = connection::run(shared, upgraded, mode, shard_index) {
+            tokio::spawn(connection);
+        }
     });
     response.map(|_| Full::new(Bytes::new()))
 }

@@ -41,7 +41,8 @@ pub struct ConnRef {
 }
 
 impl ConnRef {
-    fn user_key(&self) -> UserKey {
+    /// The user this connection speaks for, as the presence registry keys it.
+    pub fn user_key(&self) -> UserKey {
         UserKey {
             tenant: self.claims.tenant.clone(),
             user_id: self.claims.sub.clone(),
