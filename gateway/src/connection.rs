@@ -45,6 +45,8 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 const MAX_WRITE_BYTES: usize = 256 * 1024;
 /// Most frames in one vectored write (Linux's `IOV_MAX` is 1024).
 const MAX_IOV: usize = 256;
+/// Most client frames handled between two write passes.
+const FRAMES_PER_TURN: usize = 16;
 /// Most rooms one connection may be joined to.
 const MAX_JOINED_ROOMS: usize = 10_000;
 /// Size of the read buffer allocated when bytes arrive (it is released once they are handled).
@@ -717,15 +719,24 @@ impl Connection {
         async move {
             self.shared.metrics.connections[self.shard()].inc();
             loop {
-                // 1. Handle the complete frames already read, one per turn. Every frame counts
-                // against the task's cooperative budget: a client that keeps its socket full must
-                // not hold the shard's thread (rooms and other connections run there too).
-                if let Handled::Frame(send) = self.handle_buffered() {
+                // 1. Handle complete frames already read: a few per turn, so that replies
+                // get written between them when a client sends faster than its shard takes
+                // requests. Every frame counts against the task's cooperative budget: a client
+                // that keeps its socket full must not hold the shard's thread (rooms and other
+                // connections run there too).
+                let mut handled = 0;
+                let mut more_input = false;
+                while let Handled::Frame(send) = self.handle_buffered() {
                     tokio::task::consume_budget().await;
+                    handled += 1;
+                    let waited = send.is_some();
                     if let Some(send) = send {
                         send.await;
                     }
-                    continue;
+                    if waited || handled == FRAMES_PER_TURN {
+                        more_input = true;
+                        break;
+                    }
                 }
 
                 // 2. Write what is queued, as far as the socket takes it now.
@@ -749,6 +760,10 @@ impl Connection {
                     // the client has what it needs to reconnect): done.
                     let _ = self.stream.shutdown().await;
                     break;
+                }
+
+                if more_input {
+                    continue;
                 }
 
                 // 3. Wait for bytes, for room in the socket, for frames or a close, or a deadline.

@@ -300,8 +300,24 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: onesh
         let _ = stream.set_nodelay(true);
         let shard_index = next_shard % shared.shards.len();
         next_shard = next_shard.wrapping_add(1);
+        // Move the socket to the shard's own reactor: left registered with this runtime's, every
+        // readiness event of the connection would pass through this thread and then wake the
+        // shard's thread.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not detach an accepted socket");
+                continue;
+            }
+        };
         let runtime = shared.shards[shard_index].runtime.clone();
-        runtime.spawn(serve_http(shared.clone(), stream, shard_index));
+        let shared = shared.clone();
+        runtime.spawn(async move {
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => serve_http(shared, stream, shard_index).await,
+                Err(e) => tracing::warn!(error = %e, "could not register an accepted socket"),
+            }
+        });
     }
 }
 
