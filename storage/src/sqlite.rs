@@ -14,6 +14,13 @@
 //!   Throughput then grows with load instead of being capped at one fsync per message. Having a
 //!   single writer also makes `seq` assignment trivial: it reads and bumps a cached per-room
 //!   counter inside the transaction, so `seq` never has gaps.
+//! - **Checkpoints off the commit path.** SQLite's automatic checkpoint runs inside the commit
+//!   that crosses the threshold, copying pages into the database file and fsyncing it while every
+//!   message of that batch (and those queued behind it) waits: a latency spike of tens of
+//!   milliseconds every few megabytes of log. Here the writer never checkpoints; a checkpointer
+//!   thread with its own connection runs a `PASSIVE` checkpoint (which never blocks the writer)
+//!   every [`CHECKPOINT_INTERVAL`], and a `RESTART` one only when the log passed
+//!   [`WAL_RESTART_FRAMES`] because passive ones could not catch up under continuous writes.
 //! - **All or nothing per batch.** If the transaction fails (disk full, I/O error) it is rolled
 //!   back and every request of the batch fails with [`Error::Unavailable`]; nothing of it was
 //!   applied, so callers can retry. A problem with one request (an unknown room) fails only that
@@ -39,6 +46,12 @@ use crate::{
     Appended, CommitStats, Direction, Error, HistoryPage, HistoryQuery, Message, MessageType,
     NewMessage, NewRoom, Result, Room, RoomKind, SenderType, Store, Timestamp,
 };
+
+/// How often the checkpointer copies the write-ahead log into the database.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+/// Log length (in pages) past which the checkpointer makes the next writer start the log over,
+/// briefly holding writers back, so the log cannot grow without bound under continuous writes.
+pub const WAL_RESTART_FRAMES: i64 = 8_192;
 
 /// The schema version this code writes and understands (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 1;
@@ -130,6 +143,7 @@ impl SqliteStore {
             })?;
         }
         let write_conn = open_writer(path, config.busy_timeout)?;
+        let checkpoint_conn = open_checkpointer(path, config.busy_timeout)?;
         let readers = config.readers.max(1);
         let read_conns = (0..readers)
             .map(|_| open_reader(path, config.busy_timeout))
@@ -141,11 +155,17 @@ impl SqliteStore {
         let (stopped_tx, stopped_rx) = watch::channel(());
         let stopped_tx = Arc::new(stopped_tx);
 
+        let (stop_checkpoints, checkpoint_stop) = crossbeam_channel::bounded::<()>(1);
+        let checkpointer = std::thread::Builder::new()
+            .name("store-checkpointer".to_owned())
+            .spawn(move || run_checkpointer(&checkpoint_conn, &checkpoint_stop))
+            .map_err(|e| Error::Unavailable(format!("cannot start the checkpointer: {e}")))?;
         let writer = Writer {
             conn: write_conn,
             cache: HashMap::new(),
             max_batch: config.max_batch.max(1),
             on_commit: config.on_commit,
+            checkpointer: Some((stop_checkpoints, checkpointer)),
         };
         let guard = Arc::clone(&stopped_tx);
         std::thread::Builder::new()
@@ -378,6 +398,8 @@ fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection> {
         conn.pragma_update(None, "fullfsync", true)?;
         conn.pragma_update(None, "checkpoint_fullfsync", true)?;
         conn.pragma_update(None, "foreign_keys", true)?;
+        // The checkpointer thread does it, off the commit path.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.set_prepared_statement_cache_capacity(32);
         Ok(mode)
     };
@@ -389,6 +411,44 @@ fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     }
     migrate(&conn)?;
     Ok(conn)
+}
+
+fn open_checkpointer(path: &Path, busy_timeout: Duration) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(|e| db_error("open", &e))?;
+    let setup = || -> rusqlite::Result<()> {
+        conn.busy_timeout(busy_timeout)?;
+        // A checkpoint fsyncs the database file before the log may be reused.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "checkpoint_fullfsync", true)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(())
+    };
+    setup().map_err(|e| db_error("configure", &e))?;
+    Ok(conn)
+}
+
+/// Checkpoints the log every [`CHECKPOINT_INTERVAL`] until `stop` disconnects.
+fn run_checkpointer(conn: &Connection, stop: &Receiver<()>) {
+    loop {
+        match stop.recv_timeout(CHECKPOINT_INTERVAL) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        // (busy, pages in the log, pages checkpointed)
+        let passive = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+        });
+        match passive {
+            Ok((log, _)) if log >= WAL_RESTART_FRAMES => {
+                if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+                {
+                    tracing::warn!(%error, "sqlite wal restart checkpoint failed");
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "sqlite wal checkpoint failed"),
+        }
+    }
 }
 
 fn open_reader(path: &Path, busy_timeout: Duration) -> Result<Connection> {
@@ -548,6 +608,8 @@ struct Writer {
     cache: HashMap<String, u64>,
     max_batch: usize,
     on_commit: Option<CommitHook>,
+    /// Dropping the sender stops the checkpointer thread.
+    checkpointer: Option<(Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 /// `last_seq` of the rooms a batch looked at; `dirty` when the batch appended to the room.
@@ -584,6 +646,10 @@ impl Writer {
                     ok,
                 });
             }
+        }
+        if let Some((stop, thread)) = self.checkpointer.take() {
+            drop(stop);
+            let _ = thread.join();
         }
         match self
             .conn
@@ -1218,6 +1284,40 @@ mod tests {
         let texts: Vec<_> = page.messages.iter().map(|m| m.message.as_str()).collect();
         assert_eq!(texts[..3], ["m0", "m1", "m2"]);
         assert_eq!(page.messages.len(), 11);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_log_is_checkpointed_in_the_background_not_by_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
+        let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+        store
+            .create_room(NewRoom::team("r", "t", "alice"))
+            .await
+            .unwrap();
+        let db_size = || std::fs::metadata(&path).unwrap().len();
+        let before = db_size();
+        let text = "x".repeat(2000);
+        for _ in 0..200 {
+            store
+                .append(NewMessage::text("r", "alice", &text))
+                .await
+                .unwrap();
+        }
+        // 400 KB of messages went into the log, below the size at which a commit would
+        // checkpoint by itself; only the checkpointer copies them into the database file.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while db_size() < before + 300_000 {
+            assert!(
+                Instant::now() < deadline,
+                "database file still {} bytes: nothing checkpointed",
+                db_size()
+            );
+            std::thread::sleep(CHECKPOINT_INTERVAL / 2);
+        }
+        let page = store.history("r", HistoryQuery::default()).await.unwrap();
+        assert_eq!(page.messages.len(), 50);
         store.close().await.unwrap();
     }
 
