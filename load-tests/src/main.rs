@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use loadgen::client::Protocol;
-use loadgen::report::{own_cpu, rss_kib, scrape, Report};
+use loadgen::report::{own_cpu, process_cpu, rss_kib, scrape, Report};
 use loadgen::scenario::{self, open_many, Conn, Plan, Target};
 use loadgen::stats::Stats;
 use tokio::time::Instant;
@@ -283,6 +283,7 @@ async fn run(cli: &Cli) -> Report {
     tokio::time::sleep(warmup).await;
     stats.recording.set(true);
     let cpu_start = own_cpu();
+    let server_cpu_start = cli.server_pid.and_then(process_cpu);
     let started = Instant::now();
     let mut last = (0u64, 0u64);
     while started.elapsed() < measured {
@@ -303,6 +304,9 @@ async fn run(cli: &Cli) -> Report {
     stats.recording.set(false);
     let elapsed = started.elapsed();
     let cpu = (own_cpu() - cpu_start).as_secs_f64() / elapsed.as_secs_f64();
+    let server_cpu = server_cpu_start
+        .zip(cli.server_pid.and_then(process_cpu))
+        .map(|(start, end)| end.saturating_sub(start).as_secs_f64() / elapsed.as_secs_f64());
     let rss_after = cli.server_pid.and_then(rss_kib);
     let metrics_after = scrape(cli.server).await;
     let parameters = serde_json::to_value(&cli.scenario).unwrap_or_default();
@@ -313,6 +317,7 @@ async fn run(cli: &Cli) -> Report {
         &stats,
         elapsed,
         cpu,
+        server_cpu,
         (rss_before, rss_after),
         &metrics_before,
         &metrics_after,

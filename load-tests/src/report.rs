@@ -25,18 +25,22 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 
 /// CPU time (user + system) this process has used.
 pub fn own_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_of("self").unwrap_or_default()
+}
+
+/// CPU time (user + system, every thread) process `pid` has used.
+pub fn process_cpu(pid: u32) -> Option<Duration> {
+    cpu_of(&pid.to_string())
+}
+
+fn cpu_of(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
     // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    Some(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
 }
 
 /// Sums every `gateway_*` sample by metric name (labels folded together).
@@ -110,6 +114,9 @@ pub struct Report {
     pub delivery_latency: Percentiles,
     pub reply_latency: Percentiles,
     pub generator_cpu: f64,
+    /// The server's CPU use over the measured window (every thread; 1.0 = one core), when its
+    /// PID was given.
+    pub server_cpu: Option<f64>,
     pub generator_saturated: bool,
     pub server_rss_kib_before: Option<u64>,
     pub server_rss_kib_after: Option<u64>,
@@ -125,6 +132,7 @@ impl Report {
         stats: &Stats,
         duration: Duration,
         generator_cpu: f64,
+        server_cpu: Option<f64>,
         rss: (Option<u64>, Option<u64>),
         before: &BTreeMap<String, f64>,
         after: &BTreeMap<String, f64>,
@@ -158,6 +166,7 @@ impl Report {
             reply_latency: Percentiles::of(&stats.reply_latency.borrow()),
             generator_cpu,
             generator_saturated: generator_cpu > 0.9,
+            server_cpu,
             server_rss_kib_before: rss.0,
             server_rss_kib_after: rss.1,
             server_rss_kib_per_connection: match rss {
@@ -216,6 +225,9 @@ impl Report {
                 ""
             }
         ));
+        if let Some(cpu) = self.server_cpu {
+            out.push_str(&format!("server cpu          {:.0} %\n", cpu * 100.0));
+        }
         if let (Some(b), Some(a)) = (self.server_rss_kib_before, self.server_rss_kib_after) {
             out.push_str(&format!("server rss          {b} KiB -> {a} KiB"));
             if let Some(per) = self.server_rss_kib_per_connection {

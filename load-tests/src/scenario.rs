@@ -12,7 +12,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::client::{self, find, number_after, Frame, FrameReader, Protocol};
+use crate::client::{self, find, keys, number_after, Frame, FrameReader, Protocol};
 use crate::stats::Stats;
 
 /// Connections per source address: stays well below the ~28k ephemeral ports of one address.
@@ -210,8 +210,8 @@ impl Conn {
 /// Counts one text frame: direct replies carry our `ref` (`t<intended ns>`), chat events from
 /// others carry the intended send time in the message text (`t=<ns>`).
 fn classify(stats: &Stats, replies: &Notify, payload: &[u8]) {
-    let reply = number_after(payload, b"\"ref\":\"t");
-    if find(payload, b"\"status\":\"error\"").is_some() {
+    let reply = number_after(payload, &keys::REF);
+    if find(payload, &keys::ERROR).is_some() {
         stats.error();
         if reply.is_some() {
             replies.notify_one();
@@ -221,8 +221,8 @@ fn classify(stats: &Stats, replies: &Notify, payload: &[u8]) {
     if let Some(intended) = reply {
         stats.acked(Some(intended));
         replies.notify_one();
-    } else if find(payload, b"\"code\":\"chat_response\"").is_some() {
-        stats.delivered(number_after(payload, b"\"message\":\"t="));
+    } else if find(payload, &keys::CHAT_RESPONSE).is_some() {
+        stats.delivered(number_after(payload, &keys::MESSAGE_TIME));
     }
 }
 
@@ -463,10 +463,10 @@ pub fn spawn_churn_worker(target: Rc<Target>, worker: usize, stats: Rc<Stats>, u
             while !done {
                 let mut on_frame = |frame: Frame<'_>| {
                     if let Frame::Text(p) = frame {
-                        if find(p, b"\"status\":\"error\"").is_some() {
+                        if find(p, &keys::ERROR).is_some() {
                             failed = true;
                         }
-                        if find(p, b"\"code\":\"leave_response\"").is_some() {
+                        if find(p, &keys::LEAVE_RESPONSE).is_some() {
                             done = true;
                         }
                     }
