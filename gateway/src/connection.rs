@@ -616,7 +616,7 @@ struct Connection {
     linger: Option<Pin<Box<Sleep>>>,
     /// Set while queued frames wait for the socket to take them.
     write_stall: Option<Pin<Box<Sleep>>>,
-    _guard: ConnectionGuard,
+    guard: ConnectionGuard,
 }
 
 /// Sets up a connection on the current (shard) runtime; the returned future runs it to
@@ -697,7 +697,7 @@ pub fn run(
         writer: Writer::default(),
         linger: None,
         write_stall: None,
-        _guard: guard,
+        guard,
     };
     Some(connection.serve())
 }
@@ -749,7 +749,12 @@ impl Connection {
                             // The socket is full: the peer has the write timeout to take more.
                             let timeout =
                                 Duration::from_millis(self.shared.config.write_timeout_ms);
-                            self.write_stall = Some(deadline(timeout));
+                            match &mut self.write_stall {
+                                Some(stall) => {
+                                    stall.as_mut().reset(tokio::time::Instant::now() + timeout)
+                                }
+                                None => self.write_stall = Some(deadline(timeout)),
+                            }
                         }
                     }
                     // The peer is gone: nothing more can be delivered.
@@ -799,7 +804,7 @@ impl Connection {
     }
 
     fn shard(&self) -> usize {
-        self._guard.shard()
+        self.guard.shard()
     }
 
     /// Handles the next complete frame already read, if there is one. Kept out of `serve`, and
