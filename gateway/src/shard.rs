@@ -320,6 +320,10 @@ impl Shard {
 
     /// Answers the `Drain` requests whose commits have all finished.
     fn answer_drains(&mut self) {
+        // Runs after every commit; there is nothing to do outside a shutdown.
+        if self.drains.is_empty() {
+            return;
+        }
         let finished = self.appends_finished;
         let (done, waiting) = std::mem::take(&mut self.drains)
             .into_iter()
