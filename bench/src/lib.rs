@@ -22,7 +22,7 @@
 
 use std::sync::Arc;
 
-use gateway::outbox::{Frames, Outbox, OutboxMetrics, Taken};
+use gateway::outbox::{Bound, Frames, Outbox, OutboxMetrics, Taken};
 use prometheus::{IntCounter, IntGauge};
 use storage::{Message, NewMessage, Timestamp};
 
@@ -42,6 +42,8 @@ pub const CHAT_FRAME_OVERHEAD: usize = 92;
 pub const MESSAGE_TEXT_LEN: usize = 100;
 /// Per-connection outbound queue bound: the gateway's default `--outbound-queue`.
 pub const OUTBOUND_QUEUE: usize = 1024;
+/// The gateway's default outbound queue bound in bytes.
+pub const OUTBOUND_QUEUE_BYTES: usize = 8 * 1024 * 1024;
 
 /// ASCII filler text of exactly `len` bytes.
 pub fn text(len: usize) -> String {
@@ -86,24 +88,41 @@ pub fn outbox_metrics() -> Arc<OutboxMetrics> {
         slow_consumer_closes: IntCounter::new("slow_consumer_closes", "slow consumers")
             .expect("valid counter"),
         high_water: IntGauge::new("outbound_high_water", "deepest queue").expect("valid gauge"),
+        high_water_bytes: IntGauge::new("outbound_high_water_bytes", "biggest queue")
+            .expect("valid gauge"),
     })
 }
 
 /// `n` outboxes with the default bound, sharing `metrics` as the gateway's connections do.
 pub fn outboxes(n: usize, metrics: &Arc<OutboxMetrics>) -> Vec<Outbox> {
     (0..n)
-        .map(|_| Outbox::new(OUTBOUND_QUEUE, metrics.clone()))
+        .map(|_| {
+            Outbox::new(
+                Bound {
+                    frames: OUTBOUND_QUEUE,
+                    bytes: OUTBOUND_QUEUE_BYTES,
+                },
+                metrics.clone(),
+            )
+        })
         .collect()
 }
 
-/// Moves everything queued in `outbox` to the back of `batch`, as the connection does before a
-/// write.
+/// Moves everything queued in `outbox` to the back of `batch` and reports it written, as the
+/// connection does around a write that the socket takes whole.
 pub fn drain(outbox: &Outbox, batch: &mut Frames) {
+    let before = batch.len();
     let taken = outbox.take(batch);
     debug_assert!(
         !matches!(taken, Taken::Close(_)),
         "a bench outbox never closes"
     );
+    let bytes = batch
+        .iter()
+        .skip(before)
+        .map(|(frame, _)| frame.len())
+        .sum();
+    outbox.written(batch.len() - before, bytes);
 }
 
 #[cfg(test)]

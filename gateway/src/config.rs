@@ -144,6 +144,46 @@ pub struct Config {
     )]
     pub outbound_queue: usize,
 
+    /// Outbound queue bound per connection, in bytes: everything queued for it, written or
+    /// not, counts (see the slow-consumer policy).
+    #[arg(
+        long,
+        env = "GATEWAY_OUTBOUND_QUEUE_BYTES",
+        default_value_t = 8 * 1024 * 1024,
+        global = true
+    )]
+    pub outbound_queue_bytes: usize,
+
+    /// Byte budget of one `join` `missed` or `historic` page: a page is cut where the next
+    /// message would pass it (always at least one message) and says `has_more`.
+    #[arg(
+        long,
+        env = "GATEWAY_MAX_REPLY_BYTES",
+        default_value_t = 1024 * 1024,
+        global = true
+    )]
+    pub max_reply_bytes: usize,
+
+    /// Rooms one connection's joins may create over its life; further creations get
+    /// RATE_LIMITED.
+    #[arg(
+        long,
+        env = "GATEWAY_ROOMS_PER_CONNECTION",
+        default_value_t = 100,
+        global = true
+    )]
+    pub rooms_per_connection: u32,
+
+    /// Rooms one tenant's joins may create per minute across the process (burst: the same
+    /// number); further creations get RATE_LIMITED.
+    #[arg(
+        long,
+        env = "GATEWAY_ROOMS_PER_TENANT_MINUTE",
+        default_value_t = 600,
+        global = true
+    )]
+    pub rooms_per_tenant_minute: u32,
+
     /// Sustained requests per second per connection (token bucket); excess gets RATE_LIMITED.
     #[arg(long, env = "GATEWAY_RATE_LIMIT", default_value_t = 100, global = true)]
     pub rate_limit: u32,

@@ -32,9 +32,10 @@ use crate::cmd::{Code, Command};
 use crate::codec::reply::response_code;
 use crate::codec::ws::{self, CloseWith, OpCode};
 use crate::codec::{parse_envelope, ErrorCode, FrameBuilder, ProtocolError};
+use crate::limits::TokenBucket;
 use crate::liveness::{self, LiveConn};
 use crate::metrics::OutCode;
-use crate::outbox::{clock_ms, FrameClass, Frames, Outbox, Taken};
+use crate::outbox::{clock_ms, Bound, FrameClass, Frames, Outbox, Taken};
 use crate::server::{ConnectionGuard, Shared};
 use crate::shard::{self, presence_frame, ConnId, ConnRef, RoomAction, RoomRequest, ShardCommand};
 
@@ -117,37 +118,6 @@ impl FrameReader {
                 Ok(true)
             }
             Err(e) => Err(e),
-        }
-    }
-}
-
-/// A token bucket for per-connection rate limits.
-struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u32, burst: u32) -> Self {
-        TokenBucket {
-            rate: f64::from(rate.max(1)),
-            burst: f64::from(burst.max(1)),
-            tokens: f64::from(burst.max(1)),
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
         }
     }
 }
@@ -275,7 +245,20 @@ impl Writer {
     /// Writes as much as the socket takes now, with vectored writes straight from the shared
     /// frame buffers (no staging copy): up to `MAX_IOV` frames or about `MAX_WRITE_BYTES` per
     /// syscall. `Ok(true)` when anything was written.
-    fn flush(&mut self, socket: &TcpStream) -> std::io::Result<bool> {
+    fn flush(&mut self, socket: &TcpStream, outbox: &Outbox) -> std::io::Result<bool> {
+        let (mut frames_written, mut bytes_written) = (0, 0);
+        let result = self.write_some(socket, &mut frames_written, &mut bytes_written);
+        // Written frames no longer count against the connection's bound.
+        outbox.written(frames_written, bytes_written);
+        result
+    }
+
+    fn write_some(
+        &mut self,
+        socket: &TcpStream,
+        frames_written: &mut usize,
+        bytes_written: &mut usize,
+    ) -> std::io::Result<bool> {
         let mut progressed = false;
         while !self.frames.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -307,7 +290,13 @@ impl Writer {
                     break;
                 }
                 written -= rest;
-                self.frames.pop_front();
+                if let Some((frame, _)) = self.frames.pop_front() {
+                    // The close frame (always last) came from the writer, not the outbox.
+                    if !(self.close_queued && self.frames.is_empty()) {
+                        *frames_written += 1;
+                        *bytes_written += frame.len();
+                    }
+                }
                 self.offset = 0;
             }
         }
@@ -371,6 +360,11 @@ impl Session {
     /// Checks and parses one text message. Whatever the connection can answer itself is
     /// answered here; a room request comes back with the index of the shard that owns the room.
     fn on_text(&mut self, payload: &[u8], received: Instant) -> Option<(usize, ShardCommand)> {
+        // The token is taken before anything else, so malformed frames and unknown codes cost
+        // a client its budget like valid ones.
+        let allowed = self.requests.take(received);
+        let rate_limited =
+            || ProtocolError::new(ErrorCode::RateLimited, "too many requests, slow down");
         let envelope = match parse_envelope(payload) {
             Ok(envelope) => envelope,
             Err(e) => {
@@ -381,12 +375,8 @@ impl Session {
                     .code
                     .as_deref()
                     .map_or_else(|| "error".to_owned(), response_code);
-                self.error(
-                    &code,
-                    e.room_id.as_deref(),
-                    e.reference.as_deref(),
-                    &e.error,
-                );
+                let error = if allowed { e.error } else { rate_limited() };
+                self.error(&code, e.room_id.as_deref(), e.reference.as_deref(), &error);
                 return None;
             }
         };
@@ -396,17 +386,20 @@ impl Session {
         let room_id = room_owned.as_deref();
         let Some(code) = Code::parse(&envelope.code) else {
             self.shared.metrics.frame_in(None);
-            let error = ProtocolError::new(
-                ErrorCode::UnknownCode,
-                format!("unknown code {:?}", envelope.code),
-            );
+            let error = if allowed {
+                ProtocolError::new(
+                    ErrorCode::UnknownCode,
+                    format!("unknown code {:?}", envelope.code),
+                )
+            } else {
+                rate_limited()
+            };
             self.error(&response_code(&envelope.code), room_id, reference, &error);
             return None;
         };
         self.shared.metrics.frame_in(Some(code));
-        if !self.requests.take(received) {
-            let error = ProtocolError::new(ErrorCode::RateLimited, "too many requests, slow down");
-            self.error(code.response(), room_id, reference, &error);
+        if !allowed {
+            self.error(code.response(), room_id, reference, &rate_limited());
             return None;
         }
         if envelope.user_id != self.conn.claims.sub {
@@ -635,7 +628,10 @@ pub fn run(
     let config = &shared.config;
     let conn_id = shared.next_conn_id();
     let outbox = Arc::new(Outbox::new(
-        config.outbound_queue,
+        Bound {
+            frames: config.outbound_queue,
+            bytes: config.outbound_queue_bytes,
+        },
         shared.outbox_metrics.clone(),
     ));
     let claims = match &mode {
@@ -678,8 +674,11 @@ pub fn run(
                 shared: shared.clone(),
                 conn,
                 joined: HashMap::new(),
-                requests: TokenBucket::new(config.rate_limit, config.rate_burst),
-                typing: TokenBucket::new(config.typing_rate, config.typing_rate.saturating_mul(2)),
+                requests: TokenBucket::new(f64::from(config.rate_limit), config.rate_burst),
+                typing: TokenBucket::new(
+                    f64::from(config.typing_rate),
+                    config.typing_rate.saturating_mul(2),
+                ),
             })
         }
         Mode::Echo => None,
@@ -741,7 +740,7 @@ impl Connection {
 
                 // 2. Write what is queued, as far as the socket takes it now.
                 self.writer.refill(&self.outbox);
-                match self.writer.flush(&self.stream) {
+                match self.writer.flush(&self.stream, &self.outbox) {
                     Ok(progressed) => {
                         if !self.writer.has_pending() {
                             self.write_stall = None;
@@ -798,7 +797,7 @@ impl Connection {
                 self.outbox.close(1001, "closing");
                 self.writer.refill(&self.outbox); // the frames queued before the close,
                 self.writer.refill(&self.outbox); // then the close itself
-                let _ = self.writer.flush(&self.stream);
+                let _ = self.writer.flush(&self.stream, &self.outbox);
             }
         }
     }
@@ -943,15 +942,5 @@ mod tests {
                 .0,
             1002
         );
-    }
-
-    #[test]
-    fn token_bucket_refills_over_time() {
-        let mut b = TokenBucket::new(10, 2);
-        let t0 = Instant::now();
-        assert!(b.take(t0));
-        assert!(b.take(t0));
-        assert!(!b.take(t0));
-        assert!(b.take(t0 + Duration::from_millis(150)));
     }
 }

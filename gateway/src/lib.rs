@@ -33,6 +33,7 @@ pub mod cmd;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod limits;
 pub mod liveness;
 pub mod metrics;
 pub mod outbox;

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub handshake_rejects: IntCounterVec,
     pub closes: IntCounterVec,
     pub outbound_queue_high_water: IntGauge,
+    pub outbound_queue_high_water_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -152,7 +153,12 @@ impl Metrics {
         .unwrap();
         let outbound_queue_high_water = IntGauge::new(
             "gateway_outbound_queue_high_water",
-            "the most frames ever queued to one connection (never above the configured bound)",
+            "the most frames ever queued to one connection, written or not (never above the configured bound)",
+        )
+        .unwrap();
+        let outbound_queue_high_water_bytes = IntGauge::new(
+            "gateway_outbound_queue_high_water_bytes",
+            "the most bytes ever queued to one connection, written or not",
         )
         .unwrap();
 
@@ -172,6 +178,7 @@ impl Metrics {
             Box::new(handshake_rejects.clone()),
             Box::new(closes.clone()),
             Box::new(outbound_queue_high_water.clone()),
+            Box::new(outbound_queue_high_water_bytes.clone()),
         ] {
             registry
                 .register(collector)
@@ -224,6 +231,7 @@ impl Metrics {
             handshake_rejects,
             closes,
             outbound_queue_high_water,
+            outbound_queue_high_water_bytes,
         }
     }
 

@@ -3,12 +3,17 @@
 //! Producers (shards, the connection's own reader, its shard's heartbeat sweep) push complete
 //! frame bytes; the connection takes everything queued in one go and writes it with as few
 //! syscalls as it can.
-//! When the queue is full, ephemeral frames (typing, presence) are dropped first; when a durable
-//! frame cannot be queued the connection is closed with 1013 and the client recovers the gap
-//! with `join` + `since_seq`.
+//!
+//! The bound is in frames **and** bytes, and it covers everything queued for the connection
+//! wherever it sits: frames still in the queue and frames the connection has taken but not yet
+//! written (it reports each write back with [`Outbox::written`]). A reader that takes frames
+//! slowly therefore fills the bound like one that takes none.
+//! When the bound would be exceeded, ephemeral frames (typing, presence) still in the queue are
+//! dropped first; when a durable frame cannot be queued the connection is closed with 1013 and
+//! the client recovers the gap with `join` + `since_seq`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -64,6 +69,11 @@ pub enum Taken {
 
 struct State {
     frames: Frames,
+    /// Bytes of `frames`.
+    bytes: usize,
+    /// Frames and bytes taken by the connection and not yet reported written.
+    taken_frames: usize,
+    taken_bytes: usize,
     ephemeral: usize,
     /// Boxed: it is rare, and the space would otherwise sit in every connection's outbox.
     close: Option<Box<CloseRequest>>,
@@ -85,32 +95,60 @@ pub struct OutboxMetrics {
     pub drops: IntCounter,
     pub slow_consumer_closes: IntCounter,
     pub high_water: IntGauge,
+    /// The most bytes ever queued for one connection.
+    pub high_water_bytes: IntGauge,
+}
+
+/// How much may be queued for one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    pub frames: usize,
+    pub bytes: usize,
 }
 
 /// The bounded queue between producers and a connection, and what its shard's heartbeat sweep
 /// reads of it.
 pub struct Outbox {
     state: Mutex<State>,
-    bound: usize,
+    bound: Bound,
     metrics: Arc<OutboxMetrics>,
     /// When the peer last sent bytes ([`clock_ms`]).
     last_seen_ms: AtomicU64,
+    /// Rooms this connection's joins have created (the per-connection creation limit).
+    rooms_created: AtomicU32,
 }
 
 impl Outbox {
-    pub fn new(bound: usize, metrics: Arc<OutboxMetrics>) -> Outbox {
+    pub fn new(bound: Bound, metrics: Arc<OutboxMetrics>) -> Outbox {
         Outbox {
             state: Mutex::new(State {
                 frames: VecDeque::new(),
+                bytes: 0,
+                taken_frames: 0,
+                taken_bytes: 0,
                 ephemeral: 0,
                 close: None,
                 finished: false,
                 waker: None,
             }),
-            bound: bound.max(1),
+            bound: Bound {
+                frames: bound.frames.max(1),
+                bytes: bound.bytes.max(1),
+            },
             metrics,
             last_seen_ms: AtomicU64::new(clock_ms()),
+            rooms_created: AtomicU32::new(0),
         }
+    }
+
+    /// Counts one more room created by this connection's joins, unless `limit` rooms were
+    /// created already; `false` when over the limit.
+    pub fn try_count_room_created(&self, limit: u32) -> bool {
+        self.rooms_created
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     /// Records that the peer sent something (heartbeat bookkeeping).
@@ -123,19 +161,19 @@ impl Outbox {
         self.last_seen_ms.load(Ordering::Relaxed)
     }
 
-    /// The configured bound, in frames.
-    pub fn bound(&self) -> usize {
+    /// The configured bound.
+    pub fn bound(&self) -> Bound {
         self.bound
     }
 
-    /// Queues a frame, applying the slow-consumer policy when the queue is full.
+    /// Queues a frame, applying the slow-consumer policy when the bound would be exceeded.
     pub fn push(&self, frame: Bytes, class: FrameClass) -> Pushed {
         let mut state = self.state.lock().expect("outbox lock poisoned");
         if state.close.is_some() {
             return Pushed::Closed;
         }
         let mut outcome = Pushed::Queued;
-        if state.frames.len() >= self.bound {
+        while state.over_bound(&self.bound, frame.len()) {
             match class {
                 FrameClass::Ephemeral => {
                     self.metrics.drops.inc();
@@ -147,25 +185,16 @@ impl Outbox {
                         .iter()
                         .position(|(_, c)| *c == FrameClass::Ephemeral)
                         .expect("ephemeral count matches the queue");
-                    state.frames.remove(oldest);
+                    if let Some((dropped, _)) = state.frames.remove(oldest) {
+                        state.bytes -= dropped.len();
+                    }
                     state.ephemeral -= 1;
                     self.metrics.drops.inc();
                     outcome = Pushed::DroppedEphemeral;
                 }
                 FrameClass::Durable => {
-                    // Durable frames would be lost: discard the backlog and close. The client
-                    // recovers from storage with join + since_seq.
-                    state.frames.clear();
-                    state.ephemeral = 0;
-                    state.close = Some(Box::new(CloseRequest {
-                        code: 1013,
-                        reason: "slow consumer: outbound queue full, rejoin with since_seq".into(),
-                        frame: None,
-                    }));
-                    let waker = state.waker.take();
                     drop(state);
-                    self.metrics.slow_consumer_closes.inc();
-                    wake(waker);
+                    self.overflow();
                     return Pushed::Overflowed;
                 }
             }
@@ -173,17 +202,70 @@ impl Outbox {
         if class == FrameClass::Ephemeral {
             state.ephemeral += 1;
         }
+        state.bytes += frame.len();
         state.frames.push_back((frame, class));
-        let len = state.frames.len() as i64;
+        let frames = (state.frames.len() + state.taken_frames) as i64;
+        let bytes = (state.bytes + state.taken_bytes) as i64;
         // Only the push that makes the queue non-empty finds a waker: the connection takes
         // everything at once, so later pushes have nobody to wake.
         let waker = state.waker.take();
         drop(state);
-        if len > self.metrics.high_water.get() {
-            self.metrics.high_water.set(len);
+        if frames > self.metrics.high_water.get() {
+            self.metrics.high_water.set(frames);
+        }
+        if bytes > self.metrics.high_water_bytes.get() {
+            self.metrics.high_water_bytes.set(bytes);
         }
         wake(waker);
         outcome
+    }
+
+    /// Applies the slow-consumer close: durable frames would be lost, so the backlog is
+    /// discarded and the connection closes with 1013. The client recovers from storage with
+    /// `join` + `since_seq`. Also used by a shard whose frames for this connection wait
+    /// elsewhere and outgrew the same bound.
+    pub fn overflow(&self) {
+        let mut state = self.state.lock().expect("outbox lock poisoned");
+        if state.close.is_some() {
+            return;
+        }
+        state.frames.clear();
+        state.bytes = 0;
+        state.ephemeral = 0;
+        state.close = Some(Box::new(CloseRequest {
+            code: 1013,
+            reason: "slow consumer: outbound queue full, rejoin with since_seq".into(),
+            frame: None,
+        }));
+        let waker = state.waker.take();
+        drop(state);
+        self.metrics.slow_consumer_closes.inc();
+        wake(waker);
+    }
+
+    /// Counts an ephemeral frame for this connection dropped before it reached the queue.
+    pub fn count_dropped(&self) {
+        self.metrics.drops.inc();
+    }
+
+    /// Reports frames taken with [`Outbox::take`] as written to the socket, releasing their
+    /// share of the bound.
+    pub fn written(&self, frames: usize, bytes: usize) {
+        if frames == 0 && bytes == 0 {
+            return;
+        }
+        let mut state = self.state.lock().expect("outbox lock poisoned");
+        state.taken_frames = state.taken_frames.saturating_sub(frames);
+        state.taken_bytes = state.taken_bytes.saturating_sub(bytes);
+    }
+
+    /// Frames and bytes queued for the connection, taken but unwritten ones included.
+    pub fn queued(&self) -> (usize, usize) {
+        let state = self.state.lock().expect("outbox lock poisoned");
+        (
+            state.frames.len() + state.taken_frames,
+            state.bytes + state.taken_bytes,
+        )
     }
 
     /// Asks the writer to send what is queued, then a close frame, then stop. The first close
@@ -225,7 +307,7 @@ impl Outbox {
             .cloned()
     }
 
-    /// Frames waiting to be written.
+    /// Frames waiting in the queue (not yet taken by the connection).
     pub fn len(&self) -> usize {
         self.state
             .lock()
@@ -264,6 +346,9 @@ impl Outbox {
 
     fn take_locked(state: &mut State, into: &mut Frames) -> Taken {
         if !state.frames.is_empty() {
+            state.taken_frames += state.frames.len();
+            state.taken_bytes += state.bytes;
+            state.bytes = 0;
             if into.is_empty() {
                 std::mem::swap(&mut state.frames, into);
             } else {
@@ -282,6 +367,16 @@ impl Outbox {
     }
 }
 
+impl State {
+    /// Whether queuing `extra` more bytes (one more frame) would exceed the bound. A frame
+    /// bigger than the byte bound on its own still goes into an empty queue.
+    fn over_bound(&self, bound: &Bound, extra: usize) -> bool {
+        let frames = self.frames.len() + self.taken_frames;
+        let bytes = self.bytes + self.taken_bytes;
+        frames >= bound.frames || (frames > 0 && bytes + extra > bound.bytes)
+    }
+}
+
 fn wake(waker: Option<Waker>) {
     if let Some(waker) = waker {
         waker.wake();
@@ -292,15 +387,84 @@ fn wake(waker: Option<Waker>) {
 mod tests {
     use super::*;
 
-    fn outbox(bound: usize) -> Outbox {
+    fn metrics() -> Arc<OutboxMetrics> {
+        Arc::new(OutboxMetrics {
+            drops: IntCounter::new("d", "d").unwrap(),
+            slow_consumer_closes: IntCounter::new("s", "s").unwrap(),
+            high_water: IntGauge::new("h", "h").unwrap(),
+            high_water_bytes: IntGauge::new("hb", "hb").unwrap(),
+        })
+    }
+
+    fn outbox(frames: usize) -> Outbox {
         Outbox::new(
-            bound,
-            Arc::new(OutboxMetrics {
-                drops: IntCounter::new("d", "d").unwrap(),
-                slow_consumer_closes: IntCounter::new("s", "s").unwrap(),
-                high_water: IntGauge::new("h", "h").unwrap(),
-            }),
+            Bound {
+                frames,
+                bytes: usize::MAX,
+            },
+            metrics(),
         )
+    }
+
+    #[test]
+    fn frames_taken_but_unwritten_count_against_the_bound() {
+        let o = outbox(3);
+        let mut batch = Frames::new();
+        for _ in 0..3 {
+            o.push(Bytes::from_static(b"abc"), FrameClass::Durable);
+        }
+        // The connection takes everything but writes only one frame.
+        assert_eq!(o.take(&mut batch), Taken::Frames);
+        o.written(1, 3);
+        assert_eq!(o.queued(), (2, 6));
+        assert_eq!(
+            o.push(Bytes::from_static(b"d"), FrameClass::Durable),
+            Pushed::Queued
+        );
+        assert_eq!(
+            o.push(Bytes::from_static(b"e"), FrameClass::Durable),
+            Pushed::Overflowed,
+            "two unwritten frames plus one queued fill a bound of three"
+        );
+        assert_eq!(o.closing().unwrap().code, 1013);
+    }
+
+    #[test]
+    fn the_byte_bound_closes_a_connection_below_the_frame_bound() {
+        let o = Outbox::new(
+            Bound {
+                frames: 1000,
+                bytes: 10,
+            },
+            metrics(),
+        );
+        // One frame bigger than the byte bound alone still goes into an empty queue.
+        assert_eq!(
+            o.push(Bytes::from(vec![b'x'; 20]), FrameClass::Durable),
+            Pushed::Queued
+        );
+        let mut batch = Frames::new();
+        o.take(&mut batch);
+        o.written(1, 20);
+        assert_eq!(
+            o.push(Bytes::from(vec![b'x'; 6]), FrameClass::Durable),
+            Pushed::Queued
+        );
+        assert_eq!(
+            o.push(Bytes::from(vec![b'y'; 2]), FrameClass::Ephemeral),
+            Pushed::Queued
+        );
+        // 6 + 2 + 6 > 10: the ephemeral frame makes room, then the durable one overflows.
+        assert_eq!(
+            o.push(Bytes::from(vec![b'z'; 3]), FrameClass::Durable),
+            Pushed::DroppedEphemeral
+        );
+        assert_eq!(o.queued(), (2, 9));
+        assert_eq!(
+            o.push(Bytes::from(vec![b'w'; 6]), FrameClass::Durable),
+            Pushed::Overflowed
+        );
+        assert_eq!(o.queued().1, 0);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use crate::auth::{token_from_request, Claims, Role, Verifier};
 use crate::config::Config;
 use crate::connection::{self, Mode};
+use crate::limits::TenantRoomCreations;
 use crate::liveness::{self, LiveConn};
 use crate::metrics::Metrics;
 use crate::outbox::OutboxMetrics;
@@ -40,6 +41,8 @@ pub struct Shared {
     /// The counters every connection's outbox shares.
     pub outbox_metrics: Arc<OutboxMetrics>,
     pub presence: PresenceRegistry,
+    /// How fast each tenant's joins may create rooms.
+    pub room_creations: TenantRoomCreations,
     pub shards: Vec<ShardHandle>,
     pub verifier: Verifier,
     next_conn: AtomicU64,
@@ -178,13 +181,16 @@ impl Gateway {
             drops: metrics.outbound_drops.clone(),
             slow_consumer_closes: metrics.slow_consumer_closes.clone(),
             high_water: metrics.outbound_queue_high_water.clone(),
+            high_water_bytes: metrics.outbound_queue_high_water_bytes.clone(),
         });
+        let room_creations = TenantRoomCreations::new(config.rooms_per_tenant_minute);
         let shared = Arc::new(Shared {
             config,
             store,
             metrics,
             outbox_metrics,
             presence: PresenceRegistry::default(),
+            room_creations,
             shards,
             verifier,
             next_conn: AtomicU64::new(1),

@@ -12,8 +12,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use serde::Serialize;
-use storage::{Appended, Direction, HistoryQuery, NewMessage, Room, RoomKind, Store, Timestamp};
-use tokio::sync::{mpsc, oneshot};
+use serde_json::value::RawValue;
+use storage::{
+    Appended, Direction, HistoryPage, HistoryQuery, NewMessage, Room, RoomKind, Store, Timestamp,
+};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{may_join, Access, Claims, Role};
 use crate::cmd::chat::Chat;
@@ -31,6 +34,15 @@ use crate::server::Shared;
 
 /// Connection ids are unique for the life of the process.
 pub type ConnId = u64;
+
+/// Most requests queued for one room while it loads; more are answered UNAVAILABLE.
+const MAX_QUEUED_WHILE_LOADING: usize = 1024;
+/// Most requests one connection may have held for a room while its join reply is prepared;
+/// more are answered RATE_LIMITED.
+const MAX_HELD_PER_MEMBER: usize = 64;
+/// Most helper tasks (room loads and creations, join replies, history pages, read receipts)
+/// one shard runs at once; requests beyond are answered UNAVAILABLE.
+const MAX_SHARD_TASKS: usize = 1024;
 
 /// What a shard knows of a connection that talks to it.
 #[derive(Clone)]
@@ -116,11 +128,15 @@ enum ShardEvent {
         room_id: String,
         conn: ConnId,
         frame: Bytes,
+        /// `false` when the reply is an error: the connection is not joined after all.
+        ok: bool,
     },
     ReceiptStored {
         room_id: String,
         conn: ConnRef,
         broadcast: Option<Bytes>,
+        /// The message is a note: customers must not learn of it.
+        team_only: bool,
     },
 }
 
@@ -155,6 +171,7 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name(format!("shard-{index}"))
         .spawn(move || {
+            let _exit_on_panic = ExitOnPanic(index);
             runtime.block_on(async move {
                 let Ok(shared) = shared_rx.await else {
                     return;
@@ -175,11 +192,33 @@ pub fn spawn(
     ))
 }
 
+/// Ends the process when a shard thread panics: its rooms and connections are gone, and a
+/// process that limps on half-dead (requests routed to the dead shard never answered, `/readyz`
+/// still 200) is worse than one that a supervisor restarts at once.
+struct ExitOnPanic(usize);
+
+impl Drop for ExitOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(shard = self.0, "shard thread panicked, exiting");
+            eprintln!("shard {} panicked, exiting", self.0);
+            std::process::exit(70);
+        }
+    }
+}
+
+/// Frames for a member that wait for its join reply, bounded like its outbox.
+#[derive(Default)]
+struct Pending {
+    frames: Vec<(Bytes, FrameClass)>,
+    bytes: usize,
+}
+
 struct Member {
     conn: ConnRef,
     /// While a join reply is being prepared, frames for this member wait here so the client
     /// sees the join reply first and then every later event, in order.
-    pending: Option<Vec<(Bytes, FrameClass)>>,
+    pending: Option<Pending>,
     /// Later requests of this connection for this room, held while the join reply is being
     /// prepared and replayed in order once it is out (so a pipelined `leave` cannot drop the
     /// join reply, nor a `chat` overtake it).
@@ -189,7 +228,8 @@ struct Member {
 struct RoomState {
     room: Room,
     members: HashMap<ConnId, Member>,
-    /// Chat commits on their way through the store.
+    /// What keeps the room loaded besides its members: chat commits on their way through the
+    /// store, and requests being replayed into it.
     inflight: u32,
 }
 
@@ -199,7 +239,8 @@ enum Slot {
     Ready(RoomState),
 }
 
-type AppendContext = (String, ConnRef, Option<String>, Instant);
+/// Room, sender, `ref`, when the frame was read, and the `message_id` the server chose.
+type AppendContext = (String, ConnRef, Option<String>, Instant, Option<String>);
 type AppendFuture = std::pin::Pin<
     Box<dyn std::future::Future<Output = (AppendContext, storage::Result<Appended>)> + Send>,
 >;
@@ -214,23 +255,41 @@ struct Shard {
     appends_finished: u64,
     /// `Drain` requests with the number of commits each waits for.
     drains: Vec<(u64, oneshot::Sender<()>)>,
-    events_tx: mpsc::UnboundedSender<ShardEvent>,
-    events_rx: mpsc::UnboundedReceiver<ShardEvent>,
+    /// Completions of helper tasks; bounded, as the tasks are (`work`).
+    events_tx: mpsc::Sender<ShardEvent>,
+    events_rx: mpsc::Receiver<ShardEvent>,
+    /// Permits for helper tasks: at most `MAX_SHARD_TASKS` run at once.
+    work: Arc<Semaphore>,
 }
 
+/// Queues a frame for a member: into its outbox, or behind its join reply while that is being
+/// prepared. Frames held there count against the same bound as the outbox: past it, ephemeral
+/// frames are dropped and a durable one closes the connection with 1013.
 fn deliver(member: &mut Member, frame: Bytes, class: FrameClass) -> Pushed {
-    match &mut member.pending {
-        Some(pending) => {
-            pending.push((frame, class));
-            Pushed::Queued
+    let Some(pending) = &mut member.pending else {
+        return member.conn.outbox.push(frame, class);
+    };
+    let bound = member.conn.outbox.bound();
+    let (queued_frames, queued_bytes) = member.conn.outbox.queued();
+    let frames = pending.frames.len() + queued_frames;
+    let bytes = pending.bytes + queued_bytes;
+    if frames >= bound.frames || (frames > 0 && bytes + frame.len() > bound.bytes) {
+        if class == FrameClass::Ephemeral {
+            member.conn.outbox.count_dropped();
+            return Pushed::DroppedEphemeral;
         }
-        None => member.conn.outbox.push(frame, class),
+        member.pending = None;
+        member.conn.outbox.overflow();
+        return Pushed::Overflowed;
     }
+    pending.bytes += frame.len();
+    pending.frames.push((frame, class));
+    Pushed::Queued
 }
 
 impl Shard {
     fn new(index: usize, shared: Arc<Shared>) -> Shard {
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::channel(MAX_SHARD_TASKS);
         Shard {
             index,
             shared,
@@ -241,7 +300,23 @@ impl Shard {
             drains: Vec::new(),
             events_tx,
             events_rx,
+            work: Arc::new(Semaphore::new(MAX_SHARD_TASKS)),
         }
+    }
+
+    /// A permit to start a helper task, or `None` when the shard runs as many as it may.
+    fn try_work(&self) -> Option<OwnedSemaphorePermit> {
+        self.work.clone().try_acquire_owned().ok()
+    }
+
+    fn reply_busy(&self, request: &RoomRequest) {
+        self.reply_error(
+            &request.conn,
+            request.action.code(),
+            &request.room_id,
+            request.reference.as_deref(),
+            ProtocolError::new(ErrorCode::Unavailable, "server busy, retry later"),
+        );
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<ShardCommand>) {
@@ -334,23 +409,18 @@ impl Shard {
         }
     }
 
+    /// Routes a request for a room by the room's state: handled at once when the room is
+    /// loaded, queued while it loads, or starting its load. Every request, replayed ones
+    /// included, comes through here.
     fn on_room_request(&mut self, request: RoomRequest) {
         match self.rooms.get_mut(&request.room_id) {
             Some(Slot::Ready(_)) => self.handle_ready(request),
-            Some(Slot::Loading(queue)) => queue.push(request),
+            Some(Slot::Loading(queue)) if queue.len() < MAX_QUEUED_WHILE_LOADING => {
+                queue.push(request)
+            }
+            Some(Slot::Loading(_)) => self.reply_busy(&request),
             None => match &request.action {
-                RoomAction::Join(_) | RoomAction::Historic(_) => {
-                    let room_id = request.room_id.clone();
-                    self.rooms
-                        .insert(room_id.clone(), Slot::Loading(vec![request]));
-                    self.update_room_gauge();
-                    let store = self.shared.store.clone();
-                    let events = self.events_tx.clone();
-                    tokio::spawn(async move {
-                        let result = store.room(&room_id).await;
-                        let _ = events.send(ShardEvent::RoomLoaded { room_id, result });
-                    });
-                }
+                RoomAction::Join(_) | RoomAction::Historic(_) => self.start_loading(request),
                 RoomAction::Leave => self.reply_leave(&request),
                 _ => {
                     let code = request.action.code();
@@ -364,6 +434,25 @@ impl Shard {
                 }
             },
         }
+    }
+
+    fn start_loading(&mut self, request: RoomRequest) {
+        let Some(permit) = self.try_work() else {
+            return self.reply_busy(&request);
+        };
+        let room_id = request.room_id.clone();
+        self.rooms
+            .insert(room_id.clone(), Slot::Loading(vec![request]));
+        self.update_room_gauge();
+        let store = self.shared.store.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = store.room(&room_id).await;
+            let _ = events
+                .send(ShardEvent::RoomLoaded { room_id, result })
+                .await;
+            drop(permit);
+        });
     }
 
     fn update_room_gauge(&self) {
@@ -385,6 +474,7 @@ impl Shard {
                 room_id,
                 conn,
                 frame,
+                ok,
             } => {
                 let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
                     return;
@@ -402,26 +492,34 @@ impl Shard {
                 if matches!(
                     member.conn.outbox.push(frame, FrameClass::Durable),
                     Pushed::Queued | Pushed::DroppedEphemeral
-                ) {
-                    for (frame, class) in pending {
+                ) && ok
+                {
+                    for (frame, class) in pending.frames {
                         member.conn.outbox.push(frame, class);
                     }
                 }
-                for request in held {
-                    self.on_room_request(request);
+                if !ok {
+                    // The join failed (storage): the connection is not a member after all.
+                    if let Some(member) = state.members.remove(&conn) {
+                        self.shared.presence.left(&member.conn.user_key(), &room_id);
+                    }
                 }
+                self.replay(&room_id, held);
             }
             ShardEvent::ReceiptStored {
                 room_id,
                 conn,
                 broadcast,
+                team_only,
             } => {
                 if let (Some(frame), Some(Slot::Ready(state))) =
                     (broadcast, self.rooms.get_mut(&room_id))
                 {
                     let mut n = 0;
                     for member in state.members.values_mut() {
-                        if member.conn.id != conn.id {
+                        if member.conn.id != conn.id
+                            && (!team_only || member.conn.claims.role.is_team())
+                        {
                             deliver(member, frame.clone(), FrameClass::Durable);
                             n += 1;
                         }
@@ -447,10 +545,26 @@ impl Shard {
             Some(Slot::Loading(queued)) => queued,
             _ => Vec::new(),
         };
-        for request in queued {
-            self.handle_ready(request);
+        self.replay(&room_id, queued);
+    }
+
+    /// Handles requests that waited for the room, in order, through the normal path. The room
+    /// stays loaded until all of them are handled (one of them leaving it empty must not unload
+    /// it under the next), then is unloaded if nothing else keeps it.
+    fn replay(&mut self, room_id: &str, requests: Vec<RoomRequest>) {
+        if requests.is_empty() {
+            return self.maybe_unload(room_id);
         }
-        self.maybe_unload(&room_id);
+        if let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) {
+            state.inflight += 1;
+        }
+        for request in requests {
+            self.on_room_request(request);
+        }
+        if let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) {
+            state.inflight = state.inflight.saturating_sub(1);
+        }
+        self.maybe_unload(room_id);
     }
 
     /// The room does not exist: the first join by a non-customer creates it as a team room of
@@ -460,38 +574,77 @@ impl Shard {
             return;
         };
         let creator = queued.iter().find_map(|r| match r.action {
-            RoomAction::Join(_) if r.conn.claims.role != Role::Customer => {
-                Some(r.conn.claims.clone())
-            }
+            RoomAction::Join(_) if r.conn.claims.role != Role::Customer => Some(r.conn.clone()),
             _ => None,
         });
-        match creator {
-            Some(claims) => {
-                let store = self.shared.store.clone();
-                let events = self.events_tx.clone();
-                tokio::spawn(async move {
-                    let new_room = storage::NewRoom::team(&room_id, &claims.tenant, &claims.sub);
-                    let result = store.create_room(new_room).await.map(|(room, _)| room);
-                    let _ = events.send(ShardEvent::RoomCreated { room_id, result });
-                });
-            }
-            None => {
-                let Some(Slot::Loading(queued)) = self.rooms.remove(&room_id) else {
-                    return;
-                };
-                self.update_room_gauge();
-                for request in queued {
-                    let code = request.action.code();
-                    self.reply_error(
-                        &request.conn,
-                        code,
-                        &request.room_id,
-                        request.reference.as_deref(),
-                        ProtocolError::new(ErrorCode::NotFound, "room not found"),
-                    );
+        let refusal = match &creator {
+            None => ProtocolError::new(ErrorCode::NotFound, "room not found"),
+            Some(conn) => match self.creation_refused(conn) {
+                Some(refusal) => refusal,
+                None => return self.create_room(room_id, conn.claims.clone()),
+            },
+        };
+        let Some(Slot::Loading(queued)) = self.rooms.remove(&room_id) else {
+            return;
+        };
+        self.update_room_gauge();
+        for request in queued {
+            let error = match request.action {
+                RoomAction::Join(_) if request.conn.claims.role != Role::Customer => {
+                    refusal.clone()
                 }
-            }
+                _ => ProtocolError::new(ErrorCode::NotFound, "room not found"),
+            };
+            self.reply_error(
+                &request.conn,
+                request.action.code(),
+                &request.room_id,
+                request.reference.as_deref(),
+                error,
+            );
         }
+    }
+
+    /// Why this connection's join may not create a room now, if it may not: the per-connection
+    /// and per-tenant creation limits.
+    fn creation_refused(&self, conn: &ConnRef) -> Option<ProtocolError> {
+        let config = &self.shared.config;
+        if !conn
+            .outbox
+            .try_count_room_created(config.rooms_per_connection)
+        {
+            return Some(ProtocolError::new(
+                ErrorCode::RateLimited,
+                "this connection has created too many rooms",
+            ));
+        }
+        if !self.shared.room_creations.allow(&conn.claims.tenant) {
+            return Some(ProtocolError::new(
+                ErrorCode::RateLimited,
+                "too many rooms created in this tenant, retry later",
+            ));
+        }
+        None
+    }
+
+    fn create_room(&mut self, room_id: String, claims: Arc<Claims>) {
+        // The load's permit was released when it answered; creation needs its own.
+        let Some(permit) = self.try_work() else {
+            return self.room_failed(
+                &room_id,
+                storage::Error::Unavailable("no task budget to create the room".into()),
+            );
+        };
+        let store = self.shared.store.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let new_room = storage::NewRoom::team(&room_id, &claims.tenant, &claims.sub);
+            let result = store.create_room(new_room).await.map(|(room, _)| room);
+            let _ = events
+                .send(ShardEvent::RoomCreated { room_id, result })
+                .await;
+            drop(permit);
+        });
     }
 
     fn room_failed(&mut self, room_id: &str, error: storage::Error) {
@@ -545,14 +698,30 @@ impl Shard {
         request.conn.outbox.push(frame, FrameClass::Durable);
     }
 
+    /// Handles a request for a loaded room (`on_room_request` routes here).
     fn handle_ready(&mut self, request: RoomRequest) {
         let Some(Slot::Ready(state)) = self.rooms.get_mut(&request.room_id) else {
-            unreachable!("handle_ready is called for ready rooms only");
+            // Not loaded after all: route it like any other request.
+            return self.on_room_request(request);
         };
         if let Some(member) = state.members.get_mut(&request.conn.id) {
             if member.pending.is_some() {
-                member.held.push(request);
-                return;
+                if member.held.len() < MAX_HELD_PER_MEMBER {
+                    member.held.push(request);
+                    return;
+                }
+                let error = ProtocolError::new(
+                    ErrorCode::RateLimited,
+                    "too many requests for this room while joining it",
+                );
+                let code = request.action.code();
+                return self.reply_error(
+                    &request.conn,
+                    code,
+                    &request.room_id,
+                    request.reference.as_deref(),
+                    error,
+                );
             }
         }
         let code = request.action.code();
@@ -616,6 +785,23 @@ impl Shard {
             self.maybe_unload(&room_id);
             return;
         }
+        // A join with `since_seq` reads the store in a helper task: it needs a permit.
+        let permit = match join.since_seq {
+            Some(_) => match self.work.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    let error =
+                        ProtocolError::new(ErrorCode::Unavailable, "server busy, retry later");
+                    self.reply_error(&conn, Code::Join, &room_id, reference.as_deref(), error);
+                    self.maybe_unload(&room_id);
+                    return;
+                }
+            },
+            None => None,
+        };
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
+            return;
+        };
         let user_key = conn.user_key();
         let already_member = state.members.contains_key(&conn.id);
         let first_of_user = !already_member && self.shared.presence.joined(&user_key, &room_id);
@@ -658,74 +844,97 @@ impl Shard {
             .collect();
         let last_seq = state.room.last_seq;
         let room_summary = RoomSummary::of(&state.room, last_seq);
+        let (Some(since), Some(permit)) = (join.since_seq, permit) else {
+            // Nothing to read: the reply goes out at once.
+            state.members.insert(
+                conn.id,
+                Member {
+                    conn: conn.clone(),
+                    pending: None,
+                    held: Vec::new(),
+                },
+            );
+            self.shared
+                .metrics
+                .frames_out(OutCode::Response(Code::Join), 1);
+            let frame = FrameBuilder::success(
+                Code::Join.response(),
+                &conn.claims.sub,
+                Some(&room_id),
+                reference.as_deref(),
+                JoinData {
+                    room: room_summary,
+                    presence,
+                    missed: None,
+                    has_more: None,
+                },
+            );
+            conn.outbox.push(frame, FrameClass::Durable);
+            return;
+        };
         state.members.insert(
             conn.id,
             Member {
                 conn: conn.clone(),
-                pending: Some(Vec::new()),
+                pending: Some(Pending::default()),
                 held: Vec::new(),
             },
         );
 
         let store = self.shared.store.clone();
         let events = self.events_tx.clone();
-        let include_notes = conn.claims.role.is_team();
+        let budget = self.shared.config.max_reply_bytes;
+        let query = HistoryQuery {
+            after_seq: Some(since),
+            before_seq: Some(last_seq + 1),
+            limit: join.limit,
+            search: None,
+            include_notes: conn.claims.role.is_team(),
+        };
         tokio::spawn(async move {
-            let frame = match join.since_seq {
-                None => FrameBuilder::success(
-                    Code::Join.response(),
-                    &conn.claims.sub,
-                    Some(&room_id),
-                    reference.as_deref(),
-                    JoinData {
-                        room: room_summary,
-                        presence,
-                        missed: None,
-                        has_more: None,
-                    },
-                ),
-                Some(since) => {
-                    let query = HistoryQuery {
-                        after_seq: Some(since),
-                        before_seq: Some(last_seq + 1),
-                        limit: join.limit,
-                        search: None,
-                        include_notes,
-                    };
-                    match store.history(&room_id, query).await {
-                        Ok(page) => FrameBuilder::success(
+            let (frame, ok) = match store.history(&room_id, query).await {
+                Ok(page) => {
+                    let user_id = conn.claims.sub.clone();
+                    let room = room_id.clone();
+                    // A page may be large: it is serialized off the shard's thread.
+                    let built = tokio::task::spawn_blocking(move || {
+                        let (missed, has_more) = page_json(&page, budget, PageEnd::Oldest);
+                        FrameBuilder::success(
                             Code::Join.response(),
-                            &conn.claims.sub,
-                            Some(&room_id),
+                            &user_id,
+                            Some(&room),
                             reference.as_deref(),
                             JoinData {
                                 room: room_summary,
                                 presence,
-                                missed: Some(page.messages),
-                                has_more: Some(page.has_more),
+                                missed: Some(missed),
+                                has_more: Some(has_more),
                             },
-                        ),
-                        Err(e) => {
-                            tracing::warn!(room_id, error = %e, "reading missed messages failed");
-                            FrameBuilder::error(
-                                Code::Join.response(),
-                                Some(&conn.claims.sub),
-                                Some(&room_id),
-                                reference.as_deref(),
-                                &ProtocolError::new(
-                                    ErrorCode::Unavailable,
-                                    "storage unavailable, retry later",
-                                ),
-                            )
-                        }
+                        )
+                    })
+                    .await;
+                    match built {
+                        Ok(frame) => (frame, true),
+                        Err(_) => (join_unavailable(&conn, &room_id, None), false),
                     }
                 }
+                Err(e) => {
+                    tracing::warn!(room_id, error = %e, "reading missed messages failed");
+                    (
+                        join_unavailable(&conn, &room_id, reference.as_deref()),
+                        false,
+                    )
+                }
             };
-            let _ = events.send(ShardEvent::JoinReady {
-                room_id,
-                conn: conn.id,
-                frame,
-            });
+            let _ = events
+                .send(ShardEvent::JoinReady {
+                    room_id,
+                    conn: conn.id,
+                    frame,
+                    ok,
+                })
+                .await;
+            drop(permit);
         });
     }
 
@@ -745,10 +954,16 @@ impl Shard {
             (_, Role::Customer) => Direction::Incoming,
             _ => Direction::Outgoing,
         };
+        // A server-generated id goes back in an error reply, so the client can retry with it.
+        let generated_id = chat
+            .message_id
+            .is_none()
+            .then(|| ulid::Ulid::new().to_string());
         let message = NewMessage {
             message_id: chat
                 .message_id
-                .unwrap_or_else(|| ulid::Ulid::new().to_string()),
+                .or_else(|| generated_id.clone())
+                .unwrap_or_default(),
             room_id: room_id.clone(),
             sender: conn.claims.sub.clone(),
             sender_type: conn.claims.role.sender_type(),
@@ -766,13 +981,13 @@ impl Shard {
         let store = self.shared.store.clone();
         self.appends.push_back(Box::pin(async move {
             let result = store.append(message).await;
-            ((room_id, conn, reference, received), result)
+            ((room_id, conn, reference, received, generated_id), result)
         }));
     }
 
     fn on_appended(
         &mut self,
-        (room_id, conn, reference, received): AppendContext,
+        (room_id, conn, reference, received, generated_id): AppendContext,
         result: storage::Result<Appended>,
     ) {
         if let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) {
@@ -787,7 +1002,8 @@ impl Shard {
                     _ => ProtocolError::new(
                         ErrorCode::Unavailable,
                         "message not accepted: storage unavailable, retry with the same message_id",
-                    ),
+                    )
+                    .with_message_id(generated_id),
                 };
                 self.reply_error(&conn, Code::Chat, &room_id, reference.as_deref(), error);
                 self.maybe_unload(&room_id);
@@ -875,6 +1091,16 @@ impl Shard {
         reference: Option<String>,
         message_id: String,
     ) {
+        let Some(permit) = self.try_work() else {
+            let error = ProtocolError::new(ErrorCode::Unavailable, "server busy, retry later");
+            return self.reply_error(
+                &conn,
+                Code::ReadReceipt,
+                &room_id,
+                reference.as_deref(),
+                error,
+            );
+        };
         let store = self.shared.store.clone();
         let events = self.events_tx.clone();
         let metrics = self.shared.metrics.clone();
@@ -909,12 +1135,12 @@ impl Shard {
             else {
                 return fail(unavailable());
             };
-            let Ok(unread) = store
+            // The marker has moved: a failure to count what is left unread must not turn the
+            // reply into an error, so the count is left out instead.
+            let unread = store
                 .unread_count(&room_id, &conn.claims.sub, conn.claims.role.is_team())
                 .await
-            else {
-                return fail(unavailable());
-            };
+                .ok();
             let read_at = Timestamp::now();
             let data = ReceiptData {
                 message_id: &message.message_id,
@@ -922,7 +1148,7 @@ impl Shard {
                 sender: &conn.claims.sub,
                 read_at,
                 read_seq: Some(marker),
-                unread_count: Some(unread),
+                unread_count: unread,
             };
             metrics.frames_out(OutCode::Response(Code::ReadReceipt), 1);
             let direct = FrameBuilder::success(
@@ -947,11 +1173,15 @@ impl Shard {
                     },
                 )
             });
-            let _ = events.send(ShardEvent::ReceiptStored {
-                room_id,
-                conn,
-                broadcast,
-            });
+            let _ = events
+                .send(ShardEvent::ReceiptStored {
+                    room_id,
+                    conn,
+                    broadcast,
+                    team_only: message.direction == Direction::Note,
+                })
+                .await;
+            drop(permit);
         });
     }
 
@@ -970,8 +1200,21 @@ impl Shard {
             self.maybe_unload(&room_id);
             return;
         }
+        let Some(permit) = self.try_work() else {
+            let error = ProtocolError::new(ErrorCode::Unavailable, "server busy, retry later");
+            self.reply_error(&conn, Code::Historic, &room_id, reference.as_deref(), error);
+            return self.maybe_unload(&room_id);
+        };
         let store = self.shared.store.clone();
         let metrics = self.shared.metrics.clone();
+        let budget = self.shared.config.max_reply_bytes;
+        // Paging forward keeps the oldest messages of a page cut to the budget, paging back
+        // the newest, so the next page continues where this one stops.
+        let keep = if historic.after_seq.is_some() {
+            PageEnd::Oldest
+        } else {
+            PageEnd::Newest
+        };
         let query = HistoryQuery {
             before_seq: historic.before_seq,
             after_seq: historic.after_seq,
@@ -981,36 +1224,101 @@ impl Shard {
         };
         self.maybe_unload(&room_id);
         tokio::spawn(async move {
-            let frame = match store.history(&room_id, query).await {
-                Ok(page) => FrameBuilder::success(
+            let unavailable = |conn: &ConnRef, room_id: &str, reference: Option<&str>| {
+                metrics.error(ErrorCode::Unavailable);
+                FrameBuilder::error(
                     Code::Historic.response(),
-                    &conn.claims.sub,
-                    Some(&room_id),
-                    reference.as_deref(),
-                    HistoricData {
-                        messages: &page.messages,
-                        has_more: page.has_more,
-                    },
-                ),
+                    Some(&conn.claims.sub),
+                    Some(room_id),
+                    reference,
+                    &ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later"),
+                )
+            };
+            let frame = match store.history(&room_id, query).await {
+                Ok(page) => {
+                    let (user_id, room) = (conn.claims.sub.clone(), room_id.clone());
+                    let reference = reference.clone();
+                    // A page may be large: it is serialized off the shard's thread.
+                    let built = tokio::task::spawn_blocking(move || {
+                        let (messages, has_more) = page_json(&page, budget, keep);
+                        FrameBuilder::success(
+                            Code::Historic.response(),
+                            &user_id,
+                            Some(&room),
+                            reference.as_deref(),
+                            HistoricData {
+                                messages: &messages,
+                                has_more,
+                            },
+                        )
+                    })
+                    .await;
+                    built.unwrap_or_else(|_| unavailable(&conn, &room_id, None))
+                }
                 Err(e) => {
                     tracing::warn!(room_id, error = %e, "reading history failed");
-                    metrics.error(ErrorCode::Unavailable);
-                    FrameBuilder::error(
-                        Code::Historic.response(),
-                        Some(&conn.claims.sub),
-                        Some(&room_id),
-                        reference.as_deref(),
-                        &ProtocolError::new(
-                            ErrorCode::Unavailable,
-                            "storage unavailable, retry later",
-                        ),
-                    )
+                    unavailable(&conn, &room_id, reference.as_deref())
                 }
             };
             metrics.frames_out(OutCode::Response(Code::Historic), 1);
             conn.outbox.push(frame, FrameClass::Durable);
+            drop(permit);
         });
     }
+}
+
+/// Which messages a page cut to its byte budget keeps.
+#[derive(Clone, Copy)]
+enum PageEnd {
+    Oldest,
+    Newest,
+}
+
+/// A page's messages as one JSON array of at most `budget` bytes (at least one message, however
+/// big), cut at the end `keep` does not name; with whether more messages follow the page (the
+/// store said so, or the budget cut it).
+fn page_json(page: &HistoryPage, budget: usize, keep: PageEnd) -> (Box<RawValue>, bool) {
+    let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(page.messages.len());
+    let mut total = 2;
+    let mut push = |message: &storage::Message| -> bool {
+        let json = serde_json::to_vec(message).expect("serializing a message cannot fail");
+        if !encoded.is_empty() && total + json.len() + 1 > budget {
+            return false;
+        }
+        total += json.len() + 1;
+        encoded.push(json);
+        true
+    };
+    let fitted = match keep {
+        PageEnd::Oldest => page.messages.iter().take_while(|m| push(m)).count(),
+        PageEnd::Newest => page.messages.iter().rev().take_while(|m| push(m)).count(),
+    };
+    if matches!(keep, PageEnd::Newest) {
+        encoded.reverse();
+    }
+    let mut out = Vec::with_capacity(total);
+    out.push(b'[');
+    for (i, json) in encoded.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(json);
+    }
+    out.push(b']');
+    let array = String::from_utf8(out).expect("serde_json writes utf-8");
+    let raw = RawValue::from_string(array).expect("an array of serialized messages is json");
+    (raw, page.has_more || fitted < page.messages.len())
+}
+
+/// The `UNAVAILABLE` reply to a join whose missed messages could not be read.
+fn join_unavailable(conn: &ConnRef, room_id: &str, reference: Option<&str>) -> Bytes {
+    FrameBuilder::error(
+        Code::Join.response(),
+        Some(&conn.claims.sub),
+        Some(room_id),
+        reference,
+        &ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later"),
+    )
 }
 
 /// A `presence_response` event about `user_id`.
@@ -1065,7 +1373,7 @@ struct JoinData {
     room: RoomSummary,
     presence: Vec<PresenceEntry>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    missed: Option<Vec<storage::Message>>,
+    missed: Option<Box<RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     has_more: Option<bool>,
 }
@@ -1090,6 +1398,6 @@ struct ReceiptData<'a> {
 
 #[derive(Serialize)]
 struct HistoricData<'a> {
-    messages: &'a [storage::Message],
+    messages: &'a RawValue,
     has_more: bool,
 }

@@ -67,6 +67,9 @@ impl ErrorCode {
 pub struct ProtocolError {
     pub code: ErrorCode,
     pub message: String,
+    /// The `message_id` the server chose for a chat that was not accepted, so the client can
+    /// retry with it idempotently. Boxed: errors travel by value and are rarely this.
+    pub message_id: Option<Box<str>>,
 }
 
 impl ProtocolError {
@@ -74,7 +77,14 @@ impl ProtocolError {
         ProtocolError {
             code,
             message: message.into(),
+            message_id: None,
         }
+    }
+
+    /// The same error, carrying the `message_id` of the chat it refuses (when there is one).
+    pub fn with_message_id(mut self, message_id: Option<String>) -> Self {
+        self.message_id = message_id.map(String::into_boxed_str);
+        self
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {

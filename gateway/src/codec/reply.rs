@@ -28,9 +28,12 @@ struct ErrorData<'a> {
 
 impl Serialize for ErrorData<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(2))?;
+        let mut map = serializer.serialize_map(None)?;
         map.serialize_entry("error_code", self.error.code.as_str())?;
         map.serialize_entry("message", &self.error.message)?;
+        if let Some(message_id) = &self.error.message_id {
+            map.serialize_entry("message_id", message_id)?;
+        }
         map.end()
     }
 }
