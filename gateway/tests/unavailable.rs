@@ -83,3 +83,71 @@ async fn failed_commit_is_unavailable_and_a_retry_with_the_same_message_id_succe
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_refused_chat_without_message_id_returns_the_id_to_retry_with() {
+    let server = TestServer::start().await;
+    let db = server.dir.path().join("gateway.db");
+    let mut alice = server.connect("alice", "acme", Role::Admin).await;
+    alice.join("room-id").await;
+    break_storage(&db);
+    let failed = alice
+        .request(
+            "chat",
+            Some("room-id"),
+            json!({"message": "fail: no id given", "sender": "alice"}),
+        )
+        .await;
+    assert_eq!(failed["data"]["error_code"], "UNAVAILABLE", "{failed}");
+    let message_id = failed["data"]["message_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no message_id to retry with: {failed}"))
+        .to_owned();
+    repair_storage(&db);
+    let retried = alice
+        .request(
+            "chat",
+            Some("room-id"),
+            json!({"message": "fail: no id given", "sender": "alice", "message_id": message_id}),
+        )
+        .await;
+    assert_eq!(retried["status"], "success", "{retried}");
+    assert_eq!(retried["data"]["message_id"], message_id.as_str());
+    assert_eq!(retried["data"]["seq"], 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_join_that_fails_to_read_missed_messages_leaves_the_connection_not_joined() {
+    let server = TestServer::start().await;
+    let db = server.dir.path().join("gateway.db");
+    let mut owner = server.connect("owner", "acme", Role::Admin).await;
+    owner.join("room-j").await;
+    owner.chat("room-j", "one").await;
+
+    // Reads of messages fail while the table is away, as on a damaged disk.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch("ALTER TABLE messages RENAME TO messages_away;")
+        .unwrap();
+    let mut alice = server.connect("alice", "acme", Role::Admin).await;
+    let failed = alice
+        .request("join", Some("room-j"), json!({"since_seq": 0}))
+        .await;
+    assert_eq!(failed["data"]["error_code"], "UNAVAILABLE", "{failed}");
+    conn.execute_batch("ALTER TABLE messages_away RENAME TO messages;")
+        .unwrap();
+    drop(conn);
+
+    // Not joined: a chat is refused and the owner hears nothing from alice.
+    let v = alice.chat("room-j", "am I in?").await;
+    assert_eq!(v["data"]["error_code"], "NOT_JOINED", "{v}");
+    owner.drain(Duration::from_millis(200)).await;
+    // Joining again works.
+    let v = alice
+        .request("join", Some("room-j"), json!({"since_seq": 0}))
+        .await;
+    assert_eq!(v["status"], "success", "{v}");
+    assert_eq!(alice.chat("room-j", "now I am").await["data"]["seq"], 2);
+    server.stop().await;
+}
