@@ -341,7 +341,6 @@ async fn random_pipelined_traffic_never_breaks_the_gateway_or_its_data() {
             },
         };
         let findings = findings.clone();
-        let url_for = url_for.clone();
         let mut rng = StdRng::seed_from_u64(seed.wrapping_add(i as u64));
         tasks.push(tokio::spawn(async move {
             let mut counter = 0;
