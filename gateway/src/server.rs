@@ -177,6 +177,7 @@ impl Gateway {
         let outbox_metrics = Arc::new(OutboxMetrics {
             drops: metrics.outbound_drops.clone(),
             slow_consumer_closes: metrics.slow_consumer_closes.clone(),
+            closes_1013: metrics.close_counter(1013),
             high_water: metrics.outbound_queue_high_water.clone(),
         });
         let shared = Arc::new(Shared {
