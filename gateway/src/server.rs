@@ -640,10 +640,14 @@ async fn create_room(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bo
                 created,
             },
         ),
-        Err(e) => api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        ),
+        Err(e) => {
+            // The detail names tables and files: it is for the operator, not the client.
+            tracing::warn!(error = %e, tenant = %claims.tenant, "room creation failed in storage");
+            api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "storage unavailable, retry later",
+            )
+        }
     }
 }
