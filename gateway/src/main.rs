@@ -2,7 +2,7 @@
 //! a token with the configured secret.
 
 use clap::Parser;
-use gateway::auth::{now_secs, Claims, Role};
+use gateway::auth::{now_secs, Audience, Claims, Role};
 use gateway::config::{Cli, CliCommand, TokenArgs};
 use gateway::server::Gateway;
 
@@ -44,7 +44,7 @@ fn mint(config: &gateway::config::Config, args: TokenArgs) -> Result<(), String>
         role,
         exp: now_secs() + args.ttl_secs,
         name: args.name,
-        aud: config.jwt_audience.first().cloned(),
+        aud: config.jwt_audience.first().cloned().map(Audience::One),
         iss: config.jwt_issuer.first().cloned(),
     };
     println!("{}", verifier.mint(&claims).map_err(|e| e.to_string())?);
@@ -73,7 +73,7 @@ fn serve(config: gateway::config::Config) -> Result<(), String> {
                     role: Role::Admin,
                     exp: now_secs() + 86_400,
                     name: Some("Developer".into()),
-                    aud: config.jwt_audience.first().cloned(),
+                    aud: config.jwt_audience.first().cloned().map(Audience::One),
                     iss: config.jwt_issuer.first().cloned(),
                 })
                 .map_err(|e| e.to_string())?;
