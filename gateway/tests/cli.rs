@@ -517,6 +517,32 @@ async fn without_a_key_the_gateway_prints_a_secret_two_tokens_and_commands_that_
     let heard = admin.recv_code("chat_response").await;
     assert_eq!(heard["user_id"], "dev-agent", "{heard}");
     assert_eq!(heard["data"]["message"], "hello back", "{heard}");
+    // The README's other example frames, exactly as written there.
+    agent
+        .send(
+            serde_json::json!({"code": "typing", "user_id": "dev-agent", "room_id": "lobby",
+            "data": {"status": "started", "sender": "dev-agent"}}),
+        )
+        .await;
+    let typing = admin.recv_code("typing_response").await;
+    assert_eq!(typing["data"]["status"], "started", "{typing}");
+    agent
+        .send(
+            serde_json::json!({"code": "read_receipt", "user_id": "dev-agent",
+            "room_id": "lobby", "data": {"message_id": r["data"]["message_id"],
+            "sender": "dev-agent"}}),
+        )
+        .await;
+    let receipt = admin.recv_code("read_receipt_response").await;
+    assert_eq!(receipt["data"]["seq"], r["data"]["seq"], "{receipt}");
+    agent
+        .send(
+            serde_json::json!({"code": "presence", "user_id": "dev-agent",
+            "data": {"status": "away", "sender": "dev-agent"}}),
+        )
+        .await;
+    let presence = admin.recv_code("presence_response").await;
+    assert_eq!(presence["data"]["status"], "away", "{presence}");
 
     // Any other room is created on join, as outside development mode.
     let v = admin.join("dev-room").await;
