@@ -59,10 +59,10 @@ pub struct TokenArgs {
     /// HS256 shared secret to sign with: the gateway's --jwt-secret.
     #[arg(long, env = "GATEWAY_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
-    /// `aud` claim: the first of the gateway's --jwt-audience values, when it requires one.
+    /// `aud` claim: an audience the gateway requires (--jwt-audience); of several, the first.
     #[arg(long, env = "GATEWAY_JWT_AUDIENCE", value_delimiter = ',')]
     pub jwt_audience: Vec<String>,
-    /// `iss` claim: the first of the gateway's --jwt-issuer values, when it requires one.
+    /// `iss` claim: an issuer the gateway requires (--jwt-issuer); of several, the first.
     #[arg(long, env = "GATEWAY_JWT_ISSUER", value_delimiter = ',')]
     pub jwt_issuer: Vec<String>,
 }
