@@ -87,6 +87,7 @@ pub fn outbox_metrics() -> Arc<OutboxMetrics> {
         drops: IntCounter::new("outbound_drops", "dropped frames").expect("valid counter"),
         slow_consumer_closes: IntCounter::new("slow_consumer_closes", "slow consumers")
             .expect("valid counter"),
+        closes_1013: IntCounter::new("closes_1013", "1013 closes").expect("valid counter"),
         high_water: IntGauge::new("outbound_high_water", "deepest queue").expect("valid gauge"),
         high_water_bytes: IntGauge::new("outbound_high_water_bytes", "biggest queue")
             .expect("valid gauge"),

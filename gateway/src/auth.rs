@@ -67,9 +67,30 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+}
+
+/// The `aud` claim: RFC 7519 §4.1.3 allows one string or an array of them. The verifier accepts
+/// a token when any entry is a configured audience.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<String> for Audience {
+    fn from(audience: String) -> Audience {
+        Audience::One(audience)
+    }
+}
+
+impl From<&str> for Audience {
+    fn from(audience: &str) -> Audience {
+        Audience::One(audience.to_owned())
+    }
 }
 
 /// Why a token was refused.
@@ -143,6 +164,8 @@ impl Verifier {
         };
         let mut validation = Validation::new(algorithm);
         validation.leeway = leeway_secs;
+        // jsonwebtoken ignores `nbf` unless asked; a token is not valid before it (when present).
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         if audience.is_empty() {
             validation.validate_aud = false;
@@ -346,6 +369,11 @@ mod tests {
         c.aud = Some("chat".into());
         c.iss = Some("idp".into());
         assert!(v.verify(&v.mint(&c).unwrap()).is_ok());
+        // An array audience matches when any entry does.
+        c.aud = Some(Audience::Many(vec!["billing".into(), "chat".into()]));
+        assert!(v.verify(&v.mint(&c).unwrap()).is_ok());
+        c.aud = Some(Audience::Many(vec!["billing".into()]));
+        assert!(v.verify(&v.mint(&c).unwrap()).is_err());
         // Each is required on its own.
         c.aud = None;
         assert!(v.verify(&v.mint(&c).unwrap()).is_err());

@@ -7,8 +7,16 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 /// Real-time conversation gateway: the coded JSON protocol over WebSocket, with durable storage.
+// Server flags belong to the server alone, so `gateway token --help` lists only what minting
+// takes; they are accepted both without a subcommand and after `serve`.
 #[derive(Debug, Parser)]
-#[command(name = "gateway", version, about, long_about = None)]
+#[command(
+    name = "gateway",
+    version,
+    about,
+    long_about = None,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<CliCommand>,
@@ -16,11 +24,18 @@ pub struct Cli {
     pub config: Config,
 }
 
+impl Cli {
+    /// What to run: `gateway [FLAGS]` and `gateway serve [FLAGS]` both serve.
+    pub fn into_command(self) -> CliCommand {
+        self.command.unwrap_or(CliCommand::Serve(self.config))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum CliCommand {
     /// Run the gateway (the default when no subcommand is given).
-    Serve,
-    /// Mint a token signed with the configured --jwt-secret and print it.
+    Serve(Config),
+    /// Mint a token signed with --jwt-secret and print it.
     Token(TokenArgs),
 }
 
@@ -41,107 +56,76 @@ pub struct TokenArgs {
     /// Lifetime of the token in seconds.
     #[arg(long, default_value_t = 86_400)]
     pub ttl_secs: u64,
+    /// HS256 shared secret to sign with: the gateway's --jwt-secret.
+    #[arg(long, env = "GATEWAY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// `aud` claim: an audience the gateway requires (--jwt-audience); of several, the first.
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE", value_delimiter = ',')]
+    pub jwt_audience: Vec<String>,
+    /// `iss` claim: an issuer the gateway requires (--jwt-issuer); of several, the first.
+    #[arg(long, env = "GATEWAY_JWT_ISSUER", value_delimiter = ',')]
+    pub jwt_issuer: Vec<String>,
 }
 
 /// Every runtime setting.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Address to listen on (HTTP API, /ws, /metrics on one port).
-    #[arg(
-        long,
-        env = "GATEWAY_LISTEN",
-        default_value = "127.0.0.1:8080",
-        global = true
-    )]
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
     /// Directory of the embedded store.
-    #[arg(
-        long,
-        env = "GATEWAY_DATA_DIR",
-        default_value = "./data",
-        global = true
-    )]
+    #[arg(long, env = "GATEWAY_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
     /// Store URL; overrides --data-dir. `sqlite://<path>`.
-    #[arg(long, env = "GATEWAY_STORE", global = true)]
+    #[arg(long, env = "GATEWAY_STORE")]
     pub store: Option<String>,
 
     /// Room shards (threads); 0 = one per CPU core.
-    #[arg(long, env = "GATEWAY_SHARDS", default_value_t = 0, global = true)]
+    #[arg(long, env = "GATEWAY_SHARDS", default_value_t = 0)]
     pub shards: usize,
 
     /// HS256 shared secret for client tokens. Without it (and without --jwt-public-key) the
     /// gateway runs in development mode with a random secret it prints at start.
-    #[arg(
-        long,
-        env = "GATEWAY_JWT_SECRET",
-        hide_env_values = true,
-        global = true
-    )]
+    #[arg(long, env = "GATEWAY_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
     /// PEM public key file for RS256/ES256/EdDSA tokens (instead of --jwt-secret).
-    #[arg(long, env = "GATEWAY_JWT_PUBLIC_KEY", global = true)]
+    #[arg(long, env = "GATEWAY_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
 
     /// Algorithm of --jwt-public-key: RS256, RS384, RS512, ES256, ES384 or EdDSA (detected from
     /// the key when omitted).
-    #[arg(long, env = "GATEWAY_JWT_ALGORITHM", global = true)]
+    #[arg(long, env = "GATEWAY_JWT_ALGORITHM")]
     pub jwt_algorithm: Option<String>,
 
     /// Required `aud` claim (repeatable; any of them matches). Not checked when unset.
-    #[arg(
-        long,
-        env = "GATEWAY_JWT_AUDIENCE",
-        value_delimiter = ',',
-        global = true
-    )]
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE", value_delimiter = ',')]
     pub jwt_audience: Vec<String>,
 
     /// Required `iss` claim (repeatable). Not checked when unset.
-    #[arg(long, env = "GATEWAY_JWT_ISSUER", value_delimiter = ',', global = true)]
+    #[arg(long, env = "GATEWAY_JWT_ISSUER", value_delimiter = ',')]
     pub jwt_issuer: Vec<String>,
 
-    /// Clock skew tolerated on `exp`, in seconds.
-    #[arg(
-        long,
-        env = "GATEWAY_JWT_LEEWAY_SECS",
-        default_value_t = 0,
-        global = true
-    )]
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    #[arg(long, env = "GATEWAY_JWT_LEEWAY_SECS", default_value_t = 0)]
     pub jwt_leeway_secs: u64,
 
     /// Allowed `Origin` of WebSocket handshakes (repeatable). None = any origin.
-    #[arg(
-        long,
-        env = "GATEWAY_ALLOWED_ORIGIN",
-        value_delimiter = ',',
-        global = true
-    )]
+    #[arg(long, env = "GATEWAY_ALLOWED_ORIGIN", value_delimiter = ',')]
     pub allowed_origin: Vec<String>,
 
     /// Interval of server pings; a peer silent for 3 intervals is closed with 1001.
-    #[arg(
-        long,
-        env = "GATEWAY_HEARTBEAT_MS",
-        default_value_t = 30_000,
-        global = true
-    )]
+    #[arg(long, env = "GATEWAY_HEARTBEAT_MS", default_value_t = 30_000)]
     pub heartbeat_ms: u64,
 
     /// Largest accepted frame and message, in bytes (bigger: close 1009).
-    #[arg(long, env = "GATEWAY_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024, global = true)]
+    #[arg(long, env = "GATEWAY_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
 
     /// Outbound queue bound per connection, in frames (see the slow-consumer policy).
-    #[arg(
-        long,
-        env = "GATEWAY_OUTBOUND_QUEUE",
-        default_value_t = 1024,
-        global = true
-    )]
+    #[arg(long, env = "GATEWAY_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
 
     /// Outbound queue bound per connection, in bytes: everything queued for it, written or
@@ -149,8 +133,7 @@ pub struct Config {
     #[arg(
         long,
         env = "GATEWAY_OUTBOUND_QUEUE_BYTES",
-        default_value_t = 8 * 1024 * 1024,
-        global = true
+        default_value_t = 8 * 1024 * 1024
     )]
     pub outbound_queue_bytes: usize,
 
@@ -159,77 +142,51 @@ pub struct Config {
     #[arg(
         long,
         env = "GATEWAY_MAX_REPLY_BYTES",
-        default_value_t = 1024 * 1024,
-        global = true
+        default_value_t = 1024 * 1024
     )]
     pub max_reply_bytes: usize,
 
     /// Rooms one connection's joins may create over its life; further creations get
     /// RATE_LIMITED.
-    #[arg(
-        long,
-        env = "GATEWAY_ROOMS_PER_CONNECTION",
-        default_value_t = 100,
-        global = true
-    )]
+    #[arg(long, env = "GATEWAY_ROOMS_PER_CONNECTION", default_value_t = 100)]
     pub rooms_per_connection: u32,
 
     /// Rooms one tenant's joins may create per minute across the process (burst: the same
     /// number); further creations get RATE_LIMITED.
-    #[arg(
-        long,
-        env = "GATEWAY_ROOMS_PER_TENANT_MINUTE",
-        default_value_t = 600,
-        global = true
-    )]
+    #[arg(long, env = "GATEWAY_ROOMS_PER_TENANT_MINUTE", default_value_t = 600)]
     pub rooms_per_tenant_minute: u32,
 
     /// Sustained requests per second per connection (token bucket); excess gets RATE_LIMITED.
-    #[arg(long, env = "GATEWAY_RATE_LIMIT", default_value_t = 100, global = true)]
+    #[arg(long, env = "GATEWAY_RATE_LIMIT", default_value_t = 100)]
     pub rate_limit: u32,
 
     /// Burst size of the per-connection request bucket.
-    #[arg(long, env = "GATEWAY_RATE_BURST", default_value_t = 200, global = true)]
+    #[arg(long, env = "GATEWAY_RATE_BURST", default_value_t = 200)]
     pub rate_burst: u32,
 
     /// Sustained `typing` frames per second per connection (burst: twice as many).
-    #[arg(long, env = "GATEWAY_TYPING_RATE", default_value_t = 5, global = true)]
+    #[arg(long, env = "GATEWAY_TYPING_RATE", default_value_t = 5)]
     pub typing_rate: u32,
 
     /// Time allowed for a client to send its HTTP request headers and complete the upgrade.
-    #[arg(
-        long,
-        env = "GATEWAY_HANDSHAKE_TIMEOUT_MS",
-        default_value_t = 10_000,
-        global = true
-    )]
+    #[arg(long, env = "GATEWAY_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
 
     /// Time allowed for one batch of frames to be written to a client before it is dropped.
-    #[arg(
-        long,
-        env = "GATEWAY_WRITE_TIMEOUT_MS",
-        default_value_t = 10_000,
-        global = true
-    )]
+    #[arg(long, env = "GATEWAY_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
     pub write_timeout_ms: u64,
 
     /// Capacity of each shard's command queue.
-    #[arg(
-        long,
-        env = "GATEWAY_SHARD_QUEUE",
-        default_value_t = 8192,
-        global = true
-    )]
+    #[arg(long, env = "GATEWAY_SHARD_QUEUE", default_value_t = 8192)]
     pub shard_queue: usize,
 
     /// Serve an echo WebSocket route at /conformance/echo (for the Autobahn test suite); it goes
     /// through the same connection code and limits. Off by default.
-    #[arg(long, env = "GATEWAY_CONFORMANCE_ECHO", global = true)]
+    #[arg(long, env = "GATEWAY_CONFORMANCE_ECHO")]
     pub conformance_echo: bool,
 
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info,gateway=debug`.
-    #[arg(long, env = "GATEWAY_LOG", default_value = "info", global = true)]
+    #[arg(long, env = "GATEWAY_LOG", default_value = "info")]
     pub log: String,
 }
 

@@ -12,6 +12,9 @@ use crate::codec::ErrorCode;
 /// Label index for frames that are not a known request code.
 pub const INVALID_CODE: usize = Code::ALL.len();
 
+/// The close codes the server sends, each with a `gateway_closes_total` series from the start.
+const CLOSE_CODES: [u16; 8] = [1001, 1002, 1003, 1007, 1008, 1009, 1011, 1013];
+
 /// Outbound frame kinds, by code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutCode {
@@ -46,6 +49,8 @@ pub struct Metrics {
     pub slow_consumer_closes: IntCounter,
     pub handshake_rejects: IntCounterVec,
     pub closes: IntCounterVec,
+    /// `closes` resolved for each of [`CLOSE_CODES`].
+    closes_by_code: Vec<(u16, IntCounter)>,
     pub outbound_queue_high_water: IntGauge,
     pub outbound_queue_high_water_bytes: IntGauge,
 }
@@ -200,11 +205,10 @@ impl Metrics {
         for reason in ["unauthorized", "forbidden_origin", "bad_request", "timeout"] {
             handshake_rejects.with_label_values(&[reason]);
         }
-        for code in [
-            "1001", "1003", "1007", "1008", "1009", "1011", "1013", "1002",
-        ] {
-            closes.with_label_values(&[code]);
-        }
+        let closes_by_code = CLOSE_CODES
+            .iter()
+            .map(|&code| (code, closes.with_label_values(&[&code.to_string()])))
+            .collect();
         Metrics {
             connections: shard_labels
                 .iter()
@@ -230,6 +234,7 @@ impl Metrics {
             slow_consumer_closes,
             handshake_rejects,
             closes,
+            closes_by_code,
             outbound_queue_high_water,
             outbound_queue_high_water_bytes,
         }
@@ -250,9 +255,18 @@ impl Metrics {
         self.errors[code.index()].inc();
     }
 
+    /// The `gateway_closes_total` counter of one close code.
+    pub fn close_counter(&self, code: u16) -> IntCounter {
+        match self.closes_by_code.iter().find(|(c, _)| *c == code) {
+            Some((_, counter)) => counter.clone(),
+            // A code outside the known set: rare, so the registry look-up is affordable.
+            None => self.closes.with_label_values(&[&code.to_string()]),
+        }
+    }
+
     /// Counts a server-initiated close.
     pub fn close(&self, code: u16) {
-        self.closes.with_label_values(&[&code.to_string()]).inc();
+        self.close_counter(code).inc();
     }
 
     /// The Prometheus text exposition.

@@ -94,6 +94,9 @@ pub fn clock_ms() -> u64 {
 pub struct OutboxMetrics {
     pub drops: IntCounter,
     pub slow_consumer_closes: IntCounter,
+    /// `gateway_closes_total{code="1013"}`: this close bypasses the usual close path, yet is
+    /// counted with the others.
+    pub closes_1013: IntCounter,
     pub high_water: IntGauge,
     /// The most bytes ever queued for one connection.
     pub high_water_bytes: IntGauge,
@@ -240,6 +243,7 @@ impl Outbox {
         let waker = state.waker.take();
         drop(state);
         self.metrics.slow_consumer_closes.inc();
+        self.metrics.closes_1013.inc();
         wake(waker);
     }
 
@@ -391,6 +395,7 @@ mod tests {
         Arc::new(OutboxMetrics {
             drops: IntCounter::new("d", "d").unwrap(),
             slow_consumer_closes: IntCounter::new("s", "s").unwrap(),
+            closes_1013: IntCounter::new("c", "c").unwrap(),
             high_water: IntGauge::new("h", "h").unwrap(),
             high_water_bytes: IntGauge::new("hb", "hb").unwrap(),
         })

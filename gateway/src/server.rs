@@ -180,6 +180,7 @@ impl Gateway {
         let outbox_metrics = Arc::new(OutboxMetrics {
             drops: metrics.outbound_drops.clone(),
             slow_consumer_closes: metrics.slow_consumer_closes.clone(),
+            closes_1013: metrics.close_counter(1013),
             high_water: metrics.outbound_queue_high_water.clone(),
             high_water_bytes: metrics.outbound_queue_high_water_bytes.clone(),
         });
@@ -645,10 +646,14 @@ async fn create_room(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bo
                 created,
             },
         ),
-        Err(e) => api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        ),
+        Err(e) => {
+            // The detail names tables and files: it is for the operator, not the client.
+            tracing::warn!(error = %e, tenant = %claims.tenant, "room creation failed in storage");
+            api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "storage unavailable, retry later",
+            )
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! The command line of the real binary: `gateway token` mints tokens that verify with the
 //! configured secret and that a gateway with that secret accepts, and refuses clearly what it
 //! cannot mint; a gateway started without any key runs in development mode, printing a secret,
-//! a ready token and a command that connects.
+//! two ready tokens of users who share a room and a command per token that connects; each
+//! subcommand's help lists only its own flags; logs are plain text unless written to a terminal.
 //!
 //! Tokens are checked with jsonwebtoken directly and connections made with tokio-tungstenite,
 //! not with the gateway's own verifier or codec.
@@ -175,20 +176,126 @@ fn token_with_an_unknown_role_fails_naming_it_and_the_valid_roles() {
 }
 
 #[test]
-fn token_without_a_secret_fails_naming_the_flag_even_with_a_public_key() {
+fn token_without_a_secret_fails_naming_the_flag_and_takes_no_public_key() {
     let stderr = failure(&token_command(&["--sub", "alice", "--tenant", TENANT]));
     assert!(stderr.contains("minting needs --jwt-secret"), "{stderr}");
-    // A public key verifies tokens but cannot sign them.
+    // A public key verifies tokens but cannot sign them, so minting does not take one.
     let public_key = key_file("rsa-public.pem");
-    let stderr = failure(&token_command(&[
+    let output = token_command(&[
         "--sub",
         "alice",
         "--tenant",
         TENANT,
         "--jwt-public-key",
         public_key.to_str().unwrap(),
-    ]));
-    assert!(stderr.contains("minting needs --jwt-secret"), "{stderr}");
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("--jwt-public-key"), "{stderr}");
+}
+
+/// The long flags a `--help` text lists.
+fn flags_in_help(args: &[&str]) -> Vec<String> {
+    let output = gateway_command().args(args).output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let help = String::from_utf8(output.stdout).unwrap();
+    let mut flags: Vec<String> = help
+        .split_whitespace()
+        .filter_map(|word| word.strip_prefix("--"))
+        .map(|flag| flag.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
+        .filter(|flag| !flag.is_empty())
+        .map(str::to_owned)
+        .collect();
+    flags.sort();
+    flags.dedup();
+    flags
+}
+
+#[test]
+fn token_help_lists_only_what_minting_takes() {
+    assert_eq!(
+        flags_in_help(&["token", "--help"]),
+        [
+            "help",
+            "jwt-audience",
+            "jwt-issuer",
+            "jwt-secret",
+            "name",
+            "role",
+            "sub",
+            "tenant",
+            "ttl-secs"
+        ],
+    );
+    // The server's flags are where the server is: with no subcommand and after `serve`.
+    for args in [&["--help"][..], &["serve", "--help"]] {
+        let flags = flags_in_help(args);
+        for flag in ["listen", "data-dir", "shards", "jwt-public-key", "log"] {
+            assert!(flags.iter().any(|f| f == flag), "{args:?} lacks --{flag}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn serve_takes_the_server_flags_after_the_subcommand_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = gateway_command()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--jwt-secret", SECRET, "--shards", "1", "--log", "warn"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = ([127, 0, 0, 1], port).into();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while try_get_status(addr, "/readyz").await != Some(200) {
+        assert!(child.try_wait().unwrap().is_none(), "the gateway exited");
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let process = GatewayProcess { child, addr };
+    let mut client = process
+        .connect("alice", TENANT, gateway::auth::Role::Agent)
+        .await;
+    client.ping().await;
+}
+
+#[test]
+fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = gateway_command()
+        .args(["--listen", "127.0.0.1:0", "--shards", "1", "--log", "info"])
+        .args(["--jwt-secret", SECRET])
+        .arg("--data-dir")
+        .arg(dir.path())
+        // tracing-subscriber honours NO_COLOR on its own; the pipe alone must be enough.
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("gateway listening"))
+    {
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no start-up log line in {seen:#?}"));
+        seen.push(line);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        seen.iter().all(|l| !l.contains('\x1b')),
+        "colour codes in {seen:#?}"
+    );
 }
 
 #[tokio::test]
@@ -246,23 +353,30 @@ async fn minted_token_satisfies_a_gateway_that_requires_audience_and_issuer() {
 struct Banner {
     text: String,
     secret: String,
-    token: String,
-    /// The whole `connect:` line.
-    command: String,
-    /// The URL inside the command.
-    url: String,
+    /// The tokens, in the order printed.
+    tokens: Vec<String>,
+    /// The whole `connect:` lines, one per token.
+    commands: Vec<String>,
+    /// The URL inside each command.
+    urls: Vec<String>,
 }
 
-/// Reads the binary's stderr until the banner's closing line of stars.
-fn read_banner(stderr: std::process::ChildStderr) -> Banner {
+/// The lines a child writes to stderr, read on a thread of their own that keeps draining, so
+/// the child never blocks on a full pipe.
+fn stderr_lines(stderr: std::process::ChildStderr) -> std::sync::mpsc::Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();
-    // Keeps draining stderr after the banner, so the gateway never blocks on a full pipe.
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             let _ = tx.send(line);
         }
     });
+    rx
+}
+
+/// Reads the binary's stderr until the banner's closing line of stars.
+fn read_banner(stderr: std::process::ChildStderr) -> Banner {
+    let rx = stderr_lines(stderr);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut lines: Vec<String> = Vec::new();
     while lines
@@ -277,48 +391,61 @@ fn read_banner(stderr: std::process::ChildStderr) -> Banner {
             Err(_) => panic!("no complete banner on stderr; got {lines:#?}"),
         }
     }
-    let after = |prefix: &str| -> String {
+    let after = |prefix: &str| -> Vec<String> {
         lines
             .iter()
-            .find_map(|l| l.trim().strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} line in {lines:#?}"))
-            .trim()
-            .to_owned()
+            .filter_map(|l| l.trim().strip_prefix(prefix))
+            .map(|rest| rest.trim().to_owned())
+            .collect()
     };
-    let secret = after("secret:");
-    let token_label = lines
+    let secret = after("secret:")
+        .pop()
+        .unwrap_or_else(|| panic!("no secret line in {lines:#?}"));
+    let tokens = lines
         .iter()
-        .position(|l| l.trim().starts_with("token"))
-        .unwrap_or_else(|| panic!("no token line in {lines:#?}"));
-    let token = lines[token_label + 1].trim().to_owned();
-    let command = after("connect:");
-    let url = command
-        .split('\'')
-        .nth(1)
-        .unwrap_or_else(|| panic!("no quoted URL in {command:?}"))
-        .to_owned();
+        .enumerate()
+        .filter(|(_, l)| l.trim().starts_with("token ("))
+        .map(|(i, _)| lines[i + 1].trim().to_owned())
+        .collect();
+    let commands = after("connect:");
+    let urls = commands
+        .iter()
+        .map(|command| {
+            command
+                .split('\'')
+                .nth(1)
+                .unwrap_or_else(|| panic!("no quoted URL in {command:?}"))
+                .to_owned()
+        })
+        .collect();
     Banner {
         text: lines.join("\n"),
         secret,
-        token,
-        command,
-        url,
+        tokens,
+        commands,
+        urls,
     }
 }
 
-#[tokio::test]
-async fn without_a_key_the_gateway_prints_a_secret_a_token_and_a_command_that_connects() {
-    let dir = tempfile::tempdir().unwrap();
-    // Port 0: the banner must report the address actually bound.
+/// The binary in development mode (no key) on port 0, with its banner.
+fn spawn_dev_mode(dir: &std::path::Path) -> (std::process::Child, Banner) {
     let mut child = gateway_command()
         .args(["--listen", "127.0.0.1:0", "--shards", "1", "--log", "warn"])
         .arg("--data-dir")
-        .arg(dir.path())
+        .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let banner = read_banner(child.stderr.take().unwrap());
+    (child, banner)
+}
+
+#[tokio::test]
+async fn without_a_key_the_gateway_prints_a_secret_two_tokens_and_commands_that_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    // Port 0: the banner must report the address actually bound.
+    let (child, banner) = spawn_dev_mode(dir.path());
     let text = &banner.text;
     assert!(text.contains("DEVELOPMENT MODE"), "{text}");
     assert!(text.contains("random secret"), "{text}");
@@ -331,44 +458,95 @@ async fn without_a_key_the_gateway_prints_a_secret_a_token_and_a_command_that_co
         banner.secret.bytes().all(|b| b.is_ascii_hexdigit()),
         "{text}"
     );
+    assert_eq!(banner.tokens.len(), 2, "{text}");
+    assert_eq!(banner.commands.len(), 2, "{text}");
 
     let before = gateway::auth::now_secs() - 60;
-    let claims = verify(&banner.token, &banner.secret, None, None);
-    assert_eq!(claims["sub"], "dev-admin", "{claims}");
-    assert_eq!(claims["tenant"], "dev", "{claims}");
-    assert_eq!(claims["role"], "admin", "{claims}");
-    assert_eq!(claims["name"], "Developer", "{claims}");
-    assert!(
-        claims["exp"].as_u64().unwrap() > before + 86_400 - 120,
-        "{claims}"
-    );
-
-    assert!(
-        banner.command.starts_with("npx wscat -c '"),
-        "{}",
-        banner.command
-    );
-    let rest = banner
-        .url
-        .strip_prefix("ws://127.0.0.1:")
-        .unwrap_or_else(|| panic!("{}", banner.url));
-    let (port, query) = rest.split_once("/ws?token=").unwrap();
-    let port: u16 = port.parse().unwrap();
-    assert_ne!(port, 0, "the banner names the bound port");
-    assert_eq!(query, banner.token);
+    let expected = [
+        ("dev-admin", "admin", "Developer"),
+        ("dev-agent", "agent", "Second Developer"),
+    ];
+    let mut port = 0;
+    for (i, (sub, role, name)) in expected.into_iter().enumerate() {
+        let claims = verify(&banner.tokens[i], &banner.secret, None, None);
+        assert_eq!(claims["sub"], sub, "{claims}");
+        assert_eq!(claims["tenant"], "dev", "{claims}");
+        assert_eq!(claims["role"], role, "{claims}");
+        assert_eq!(claims["name"], name, "{claims}");
+        assert!(
+            claims["exp"].as_u64().unwrap() > before + 86_400 - 120,
+            "{claims}"
+        );
+        // --yes: npx would otherwise stop at a prompt to install wscat.
+        assert!(
+            banner.commands[i].starts_with("npx --yes wscat -c '"),
+            "{}",
+            banner.commands[i]
+        );
+        let rest = banner.urls[i]
+            .strip_prefix("ws://127.0.0.1:")
+            .unwrap_or_else(|| panic!("{}", banner.urls[i]));
+        let (printed_port, query) = rest.split_once("/ws?token=").unwrap();
+        port = printed_port.parse().unwrap();
+        assert_ne!(port, 0, "the banner names the bound port");
+        assert_eq!(query, banner.tokens[i]);
+    }
 
     let process = GatewayProcess {
         child,
         addr: ([127, 0, 0, 1], port).into(),
     };
-    let mut client = Client::connect(&banner.url, "dev-admin").await;
-    assert_eq!(client.connected["status"], "success");
-    assert_eq!(client.connected["user_id"], "dev-admin");
-    assert_eq!(client.connected["data"]["tenant_id"], "dev");
-    let v = client.join("dev-room").await;
-    assert_eq!(v["data"]["room"]["kind"], "team", "{v}");
-    let r = client.chat("dev-room", "hello from dev mode").await;
+    let mut admin = Client::connect(&banner.urls[0], "dev-admin").await;
+    assert_eq!(admin.connected["status"], "success");
+    assert_eq!(admin.connected["user_id"], "dev-admin");
+    assert_eq!(admin.connected["data"]["tenant_id"], "dev");
+    let mut agent = Client::connect(&banner.urls[1], "dev-agent").await;
+    assert_eq!(agent.connected["data"]["tenant_id"], "dev");
+
+    // Both printed users take part in the lobby and hear each other there.
+    for client in [&mut admin, &mut agent] {
+        let v = client.join("lobby").await;
+        assert_eq!(v["data"]["room"]["kind"], "team", "{v}");
+    }
+    let r = admin.chat("lobby", "hello from dev mode").await;
     assert_eq!(r["status"], "success", "{r}");
+    let heard = agent.recv_code("chat_response").await;
+    assert_eq!(heard["user_id"], "dev-admin", "{heard}");
+    assert_eq!(heard["data"]["message"], "hello from dev mode", "{heard}");
+    agent.chat("lobby", "hello back").await;
+    let heard = admin.recv_code("chat_response").await;
+    assert_eq!(heard["user_id"], "dev-agent", "{heard}");
+    assert_eq!(heard["data"]["message"], "hello back", "{heard}");
+    // The README's other example frames, exactly as written there.
+    agent
+        .send(
+            serde_json::json!({"code": "typing", "user_id": "dev-agent", "room_id": "lobby",
+            "data": {"status": "started", "sender": "dev-agent"}}),
+        )
+        .await;
+    let typing = admin.recv_code("typing_response").await;
+    assert_eq!(typing["data"]["status"], "started", "{typing}");
+    agent
+        .send(
+            serde_json::json!({"code": "read_receipt", "user_id": "dev-agent",
+            "room_id": "lobby", "data": {"message_id": r["data"]["message_id"],
+            "sender": "dev-agent"}}),
+        )
+        .await;
+    let receipt = admin.recv_code("read_receipt_response").await;
+    assert_eq!(receipt["data"]["seq"], r["data"]["seq"], "{receipt}");
+    agent
+        .send(
+            serde_json::json!({"code": "presence", "user_id": "dev-agent",
+            "data": {"status": "away", "sender": "dev-agent"}}),
+        )
+        .await;
+    let presence = admin.recv_code("presence_response").await;
+    assert_eq!(presence["data"]["status"], "away", "{presence}");
+
+    // Any other room is created on join, as outside development mode.
+    let v = admin.join("dev-room").await;
+    assert_eq!(v["data"]["room"]["kind"], "team", "{v}");
 
     // The printed secret is the one in effect: tokens minted with it get in too.
     let minted = printed_token(&token_command(&[
@@ -381,4 +559,19 @@ async fn without_a_key_the_gateway_prints_a_secret_a_token_and_a_command_that_co
     ]));
     let mut bob = Client::connect(&process.url(&minted), "bob").await;
     bob.ping().await;
+}
+
+#[tokio::test]
+async fn development_mode_restarted_on_the_same_data_keeps_both_users_in_the_lobby() {
+    let dir = tempfile::tempdir().unwrap();
+    for run in 0..2 {
+        let (mut child, banner) = spawn_dev_mode(dir.path());
+        let mut agent = Client::connect(&banner.urls[1], "dev-agent").await;
+        let v = agent.join("lobby").await;
+        assert_eq!(v["status"], "success", "run {run}: {v}");
+        let r = agent.chat("lobby", "still here").await;
+        assert_eq!(r["data"]["seq"], run + 1, "run {run}: {r}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }

@@ -1064,6 +1064,7 @@ async fn slow_consumer_is_closed_with_1013_within_queue_bound_while_others_get_e
 
     let metrics = server.metrics().await;
     assert!(metric(&metrics, "gateway_slow_consumer_closes_total") >= 1.0);
+    assert!(metric(&metrics, r#"gateway_closes_total{code="1013"}"#) >= 1.0);
     // Everything queued for a connection counts, written or not, so the queue that closed
     // reached the bound exactly: not before (no early close), not beyond (nothing unbounded).
     let high_water = metric(&metrics, "gateway_outbound_queue_high_water");

@@ -725,7 +725,7 @@ async fn handshake_with_a_wrong_or_missing_audience_is_401_when_one_is_required(
     let server = TestServer::start_with(|c| c.jwt_audience = vec!["chat".to_owned()]).await;
     let mut c = claims("alice", TENANT, Role::Agent, now_secs() + 600);
     for audience in [Some("billing"), Some(""), None] {
-        c.aud = audience.map(str::to_owned);
+        c.aud = audience.map(Into::into);
         let t = token_with(&c, SECRET);
         assert_eq!(
             handshake_status(ws_request(&server, Some(&t))).await,
@@ -733,8 +733,60 @@ async fn handshake_with_a_wrong_or_missing_audience_is_401_when_one_is_required(
             "aud {audience:?}"
         );
     }
-    c.aud = Some("chat".to_owned());
+    c.aud = Some("chat".into());
     assert_accepted(&server, &token_with(&c, SECRET), "alice").await;
+    server.stop().await;
+}
+
+/// An HS256 token of the test secret with exactly these claims, as an identity provider that
+/// is not the gateway would sign it.
+fn raw_token(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn handshake_with_an_audience_array_is_accepted_when_any_entry_matches() {
+    let server = TestServer::start_with(|c| c.jwt_audience = vec!["chat".to_owned()]).await;
+    let with_audience = |aud: Value| {
+        raw_token(&json!({
+            "sub": "alice", "tenant": TENANT, "role": "agent", "exp": now_secs() + 600,
+            "aud": aud,
+        }))
+    };
+    assert_accepted(&server, &with_audience(json!(["billing", "chat"])), "alice").await;
+    assert_accepted(&server, &with_audience(json!(["chat"])), "alice").await;
+    for aud in [json!(["billing", "crm"]), json!([])] {
+        assert_eq!(
+            handshake_status(ws_request(&server, Some(&with_audience(aud.clone())))).await,
+            401,
+            "aud {aud}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn handshake_with_a_token_not_yet_valid_is_401_beyond_the_leeway() {
+    let server = TestServer::start_with(|c| c.jwt_leeway_secs = 30).await;
+    let not_before = |nbf: u64| {
+        raw_token(&json!({
+            "sub": "alice", "tenant": TENANT, "role": "agent", "exp": now_secs() + 600,
+            "nbf": nbf,
+        }))
+    };
+    let future = not_before(now_secs() + 300);
+    assert_eq!(
+        handshake_status(ws_request(&server, Some(&future))).await,
+        401
+    );
+    // Within the tolerated clock skew, and in the past, it is valid.
+    assert_accepted(&server, &not_before(now_secs() + 10), "alice").await;
+    assert_accepted(&server, &not_before(now_secs() - 60), "alice").await;
     server.stop().await;
 }
 

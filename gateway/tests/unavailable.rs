@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use gateway::auth::Role;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// Makes the gateway's own database refuse inserts of messages whose text starts with `fail`,
 /// the way a full disk or an I/O error would fail the commit.
@@ -149,5 +149,29 @@ async fn a_join_that_fails_to_read_missed_messages_leaves_the_connection_not_joi
         .await;
     assert_eq!(v["status"], "success", "{v}");
     assert_eq!(alice.chat("room-j", "now I am").await["data"]["seq"], 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn room_creation_that_storage_refuses_is_503_with_a_generic_message() {
+    let server = TestServer::start().await;
+    let conn = rusqlite::Connection::open(server.dir.path().join("gateway.db")).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER fail_rooms BEFORE INSERT ON rooms
+         BEGIN SELECT RAISE(ABORT, 'simulated disk failure'); END;",
+    )
+    .unwrap();
+    let bearer = token("alice", "acme", Role::Admin);
+    let body = json!({"room_id": "r-api", "kind": "team"}).to_string();
+    let (status, text) = http_post(server.addr, "/api/rooms", Some(&bearer), &body).await;
+    assert_eq!(status, 503, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(
+        v,
+        json!({"error": "unavailable", "message": "storage unavailable, retry later"})
+    );
+    // What the backend said stays in the server's log.
+    assert!(!text.contains("simulated"), "{text}");
     server.stop().await;
 }
