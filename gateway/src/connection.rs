@@ -22,6 +22,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
+use storage::RoomKey;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -453,7 +454,14 @@ impl Session {
                     .set_status(&self.conn.user_key(), presence.status)
                 {
                     let frame = presence_frame(&self.conn.claims.sub, None, presence.status);
-                    spawn_presence_broadcast(self.shared.clone(), rooms, self.conn.id, frame);
+                    let conn = &self.conn;
+                    spawn_presence_broadcast(
+                        self.shared.clone(),
+                        &conn.claims.tenant,
+                        rooms,
+                        conn.id,
+                        frame,
+                    );
                 }
                 return None;
             }
@@ -477,7 +485,8 @@ impl Session {
         let room_id = room_owned
             .clone()
             .expect("room codes carry a room_id (checked above)");
-        let shard_index = shard::shard_of(&room_id, self.shared.shards.len());
+        let room = RoomKey::new(&self.conn.claims.tenant, &room_id);
+        let shard_index = shard::shard_of(&room, self.shared.shards.len());
         match &action {
             RoomAction::Join(_) => {
                 if self.joined.len() >= MAX_JOINED_ROOMS && !self.joined.contains_key(&room_id) {
@@ -499,7 +508,7 @@ impl Session {
         }
         let request = RoomRequest {
             conn: self.conn.clone(),
-            room_id,
+            room,
             reference: reference_owned,
             received,
             action,
@@ -512,8 +521,9 @@ impl Session {
         // `Disconnect` also drops the room from the user's presence entry), or a shard thread
         // that runs first leaves nobody to tell that the user went offline.
         let offline_rooms = self.shared.presence.disconnect(&self.conn.user_key());
-        let mut by_shard: HashMap<usize, Vec<String>> = HashMap::new();
+        let mut by_shard: HashMap<usize, Vec<RoomKey>> = HashMap::new();
         for (room, shard) in self.joined {
+            let room = RoomKey::new(&self.conn.claims.tenant, &room);
             by_shard.entry(shard).or_default().push(room);
         }
         for (shard, rooms) in by_shard {
@@ -531,7 +541,14 @@ impl Session {
                 None,
                 crate::cmd::presence::PresenceStatus::Offline,
             );
-            spawn_presence_broadcast(self.shared.clone(), rooms, self.conn.id, frame);
+            let conn = &self.conn;
+            spawn_presence_broadcast(
+                self.shared.clone(),
+                &conn.claims.tenant,
+                rooms,
+                conn.id,
+                frame,
+            );
         }
     }
 }
@@ -563,13 +580,20 @@ enum Handled {
     NeedBytes,
 }
 
-/// Sends one presence frame to every connection sharing one of `rooms`, once each.
-fn spawn_presence_broadcast(shared: Arc<Shared>, rooms: Vec<String>, except: ConnId, frame: Bytes) {
+/// Sends one presence frame to every connection sharing one of `rooms` (of `tenant`), once each.
+fn spawn_presence_broadcast(
+    shared: Arc<Shared>,
+    tenant: &str,
+    rooms: Vec<String>,
+    except: ConnId,
+    frame: Bytes,
+) {
     if rooms.is_empty() {
         return;
     }
+    let rooms: Vec<RoomKey> = rooms.iter().map(|r| RoomKey::new(tenant, r)).collect();
     tokio::spawn(async move {
-        let mut by_shard: HashMap<usize, Vec<String>> = HashMap::new();
+        let mut by_shard: HashMap<usize, Vec<RoomKey>> = HashMap::new();
         for room in rooms {
             by_shard
                 .entry(shard::shard_of(&room, shared.shards.len()))

@@ -12,7 +12,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use serde::Serialize;
-use storage::{Appended, Direction, HistoryQuery, NewMessage, Room, RoomKind, Store, Timestamp};
+use storage::{
+    Appended, Direction, HistoryQuery, NewMessage, Room, RoomKey, RoomKind, Store, Timestamp,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{may_join, Access, Claims, Role};
@@ -53,7 +55,8 @@ impl ConnRef {
 /// A request about one room, with what is needed to answer it.
 pub struct RoomRequest {
     pub conn: ConnRef,
-    pub room_id: String,
+    /// The room in the caller's tenant: ids are unique within a tenant only.
+    pub room: RoomKey,
     pub reference: Option<String>,
     /// When the connection read the frame (fan-out latency starts here).
     pub received: Instant,
@@ -83,16 +86,19 @@ impl RoomAction {
 }
 
 /// Everything a shard can be asked.
+// `Room` is nearly every command sent; boxing it would cost an allocation per frame to shrink
+// the rare ones.
+#[allow(clippy::large_enum_variant)]
 pub enum ShardCommand {
     Room(RoomRequest),
     /// The connection closed: forget it in these rooms (all owned by this shard).
     Disconnect {
         conn: ConnId,
-        rooms: Vec<String>,
+        rooms: Vec<RoomKey>,
     },
     /// Presence fan-out: the connections joined to any of these rooms.
     CollectMembers {
-        rooms: Vec<String>,
+        rooms: Vec<RoomKey>,
         reply: oneshot::Sender<Vec<(ConnId, Arc<Outbox>)>>,
     },
     /// Answers once every chat commit started before it has finished and its replies are
@@ -105,20 +111,20 @@ pub enum ShardCommand {
 /// Completions of work the shard handed to helper tasks.
 enum ShardEvent {
     RoomLoaded {
-        room_id: String,
+        room: RoomKey,
         result: storage::Result<Option<Room>>,
     },
     RoomCreated {
-        room_id: String,
+        room: RoomKey,
         result: storage::Result<Room>,
     },
     JoinReady {
-        room_id: String,
+        room: RoomKey,
         conn: ConnId,
         frame: Bytes,
     },
     ReceiptStored {
-        room_id: String,
+        room: RoomKey,
         conn: ConnRef,
         broadcast: Option<Bytes>,
     },
@@ -134,10 +140,10 @@ pub struct ShardHandle {
     pub live: Arc<Registry>,
 }
 
-/// Which shard owns a room.
-pub fn shard_of(room_id: &str, shards: usize) -> usize {
+/// Which shard owns a room (tenant and id: the same id in two tenants names two rooms).
+pub fn shard_of(room: &RoomKey, shards: usize) -> usize {
     let mut h = DefaultHasher::new();
-    room_id.hash(&mut h);
+    room.hash(&mut h);
     (h.finish() % shards as u64) as usize
 }
 
@@ -199,7 +205,7 @@ enum Slot {
     Ready(RoomState),
 }
 
-type AppendContext = (String, ConnRef, Option<String>, Instant);
+type AppendContext = (RoomKey, ConnRef, Option<String>, Instant);
 type AppendFuture = std::pin::Pin<
     Box<dyn std::future::Future<Output = (AppendContext, storage::Result<Appended>)> + Send>,
 >;
@@ -207,7 +213,7 @@ type AppendFuture = std::pin::Pin<
 struct Shard {
     index: usize,
     shared: Arc<Shared>,
-    rooms: HashMap<String, Slot>,
+    rooms: HashMap<RoomKey, Slot>,
     appends: FuturesOrdered<AppendFuture>,
     /// Chat commits started and finished so far (they finish in order).
     appends_started: u64,
@@ -292,14 +298,14 @@ impl Shard {
         match command {
             ShardCommand::Room(request) => self.on_room_request(request),
             ShardCommand::Disconnect { conn, rooms } => {
-                for room_id in rooms {
-                    self.remove_member(&room_id, conn);
+                for room in rooms {
+                    self.remove_member(&room, conn);
                 }
             }
             ShardCommand::CollectMembers { rooms, reply } => {
                 let mut out = Vec::new();
-                for room_id in &rooms {
-                    if let Some(Slot::Ready(state)) = self.rooms.get(room_id) {
+                for room in &rooms {
+                    if let Some(Slot::Ready(state)) = self.rooms.get(room) {
                         out.extend(
                             state
                                 .members
@@ -335,20 +341,20 @@ impl Shard {
     }
 
     fn on_room_request(&mut self, request: RoomRequest) {
-        match self.rooms.get_mut(&request.room_id) {
+        match self.rooms.get_mut(&request.room) {
             Some(Slot::Ready(_)) => self.handle_ready(request),
             Some(Slot::Loading(queue)) => queue.push(request),
             None => match &request.action {
                 RoomAction::Join(_) | RoomAction::Historic(_) => {
-                    let room_id = request.room_id.clone();
+                    let room = request.room.clone();
                     self.rooms
-                        .insert(room_id.clone(), Slot::Loading(vec![request]));
+                        .insert(room.clone(), Slot::Loading(vec![request]));
                     self.update_room_gauge();
                     let store = self.shared.store.clone();
                     let events = self.events_tx.clone();
                     tokio::spawn(async move {
-                        let result = store.room(&room_id).await;
-                        let _ = events.send(ShardEvent::RoomLoaded { room_id, result });
+                        let result = store.room(&room).await;
+                        let _ = events.send(ShardEvent::RoomLoaded { room, result });
                     });
                 }
                 RoomAction::Leave => self.reply_leave(&request),
@@ -357,7 +363,7 @@ impl Shard {
                     self.reply_error(
                         &request.conn,
                         code,
-                        &request.room_id,
+                        &request.room.room_id,
                         request.reference.as_deref(),
                         ProtocolError::new(ErrorCode::NotJoined, "join the room first"),
                     );
@@ -372,21 +378,17 @@ impl Shard {
 
     fn on_event(&mut self, event: ShardEvent) {
         match event {
-            ShardEvent::RoomLoaded { room_id, result } => match result {
-                Ok(Some(room)) => self.room_ready(room),
-                Ok(None) => self.room_missing(room_id),
-                Err(e) => self.room_failed(&room_id, e),
+            ShardEvent::RoomLoaded { room, result } => match result {
+                Ok(Some(stored)) => self.room_ready(stored),
+                Ok(None) => self.room_missing(room),
+                Err(e) => self.room_failed(&room, e),
             },
-            ShardEvent::RoomCreated { room_id, result } => match result {
-                Ok(room) => self.room_ready(room),
-                Err(e) => self.room_failed(&room_id, e),
+            ShardEvent::RoomCreated { room, result } => match result {
+                Ok(stored) => self.room_ready(stored),
+                Err(e) => self.room_failed(&room, e),
             },
-            ShardEvent::JoinReady {
-                room_id,
-                conn,
-                frame,
-            } => {
-                let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
+            ShardEvent::JoinReady { room, conn, frame } => {
+                let Some(Slot::Ready(state)) = self.rooms.get_mut(&room) else {
                     return;
                 };
                 let Some(member) = state.members.get_mut(&conn) else {
@@ -412,12 +414,12 @@ impl Shard {
                 }
             }
             ShardEvent::ReceiptStored {
-                room_id,
+                room,
                 conn,
                 broadcast,
             } => {
                 if let (Some(frame), Some(Slot::Ready(state))) =
-                    (broadcast, self.rooms.get_mut(&room_id))
+                    (broadcast, self.rooms.get_mut(&room))
                 {
                     let mut n = 0;
                     for member in state.members.values_mut() {
@@ -435,9 +437,9 @@ impl Shard {
     }
 
     fn room_ready(&mut self, room: Room) {
-        let room_id = room.room_id.clone();
+        let key = room.key();
         let queued = match self.rooms.insert(
-            room_id.clone(),
+            key.clone(),
             Slot::Ready(RoomState {
                 room,
                 members: HashMap::new(),
@@ -450,13 +452,13 @@ impl Shard {
         for request in queued {
             self.handle_ready(request);
         }
-        self.maybe_unload(&room_id);
+        self.maybe_unload(&key);
     }
 
     /// The room does not exist: the first join by a non-customer creates it as a team room of
     /// that caller's tenant; everything else is NOT_FOUND.
-    fn room_missing(&mut self, room_id: String) {
-        let Some(Slot::Loading(queued)) = self.rooms.get_mut(&room_id) else {
+    fn room_missing(&mut self, room: RoomKey) {
+        let Some(Slot::Loading(queued)) = self.rooms.get_mut(&room) else {
             return;
         };
         let creator = queued.iter().find_map(|r| match r.action {
@@ -470,13 +472,14 @@ impl Shard {
                 let store = self.shared.store.clone();
                 let events = self.events_tx.clone();
                 tokio::spawn(async move {
-                    let new_room = storage::NewRoom::team(&room_id, &claims.tenant, &claims.sub);
-                    let result = store.create_room(new_room).await.map(|(room, _)| room);
-                    let _ = events.send(ShardEvent::RoomCreated { room_id, result });
+                    let new_room =
+                        storage::NewRoom::team(&room.room_id, &room.tenant_id, &claims.sub);
+                    let result = store.create_room(new_room).await.map(|(stored, _)| stored);
+                    let _ = events.send(ShardEvent::RoomCreated { room, result });
                 });
             }
             None => {
-                let Some(Slot::Loading(queued)) = self.rooms.remove(&room_id) else {
+                let Some(Slot::Loading(queued)) = self.rooms.remove(&room) else {
                     return;
                 };
                 self.update_room_gauge();
@@ -485,7 +488,7 @@ impl Shard {
                     self.reply_error(
                         &request.conn,
                         code,
-                        &request.room_id,
+                        &request.room.room_id,
                         request.reference.as_deref(),
                         ProtocolError::new(ErrorCode::NotFound, "room not found"),
                     );
@@ -494,9 +497,9 @@ impl Shard {
         }
     }
 
-    fn room_failed(&mut self, room_id: &str, error: storage::Error) {
-        tracing::warn!(room_id, error = %error, "loading a room failed");
-        let Some(Slot::Loading(queued)) = self.rooms.remove(room_id) else {
+    fn room_failed(&mut self, room: &RoomKey, error: storage::Error) {
+        tracing::warn!(room_id = %room.room_id, error = %error, "loading a room failed");
+        let Some(Slot::Loading(queued)) = self.rooms.remove(room) else {
             return;
         };
         self.update_room_gauge();
@@ -505,7 +508,7 @@ impl Shard {
             self.reply_error(
                 &request.conn,
                 code,
-                &request.room_id,
+                &request.room.room_id,
                 request.reference.as_deref(),
                 ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later"),
             );
@@ -513,22 +516,24 @@ impl Shard {
     }
 
     /// Drops a room from memory once nobody is joined and nothing is in flight.
-    fn maybe_unload(&mut self, room_id: &str) {
-        if let Some(Slot::Ready(state)) = self.rooms.get(room_id) {
+    fn maybe_unload(&mut self, room: &RoomKey) {
+        if let Some(Slot::Ready(state)) = self.rooms.get(room) {
             if state.members.is_empty() && state.inflight == 0 {
-                self.rooms.remove(room_id);
+                self.rooms.remove(room);
                 self.update_room_gauge();
             }
         }
     }
 
-    fn remove_member(&mut self, room_id: &str, conn: ConnId) {
-        if let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) {
+    fn remove_member(&mut self, room: &RoomKey, conn: ConnId) {
+        if let Some(Slot::Ready(state)) = self.rooms.get_mut(room) {
             if let Some(member) = state.members.remove(&conn) {
-                self.shared.presence.left(&member.conn.user_key(), room_id);
+                self.shared
+                    .presence
+                    .left(&member.conn.user_key(), &room.room_id);
             }
         }
-        self.maybe_unload(room_id);
+        self.maybe_unload(room);
     }
 
     fn reply_leave(&self, request: &RoomRequest) {
@@ -538,7 +543,7 @@ impl Shard {
         let frame = FrameBuilder::success(
             Code::Leave.response(),
             &request.conn.claims.sub,
-            Some(&request.room_id),
+            Some(&request.room.room_id),
             request.reference.as_deref(),
             serde_json::Map::new(),
         );
@@ -546,7 +551,7 @@ impl Shard {
     }
 
     fn handle_ready(&mut self, request: RoomRequest) {
-        let Some(Slot::Ready(state)) = self.rooms.get_mut(&request.room_id) else {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&request.room) else {
             unreachable!("handle_ready is called for ready rooms only");
         };
         if let Some(member) = state.members.get_mut(&request.conn.id) {
@@ -565,7 +570,7 @@ impl Shard {
             self.reply_error(
                 &request.conn,
                 code,
-                &request.room_id,
+                &request.room.room_id,
                 request.reference.as_deref(),
                 ProtocolError::new(ErrorCode::NotJoined, "join the room first"),
             );
@@ -573,25 +578,25 @@ impl Shard {
         }
         match request.action {
             RoomAction::Join(join) => {
-                self.join(request.conn, request.room_id, request.reference, join)
+                self.join(request.conn, request.room, request.reference, join)
             }
             RoomAction::Leave => {
                 self.reply_leave(&request);
-                self.remove_member(&request.room_id, request.conn.id);
+                self.remove_member(&request.room, request.conn.id);
             }
             RoomAction::Chat(chat) => self.chat(
                 request.conn,
-                request.room_id,
+                request.room,
                 request.reference,
                 request.received,
                 chat,
             ),
-            RoomAction::Typing(status) => self.typing(&request.conn, &request.room_id, status),
+            RoomAction::Typing(status) => self.typing(&request.conn, &request.room, status),
             RoomAction::ReadReceipt { message_id } => {
-                self.read_receipt(request.conn, request.room_id, request.reference, message_id)
+                self.read_receipt(request.conn, request.room, request.reference, message_id)
             }
             RoomAction::Historic(historic) => {
-                self.historic(request.conn, request.room_id, request.reference, historic)
+                self.historic(request.conn, request.room, request.reference, historic)
             }
         }
     }
@@ -607,22 +612,29 @@ impl Shard {
         }
     }
 
-    fn join(&mut self, conn: ConnRef, room_id: String, reference: Option<String>, join: Join) {
-        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
+    fn join(&mut self, conn: ConnRef, room: RoomKey, reference: Option<String>, join: Join) {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room) else {
             return;
         };
         if let Some(error) = Self::access_error(may_join(&conn.claims, &state.room)) {
-            self.reply_error(&conn, Code::Join, &room_id, reference.as_deref(), error);
-            self.maybe_unload(&room_id);
+            self.reply_error(
+                &conn,
+                Code::Join,
+                &room.room_id,
+                reference.as_deref(),
+                error,
+            );
+            self.maybe_unload(&room);
             return;
         }
         let user_key = conn.user_key();
         let already_member = state.members.contains_key(&conn.id);
-        let first_of_user = !already_member && self.shared.presence.joined(&user_key, &room_id);
+        let first_of_user =
+            !already_member && self.shared.presence.joined(&user_key, &room.room_id);
         // Tell the others this user is here, with its current status (once per user and room).
         if first_of_user {
             let status = self.shared.presence.status(&user_key);
-            let frame = presence_frame(&conn.claims.sub, Some(&room_id), status);
+            let frame = presence_frame(&conn.claims.sub, Some(&room.room_id), status);
             let mut n = 0;
             for member in state.members.values_mut() {
                 if member.conn.claims.sub != conn.claims.sub
@@ -675,7 +687,7 @@ impl Shard {
                 None => FrameBuilder::success(
                     Code::Join.response(),
                     &conn.claims.sub,
-                    Some(&room_id),
+                    Some(&room.room_id),
                     reference.as_deref(),
                     JoinData {
                         room: room_summary,
@@ -692,11 +704,11 @@ impl Shard {
                         search: None,
                         include_notes,
                     };
-                    match store.history(&room_id, query).await {
+                    match store.history(&room, query).await {
                         Ok(page) => FrameBuilder::success(
                             Code::Join.response(),
                             &conn.claims.sub,
-                            Some(&room_id),
+                            Some(&room.room_id),
                             reference.as_deref(),
                             JoinData {
                                 room: room_summary,
@@ -706,11 +718,11 @@ impl Shard {
                             },
                         ),
                         Err(e) => {
-                            tracing::warn!(room_id, error = %e, "reading missed messages failed");
+                            tracing::warn!(room_id = %room.room_id, error = %e, "reading missed messages failed");
                             FrameBuilder::error(
                                 Code::Join.response(),
                                 Some(&conn.claims.sub),
-                                Some(&room_id),
+                                Some(&room.room_id),
                                 reference.as_deref(),
                                 &ProtocolError::new(
                                     ErrorCode::Unavailable,
@@ -722,7 +734,7 @@ impl Shard {
                 }
             };
             let _ = events.send(ShardEvent::JoinReady {
-                room_id,
+                room,
                 conn: conn.id,
                 frame,
             });
@@ -732,12 +744,12 @@ impl Shard {
     fn chat(
         &mut self,
         conn: ConnRef,
-        room_id: String,
+        room: RoomKey,
         reference: Option<String>,
         received: Instant,
         chat: Chat,
     ) {
-        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room) else {
             return;
         };
         let direction = match (state.room.kind, conn.claims.role) {
@@ -749,7 +761,8 @@ impl Shard {
             message_id: chat
                 .message_id
                 .unwrap_or_else(|| ulid::Ulid::new().to_string()),
-            room_id: room_id.clone(),
+            tenant_id: room.tenant_id.clone(),
+            room_id: room.room_id.clone(),
             sender: conn.claims.sub.clone(),
             sender_type: conn.claims.role.sender_type(),
             direction,
@@ -766,22 +779,22 @@ impl Shard {
         let store = self.shared.store.clone();
         self.appends.push_back(Box::pin(async move {
             let result = store.append(message).await;
-            ((room_id, conn, reference, received), result)
+            ((room, conn, reference, received), result)
         }));
     }
 
     fn on_appended(
         &mut self,
-        (room_id, conn, reference, received): AppendContext,
+        (room, conn, reference, received): AppendContext,
         result: storage::Result<Appended>,
     ) {
-        if let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) {
+        if let Some(Slot::Ready(state)) = self.rooms.get_mut(&room) {
             state.inflight = state.inflight.saturating_sub(1);
         }
         let appended = match result {
             Ok(appended) => appended,
             Err(e) => {
-                tracing::warn!(room_id, error = %e, "storing a chat message failed");
+                tracing::warn!(room_id = %room.room_id, error = %e, "storing a chat message failed");
                 let error = match e {
                     storage::Error::Invalid(m) => ProtocolError::new(ErrorCode::BadRequest, m),
                     _ => ProtocolError::new(
@@ -789,8 +802,14 @@ impl Shard {
                         "message not accepted: storage unavailable, retry with the same message_id",
                     ),
                 };
-                self.reply_error(&conn, Code::Chat, &room_id, reference.as_deref(), error);
-                self.maybe_unload(&room_id);
+                self.reply_error(
+                    &conn,
+                    Code::Chat,
+                    &room.room_id,
+                    reference.as_deref(),
+                    error,
+                );
+                self.maybe_unload(&room);
                 return;
             }
         };
@@ -798,11 +817,11 @@ impl Shard {
         let direct = FrameBuilder::success(
             Code::Chat.response(),
             &conn.claims.sub,
-            Some(&room_id),
+            Some(&room.room_id),
             reference.as_deref(),
             &appended.message,
         );
-        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room) else {
             conn.outbox.push(direct, FrameClass::Durable);
             metrics.frames_out(OutCode::Response(Code::Chat), 1);
             return;
@@ -812,7 +831,7 @@ impl Shard {
             let event = FrameBuilder::success(
                 Code::Chat.response(),
                 &conn.claims.sub,
-                Some(&room_id),
+                Some(&room.room_id),
                 None,
                 &appended.message,
             );
@@ -839,17 +858,17 @@ impl Shard {
         metrics
             .fanout_latency
             .observe(received.elapsed().as_secs_f64());
-        self.maybe_unload(&room_id);
+        self.maybe_unload(&room);
     }
 
-    fn typing(&mut self, conn: &ConnRef, room_id: &str, status: TypingStatus) {
-        let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) else {
+    fn typing(&mut self, conn: &ConnRef, room: &RoomKey, status: TypingStatus) {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(room) else {
             return;
         };
         let frame = FrameBuilder::success(
             Code::Typing.response(),
             &conn.claims.sub,
-            Some(room_id),
+            Some(&room.room_id),
             None,
             TypingData {
                 status,
@@ -871,7 +890,7 @@ impl Shard {
     fn read_receipt(
         &mut self,
         conn: ConnRef,
-        room_id: String,
+        room: RoomKey,
         reference: Option<String>,
         message_id: String,
     ) {
@@ -885,7 +904,7 @@ impl Shard {
                 let frame = FrameBuilder::error(
                     Code::ReadReceipt.response(),
                     Some(&conn.claims.sub),
-                    Some(&room_id),
+                    Some(&room.room_id),
                     reference.as_deref(),
                     &error,
                 );
@@ -893,7 +912,7 @@ impl Shard {
             };
             let unavailable =
                 || ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later");
-            let message = match store.message_by_id(&room_id, &message_id).await {
+            let message = match store.message_by_id(&room, &message_id).await {
                 Ok(Some(m)) if m.direction != Direction::Note || conn.claims.role.is_team() => m,
                 Ok(_) => {
                     return fail(ProtocolError::new(
@@ -903,14 +922,11 @@ impl Shard {
                 }
                 Err(_) => return fail(unavailable()),
             };
-            let Ok(marker) = store
-                .mark_read(&room_id, &conn.claims.sub, message.seq)
-                .await
-            else {
+            let Ok(marker) = store.mark_read(&room, &conn.claims.sub, message.seq).await else {
                 return fail(unavailable());
             };
             let Ok(unread) = store
-                .unread_count(&room_id, &conn.claims.sub, conn.claims.role.is_team())
+                .unread_count(&room, &conn.claims.sub, conn.claims.role.is_team())
                 .await
             else {
                 return fail(unavailable());
@@ -928,7 +944,7 @@ impl Shard {
             let direct = FrameBuilder::success(
                 Code::ReadReceipt.response(),
                 &conn.claims.sub,
-                Some(&room_id),
+                Some(&room.room_id),
                 reference.as_deref(),
                 data,
             );
@@ -938,7 +954,7 @@ impl Shard {
                 FrameBuilder::success(
                     Code::ReadReceipt.response(),
                     &conn.claims.sub,
-                    Some(&room_id),
+                    Some(&room.room_id),
                     None,
                     ReceiptData {
                         read_seq: None,
@@ -948,7 +964,7 @@ impl Shard {
                 )
             });
             let _ = events.send(ShardEvent::ReceiptStored {
-                room_id,
+                room,
                 conn,
                 broadcast,
             });
@@ -958,16 +974,22 @@ impl Shard {
     fn historic(
         &mut self,
         conn: ConnRef,
-        room_id: String,
+        room: RoomKey,
         reference: Option<String>,
         historic: Historic,
     ) {
-        let Some(Slot::Ready(state)) = self.rooms.get(&room_id) else {
+        let Some(Slot::Ready(state)) = self.rooms.get(&room) else {
             return;
         };
         if let Some(error) = Self::access_error(may_join(&conn.claims, &state.room)) {
-            self.reply_error(&conn, Code::Historic, &room_id, reference.as_deref(), error);
-            self.maybe_unload(&room_id);
+            self.reply_error(
+                &conn,
+                Code::Historic,
+                &room.room_id,
+                reference.as_deref(),
+                error,
+            );
+            self.maybe_unload(&room);
             return;
         }
         let store = self.shared.store.clone();
@@ -979,13 +1001,13 @@ impl Shard {
             search: historic.search,
             include_notes: conn.claims.role.is_team(),
         };
-        self.maybe_unload(&room_id);
+        self.maybe_unload(&room);
         tokio::spawn(async move {
-            let frame = match store.history(&room_id, query).await {
+            let frame = match store.history(&room, query).await {
                 Ok(page) => FrameBuilder::success(
                     Code::Historic.response(),
                     &conn.claims.sub,
-                    Some(&room_id),
+                    Some(&room.room_id),
                     reference.as_deref(),
                     HistoricData {
                         messages: &page.messages,
@@ -993,12 +1015,12 @@ impl Shard {
                     },
                 ),
                 Err(e) => {
-                    tracing::warn!(room_id, error = %e, "reading history failed");
+                    tracing::warn!(room_id = %room.room_id, error = %e, "reading history failed");
                     metrics.error(ErrorCode::Unavailable);
                     FrameBuilder::error(
                         Code::Historic.response(),
                         Some(&conn.claims.sub),
-                        Some(&room_id),
+                        Some(&room.room_id),
                         reference.as_deref(),
                         &ProtocolError::new(
                             ErrorCode::Unavailable,

@@ -48,7 +48,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::{
     Appended, CommitStats, Direction, Error, HistoryPage, HistoryQuery, Message, MessageType,
-    NewMessage, NewRoom, Result, Room, RoomKind, SenderType, Store, Timestamp,
+    NewMessage, NewRoom, Result, Room, RoomKey, RoomKind, SenderType, Store, Timestamp,
 };
 
 /// How often the checkpointer copies the write-ahead log into the database.
@@ -61,7 +61,7 @@ pub const WAL_RESTART_FRAMES: i64 = 8_192;
 pub const WRITER_CACHE_KIB: i64 = 64 * 1024;
 
 /// The schema version this code writes and understands (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Page size of a history query whose `limit` is 0.
 const DEFAULT_HISTORY_LIMIT: u32 = 50;
@@ -286,20 +286,20 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn room(&self, room_id: &str) -> Result<Option<Room>> {
-        let room_id = room_id.to_owned();
+    async fn room(&self, room: &RoomKey) -> Result<Option<Room>> {
+        let room = room.clone();
         self.read(move |conn| {
             let tx = conn.unchecked_transaction()?;
-            load_room(&tx, &room_id)
+            load_room(&tx, &room)
         })
         .wait(self)
         .await
     }
 
-    async fn add_participant(&self, room_id: &str, user_id: &str) -> Result<Room> {
-        let (room_id, user_id) = (room_id.to_owned(), user_id.to_owned());
+    async fn add_participant(&self, room: &RoomKey, user_id: &str) -> Result<Room> {
+        let (room, user_id) = (room.clone(), user_id.to_owned());
         self.write(|reply| WriteRequest::AddParticipant {
-            room_id,
+            room,
             user_id,
             reply,
         })
@@ -307,24 +307,24 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn history(&self, room_id: &str, query: HistoryQuery) -> Result<HistoryPage> {
-        let room_id = room_id.to_owned();
-        self.read(move |conn| history(conn, &room_id, &query))
+    async fn history(&self, room: &RoomKey, query: HistoryQuery) -> Result<HistoryPage> {
+        let room = room.clone();
+        self.read(move |conn| history(conn, &room, &query))
             .wait(self)
             .await
     }
 
-    async fn message_by_id(&self, room_id: &str, message_id: &str) -> Result<Option<Message>> {
-        let (room_id, message_id) = (room_id.to_owned(), message_id.to_owned());
-        self.read(move |conn| message_by_id(conn, &room_id, &message_id))
+    async fn message_by_id(&self, room: &RoomKey, message_id: &str) -> Result<Option<Message>> {
+        let (room, message_id) = (room.clone(), message_id.to_owned());
+        self.read(move |conn| message_by_id(conn, &room, &message_id))
             .wait(self)
             .await
     }
 
-    async fn mark_read(&self, room_id: &str, user_id: &str, seq: u64) -> Result<u64> {
-        let (room_id, user_id) = (room_id.to_owned(), user_id.to_owned());
+    async fn mark_read(&self, room: &RoomKey, user_id: &str, seq: u64) -> Result<u64> {
+        let (room, user_id) = (room.clone(), user_id.to_owned());
         self.write(|reply| WriteRequest::MarkRead {
-            room_id,
+            room,
             user_id,
             seq,
             reply,
@@ -333,12 +333,17 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn read_marker(&self, room_id: &str, user_id: &str) -> Result<u64> {
-        let (room_id, user_id) = (room_id.to_owned(), user_id.to_owned());
+    async fn read_marker(&self, room: &RoomKey, user_id: &str) -> Result<u64> {
+        let (room, user_id) = (room.clone(), user_id.to_owned());
         self.read(move |conn| {
             let seq: Option<i64> = conn
-                .prepare_cached("SELECT seq FROM read_markers WHERE room_id = ?1 AND user_id = ?2")?
-                .query_row(params![room_id, user_id], |row| row.get(0))
+                .prepare_cached(
+                    "SELECT seq FROM read_markers
+                     WHERE tenant_id = ?1 AND room_id = ?2 AND user_id = ?3",
+                )?
+                .query_row(params![room.tenant_id, room.room_id, user_id], |row| {
+                    row.get(0)
+                })
                 .optional()?;
             Ok(seq.map_or(0, to_u64))
         })
@@ -346,19 +351,28 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn unread_count(&self, room_id: &str, user_id: &str, include_notes: bool) -> Result<u64> {
-        let (room_id, user_id) = (room_id.to_owned(), user_id.to_owned());
+    async fn unread_count(
+        &self,
+        room: &RoomKey,
+        user_id: &str,
+        include_notes: bool,
+    ) -> Result<u64> {
+        let (room, user_id) = (room.clone(), user_id.to_owned());
         self.read(move |conn| {
             let count: i64 = conn
                 .prepare_cached(
                     "SELECT COUNT(*) FROM messages
-                     WHERE room_id = ?1
+                     WHERE tenant_id = ?1 AND room_id = ?2
                        AND seq > COALESCE(
-                           (SELECT seq FROM read_markers WHERE room_id = ?1 AND user_id = ?2), 0)
-                       AND sender <> ?2
-                       AND (?3 OR direction <> 'NOTE')",
+                           (SELECT seq FROM read_markers
+                            WHERE tenant_id = ?1 AND room_id = ?2 AND user_id = ?3), 0)
+                       AND sender <> ?3
+                       AND (?4 OR direction <> 'NOTE')",
                 )?
-                .query_row(params![room_id, user_id, include_notes], |row| row.get(0))?;
+                .query_row(
+                    params![room.tenant_id, room.room_id, user_id, include_notes],
+                    |row| row.get(0),
+                )?;
             Ok(to_u64(count))
         })
         .wait(self)
@@ -484,32 +498,86 @@ fn migrate(conn: &Connection) -> Result<()> {
         )));
     }
     if version < 1 {
-        conn.execute_batch(SCHEMA_V1)
+        conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA_V2} COMMIT;"))
             .map_err(|e| db_error("create schema", &e))?;
-        tracing::info!(version = 1, "sqlite schema created");
+        tracing::info!(version = SCHEMA_VERSION, "sqlite schema created");
+    } else if version < 2 {
+        migrate_v1_to_v2(conn)?;
     }
     Ok(())
 }
 
-const SCHEMA_V1: &str = "
-BEGIN IMMEDIATE;
-CREATE TABLE IF NOT EXISTS rooms (
-    room_id    TEXT PRIMARY KEY NOT NULL,
+/// Version 1 keyed rooms by `room_id` alone; version 2 keys every room record by
+/// `(tenant_id, room_id)`. The old tables are renamed aside, the new ones created, every row
+/// copied with its room's tenant (taken from the old `rooms` table) and the old tables dropped,
+/// all in one transaction: a crash leaves either version, never a mix.
+fn migrate_v1_to_v2(conn: &Connection) -> Result<()> {
+    // The tables are rebuilt under their own names; foreign keys are checked once at the end
+    // instead of against half-copied tables (the pragma is a no-op inside a transaction).
+    conn.pragma_update(None, "foreign_keys", false)
+        .map_err(|e| db_error("migrate schema", &e))?;
+    let result = conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         DROP INDEX messages_by_id;
+         ALTER TABLE rooms RENAME TO rooms_v1;
+         ALTER TABLE room_participants RENAME TO room_participants_v1;
+         ALTER TABLE messages RENAME TO messages_v1;
+         ALTER TABLE read_markers RENAME TO read_markers_v1;
+         {SCHEMA_V2}
+         INSERT INTO rooms (tenant_id, room_id, kind, title, status, created_at, last_seq)
+             SELECT tenant_id, room_id, kind, title, status, created_at, last_seq FROM rooms_v1;
+         INSERT INTO room_participants (tenant_id, room_id, user_id, position)
+             SELECT r.tenant_id, p.room_id, p.user_id, p.position
+             FROM room_participants_v1 p JOIN rooms_v1 r USING (room_id);
+         INSERT INTO messages (tenant_id, room_id, seq, message_id, sender, sender_type,
+                               direction, type, message, attached_files, reply_to, mentions,
+                               metadata, created_at)
+             SELECT r.tenant_id, m.room_id, m.seq, m.message_id, m.sender, m.sender_type,
+                    m.direction, m.type, m.message, m.attached_files, m.reply_to, m.mentions,
+                    m.metadata, m.created_at
+             FROM messages_v1 m JOIN rooms_v1 r USING (room_id);
+         INSERT INTO read_markers (tenant_id, room_id, user_id, seq)
+             SELECT r.tenant_id, k.room_id, k.user_id, k.seq
+             FROM read_markers_v1 k JOIN rooms_v1 r USING (room_id);
+         DROP TABLE read_markers_v1;
+         DROP TABLE messages_v1;
+         DROP TABLE room_participants_v1;
+         DROP TABLE rooms_v1;
+         COMMIT;"
+    ));
+    if result.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    let restored = conn.pragma_update(None, "foreign_keys", true);
+    result.map_err(|e| db_error("migrate schema to version 2", &e))?;
+    restored.map_err(|e| db_error("migrate schema", &e))?;
+    tracing::info!(version = 2, "sqlite schema migrated");
+    Ok(())
+}
+
+/// The current schema, without its transaction (shared by creation and migration).
+const SCHEMA_V2: &str = "
+CREATE TABLE rooms (
     tenant_id  TEXT NOT NULL,
+    room_id    TEXT NOT NULL,
     kind       TEXT NOT NULL,
     title      TEXT NOT NULL,
     status     TEXT NOT NULL,
     created_at INTEGER NOT NULL,
-    last_seq   INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS room_participants (
-    room_id  TEXT NOT NULL REFERENCES rooms (room_id),
-    user_id  TEXT NOT NULL,
-    position INTEGER NOT NULL,
-    PRIMARY KEY (room_id, user_id)
+    last_seq   INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant_id, room_id)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS messages (
-    room_id        TEXT NOT NULL REFERENCES rooms (room_id),
+CREATE TABLE room_participants (
+    tenant_id TEXT NOT NULL,
+    room_id   TEXT NOT NULL,
+    user_id   TEXT NOT NULL,
+    position  INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, room_id, user_id),
+    FOREIGN KEY (tenant_id, room_id) REFERENCES rooms (tenant_id, room_id)
+) WITHOUT ROWID;
+CREATE TABLE messages (
+    tenant_id      TEXT NOT NULL,
+    room_id        TEXT NOT NULL,
     seq            INTEGER NOT NULL,
     message_id     TEXT NOT NULL,
     sender         TEXT NOT NULL,
@@ -522,17 +590,19 @@ CREATE TABLE IF NOT EXISTS messages (
     mentions       TEXT NOT NULL,
     metadata       TEXT NOT NULL,
     created_at     INTEGER NOT NULL,
-    PRIMARY KEY (room_id, seq)
+    PRIMARY KEY (tenant_id, room_id, seq),
+    FOREIGN KEY (tenant_id, room_id) REFERENCES rooms (tenant_id, room_id)
 ) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (room_id, message_id);
-CREATE TABLE IF NOT EXISTS read_markers (
-    room_id TEXT NOT NULL REFERENCES rooms (room_id),
-    user_id TEXT NOT NULL,
-    seq     INTEGER NOT NULL,
-    PRIMARY KEY (room_id, user_id)
+CREATE UNIQUE INDEX messages_by_id ON messages (tenant_id, room_id, message_id);
+CREATE TABLE read_markers (
+    tenant_id TEXT NOT NULL,
+    room_id   TEXT NOT NULL,
+    user_id   TEXT NOT NULL,
+    seq       INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, room_id, user_id),
+    FOREIGN KEY (tenant_id, room_id) REFERENCES rooms (tenant_id, room_id)
 ) WITHOUT ROWID;
-PRAGMA user_version = 1;
-COMMIT;
+PRAGMA user_version = 2;
 ";
 
 fn db_error(what: &str, error: &rusqlite::Error) -> Error {
@@ -560,12 +630,12 @@ enum WriteRequest {
         reply: Reply<(Room, bool)>,
     },
     AddParticipant {
-        room_id: String,
+        room: RoomKey,
         user_id: String,
         reply: Reply<Room>,
     },
     MarkRead {
-        room_id: String,
+        room: RoomKey,
         user_id: String,
         seq: u64,
         reply: Reply<u64>,
@@ -616,7 +686,7 @@ struct Writer {
     conn: Connection,
     /// Committed `last_seq` per room. Only ever holds committed values: a batch works on its
     /// own overlay, merged in after `COMMIT`.
-    cache: HashMap<String, u64>,
+    cache: HashMap<RoomKey, u64>,
     max_batch: usize,
     on_commit: Option<CommitHook>,
     /// Dropping the sender stops the checkpointer thread.
@@ -624,7 +694,7 @@ struct Writer {
 }
 
 /// `last_seq` of the rooms a batch looked at; `dirty` when the batch appended to the room.
-struct Overlay(HashMap<String, (u64, bool)>);
+struct Overlay(HashMap<RoomKey, (u64, bool)>);
 
 impl Writer {
     fn run(mut self, requests: &Receiver<WriteRequest>) {
@@ -692,11 +762,12 @@ impl Writer {
                     return Err(error);
                 }
             }
-            let mut update =
-                tx.prepare_cached("UPDATE rooms SET last_seq = ?2 WHERE room_id = ?1")?;
-            for (room_id, (seq, dirty)) in &overlay.0 {
+            let mut update = tx.prepare_cached(
+                "UPDATE rooms SET last_seq = ?3 WHERE tenant_id = ?1 AND room_id = ?2",
+            )?;
+            for (room, (seq, dirty)) in &overlay.0 {
                 if *dirty {
-                    update.execute(params![room_id, to_i64(*seq)])?;
+                    update.execute(params![room.tenant_id, room.room_id, to_i64(*seq)])?;
                 }
             }
             drop(update);
@@ -704,8 +775,8 @@ impl Writer {
         })();
         match outcome {
             Ok(()) => {
-                for (room_id, (seq, _)) in overlay.0 {
-                    self.cache.insert(room_id, seq);
+                for (room, (seq, _)) in overlay.0 {
+                    self.cache.insert(room, seq);
                 }
                 if self.cache.len() > MAX_CACHED_ROOMS {
                     self.cache.clear();
@@ -738,7 +809,7 @@ impl Writer {
 /// (it is returned next to the answer slot); request-level problems are answered in the result.
 fn apply(
     tx: &Connection,
-    cache: &HashMap<String, u64>,
+    cache: &HashMap<RoomKey, u64>,
     overlay: &mut Overlay,
     request: WriteRequest,
 ) -> (Applied, Option<rusqlite::Error>) {
@@ -758,20 +829,20 @@ fn apply(
             (Applied::CreateRoom(reply, result), failure)
         }
         WriteRequest::AddParticipant {
-            room_id,
+            room,
             user_id,
             reply,
         } => {
-            let (result, failure) = split(add_participant(tx, cache, overlay, &room_id, &user_id));
+            let (result, failure) = split(add_participant(tx, cache, overlay, &room, &user_id));
             (Applied::AddParticipant(reply, result), failure)
         }
         WriteRequest::MarkRead {
-            room_id,
+            room,
             user_id,
             seq,
             reply,
         } => {
-            let (result, failure) = split(mark_read(tx, cache, overlay, &room_id, &user_id, seq));
+            let (result, failure) = split(mark_read(tx, cache, overlay, &room, &user_id, seq));
             (Applied::MarkRead(reply, result), failure)
         }
     }
@@ -780,57 +851,60 @@ fn apply(
 /// The room's `last_seq` as this batch sees it, or `None` when the room does not exist.
 fn last_seq(
     tx: &Connection,
-    cache: &HashMap<String, u64>,
+    cache: &HashMap<RoomKey, u64>,
     overlay: &mut Overlay,
-    room_id: &str,
+    room: &RoomKey,
 ) -> rusqlite::Result<Option<u64>> {
-    if let Some((seq, _)) = overlay.0.get(room_id) {
+    if let Some((seq, _)) = overlay.0.get(room) {
         return Ok(Some(*seq));
     }
-    if let Some(seq) = cache.get(room_id) {
+    if let Some(seq) = cache.get(room) {
         return Ok(Some(*seq));
     }
     let stored: Option<i64> = tx
-        .prepare_cached("SELECT last_seq FROM rooms WHERE room_id = ?1")?
-        .query_row([room_id], |row| row.get(0))
+        .prepare_cached("SELECT last_seq FROM rooms WHERE tenant_id = ?1 AND room_id = ?2")?
+        .query_row([&room.tenant_id, &room.room_id], |row| row.get(0))
         .optional()?;
     Ok(stored.map(|seq| {
         let seq = to_u64(seq);
-        overlay.0.insert(room_id.to_owned(), (seq, false));
+        overlay.0.insert(room.clone(), (seq, false));
         seq
     }))
 }
 
-fn missing_room(room_id: &str) -> Error {
-    Error::Invalid(format!("room {room_id:?} does not exist"))
+fn missing_room(room: &RoomKey) -> Error {
+    Error::Invalid(format!("room {:?} does not exist", room.room_id))
 }
 
 fn append(
     tx: &Connection,
-    cache: &HashMap<String, u64>,
+    cache: &HashMap<RoomKey, u64>,
     overlay: &mut Overlay,
     message: NewMessage,
 ) -> rusqlite::Result<Result<Appended>> {
     if message.message_id.is_empty() {
         return Ok(Err(Error::Invalid("empty message_id".to_owned())));
     }
+    let room = message.room_key();
     // Earlier requests of the same batch are visible here: they ran in this transaction.
-    if let Some(original) = message_by_id(tx, &message.room_id, &message.message_id)? {
+    if let Some(original) = message_by_id(tx, &room, &message.message_id)? {
         return Ok(Ok(Appended {
             message: original,
             duplicate: true,
         }));
     }
-    let Some(last) = last_seq(tx, cache, overlay, &message.room_id)? else {
-        return Ok(Err(missing_room(&message.room_id)));
+    let Some(last) = last_seq(tx, cache, overlay, &room)? else {
+        return Ok(Err(missing_room(&room)));
     };
     let seq = last + 1;
     tx.prepare_cached(
-        "INSERT INTO messages (room_id, seq, message_id, sender, sender_type, direction, type,
-                               message, attached_files, reply_to, mentions, metadata, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        "INSERT INTO messages (tenant_id, room_id, seq, message_id, sender, sender_type,
+                               direction, type, message, attached_files, reply_to, mentions,
+                               metadata, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
+        message.tenant_id,
         message.room_id,
         to_i64(seq),
         message.message_id,
@@ -845,7 +919,7 @@ fn append(
         json_text(&message.metadata),
         message.created_at.0,
     ])?;
-    overlay.0.insert(message.room_id.clone(), (seq, true));
+    overlay.0.insert(room, (seq, true));
     Ok(Ok(Appended {
         message: message.into_message(seq),
         duplicate: false,
@@ -854,23 +928,24 @@ fn append(
 
 fn create_room(
     tx: &Connection,
-    cache: &HashMap<String, u64>,
+    cache: &HashMap<RoomKey, u64>,
     overlay: &mut Overlay,
     room: NewRoom,
 ) -> rusqlite::Result<Result<(Room, bool)>> {
     if room.room_id.is_empty() {
         return Ok(Err(Error::Invalid("empty room_id".to_owned())));
     }
-    if let Some(existing) = room_in_batch(tx, cache, overlay, &room.room_id)? {
+    let key = room.key();
+    if let Some(existing) = room_in_batch(tx, cache, overlay, &key)? {
         return Ok(Ok((existing, false)));
     }
     tx.prepare_cached(
-        "INSERT INTO rooms (room_id, tenant_id, kind, title, status, created_at, last_seq)
+        "INSERT INTO rooms (tenant_id, room_id, kind, title, status, created_at, last_seq)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
     )?
     .execute(params![
-        room.room_id,
         room.tenant_id,
+        room.room_id,
         room.kind.as_str(),
         room.title,
         room.status,
@@ -879,18 +954,19 @@ fn create_room(
     let mut participants: Vec<String> = Vec::with_capacity(room.participants.len());
     {
         let mut insert = tx.prepare_cached(
-            "INSERT INTO room_participants (room_id, user_id, position) VALUES (?1, ?2, ?3)",
+            "INSERT INTO room_participants (tenant_id, room_id, user_id, position)
+             VALUES (?1, ?2, ?3, ?4)",
         )?;
         for user_id in room.participants {
             if participants.contains(&user_id) {
                 continue;
             }
             let position = i64::try_from(participants.len()).unwrap_or(i64::MAX);
-            insert.execute(params![room.room_id, user_id, position])?;
+            insert.execute(params![room.tenant_id, room.room_id, user_id, position])?;
             participants.push(user_id);
         }
     }
-    overlay.0.insert(room.room_id.clone(), (0, false));
+    overlay.0.insert(key, (0, false));
     Ok(Ok((
         Room {
             room_id: room.room_id,
@@ -909,17 +985,17 @@ fn create_room(
 /// Loads a room inside the batch, with the `last_seq` the batch has assigned so far.
 fn room_in_batch(
     tx: &Connection,
-    cache: &HashMap<String, u64>,
+    cache: &HashMap<RoomKey, u64>,
     overlay: &mut Overlay,
-    room_id: &str,
+    key: &RoomKey,
 ) -> rusqlite::Result<Option<Room>> {
-    let Some(mut room) = load_room(tx, room_id)? else {
+    let Some(mut room) = load_room(tx, key)? else {
         return Ok(None);
     };
-    match overlay.0.entry(room_id.to_owned()) {
+    match overlay.0.entry(key.clone()) {
         Entry::Occupied(entry) => room.last_seq = entry.get().0,
         Entry::Vacant(entry) => {
-            if let Some(seq) = cache.get(room_id) {
+            if let Some(seq) = cache.get(key) {
                 room.last_seq = *seq;
             }
             entry.insert((room.last_seq, false));
@@ -930,40 +1006,44 @@ fn room_in_batch(
 
 fn add_participant(
     tx: &Connection,
-    cache: &HashMap<String, u64>,
+    cache: &HashMap<RoomKey, u64>,
     overlay: &mut Overlay,
-    room_id: &str,
+    room: &RoomKey,
     user_id: &str,
 ) -> rusqlite::Result<Result<Room>> {
-    if last_seq(tx, cache, overlay, room_id)?.is_none() {
-        return Ok(Err(missing_room(room_id)));
+    if last_seq(tx, cache, overlay, room)?.is_none() {
+        return Ok(Err(missing_room(room)));
     }
     tx.prepare_cached(
-        "INSERT OR IGNORE INTO room_participants (room_id, user_id, position)
-         SELECT ?1, ?2, COALESCE(MAX(position) + 1, 0) FROM room_participants WHERE room_id = ?1",
+        "INSERT OR IGNORE INTO room_participants (tenant_id, room_id, user_id, position)
+         SELECT ?1, ?2, ?3, COALESCE(MAX(position) + 1, 0) FROM room_participants
+         WHERE tenant_id = ?1 AND room_id = ?2",
     )?
-    .execute(params![room_id, user_id])?;
-    Ok(room_in_batch(tx, cache, overlay, room_id)?.ok_or_else(|| missing_room(room_id)))
+    .execute(params![room.tenant_id, room.room_id, user_id])?;
+    Ok(room_in_batch(tx, cache, overlay, room)?.ok_or_else(|| missing_room(room)))
 }
 
 fn mark_read(
     tx: &Connection,
-    cache: &HashMap<String, u64>,
+    cache: &HashMap<RoomKey, u64>,
     overlay: &mut Overlay,
-    room_id: &str,
+    room: &RoomKey,
     user_id: &str,
     seq: u64,
 ) -> rusqlite::Result<Result<u64>> {
-    if last_seq(tx, cache, overlay, room_id)?.is_none() {
-        return Ok(Err(missing_room(room_id)));
+    if last_seq(tx, cache, overlay, room)?.is_none() {
+        return Ok(Err(missing_room(room)));
     }
     let stored: i64 = tx
         .prepare_cached(
-            "INSERT INTO read_markers (room_id, user_id, seq) VALUES (?1, ?2, ?3)
-             ON CONFLICT (room_id, user_id) DO UPDATE SET seq = max(seq, excluded.seq)
+            "INSERT INTO read_markers (tenant_id, room_id, user_id, seq) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (tenant_id, room_id, user_id) DO UPDATE SET seq = max(seq, excluded.seq)
              RETURNING seq",
         )?
-        .query_row(params![room_id, user_id, to_i64(seq)], |row| row.get(0))?;
+        .query_row(
+            params![room.tenant_id, room.room_id, user_id, to_i64(seq)],
+            |row| row.get(0),
+        )?;
     Ok(Ok(to_u64(stored)))
 }
 
@@ -993,23 +1073,27 @@ const MESSAGE_COLUMNS: &str = "room_id, seq, message_id, sender, sender_type, di
 
 fn message_by_id(
     conn: &Connection,
-    room_id: &str,
+    room: &RoomKey,
     message_id: &str,
 ) -> rusqlite::Result<Option<Message>> {
     conn.prepare_cached(&format!(
-        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?1 AND message_id = ?2"
+        "SELECT {MESSAGE_COLUMNS} FROM messages
+         WHERE tenant_id = ?1 AND room_id = ?2 AND message_id = ?3"
     ))?
-    .query_row([room_id, message_id], message_from_row)
+    .query_row(
+        [&room.tenant_id, &room.room_id, message_id],
+        message_from_row,
+    )
     .optional()
 }
 
-fn load_room(conn: &Connection, room_id: &str) -> rusqlite::Result<Option<Room>> {
+fn load_room(conn: &Connection, key: &RoomKey) -> rusqlite::Result<Option<Room>> {
     let room = conn
         .prepare_cached(
             "SELECT room_id, tenant_id, kind, title, status, created_at, last_seq
-             FROM rooms WHERE room_id = ?1",
+             FROM rooms WHERE tenant_id = ?1 AND room_id = ?2",
         )?
-        .query_row([room_id], |row| {
+        .query_row([&key.tenant_id, &key.room_id], |row| {
             Ok(Room {
                 room_id: row.get(0)?,
                 tenant_id: row.get(1)?,
@@ -1027,9 +1111,10 @@ fn load_room(conn: &Connection, room_id: &str) -> rusqlite::Result<Option<Room>>
     };
     room.participants = conn
         .prepare_cached(
-            "SELECT user_id FROM room_participants WHERE room_id = ?1 ORDER BY position",
+            "SELECT user_id FROM room_participants
+             WHERE tenant_id = ?1 AND room_id = ?2 ORDER BY position",
         )?
-        .query_map([room_id], |row| row.get(0))?
+        .query_map([&key.tenant_id, &key.room_id], |row| row.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     Ok(Some(room))
 }
@@ -1071,7 +1156,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(row: &Row<'_>, index: usize) -> ru
 
 fn history(
     conn: &Connection,
-    room_id: &str,
+    room: &RoomKey,
     query: &HistoryQuery,
 ) -> rusqlite::Result<HistoryPage> {
     let limit = match query.limit {
@@ -1083,8 +1168,12 @@ fn history(
     // newest message below `before_seq`.
     let forwards = query.after_seq.is_some();
 
-    let mut sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?");
-    let mut args = vec![Value::Text(room_id.to_owned())];
+    let mut sql =
+        format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant_id = ? AND room_id = ?");
+    let mut args = vec![
+        Value::Text(room.tenant_id.clone()),
+        Value::Text(room.room_id.clone()),
+    ];
     if let Some(after) = query.after_seq {
         sql.push_str(" AND seq > ?");
         args.push(Value::Integer(to_i64(after)));
@@ -1217,6 +1306,11 @@ mod tests {
 
     conformance_tests!(fresh_store);
 
+    /// Room `room_id` of tenant `t`, the tenant these tests create their rooms in.
+    fn key(room_id: &str) -> RoomKey {
+        RoomKey::new("t", room_id)
+    }
+
     #[test]
     fn folds_to_ascii_lists_every_such_character() {
         let found: Vec<char> = (0..=char::MAX as u32)
@@ -1246,12 +1340,12 @@ mod tests {
             .await
             .unwrap();
         store
-            .append(NewMessage::text("r", "alice", "\u{212a}ELVIN scale"))
+            .append(NewMessage::text(&key("r"), "alice", "\u{212a}ELVIN scale"))
             .await
             .unwrap();
         let page = store
             .history(
-                "r",
+                &key("r"),
                 HistoryQuery {
                     search: Some("kelvin".into()),
                     ..HistoryQuery::default()
@@ -1271,27 +1365,30 @@ mod tests {
             .create_room(NewRoom::team("r", "t", "alice"))
             .await
             .unwrap();
-        store.add_participant("r", "bob").await.unwrap();
+        store.add_participant(&key("r"), "bob").await.unwrap();
         for i in 0..10 {
             store
-                .append(NewMessage::text("r", "alice", &format!("m{i}")))
+                .append(NewMessage::text(&key("r"), "alice", &format!("m{i}")))
                 .await
                 .unwrap();
         }
-        store.mark_read("r", "bob", 4).await.unwrap();
+        store.mark_read(&key("r"), "bob", 4).await.unwrap();
         store.close().await.unwrap();
 
         let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
-        let room = store.room("r").await.unwrap().unwrap();
+        let room = store.room(&key("r")).await.unwrap().unwrap();
         assert_eq!(room.last_seq, 10);
         assert_eq!(room.participants, ["alice", "bob"]);
-        assert_eq!(store.read_marker("r", "bob").await.unwrap(), 4);
+        assert_eq!(store.read_marker(&key("r"), "bob").await.unwrap(), 4);
         let next = store
-            .append(NewMessage::text("r", "alice", "after"))
+            .append(NewMessage::text(&key("r"), "alice", "after"))
             .await
             .unwrap();
         assert_eq!(next.message.seq, 11);
-        let page = store.history("r", HistoryQuery::default()).await.unwrap();
+        let page = store
+            .history(&key("r"), HistoryQuery::default())
+            .await
+            .unwrap();
         let texts: Vec<_> = page.messages.iter().map(|m| m.message.as_str()).collect();
         assert_eq!(texts[..3], ["m0", "m1", "m2"]);
         assert_eq!(page.messages.len(), 11);
@@ -1312,7 +1409,7 @@ mod tests {
         let text = "x".repeat(2000);
         for _ in 0..200 {
             store
-                .append(NewMessage::text("r", "alice", &text))
+                .append(NewMessage::text(&key("r"), "alice", &text))
                 .await
                 .unwrap();
         }
@@ -1327,7 +1424,10 @@ mod tests {
             );
             std::thread::sleep(CHECKPOINT_INTERVAL / 2);
         }
-        let page = store.history("r", HistoryQuery::default()).await.unwrap();
+        let page = store
+            .history(&key("r"), HistoryQuery::default())
+            .await
+            .unwrap();
         assert_eq!(page.messages.len(), 50);
         store.close().await.unwrap();
     }
@@ -1356,6 +1456,174 @@ mod tests {
         assert!(matches!(error, Error::Unavailable(_)), "{error:?}");
     }
 
+    /// The version 1 schema, as earlier releases created it: rooms keyed by `room_id` alone.
+    const SCHEMA_V1: &str = "
+        BEGIN IMMEDIATE;
+        CREATE TABLE IF NOT EXISTS rooms (
+            room_id    TEXT PRIMARY KEY NOT NULL,
+            tenant_id  TEXT NOT NULL,
+            kind       TEXT NOT NULL,
+            title      TEXT NOT NULL,
+            status     TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            last_seq   INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE IF NOT EXISTS room_participants (
+            room_id  TEXT NOT NULL REFERENCES rooms (room_id),
+            user_id  TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            PRIMARY KEY (room_id, user_id)
+        ) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS messages (
+            room_id        TEXT NOT NULL REFERENCES rooms (room_id),
+            seq            INTEGER NOT NULL,
+            message_id     TEXT NOT NULL,
+            sender         TEXT NOT NULL,
+            sender_type    TEXT NOT NULL,
+            direction      TEXT NOT NULL,
+            type           TEXT NOT NULL,
+            message        TEXT NOT NULL,
+            attached_files TEXT NOT NULL,
+            reply_to       TEXT,
+            mentions       TEXT NOT NULL,
+            metadata       TEXT NOT NULL,
+            created_at     INTEGER NOT NULL,
+            PRIMARY KEY (room_id, seq)
+        ) WITHOUT ROWID;
+        CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (room_id, message_id);
+        CREATE TABLE IF NOT EXISTS read_markers (
+            room_id TEXT NOT NULL REFERENCES rooms (room_id),
+            user_id TEXT NOT NULL,
+            seq     INTEGER NOT NULL,
+            PRIMARY KEY (room_id, user_id)
+        ) WITHOUT ROWID;
+        PRAGMA user_version = 1;
+        COMMIT;
+    ";
+
+    #[tokio::test]
+    async fn version_1_data_is_migrated_under_each_rooms_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(SCHEMA_V1).unwrap();
+        old.execute_batch(
+            r#"
+            INSERT INTO rooms VALUES ('general', 'acme', 'team', 'General', 'active', 5, 3);
+            INSERT INTO rooms VALUES ('conv-1', 'globex', 'support', 'Order', 'open', 6, 2);
+            INSERT INTO room_participants VALUES ('general', 'alice', 0), ('general', 'bob', 1);
+            INSERT INTO room_participants VALUES ('conv-1', 'agent-7', 0);
+            INSERT INTO messages VALUES
+                ('general', 1, 'g1', 'alice', 'user', 'INTERNAL', 'text', 'hello', '[]', NULL,
+                 '[]', '{}', 10),
+                ('general', 2, 'g2', 'bob', 'user', 'INTERNAL', 'text', 'hi alice', '["f.png"]',
+                 'g1', '["alice"]', '{"k":1}', 11),
+                ('general', 3, 'g3', 'alice', 'user', 'NOTE', 'text', 'note', '[]', NULL,
+                 '[]', '{}', 12),
+                ('conv-1', 1, 'c1', 'cust', 'customer', 'INCOMING', 'text', 'help', '[]', NULL,
+                 '[]', '{}', 20),
+                ('conv-1', 2, 'c2', 'agent-7', 'agent', 'OUTGOING', 'text', 'sure', '[]', NULL,
+                 '[]', '{}', 21);
+            INSERT INTO read_markers VALUES ('general', 'bob', 2), ('conv-1', 'agent-7', 1);
+            "#,
+        )
+        .unwrap();
+        drop(old);
+
+        let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+        let general = RoomKey::new("acme", "general");
+        let conv = RoomKey::new("globex", "conv-1");
+        let room = store.room(&general).await.unwrap().unwrap();
+        assert_eq!(room.tenant_id, "acme");
+        assert_eq!(room.title, "General");
+        assert_eq!(room.participants, ["alice", "bob"]);
+        assert_eq!(room.last_seq, 3);
+        assert_eq!(room.created_at, Timestamp(5));
+        let room = store.room(&conv).await.unwrap().unwrap();
+        assert_eq!((room.kind, room.last_seq), (RoomKind::Support, 2));
+        assert_eq!(room.participants, ["agent-7"]);
+        // Nothing moved to another tenant.
+        assert!(store
+            .room(&RoomKey::new("globex", "general"))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(store
+            .room(&RoomKey::new("acme", "conv-1"))
+            .await
+            .unwrap()
+            .is_none());
+
+        let all = HistoryQuery {
+            include_notes: true,
+            ..HistoryQuery::default()
+        };
+        let page = store.history(&general, all.clone()).await.unwrap();
+        let got: Vec<_> = page
+            .messages
+            .iter()
+            .map(|m| (m.seq, m.message_id.as_str()))
+            .collect();
+        assert_eq!(got, [(1, "g1"), (2, "g2"), (3, "g3")]);
+        let second = &page.messages[1];
+        assert_eq!(second.attached_files, ["f.png"]);
+        assert_eq!(second.reply_to.as_deref(), Some("g1"));
+        assert_eq!(second.mentions, ["alice"]);
+        assert_eq!(second.metadata["k"], 1);
+        assert_eq!(second.created_at, Timestamp(11));
+        assert_eq!(page.messages[2].direction, Direction::Note);
+        let page = store.history(&conv, all).await.unwrap();
+        let got: Vec<_> = page
+            .messages
+            .iter()
+            .map(|m| m.message_id.as_str())
+            .collect();
+        assert_eq!(got, ["c1", "c2"]);
+        assert_eq!(page.messages[0].sender_type, SenderType::Customer);
+
+        assert_eq!(store.read_marker(&general, "bob").await.unwrap(), 2);
+        assert_eq!(store.read_marker(&conv, "agent-7").await.unwrap(), 1);
+        assert_eq!(store.unread_count(&conv, "agent-7", true).await.unwrap(), 0);
+
+        // Appends continue at the right seq, and old ids still deduplicate.
+        let next = store
+            .append(NewMessage::text(&general, "alice", "after"))
+            .await
+            .unwrap();
+        assert_eq!(next.message.seq, 4);
+        let mut again = NewMessage::text(&conv, "agent-7", "retry");
+        again.message_id = "c2".to_owned();
+        let again = store.append(again).await.unwrap();
+        assert!(again.duplicate);
+        assert_eq!(again.message.seq, 2);
+        let next = store
+            .append(NewMessage::text(&conv, "agent-7", "later"))
+            .await
+            .unwrap();
+        assert_eq!(next.message.seq, 3);
+        store.close().await.unwrap();
+
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let leftovers: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_schema WHERE name LIKE '%_v1'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(leftovers, 0);
+        let violations: i64 = conn
+            .query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(violations, 0);
+    }
+
     #[test]
     fn futures_work_on_a_current_thread_runtime_on_another_thread() {
         let dir = tempfile::tempdir().unwrap();
@@ -1376,12 +1644,15 @@ mod tests {
                             .unwrap();
                         for n in 1..=20 {
                             let appended = store
-                                .append(NewMessage::text(&room, "alice", "hi"))
+                                .append(NewMessage::text(&key(&room), "alice", "hi"))
                                 .await
                                 .unwrap();
                             assert_eq!(appended.message.seq, n);
                         }
-                        store.history(&room, HistoryQuery::default()).await.unwrap()
+                        store
+                            .history(&key(&room), HistoryQuery::default())
+                            .await
+                            .unwrap()
                     })
                 })
             })
@@ -1410,7 +1681,7 @@ mod tests {
             .unwrap();
         for text in ["one", "two"] {
             store
-                .append(NewMessage::text("r", "alice", text))
+                .append(NewMessage::text(&key("r"), "alice", text))
                 .await
                 .unwrap();
         }
@@ -1427,7 +1698,7 @@ mod tests {
             .unwrap();
         let spawn = |text: &str| {
             let store = store.clone();
-            let message = NewMessage::text("r", "alice", text);
+            let message = NewMessage::text(&key("r"), "alice", text);
             tokio::spawn(async move { store.append(message).await })
         };
         // The writer takes "stall" alone and blocks on the lock; the next three queue up behind
@@ -1444,14 +1715,17 @@ mod tests {
             assert!(matches!(error, Error::Unavailable(_)), "{error:?}");
         }
         let after = store
-            .append(NewMessage::text("r", "alice", "after"))
+            .append(NewMessage::text(&key("r"), "alice", "after"))
             .await
             .unwrap();
         assert_eq!(after.message.seq, 4);
-        let page = store.history("r", HistoryQuery::default()).await.unwrap();
+        let page = store
+            .history(&key("r"), HistoryQuery::default())
+            .await
+            .unwrap();
         let texts: Vec<_> = page.messages.iter().map(|m| m.message.as_str()).collect();
         assert_eq!(texts, ["one", "two", "stall", "after"]);
-        assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 4);
+        assert_eq!(store.room(&key("r")).await.unwrap().unwrap().last_seq, 4);
 
         let stats = batches.lock().unwrap().clone();
         let failed: Vec<_> = stats.iter().filter(|s| !s.ok).collect();
@@ -1484,7 +1758,7 @@ mod tests {
                 let store = store.clone();
                 tokio::spawn(async move {
                     store
-                        .append(NewMessage::text("r", "alice", &format!("{i}")))
+                        .append(NewMessage::text(&key("r"), "alice", &format!("{i}")))
                         .await
                         .unwrap()
                 })
@@ -1520,7 +1794,7 @@ mod tests {
             let store = store.clone();
             let handle = tokio::spawn(async move {
                 store
-                    .append(NewMessage::text("r", "alice", &format!("{i}")))
+                    .append(NewMessage::text(&key("r"), "alice", &format!("{i}")))
                     .await
             });
             tokio::time::sleep(Duration::from_millis(20)).await;
