@@ -183,6 +183,16 @@ pub struct Config {
     )]
     pub shard_queue: usize,
 
+    /// Most rows of a room one `historic` search reads before it answers with the hits found
+    /// and a cursor to continue from.
+    #[arg(
+        long,
+        env = "GATEWAY_SEARCH_SCAN_ROWS",
+        default_value_t = storage::sqlite::DEFAULT_SEARCH_SCAN_ROWS,
+        global = true
+    )]
+    pub search_scan_rows: u32,
+
     /// Serve an echo WebSocket route at /conformance/echo (for the Autobahn test suite); it goes
     /// through the same connection code and limits. Off by default.
     #[arg(long, env = "GATEWAY_CONFORMANCE_ECHO", global = true)]

@@ -156,6 +156,7 @@ impl Gateway {
                     commit_metrics.store_commit_failures.inc();
                 }
             })),
+            search_scan_rows: config.search_scan_rows,
             ..Default::default()
         };
         let url = config.store_url();

@@ -1012,6 +1012,8 @@ impl Shard {
                     HistoricData {
                         messages: &page.messages,
                         has_more: page.has_more,
+                        next_before_seq: page.next_before_seq,
+                        next_after_seq: page.next_after_seq,
                     },
                 ),
                 Err(e) => {
@@ -1114,4 +1116,9 @@ struct ReceiptData<'a> {
 struct HistoricData<'a> {
     messages: &'a [storage::Message],
     has_more: bool,
+    /// Where a search that stopped at its row budget continues (see `docs/protocol.md`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_before_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_after_seq: Option<u64>,
 }

@@ -286,6 +286,15 @@ pub struct HistoryPage {
     /// Oldest first.
     pub messages: Vec<Message>,
     /// Whether more messages match in the paging direction: older ones when paging backwards
-    /// (no cursor or `before_seq` only), newer ones when paging forwards (`after_seq`).
+    /// (no cursor or `before_seq` only), newer ones when paging forwards (`after_seq`). A
+    /// search that used up its row budget says `true` and sets one of the cursors below.
     pub has_more: bool,
+    /// Set when a search stopped at its row budget while paging backwards: the `before_seq` of
+    /// the next request (rows below it were not examined yet). Not set otherwise; paging then
+    /// continues from the oldest returned message as usual.
+    pub next_before_seq: Option<u64>,
+    /// The same when paging forwards: the `after_seq` of the next request.
+    pub next_after_seq: Option<u64>,
+    /// Rows of the room this request read (a search stops at its budget).
+    pub examined: u64,
 }

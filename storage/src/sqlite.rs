@@ -1,5 +1,5 @@
 //! The embedded backend: SQLite in WAL mode with `synchronous=FULL`, one group-commit writer
-//! thread and a small pool of reader threads.
+//! thread and two small pools of reader threads.
 //!
 //! # Why this shape
 //!
@@ -29,6 +29,14 @@
 //!   back and every request of the batch fails with [`Error::Unavailable`]; nothing of it was
 //!   applied, so callers can retry. A problem with one request (an unknown room) fails only that
 //!   request: it is detected before anything is written.
+//! - **Point lookups never wait behind scans.** Room loads, message-by-id and read-marker
+//!   lookups (one index probe each, on the join and read-receipt paths) run on their own reader
+//!   connections; history, search and unread counts, which may read many rows, run on the others.
+//!   A burst of searches then delays other searches, never a join.
+//! - **Bounded search.** A search examines at most [`SqliteConfig::search_scan_rows`] rows of the
+//!   room per request (the row limit is part of the query, so SQLite reads no more) and answers
+//!   with the hits found and a cursor to continue from: a rare word in a large room costs many
+//!   cheap requests, never one that holds a reader for the whole room.
 //! - **Blocking work off the async threads.** The futures only enqueue work on bounded channels
 //!   and await a [`tokio::sync::oneshot`] reply, so they work on any runtime flavour and never
 //!   block a shard thread.
@@ -63,6 +71,9 @@ pub const WRITER_CACHE_KIB: i64 = 64 * 1024;
 /// The schema version this code writes and understands (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 2;
 
+/// Default of [`SqliteConfig::search_scan_rows`].
+pub const DEFAULT_SEARCH_SCAN_ROWS: u32 = 10_000;
+
 /// Page size of a history query whose `limit` is 0.
 const DEFAULT_HISTORY_LIMIT: u32 = 50;
 
@@ -77,11 +88,18 @@ pub type CommitHook = Arc<dyn Fn(CommitStats) + Send + Sync>;
 pub struct SqliteConfig {
     /// Most write requests committed in one transaction.
     pub max_batch: usize,
-    /// Most write requests (and, separately, read requests) waiting in the queue; beyond that
-    /// requests fail fast with [`Error::Unavailable`].
+    /// Most write requests (and, separately, read requests of each reader pool) waiting in the
+    /// queue; beyond that requests fail fast with [`Error::Unavailable`].
     pub queue_capacity: usize,
-    /// Reader threads, each with its own read-only connection.
+    /// Reader threads for history, search and unread counts, each with its own read-only
+    /// connection.
     pub readers: usize,
+    /// Reader threads for point lookups (room loads, message by id, read markers), so they
+    /// never queue behind history reads.
+    pub lookup_readers: usize,
+    /// Most rows of the room one search request examines before it answers with what it found
+    /// and a continuation cursor.
+    pub search_scan_rows: u32,
     /// How long a connection waits for a lock held by another process before giving up.
     pub busy_timeout: Duration,
     /// Called on the writer thread after every group commit; keep it cheap (bump counters).
@@ -94,6 +112,8 @@ impl Default for SqliteConfig {
             max_batch: 1024,
             queue_capacity: 65_536,
             readers: 4,
+            lookup_readers: 2,
+            search_scan_rows: DEFAULT_SEARCH_SCAN_ROWS,
             busy_timeout: Duration::from_secs(5),
             on_commit: None,
         }
@@ -106,6 +126,8 @@ impl fmt::Debug for SqliteConfig {
             .field("max_batch", &self.max_batch)
             .field("queue_capacity", &self.queue_capacity)
             .field("readers", &self.readers)
+            .field("lookup_readers", &self.lookup_readers)
+            .field("search_scan_rows", &self.search_scan_rows)
             .field("busy_timeout", &self.busy_timeout)
             .field(
                 "on_commit",
@@ -131,7 +153,8 @@ struct Inner {
     /// `None` once closed. Taking it under the write lock orders `close` after every request
     /// already queued: the writer drains them, sees the channel disconnected and stops.
     writes: RwLock<Option<Sender<WriteRequest>>>,
-    reads: RwLock<Option<Sender<ReadJob>>>,
+    reads: RwLock<Option<Readers>>,
+    search_scan_rows: u32,
     /// Never written: every worker thread holds the sender, so `changed()` fails once they all
     /// have stopped.
     stopped: watch::Receiver<()>,
@@ -139,6 +162,21 @@ struct Inner {
 
 type Reply<T> = oneshot::Sender<Result<T>>;
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// The queues of the two reader pools.
+struct Readers {
+    scans: Sender<ReadJob>,
+    lookups: Sender<ReadJob>,
+}
+
+/// Which reader pool runs a read.
+#[derive(Debug, Clone, Copy)]
+enum Pool {
+    /// History, search, counts: may read many rows.
+    Scan,
+    /// One index probe.
+    Lookup,
+}
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and starts the writer and reader
@@ -152,13 +190,15 @@ impl SqliteStore {
         let write_conn = open_writer(path, config.busy_timeout)?;
         let checkpoint_conn = open_checkpointer(path, config.busy_timeout)?;
         let readers = config.readers.max(1);
-        let read_conns = (0..readers)
+        let lookup_readers = config.lookup_readers.max(1);
+        let read_conns = (0..readers + lookup_readers)
             .map(|_| open_reader(path, config.busy_timeout))
             .collect::<Result<Vec<_>>>()?;
 
         let capacity = config.queue_capacity.max(1);
         let (write_tx, write_rx) = crossbeam_channel::bounded(capacity);
-        let (read_tx, read_rx) = crossbeam_channel::bounded::<ReadJob>(capacity);
+        let (scan_tx, scan_rx) = crossbeam_channel::bounded::<ReadJob>(capacity);
+        let (lookup_tx, lookup_rx) = crossbeam_channel::bounded::<ReadJob>(capacity);
         let (stopped_tx, stopped_rx) = watch::channel(());
         let stopped_tx = Arc::new(stopped_tx);
 
@@ -183,21 +223,32 @@ impl SqliteStore {
             })
             .map_err(|e| Error::Unavailable(format!("cannot start the writer thread: {e}")))?;
         for (index, conn) in read_conns.into_iter().enumerate() {
-            let jobs = read_rx.clone();
+            let (jobs, name) = if index < readers {
+                (scan_rx.clone(), format!("store-reader-{index}"))
+            } else {
+                (
+                    lookup_rx.clone(),
+                    format!("store-lookup-{}", index - readers),
+                )
+            };
             let guard = Arc::clone(&stopped_tx);
             std::thread::Builder::new()
-                .name(format!("store-reader-{index}"))
+                .name(name)
                 .spawn(move || {
                     run_reader(&conn, &jobs);
                     drop(guard);
                 })
                 .map_err(|e| Error::Unavailable(format!("cannot start a reader thread: {e}")))?;
         }
-        tracing::info!(path = %path.display(), readers, "sqlite store open");
+        tracing::info!(path = %path.display(), readers, lookup_readers, "sqlite store open");
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 writes: RwLock::new(Some(write_tx)),
-                reads: RwLock::new(Some(read_tx)),
+                reads: RwLock::new(Some(Readers {
+                    scans: scan_tx,
+                    lookups: lookup_tx,
+                })),
+                search_scan_rows: config.search_scan_rows.max(1),
                 stopped: stopped_rx,
             }),
         })
@@ -222,9 +273,10 @@ impl SqliteStore {
         PendingReply { sent, rx }
     }
 
-    /// Runs `f` on a reader thread.
+    /// Runs `f` on a reader thread of `pool`.
     fn read<T: Send + 'static>(
         &self,
+        pool: Pool,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> PendingReply<T> {
         let (reply, rx) = oneshot::channel();
@@ -238,7 +290,12 @@ impl SqliteStore {
             .unwrap_or_else(PoisonError::into_inner);
         let sent = match guard.as_ref() {
             None => Err(Error::Closed),
-            Some(tx) => tx.try_send(job).map_err(|e| match e {
+            Some(readers) => match pool {
+                Pool::Scan => &readers.scans,
+                Pool::Lookup => &readers.lookups,
+            }
+            .try_send(job)
+            .map_err(|e| match e {
                 TrySendError::Full(_) => Error::Unavailable("read queue full".to_owned()),
                 TrySendError::Disconnected(_) => Error::Closed,
             }),
@@ -288,7 +345,7 @@ impl Store for SqliteStore {
 
     async fn room(&self, room: &RoomKey) -> Result<Option<Room>> {
         let room = room.clone();
-        self.read(move |conn| {
+        self.read(Pool::Lookup, move |conn| {
             let tx = conn.unchecked_transaction()?;
             load_room(&tx, &room)
         })
@@ -309,16 +366,19 @@ impl Store for SqliteStore {
 
     async fn history(&self, room: &RoomKey, query: HistoryQuery) -> Result<HistoryPage> {
         let room = room.clone();
-        self.read(move |conn| history(conn, &room, &query))
+        let budget = self.inner.search_scan_rows;
+        self.read(Pool::Scan, move |conn| history(conn, &room, &query, budget))
             .wait(self)
             .await
     }
 
     async fn message_by_id(&self, room: &RoomKey, message_id: &str) -> Result<Option<Message>> {
         let (room, message_id) = (room.clone(), message_id.to_owned());
-        self.read(move |conn| message_by_id(conn, &room, &message_id))
-            .wait(self)
-            .await
+        self.read(Pool::Lookup, move |conn| {
+            message_by_id(conn, &room, &message_id)
+        })
+        .wait(self)
+        .await
     }
 
     async fn mark_read(&self, room: &RoomKey, user_id: &str, seq: u64) -> Result<u64> {
@@ -335,7 +395,7 @@ impl Store for SqliteStore {
 
     async fn read_marker(&self, room: &RoomKey, user_id: &str) -> Result<u64> {
         let (room, user_id) = (room.clone(), user_id.to_owned());
-        self.read(move |conn| {
+        self.read(Pool::Lookup, move |conn| {
             let seq: Option<i64> = conn
                 .prepare_cached(
                     "SELECT seq FROM read_markers
@@ -358,7 +418,7 @@ impl Store for SqliteStore {
         include_notes: bool,
     ) -> Result<u64> {
         let (room, user_id) = (room.clone(), user_id.to_owned());
-        self.read(move |conn| {
+        self.read(Pool::Scan, move |conn| {
             let count: i64 = conn
                 .prepare_cached(
                     "SELECT COUNT(*) FROM messages
@@ -1070,6 +1130,8 @@ fn run_reader(conn: &Connection, jobs: &Receiver<ReadJob>) {
 
 const MESSAGE_COLUMNS: &str = "room_id, seq, message_id, sender, sender_type, direction, type, \
      message, attached_files, reply_to, mentions, metadata, created_at";
+/// How many columns [`MESSAGE_COLUMNS`] names.
+const MESSAGE_COLUMN_COUNT: usize = 13;
 
 fn message_by_id(
     conn: &Connection,
@@ -1158,6 +1220,7 @@ fn history(
     conn: &Connection,
     room: &RoomKey,
     query: &HistoryQuery,
+    search_budget: u32,
 ) -> rusqlite::Result<HistoryPage> {
     let limit = match query.limit {
         0 => DEFAULT_HISTORY_LIMIT,
@@ -1168,12 +1231,37 @@ fn history(
     // newest message below `before_seq`.
     let forwards = query.after_seq.is_some();
 
-    let mut sql =
-        format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant_id = ? AND room_id = ?");
-    let mut args = vec![
-        Value::Text(room.tenant_id.clone()),
-        Value::Text(room.room_id.clone()),
-    ];
+    // Plain history filters in SQL and reads `limit + 1` rows. A search reads the room in seq
+    // order, at most `search_budget` rows (+ 1 to learn whether more follow), with a column
+    // telling whether a row may match; the whole-word check runs here on those rows only.
+    let mut filter = String::new();
+    let mut filter_args = Vec::new();
+    if !query.include_notes {
+        filter.push_str(" AND direction <> 'NOTE'");
+    }
+    for word in &search {
+        if let Some(prefilter) = like_prefilter(word) {
+            filter.push_str(" AND (message LIKE ? ESCAPE '\\'");
+            filter_args.push(Value::Text(prefilter.pattern));
+            for c in prefilter.bypass {
+                // Messages holding a character that lowercases into the ASCII pattern skip the
+                // ASCII-only LIKE; the whole-word check below still applies to them.
+                filter.push_str(" OR instr(message, ?) > 0");
+                filter_args.push(Value::Text(c.to_string()));
+            }
+            filter.push(')');
+        }
+    }
+    let mut args = Vec::new();
+    let mut sql = if search.is_empty() {
+        format!("SELECT {MESSAGE_COLUMNS}, 1 FROM messages")
+    } else {
+        args.append(&mut filter_args);
+        format!("SELECT {MESSAGE_COLUMNS}, (1{filter}) FROM messages")
+    };
+    sql.push_str(" WHERE tenant_id = ? AND room_id = ?");
+    args.push(Value::Text(room.tenant_id.clone()));
+    args.push(Value::Text(room.room_id.clone()));
     if let Some(after) = query.after_seq {
         sql.push_str(" AND seq > ?");
         args.push(Value::Integer(to_i64(after)));
@@ -1182,53 +1270,68 @@ fn history(
         sql.push_str(" AND seq < ?");
         args.push(Value::Integer(to_i64(before)));
     }
-    if !query.include_notes {
-        sql.push_str(" AND direction <> 'NOTE'");
-    }
-    for word in &search {
-        if let Some(filter) = like_prefilter(word) {
-            sql.push_str(" AND (message LIKE ? ESCAPE '\\'");
-            args.push(Value::Text(filter.pattern));
-            for c in filter.bypass {
-                // Messages holding a character that lowercases into the ASCII pattern skip the
-                // ASCII-only LIKE; the whole-word check below still applies to them.
-                sql.push_str(" OR instr(message, ?) > 0");
-                args.push(Value::Text(c.to_string()));
-            }
-            sql.push(')');
-        }
-    }
-    sql.push_str(if forwards {
-        " ORDER BY seq ASC"
+    let rows_wanted = if search.is_empty() {
+        sql.push_str(&filter);
+        args.append(&mut filter_args);
+        limit + 1
     } else {
-        " ORDER BY seq DESC"
+        search_budget as usize + 1
+    };
+    sql.push_str(if forwards {
+        " ORDER BY seq ASC LIMIT ?"
+    } else {
+        " ORDER BY seq DESC LIMIT ?"
     });
-    if search.is_empty() {
-        sql.push_str(" LIMIT ?");
-        args.push(Value::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
-    }
+    args.push(Value::Integer(
+        i64::try_from(rows_wanted).unwrap_or(i64::MAX),
+    ));
 
     let mut statement = conn.prepare_cached(&sql)?;
     let mut rows = statement.query(rusqlite::params_from_iter(args))?;
     let mut messages = Vec::with_capacity(limit.min(256) + 1);
+    let mut examined = 0u64;
+    let mut last_examined = None;
+    let mut budget_spent = false;
     while let Some(row) = rows.next()? {
         if !search.is_empty() {
-            let text: String = row.get(7)?;
-            if !contains_words(&text, &search) {
+            if examined == u64::from(search_budget) {
+                budget_spent = true;
+                break;
+            }
+            examined += 1;
+            last_examined = Some(to_u64(row.get(1)?));
+            let candidate: bool = row.get(MESSAGE_COLUMN_COUNT)?;
+            if !candidate || !contains_words(&row.get::<_, String>(7)?, &search) {
                 continue;
             }
+        } else {
+            examined += 1;
         }
         messages.push(message_from_row(row)?);
         if messages.len() > limit {
             break;
         }
     }
-    let has_more = messages.len() > limit;
+    let mut page = HistoryPage {
+        has_more: messages.len() > limit,
+        examined,
+        ..HistoryPage::default()
+    };
+    if !page.has_more && budget_spent {
+        // Rows remain unexamined: the caller continues from the last row this request read.
+        page.has_more = true;
+        if forwards {
+            page.next_after_seq = last_examined;
+        } else {
+            page.next_before_seq = last_examined;
+        }
+    }
     messages.truncate(limit);
     if !forwards {
         messages.reverse();
     }
-    Ok(HistoryPage { messages, has_more })
+    page.messages = messages;
+    Ok(page)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1622,6 +1725,171 @@ mod tests {
             })
             .unwrap();
         assert_eq!(violations, 0);
+    }
+
+    /// Creates room `room_id` of tenant `t` holding `count` messages, "filler text {seq}" except
+    /// `special` ones, written straight into the database in one transaction (appending them one
+    /// by one would take minutes in a debug build).
+    async fn big_room(
+        store: &SqliteStore,
+        path: &Path,
+        room_id: &str,
+        count: u64,
+        special: &[(u64, &str)],
+    ) {
+        store
+            .create_room(NewRoom::team(room_id, "t", "alice"))
+            .await
+            .unwrap();
+        let mut conn = Connection::open(path).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2)
+             INSERT INTO messages (tenant_id, room_id, seq, message_id, sender, sender_type,
+                                   direction, type, message, attached_files, reply_to, mentions,
+                                   metadata, created_at)
+             SELECT 't', ?1, i, 'id-' || i, 'alice', 'user', 'INTERNAL', 'text',
+                    'filler text ' || i, '[]', NULL, '[]', '{}', i FROM n",
+            params![room_id, to_i64(count)],
+        )
+        .unwrap();
+        for (seq, text) in special {
+            tx.execute(
+                "UPDATE messages SET message = ?3 WHERE tenant_id = 't' AND room_id = ?1 AND seq = ?2",
+                params![room_id, to_i64(*seq), text],
+            )
+            .unwrap();
+        }
+        tx.execute(
+            "UPDATE rooms SET last_seq = ?2 WHERE tenant_id = 't' AND room_id = ?1",
+            params![room_id, to_i64(count)],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+
+    fn search_query(words: &str, after_seq: Option<u64>, before_seq: Option<u64>) -> HistoryQuery {
+        HistoryQuery {
+            after_seq,
+            before_seq,
+            limit: 10,
+            search: Some(words.to_owned()),
+            include_notes: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn search_examines_at_most_its_budget_and_hands_back_a_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
+        let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+        let budget = u64::from(DEFAULT_SEARCH_SCAN_ROWS);
+        let rare = [(5, "a rare Zebra"), (195_000, "zebra again")];
+        big_room(&store, &path, "big", 200_000, &rare).await;
+        let room = key("big");
+
+        // Backwards from the newest: the first request reads the newest `budget` rows only,
+        // finds the recent hit and says where to go on.
+        let page = store
+            .history(&room, search_query("zebra", None, None))
+            .await
+            .unwrap();
+        let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [195_000]);
+        assert_eq!(page.examined, budget);
+        assert!(page.has_more);
+        assert_eq!(page.next_before_seq, Some(200_000 - budget + 1));
+        assert_eq!(page.next_after_seq, None);
+
+        // Following the cursor reaches the oldest hit, never reading more than the budget.
+        let mut found = Vec::new();
+        let mut cursor = page.next_before_seq;
+        let mut requests = 1;
+        while let Some(before) = cursor {
+            let page = store
+                .history(&room, search_query("zebra", None, Some(before)))
+                .await
+                .unwrap();
+            requests += 1;
+            assert!(page.examined <= budget, "{}", page.examined);
+            found.extend(page.messages.iter().map(|m| m.seq));
+            assert_eq!(page.has_more, page.next_before_seq.is_some());
+            cursor = page.next_before_seq;
+        }
+        assert_eq!(found, [5]);
+        assert_eq!(requests, 20);
+
+        // Forwards the same way, with `next_after_seq`.
+        let page = store
+            .history(&room, search_query("ZEBRA", Some(0), None))
+            .await
+            .unwrap();
+        let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [5]);
+        assert_eq!(page.examined, budget);
+        assert!(page.has_more);
+        assert_eq!(page.next_after_seq, Some(budget));
+        assert_eq!(page.next_before_seq, None);
+
+        // A page that fills up before the budget runs out pages as before, without a cursor.
+        let page = store
+            .history(&room, search_query("filler", None, None))
+            .await
+            .unwrap();
+        assert_eq!(page.messages.len(), 10);
+        assert!(page.has_more);
+        assert_eq!((page.next_before_seq, page.next_after_seq), (None, None));
+        assert_eq!(page.examined, 11);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn room_loads_do_not_wait_behind_slow_searches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
+        let config = SqliteConfig {
+            readers: 1,
+            lookup_readers: 1,
+            // Each search reads the whole room.
+            search_scan_rows: 1_000_000,
+            ..SqliteConfig::default()
+        };
+        let store = SqliteStore::open(&path, config).unwrap();
+        big_room(&store, &path, "big", 200_000, &[]).await;
+        store
+            .create_room(NewRoom::team("small", "t", "bob"))
+            .await
+            .unwrap();
+        // "fill" passes the LIKE prefilter on every row and then fails the whole-word check:
+        // the slowest kind of search.
+        let searches: Vec<_> = (0..6)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .history(&key("big"), search_query("fill", None, None))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        let room = store.room(&key("small")).await.unwrap().unwrap();
+        let waited = started.elapsed();
+        let done = searches.iter().filter(|s| s.is_finished()).count();
+        assert_eq!(room.participants, ["bob"]);
+        assert!(
+            done < searches.len(),
+            "the room load waited {waited:?}, until every search had finished"
+        );
+        for search in searches {
+            let page = search.await.unwrap();
+            assert!(page.messages.is_empty() && !page.has_more);
+            assert_eq!(page.examined, 200_000);
+        }
+        store.close().await.unwrap();
     }
 
     #[test]
