@@ -71,6 +71,11 @@ pub const WRITER_CACHE_KIB: i64 = 64 * 1024;
 /// The schema version this code writes and understands (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 2;
 
+/// Default of [`SqliteConfig::queue_capacity`]: eight full batches. Writes queued beyond that
+/// would wait for more than eight commits (fsyncs) and hold their messages in memory meanwhile;
+/// failing them fast with [`Error::Unavailable`] lets callers retry or shed load instead.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 8_192;
+
 /// Default of [`SqliteConfig::search_scan_rows`].
 pub const DEFAULT_SEARCH_SCAN_ROWS: u32 = 10_000;
 
@@ -110,7 +115,7 @@ impl Default for SqliteConfig {
     fn default() -> Self {
         SqliteConfig {
             max_batch: 1024,
-            queue_capacity: 65_536,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
             readers: 4,
             lookup_readers: 2,
             search_scan_rows: DEFAULT_SEARCH_SCAN_ROWS,
@@ -2002,9 +2007,12 @@ mod tests {
         store.close().await.unwrap();
     }
 
+    /// Holds the write lock from another connection while 500 appends queue up, so they are
+    /// certainly waiting together when the writer gets the lock back.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn commit_hook_sees_grouped_batches() {
         let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
         let committed = Arc::new(AtomicUsize::new(0));
         let batches = Arc::new(AtomicUsize::new(0));
         let (c, b) = (Arc::clone(&committed), Arc::clone(&batches));
@@ -2014,13 +2022,16 @@ mod tests {
                 c.fetch_add(stats.batch_size, Ordering::Relaxed);
                 b.fetch_add(1, Ordering::Relaxed);
             })),
+            busy_timeout: Duration::from_secs(10),
             ..SqliteConfig::default()
         };
-        let store = SqliteStore::open(&dir.path().join("chat.db"), config).unwrap();
+        let store = SqliteStore::open(&path, config).unwrap();
         store
             .create_room(NewRoom::team("r", "t", "alice"))
             .await
             .unwrap();
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
         let tasks: Vec<_> = (0..500)
             .map(|i| {
                 let store = store.clone();
@@ -2032,12 +2043,25 @@ mod tests {
                 })
             })
             .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            committed.load(Ordering::Relaxed),
+            1,
+            "only the room is committed"
+        );
+        blocker.execute_batch("COMMIT").unwrap();
+        let mut seqs: Vec<u64> = Vec::new();
         for task in tasks {
-            task.await.unwrap();
+            seqs.push(task.await.unwrap().message.seq);
         }
         store.close().await.unwrap();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=500).collect::<Vec<_>>());
         assert_eq!(committed.load(Ordering::Relaxed), 501);
-        assert!(batches.load(Ordering::Relaxed) <= 501);
+        // The room's batch, the append the writer took before it stalled, and the rest
+        // together (max_batch is 1024).
+        let batches = batches.load(Ordering::Relaxed);
+        assert!(batches <= 3, "{batches} batches for 501 writes");
     }
 
     #[tokio::test]
@@ -2082,6 +2106,13 @@ mod tests {
             handle.await.unwrap().unwrap();
         }
         store.close().await.unwrap();
+    }
+
+    #[test]
+    fn default_write_queue_holds_at_most_eight_batches() {
+        let config = SqliteConfig::default();
+        assert!(config.queue_capacity <= 8 * config.max_batch);
+        assert!(config.queue_capacity >= config.max_batch);
     }
 
     #[test]
