@@ -183,6 +183,16 @@ pub struct Config {
     )]
     pub shard_queue: usize,
 
+    /// Deadline of every store call, in milliseconds. A read past it fails (UNAVAILABLE); a
+    /// write past it fails with an unknown outcome, which clients retry with the same ids.
+    #[arg(
+        long,
+        env = "GATEWAY_STORE_TIMEOUT_MS",
+        default_value_t = 5_000,
+        global = true
+    )]
+    pub store_timeout_ms: u64,
+
     /// Most rows of a room one `historic` search reads before it answers with the hits found
     /// and a cursor to continue from.
     #[arg(
@@ -223,5 +233,17 @@ impl Config {
     /// Defaults as the CLI would give them (for tests and embedding).
     pub fn defaults() -> Config {
         Cli::parse_from(["gateway"]).config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_timeout_defaults_to_five_seconds_and_is_a_flag() {
+        assert_eq!(Config::defaults().store_timeout_ms, 5_000);
+        let cli = Cli::parse_from(["gateway", "--store-timeout-ms", "250"]);
+        assert_eq!(cli.config.store_timeout_ms, 250);
     }
 }

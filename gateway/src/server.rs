@@ -16,7 +16,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
-use storage::{AnyStore, NewRoom, RoomKind, Store, Timestamp};
+use storage::{AnyStore, NewRoom, RoomKind, Store, TimeoutStore, Timestamp};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -35,7 +35,9 @@ const MAX_API_BODY: usize = 64 * 1024;
 /// State shared by the accept loop, the shards and every connection.
 pub struct Shared {
     pub config: Config,
-    pub store: AnyStore,
+    /// Every call has a deadline (`--store-timeout-ms`): a wedged disk fails requests instead
+    /// of parking them, and the shards' queues, forever.
+    pub store: TimeoutStore<AnyStore>,
     pub metrics: Arc<Metrics>,
     /// The counters every connection's outbox shares.
     pub outbox_metrics: Arc<OutboxMetrics>,
@@ -163,6 +165,7 @@ impl Gateway {
         let store = tokio::task::spawn_blocking(move || storage::open_with(&url, store_config))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let store = TimeoutStore::new(store, Duration::from_millis(config.store_timeout_ms));
 
         let mut shards = Vec::with_capacity(shard_count);
         let mut shard_threads = Vec::with_capacity(shard_count);

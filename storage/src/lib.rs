@@ -12,6 +12,7 @@
 //!   writer thread, a small pool of reader connections).
 //! - [`AnyStore`]: enum dispatch over the compiled-in backends, built from a URL by [`open`]
 //!   (or [`open_with`] to tune the embedded backend).
+//! - [`timeout`]: [`TimeoutStore`], a deadline on every call of any [`Store`].
 //! - `conformance` (feature `conformance`): the behaviour suite every backend must pass.
 //!
 //! # Example
@@ -37,6 +38,7 @@ pub mod conformance;
 pub mod model;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+pub mod timeout;
 
 use std::future::Future;
 use std::time::Duration;
@@ -45,6 +47,7 @@ pub use model::{
     Appended, Direction, HistoryPage, HistoryQuery, Message, MessageType, NewMessage, NewRoom,
     Room, RoomKey, RoomKind, SenderType, Timestamp,
 };
+pub use timeout::TimeoutStore;
 
 /// Result type of every storage operation.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -66,12 +69,21 @@ pub enum Error {
     /// The store is shutting down and takes no more requests.
     #[error("storage closed")]
     Closed,
+    /// A write whose outcome is not known: its commit failed after its statements ran (an I/O
+    /// error while making it durable), or the caller stopped waiting for it. It may or may not
+    /// be durable. Retrying with the same ids is safe: appends are idempotent on the message
+    /// id (a retry returns the original if it was stored) and the other writes are idempotent.
+    #[error("storage write outcome unknown: {0}")]
+    OutcomeUnknown(String),
 }
 
 impl Error {
     /// Whether retrying the same request later can succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unavailable(_) | Error::Closed)
+        matches!(
+            self,
+            Error::Unavailable(_) | Error::Closed | Error::OutcomeUnknown(_)
+        )
     }
 }
 

@@ -816,6 +816,7 @@ impl Writer {
         let mut overlay = Overlay(HashMap::new());
         let mut applied = Vec::with_capacity(size);
         let mut requests = batch.drain(..);
+        let mut committing = false;
         let outcome = (|| -> rusqlite::Result<()> {
             let tx = self
                 .conn
@@ -836,6 +837,7 @@ impl Writer {
                 }
             }
             drop(update);
+            committing = true;
             tx.commit()
         })();
         match outcome {
@@ -853,20 +855,30 @@ impl Writer {
                 true
             }
             Err(error) => {
-                // The transaction rolled back when it was dropped. Forget every cached counter:
-                // after a failed commit we re-read the truth from the database.
+                // The transaction rolled back when it was dropped (unless COMMIT itself failed
+                // half-way). Forget every cached counter: after a failed commit we re-read the
+                // truth from the database.
                 self.cache.clear();
-                tracing::warn!(batch_size = size, %error, "sqlite batch failed, rolled back");
-                let message = format!("sqlite write failed: {error}");
+                tracing::warn!(batch_size = size, committing, %error, "sqlite batch failed");
                 for done in applied {
-                    done.fail(Error::Unavailable(message.clone()));
+                    done.fail(batch_error(&error, committing));
                 }
                 for request in requests {
-                    request.fail(Error::Unavailable(message.clone()));
+                    request.fail(batch_error(&error, committing));
                 }
                 false
             }
         }
+    }
+}
+
+/// The error every request of a failed batch gets. A failure before `COMMIT` applied nothing;
+/// one during `COMMIT` (an I/O error while syncing the log) may have left the batch durable.
+fn batch_error(error: &rusqlite::Error, committing: bool) -> Error {
+    if committing {
+        Error::OutcomeUnknown(format!("sqlite commit failed: {error}"))
+    } else {
+        Error::Unavailable(format!("sqlite write failed: {error}"))
     }
 }
 
@@ -2106,6 +2118,19 @@ mod tests {
             handle.await.unwrap().unwrap();
         }
         store.close().await.unwrap();
+    }
+
+    #[test]
+    fn a_failed_commit_is_an_unknown_outcome_and_a_failed_statement_is_not() {
+        let io = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC),
+            None,
+        );
+        let error = batch_error(&io, true);
+        assert!(matches!(&error, Error::OutcomeUnknown(m) if m.contains("commit failed")));
+        assert!(error.is_retryable());
+        let error = batch_error(&io, false);
+        assert!(matches!(error, Error::Unavailable(_)), "{error:?}");
     }
 
     #[test]
