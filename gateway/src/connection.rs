@@ -37,7 +37,7 @@ use crate::liveness::{self, LiveConn};
 use crate::metrics::OutCode;
 use crate::outbox::{clock_ms, FrameClass, Frames, Outbox, Taken};
 use crate::server::{ConnectionGuard, Shared};
-use crate::shard::{self, presence_frame, ConnId, ConnRef, RoomAction, RoomRequest, ShardCommand};
+use crate::shard::{self, presence_frame, ConnRef, RoomAction, RoomRequest, ShardCommand};
 
 /// How long a closing connection may take to get its close frame written before the socket is
 /// dropped.
@@ -454,14 +454,7 @@ impl Session {
                     .set_status(&self.conn.user_key(), presence.status)
                 {
                     let frame = presence_frame(&self.conn.claims.sub, None, presence.status);
-                    let conn = &self.conn;
-                    spawn_presence_broadcast(
-                        self.shared.clone(),
-                        &conn.claims.tenant,
-                        rooms,
-                        conn.id,
-                        frame,
-                    );
+                    spawn_presence_broadcast(self.shared.clone(), rooms, &self.conn, frame);
                 }
                 return None;
             }
@@ -541,14 +534,7 @@ impl Session {
                 None,
                 crate::cmd::presence::PresenceStatus::Offline,
             );
-            let conn = &self.conn;
-            spawn_presence_broadcast(
-                self.shared.clone(),
-                &conn.claims.tenant,
-                rooms,
-                conn.id,
-                frame,
-            );
+            spawn_presence_broadcast(self.shared.clone(), rooms, &self.conn, frame);
         }
     }
 }
@@ -580,18 +566,20 @@ enum Handled {
     NeedBytes,
 }
 
-/// Sends one presence frame to every connection sharing one of `rooms` (of `tenant`), once each.
+/// Sends one presence frame to every connection sharing one of `rooms` (of the sender's
+/// tenant) with the sender, once each, except the sender itself.
 fn spawn_presence_broadcast(
     shared: Arc<Shared>,
-    tenant: &str,
     rooms: Vec<String>,
-    except: ConnId,
+    sender: &ConnRef,
     frame: Bytes,
 ) {
     if rooms.is_empty() {
         return;
     }
+    let tenant = &sender.claims.tenant;
     let rooms: Vec<RoomKey> = rooms.iter().map(|r| RoomKey::new(tenant, r)).collect();
+    let except = sender.id;
     tokio::spawn(async move {
         let mut by_shard: HashMap<usize, Vec<RoomKey>> = HashMap::new();
         for room in rooms {

@@ -145,6 +145,11 @@ async fn an_id_used_by_another_tenant_stays_free_for_its_owner() {
     assert_eq!(alice.chat("y", "acme first").await["data"]["seq"], 1);
     assert_eq!(bob.chat("y", "globex second").await["data"]["seq"], 2);
     assert_eq!(alice.chat("y", "acme second").await["data"]["seq"], 2);
+    // A presence change reaches the rooms of one's own tenant only.
+    bob.send(
+        json!({"code": "presence", "user_id": "bob", "data": {"status": "away", "sender": "bob"}}),
+    )
+    .await;
     alice.expect_silence(QUIET).await;
     bob.expect_silence(QUIET).await;
 
