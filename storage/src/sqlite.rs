@@ -27,8 +27,10 @@
 //!   demand): +30 % durable messages/s in the chat-heavy load test (2,000 rooms × 3 members).
 //! - **All or nothing per batch.** If the transaction fails (disk full, I/O error) it is rolled
 //!   back and every request of the batch fails with [`Error::Unavailable`]; nothing of it was
-//!   applied, so callers can retry. A problem with one request (an unknown room) fails only that
-//!   request: it is detected before anything is written.
+//!   applied, so callers can retry. When `COMMIT` itself fails (an I/O error while syncing the
+//!   log) the batch may be durable after all: its requests fail with [`Error::OutcomeUnknown`],
+//!   and a retry with the same ids is answered from what was stored. A problem with one request
+//!   (an unknown room) fails only that request: it is detected before anything is written.
 //! - **Point lookups never wait behind scans.** Room loads, message-by-id and read-marker
 //!   lookups (one index probe each, on the join and read-receipt paths) run on their own reader
 //!   connections; history, search and unread counts, which may read many rows, run on the others.
@@ -159,6 +161,7 @@ struct Inner {
     /// already queued: the writer drains them, sees the channel disconnected and stops.
     writes: RwLock<Option<Sender<WriteRequest>>>,
     reads: RwLock<Option<Readers>>,
+    /// [`SqliteConfig::search_scan_rows`], at least 1.
     search_scan_rows: u32,
     /// Never written: every worker thread holds the sender, so `changed()` fails once they all
     /// have stopped.
