@@ -8,7 +8,7 @@ use bench::{text, MESSAGE_TEXT_LEN, ROOM, TENANT, USER};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures_util::future::join_all;
 use storage::sqlite::SqliteConfig;
-use storage::{NewMessage, NewRoom, Store};
+use storage::{NewMessage, NewRoom, RoomKey, Store};
 
 fn group_commit(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -16,6 +16,7 @@ fn group_commit(c: &mut Criterion) {
         .build()
         .expect("tokio runtime");
     let body = text(MESSAGE_TEXT_LEN);
+    let room = RoomKey::new(TENANT, ROOM);
     let mut group = c.benchmark_group("group_commit");
     group
         .sample_size(10)
@@ -39,7 +40,7 @@ fn group_commit(c: &mut Criterion) {
                     let mut elapsed = Duration::ZERO;
                     for _ in 0..iters {
                         let messages: Vec<NewMessage> = (0..batch)
-                            .map(|_| NewMessage::text(ROOM, USER, &body))
+                            .map(|_| NewMessage::text(&room, USER, &body))
                             .collect();
                         let start = Instant::now();
                         let results = join_all(messages.into_iter().map(|m| store.append(m))).await;

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use gateway::outbox::{Bound, Frames, Outbox, OutboxMetrics, Taken};
 use prometheus::{IntCounter, IntGauge};
-use storage::{Message, NewMessage, Timestamp};
+use storage::{Message, NewMessage, RoomKey, Timestamp};
 
 /// The user every fixture speaks for.
 pub const USER: &str = "u1";
@@ -75,7 +75,7 @@ pub fn chat_frame(len: usize) -> Vec<u8> {
 
 /// A stored message with a [`MESSAGE_TEXT_LEN`]-byte text, as a `chat_response` carries it.
 pub fn chat_message() -> Message {
-    let mut message = NewMessage::text(ROOM, USER, &text(MESSAGE_TEXT_LEN));
+    let mut message = NewMessage::text(&RoomKey::new(TENANT, ROOM), USER, &text(MESSAGE_TEXT_LEN));
     message.message_id = "01HZX3J8Q6S9V2C4T7W0Y5B1ND".to_owned();
     message.created_at = Timestamp(1_700_000_000_000);
     message.into_message(17)

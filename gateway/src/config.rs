@@ -180,6 +180,26 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_SHARD_QUEUE", default_value_t = 8192)]
     pub shard_queue: usize,
 
+    /// Deadline of every store call, in milliseconds. A read past it fails (UNAVAILABLE); a
+    /// write past it fails with an unknown outcome, which clients retry with the same ids.
+    #[arg(
+        long,
+        env = "GATEWAY_STORE_TIMEOUT_MS",
+        default_value_t = 5_000,
+        global = true
+    )]
+    pub store_timeout_ms: u64,
+
+    /// Most rows of a room one `historic` search reads before it answers with the hits found
+    /// and a cursor to continue from.
+    #[arg(
+        long,
+        env = "GATEWAY_SEARCH_SCAN_ROWS",
+        default_value_t = storage::sqlite::DEFAULT_SEARCH_SCAN_ROWS,
+        global = true
+    )]
+    pub search_scan_rows: u32,
+
     /// Serve an echo WebSocket route at /conformance/echo (for the Autobahn test suite); it goes
     /// through the same connection code and limits. Off by default.
     #[arg(long, env = "GATEWAY_CONFORMANCE_ECHO")]
@@ -210,5 +230,17 @@ impl Config {
     /// Defaults as the CLI would give them (for tests and embedding).
     pub fn defaults() -> Config {
         Cli::parse_from(["gateway"]).config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_timeout_defaults_to_five_seconds_and_is_a_flag() {
+        assert_eq!(Config::defaults().store_timeout_ms, 5_000);
+        let cli = Cli::parse_from(["gateway", "--store-timeout-ms", "250"]);
+        assert_eq!(cli.config.store_timeout_ms, 250);
     }
 }

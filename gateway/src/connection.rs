@@ -22,6 +22,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
+use storage::RoomKey;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -37,7 +38,7 @@ use crate::liveness::{self, LiveConn};
 use crate::metrics::OutCode;
 use crate::outbox::{clock_ms, Bound, FrameClass, Frames, Outbox, Taken};
 use crate::server::{ConnectionGuard, Shared};
-use crate::shard::{self, presence_frame, ConnId, ConnRef, RoomAction, RoomRequest, ShardCommand};
+use crate::shard::{self, presence_frame, ConnRef, RoomAction, RoomRequest, ShardCommand};
 
 /// How long a closing connection may take to get its close frame written before the socket is
 /// dropped.
@@ -446,7 +447,7 @@ impl Session {
                     .set_status(&self.conn.user_key(), presence.status)
                 {
                     let frame = presence_frame(&self.conn.claims.sub, None, presence.status);
-                    spawn_presence_broadcast(self.shared.clone(), rooms, self.conn.id, frame);
+                    spawn_presence_broadcast(self.shared.clone(), rooms, &self.conn, frame);
                 }
                 return None;
             }
@@ -470,7 +471,8 @@ impl Session {
         let room_id = room_owned
             .clone()
             .expect("room codes carry a room_id (checked above)");
-        let shard_index = shard::shard_of(&room_id, self.shared.shards.len());
+        let room = RoomKey::new(&self.conn.claims.tenant, &room_id);
+        let shard_index = shard::shard_of(&room, self.shared.shards.len());
         match &action {
             RoomAction::Join(_) => {
                 if self.joined.len() >= MAX_JOINED_ROOMS && !self.joined.contains_key(&room_id) {
@@ -492,7 +494,7 @@ impl Session {
         }
         let request = RoomRequest {
             conn: self.conn.clone(),
-            room_id,
+            room,
             reference: reference_owned,
             received,
             action,
@@ -505,8 +507,9 @@ impl Session {
         // `Disconnect` also drops the room from the user's presence entry), or a shard thread
         // that runs first leaves nobody to tell that the user went offline.
         let offline_rooms = self.shared.presence.disconnect(&self.conn.user_key());
-        let mut by_shard: HashMap<usize, Vec<String>> = HashMap::new();
+        let mut by_shard: HashMap<usize, Vec<RoomKey>> = HashMap::new();
         for (room, shard) in self.joined {
+            let room = RoomKey::new(&self.conn.claims.tenant, &room);
             by_shard.entry(shard).or_default().push(room);
         }
         for (shard, rooms) in by_shard {
@@ -524,7 +527,7 @@ impl Session {
                 None,
                 crate::cmd::presence::PresenceStatus::Offline,
             );
-            spawn_presence_broadcast(self.shared.clone(), rooms, self.conn.id, frame);
+            spawn_presence_broadcast(self.shared.clone(), rooms, &self.conn, frame);
         }
     }
 }
@@ -556,13 +559,22 @@ enum Handled {
     NeedBytes,
 }
 
-/// Sends one presence frame to every connection sharing one of `rooms`, once each.
-fn spawn_presence_broadcast(shared: Arc<Shared>, rooms: Vec<String>, except: ConnId, frame: Bytes) {
+/// Sends one presence frame to every connection sharing one of `rooms` (of the sender's
+/// tenant) with the sender, once each, except the sender itself.
+fn spawn_presence_broadcast(
+    shared: Arc<Shared>,
+    rooms: Vec<String>,
+    sender: &ConnRef,
+    frame: Bytes,
+) {
     if rooms.is_empty() {
         return;
     }
+    let tenant = &sender.claims.tenant;
+    let rooms: Vec<RoomKey> = rooms.iter().map(|r| RoomKey::new(tenant, r)).collect();
+    let except = sender.id;
     tokio::spawn(async move {
-        let mut by_shard: HashMap<usize, Vec<String>> = HashMap::new();
+        let mut by_shard: HashMap<usize, Vec<RoomKey>> = HashMap::new();
         for room in rooms {
             by_shard
                 .entry(shard::shard_of(&room, shared.shards.len()))

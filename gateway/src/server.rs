@@ -16,7 +16,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
-use storage::{AnyStore, NewRoom, RoomKind, Store, Timestamp};
+use storage::{AnyStore, NewRoom, RoomKind, Store, TimeoutStore, Timestamp};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -36,7 +36,9 @@ const MAX_API_BODY: usize = 64 * 1024;
 /// State shared by the accept loop, the shards and every connection.
 pub struct Shared {
     pub config: Config,
-    pub store: AnyStore,
+    /// Every call has a deadline (`--store-timeout-ms`): a wedged disk fails requests instead
+    /// of parking them, and the shards' queues, forever.
+    pub store: TimeoutStore<AnyStore>,
     pub metrics: Arc<Metrics>,
     /// The counters every connection's outbox shares.
     pub outbox_metrics: Arc<OutboxMetrics>,
@@ -159,12 +161,14 @@ impl Gateway {
                     commit_metrics.store_commit_failures.inc();
                 }
             })),
+            search_scan_rows: config.search_scan_rows,
             ..Default::default()
         };
         let url = config.store_url();
         let store = tokio::task::spawn_blocking(move || storage::open_with(&url, store_config))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let store = TimeoutStore::new(store, Duration::from_millis(config.store_timeout_ms));
 
         let mut shards = Vec::with_capacity(shard_count);
         let mut shard_threads = Vec::with_capacity(shard_count);
@@ -624,10 +628,8 @@ async fn create_room(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bo
         participants: body.participants,
         created_at: Timestamp::now(),
     };
+    // Keyed by the caller's tenant: an id used by another tenant is free here.
     match shared.store.create_room(new_room).await {
-        Ok((room, _)) if room.tenant_id != claims.tenant => {
-            api_error(StatusCode::CONFLICT, "conflict", "room id is taken")
-        }
         Ok((room, created)) => json_response(
             if created {
                 StatusCode::CREATED

@@ -14,7 +14,8 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use storage::{
-    Appended, Direction, HistoryPage, HistoryQuery, NewMessage, Room, RoomKind, Store, Timestamp,
+    Appended, Direction, HistoryPage, HistoryQuery, NewMessage, Room, RoomKey, RoomKind, Store,
+    Timestamp,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -65,7 +66,8 @@ impl ConnRef {
 /// A request about one room, with what is needed to answer it.
 pub struct RoomRequest {
     pub conn: ConnRef,
-    pub room_id: String,
+    /// The room in the caller's tenant: ids are unique within a tenant only.
+    pub room: RoomKey,
     pub reference: Option<String>,
     /// When the connection read the frame (fan-out latency starts here).
     pub received: Instant,
@@ -95,16 +97,19 @@ impl RoomAction {
 }
 
 /// Everything a shard can be asked.
+// `Room` is nearly every command sent; boxing it would cost an allocation per frame to shrink
+// the rare ones.
+#[allow(clippy::large_enum_variant)]
 pub enum ShardCommand {
     Room(RoomRequest),
     /// The connection closed: forget it in these rooms (all owned by this shard).
     Disconnect {
         conn: ConnId,
-        rooms: Vec<String>,
+        rooms: Vec<RoomKey>,
     },
     /// Presence fan-out: the connections joined to any of these rooms.
     CollectMembers {
-        rooms: Vec<String>,
+        rooms: Vec<RoomKey>,
         reply: oneshot::Sender<Vec<(ConnId, Arc<Outbox>)>>,
     },
     /// Answers once every chat commit started before it has finished and its replies are
@@ -117,22 +122,22 @@ pub enum ShardCommand {
 /// Completions of work the shard handed to helper tasks.
 enum ShardEvent {
     RoomLoaded {
-        room_id: String,
+        room_id: RoomKey,
         result: storage::Result<Option<Room>>,
     },
     RoomCreated {
-        room_id: String,
+        room_id: RoomKey,
         result: storage::Result<Room>,
     },
     JoinReady {
-        room_id: String,
+        room_id: RoomKey,
         conn: ConnId,
         frame: Bytes,
         /// `false` when the reply is an error: the connection is not joined after all.
         ok: bool,
     },
     ReceiptStored {
-        room_id: String,
+        room_id: RoomKey,
         conn: ConnRef,
         broadcast: Option<Bytes>,
         /// The message is a note: customers must not learn of it.
@@ -150,10 +155,10 @@ pub struct ShardHandle {
     pub live: Arc<Registry>,
 }
 
-/// Which shard owns a room.
-pub fn shard_of(room_id: &str, shards: usize) -> usize {
+/// Which shard owns a room (tenant and id: the same id in two tenants names two rooms).
+pub fn shard_of(room: &RoomKey, shards: usize) -> usize {
     let mut h = DefaultHasher::new();
-    room_id.hash(&mut h);
+    room.hash(&mut h);
     (h.finish() % shards as u64) as usize
 }
 
@@ -240,7 +245,7 @@ enum Slot {
 }
 
 /// Room, sender, `ref`, when the frame was read, and the `message_id` the server chose.
-type AppendContext = (String, ConnRef, Option<String>, Instant, Option<String>);
+type AppendContext = (RoomKey, ConnRef, Option<String>, Instant, Option<String>);
 type AppendFuture = std::pin::Pin<
     Box<dyn std::future::Future<Output = (AppendContext, storage::Result<Appended>)> + Send>,
 >;
@@ -248,7 +253,7 @@ type AppendFuture = std::pin::Pin<
 struct Shard {
     index: usize,
     shared: Arc<Shared>,
-    rooms: HashMap<String, Slot>,
+    rooms: HashMap<RoomKey, Slot>,
     appends: FuturesOrdered<AppendFuture>,
     /// Chat commits started and finished so far (they finish in order).
     appends_started: u64,
@@ -313,7 +318,7 @@ impl Shard {
         self.reply_error(
             &request.conn,
             request.action.code(),
-            &request.room_id,
+            &request.room,
             request.reference.as_deref(),
             ProtocolError::new(ErrorCode::Unavailable, "server busy, retry later"),
         );
@@ -347,7 +352,7 @@ impl Shard {
         &self,
         conn: &ConnRef,
         code: Code,
-        room_id: &str,
+        room_id: &RoomKey,
         reference: Option<&str>,
         error: ProtocolError,
     ) {
@@ -356,7 +361,7 @@ impl Shard {
         let frame = FrameBuilder::error(
             code.response(),
             Some(&conn.claims.sub),
-            Some(room_id),
+            Some(&room_id.room_id),
             reference,
             &error,
         );
@@ -413,7 +418,7 @@ impl Shard {
     /// loaded, queued while it loads, or starting its load. Every request, replayed ones
     /// included, comes through here.
     fn on_room_request(&mut self, request: RoomRequest) {
-        match self.rooms.get_mut(&request.room_id) {
+        match self.rooms.get_mut(&request.room) {
             Some(Slot::Ready(_)) => self.handle_ready(request),
             Some(Slot::Loading(queue)) if queue.len() < MAX_QUEUED_WHILE_LOADING => {
                 queue.push(request)
@@ -427,7 +432,7 @@ impl Shard {
                     self.reply_error(
                         &request.conn,
                         code,
-                        &request.room_id,
+                        &request.room,
                         request.reference.as_deref(),
                         ProtocolError::new(ErrorCode::NotJoined, "join the room first"),
                     );
@@ -440,7 +445,7 @@ impl Shard {
         let Some(permit) = self.try_work() else {
             return self.reply_busy(&request);
         };
-        let room_id = request.room_id.clone();
+        let room_id = request.room.clone();
         self.rooms
             .insert(room_id.clone(), Slot::Loading(vec![request]));
         self.update_room_gauge();
@@ -501,7 +506,9 @@ impl Shard {
                 if !ok {
                     // The join failed (storage): the connection is not a member after all.
                     if let Some(member) = state.members.remove(&conn) {
-                        self.shared.presence.left(&member.conn.user_key(), &room_id);
+                        self.shared
+                            .presence
+                            .left(&member.conn.user_key(), &room_id.room_id);
                     }
                 }
                 self.replay(&room_id, held);
@@ -533,7 +540,7 @@ impl Shard {
     }
 
     fn room_ready(&mut self, room: Room) {
-        let room_id = room.room_id.clone();
+        let room_id = room.key();
         let queued = match self.rooms.insert(
             room_id.clone(),
             Slot::Ready(RoomState {
@@ -551,7 +558,7 @@ impl Shard {
     /// Handles requests that waited for the room, in order, through the normal path. The room
     /// stays loaded until all of them are handled (one of them leaving it empty must not unload
     /// it under the next), then is unloaded if nothing else keeps it.
-    fn replay(&mut self, room_id: &str, requests: Vec<RoomRequest>) {
+    fn replay(&mut self, room_id: &RoomKey, requests: Vec<RoomRequest>) {
         if requests.is_empty() {
             return self.maybe_unload(room_id);
         }
@@ -569,7 +576,7 @@ impl Shard {
 
     /// The room does not exist: the first join by a non-customer creates it as a team room of
     /// that caller's tenant; everything else is NOT_FOUND.
-    fn room_missing(&mut self, room_id: String) {
+    fn room_missing(&mut self, room_id: RoomKey) {
         let Some(Slot::Loading(queued)) = self.rooms.get_mut(&room_id) else {
             return;
         };
@@ -598,7 +605,7 @@ impl Shard {
             self.reply_error(
                 &request.conn,
                 request.action.code(),
-                &request.room_id,
+                &request.room,
                 request.reference.as_deref(),
                 error,
             );
@@ -627,7 +634,7 @@ impl Shard {
         None
     }
 
-    fn create_room(&mut self, room_id: String, claims: Arc<Claims>) {
+    fn create_room(&mut self, room_id: RoomKey, claims: Arc<Claims>) {
         // The load's permit was released when it answered; creation needs its own.
         let Some(permit) = self.try_work() else {
             return self.room_failed(
@@ -638,7 +645,7 @@ impl Shard {
         let store = self.shared.store.clone();
         let events = self.events_tx.clone();
         tokio::spawn(async move {
-            let new_room = storage::NewRoom::team(&room_id, &claims.tenant, &claims.sub);
+            let new_room = storage::NewRoom::team(&room_id.room_id, &room_id.tenant_id, &claims.sub);
             let result = store.create_room(new_room).await.map(|(room, _)| room);
             let _ = events
                 .send(ShardEvent::RoomCreated { room_id, result })
@@ -647,8 +654,8 @@ impl Shard {
         });
     }
 
-    fn room_failed(&mut self, room_id: &str, error: storage::Error) {
-        tracing::warn!(room_id, error = %error, "loading a room failed");
+    fn room_failed(&mut self, room_id: &RoomKey, error: storage::Error) {
+        tracing::warn!(room_id = %room_id.room_id, error = %error, "loading a room failed");
         let Some(Slot::Loading(queued)) = self.rooms.remove(room_id) else {
             return;
         };
@@ -658,7 +665,7 @@ impl Shard {
             self.reply_error(
                 &request.conn,
                 code,
-                &request.room_id,
+                &request.room,
                 request.reference.as_deref(),
                 ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later"),
             );
@@ -666,7 +673,7 @@ impl Shard {
     }
 
     /// Drops a room from memory once nobody is joined and nothing is in flight.
-    fn maybe_unload(&mut self, room_id: &str) {
+    fn maybe_unload(&mut self, room_id: &RoomKey) {
         if let Some(Slot::Ready(state)) = self.rooms.get(room_id) {
             if state.members.is_empty() && state.inflight == 0 {
                 self.rooms.remove(room_id);
@@ -675,10 +682,12 @@ impl Shard {
         }
     }
 
-    fn remove_member(&mut self, room_id: &str, conn: ConnId) {
+    fn remove_member(&mut self, room_id: &RoomKey, conn: ConnId) {
         if let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) {
             if let Some(member) = state.members.remove(&conn) {
-                self.shared.presence.left(&member.conn.user_key(), room_id);
+                self.shared
+                    .presence
+                    .left(&member.conn.user_key(), &room_id.room_id);
             }
         }
         self.maybe_unload(room_id);
@@ -691,7 +700,7 @@ impl Shard {
         let frame = FrameBuilder::success(
             Code::Leave.response(),
             &request.conn.claims.sub,
-            Some(&request.room_id),
+            Some(&request.room.room_id),
             request.reference.as_deref(),
             serde_json::Map::new(),
         );
@@ -700,7 +709,7 @@ impl Shard {
 
     /// Handles a request for a loaded room (`on_room_request` routes here).
     fn handle_ready(&mut self, request: RoomRequest) {
-        let Some(Slot::Ready(state)) = self.rooms.get_mut(&request.room_id) else {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&request.room) else {
             // Not loaded after all: route it like any other request.
             return self.on_room_request(request);
         };
@@ -718,7 +727,7 @@ impl Shard {
                 return self.reply_error(
                     &request.conn,
                     code,
-                    &request.room_id,
+                    &request.room,
                     request.reference.as_deref(),
                     error,
                 );
@@ -734,7 +743,7 @@ impl Shard {
             self.reply_error(
                 &request.conn,
                 code,
-                &request.room_id,
+                &request.room,
                 request.reference.as_deref(),
                 ProtocolError::new(ErrorCode::NotJoined, "join the room first"),
             );
@@ -742,25 +751,25 @@ impl Shard {
         }
         match request.action {
             RoomAction::Join(join) => {
-                self.join(request.conn, request.room_id, request.reference, join)
+                self.join(request.conn, request.room, request.reference, join)
             }
             RoomAction::Leave => {
                 self.reply_leave(&request);
-                self.remove_member(&request.room_id, request.conn.id);
+                self.remove_member(&request.room, request.conn.id);
             }
             RoomAction::Chat(chat) => self.chat(
                 request.conn,
-                request.room_id,
+                request.room,
                 request.reference,
                 request.received,
                 chat,
             ),
-            RoomAction::Typing(status) => self.typing(&request.conn, &request.room_id, status),
+            RoomAction::Typing(status) => self.typing(&request.conn, &request.room, status),
             RoomAction::ReadReceipt { message_id } => {
-                self.read_receipt(request.conn, request.room_id, request.reference, message_id)
+                self.read_receipt(request.conn, request.room, request.reference, message_id)
             }
             RoomAction::Historic(historic) => {
-                self.historic(request.conn, request.room_id, request.reference, historic)
+                self.historic(request.conn, request.room, request.reference, historic)
             }
         }
     }
@@ -776,7 +785,7 @@ impl Shard {
         }
     }
 
-    fn join(&mut self, conn: ConnRef, room_id: String, reference: Option<String>, join: Join) {
+    fn join(&mut self, conn: ConnRef, room_id: RoomKey, reference: Option<String>, join: Join) {
         let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
             return;
         };
@@ -804,11 +813,11 @@ impl Shard {
         };
         let user_key = conn.user_key();
         let already_member = state.members.contains_key(&conn.id);
-        let first_of_user = !already_member && self.shared.presence.joined(&user_key, &room_id);
+        let first_of_user = !already_member && self.shared.presence.joined(&user_key, &room_id.room_id);
         // Tell the others this user is here, with its current status (once per user and room).
         if first_of_user {
             let status = self.shared.presence.status(&user_key);
-            let frame = presence_frame(&conn.claims.sub, Some(&room_id), status);
+            let frame = presence_frame(&conn.claims.sub, Some(&room_id.room_id), status);
             let mut n = 0;
             for member in state.members.values_mut() {
                 if member.conn.claims.sub != conn.claims.sub
@@ -860,7 +869,7 @@ impl Shard {
             let frame = FrameBuilder::success(
                 Code::Join.response(),
                 &conn.claims.sub,
-                Some(&room_id),
+                Some(&room_id.room_id),
                 reference.as_deref(),
                 JoinData {
                     room: room_summary,
@@ -898,17 +907,17 @@ impl Shard {
                     let room = room_id.clone();
                     // A page may be large: it is serialized off the shard's thread.
                     let built = tokio::task::spawn_blocking(move || {
-                        let (missed, has_more) = page_json(&page, budget, PageEnd::Oldest);
+                        let missed = page_json(&page, budget, PageEnd::Oldest);
                         FrameBuilder::success(
                             Code::Join.response(),
                             &user_id,
-                            Some(&room),
+                            Some(&room.room_id),
                             reference.as_deref(),
                             JoinData {
                                 room: room_summary,
                                 presence,
-                                missed: Some(missed),
-                                has_more: Some(has_more),
+                                missed: Some(missed.messages),
+                                has_more: Some(missed.has_more),
                             },
                         )
                     })
@@ -919,7 +928,7 @@ impl Shard {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(room_id, error = %e, "reading missed messages failed");
+                    tracing::warn!(room_id = %room_id.room_id, error = %e, "reading missed messages failed");
                     (
                         join_unavailable(&conn, &room_id, reference.as_deref()),
                         false,
@@ -941,7 +950,7 @@ impl Shard {
     fn chat(
         &mut self,
         conn: ConnRef,
-        room_id: String,
+        room_id: RoomKey,
         reference: Option<String>,
         received: Instant,
         chat: Chat,
@@ -964,7 +973,8 @@ impl Shard {
                 .message_id
                 .or_else(|| generated_id.clone())
                 .unwrap_or_default(),
-            room_id: room_id.clone(),
+            tenant_id: room_id.tenant_id.clone(),
+            room_id: room_id.room_id.clone(),
             sender: conn.claims.sub.clone(),
             sender_type: conn.claims.role.sender_type(),
             direction,
@@ -996,7 +1006,7 @@ impl Shard {
         let appended = match result {
             Ok(appended) => appended,
             Err(e) => {
-                tracing::warn!(room_id, error = %e, "storing a chat message failed");
+                tracing::warn!(room_id = %room_id.room_id, error = %e, "storing a chat message failed");
                 let error = match e {
                     storage::Error::Invalid(m) => ProtocolError::new(ErrorCode::BadRequest, m),
                     _ => ProtocolError::new(
@@ -1014,7 +1024,7 @@ impl Shard {
         let direct = FrameBuilder::success(
             Code::Chat.response(),
             &conn.claims.sub,
-            Some(&room_id),
+            Some(&room_id.room_id),
             reference.as_deref(),
             &appended.message,
         );
@@ -1028,7 +1038,7 @@ impl Shard {
             let event = FrameBuilder::success(
                 Code::Chat.response(),
                 &conn.claims.sub,
-                Some(&room_id),
+                Some(&room_id.room_id),
                 None,
                 &appended.message,
             );
@@ -1058,14 +1068,14 @@ impl Shard {
         self.maybe_unload(&room_id);
     }
 
-    fn typing(&mut self, conn: &ConnRef, room_id: &str, status: TypingStatus) {
+    fn typing(&mut self, conn: &ConnRef, room_id: &RoomKey, status: TypingStatus) {
         let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) else {
             return;
         };
         let frame = FrameBuilder::success(
             Code::Typing.response(),
             &conn.claims.sub,
-            Some(room_id),
+            Some(&room_id.room_id),
             None,
             TypingData {
                 status,
@@ -1087,7 +1097,7 @@ impl Shard {
     fn read_receipt(
         &mut self,
         conn: ConnRef,
-        room_id: String,
+        room_id: RoomKey,
         reference: Option<String>,
         message_id: String,
     ) {
@@ -1111,7 +1121,7 @@ impl Shard {
                 let frame = FrameBuilder::error(
                     Code::ReadReceipt.response(),
                     Some(&conn.claims.sub),
-                    Some(&room_id),
+                    Some(&room_id.room_id),
                     reference.as_deref(),
                     &error,
                 );
@@ -1154,7 +1164,7 @@ impl Shard {
             let direct = FrameBuilder::success(
                 Code::ReadReceipt.response(),
                 &conn.claims.sub,
-                Some(&room_id),
+                Some(&room_id.room_id),
                 reference.as_deref(),
                 data,
             );
@@ -1164,7 +1174,7 @@ impl Shard {
                 FrameBuilder::success(
                     Code::ReadReceipt.response(),
                     &conn.claims.sub,
-                    Some(&room_id),
+                    Some(&room_id.room_id),
                     None,
                     ReceiptData {
                         read_seq: None,
@@ -1188,7 +1198,7 @@ impl Shard {
     fn historic(
         &mut self,
         conn: ConnRef,
-        room_id: String,
+        room_id: RoomKey,
         reference: Option<String>,
         historic: Historic,
     ) {
@@ -1224,12 +1234,12 @@ impl Shard {
         };
         self.maybe_unload(&room_id);
         tokio::spawn(async move {
-            let unavailable = |conn: &ConnRef, room_id: &str, reference: Option<&str>| {
+            let unavailable = |conn: &ConnRef, room_id: &RoomKey, reference: Option<&str>| {
                 metrics.error(ErrorCode::Unavailable);
                 FrameBuilder::error(
                     Code::Historic.response(),
                     Some(&conn.claims.sub),
-                    Some(room_id),
+                    Some(&room_id.room_id),
                     reference,
                     &ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later"),
                 )
@@ -1240,15 +1250,24 @@ impl Shard {
                     let reference = reference.clone();
                     // A page may be large: it is serialized off the shard's thread.
                     let built = tokio::task::spawn_blocking(move || {
-                        let (messages, has_more) = page_json(&page, budget, keep);
+                        let json = page_json(&page, budget, keep);
+                        // A page cut to the budget continues where it was cut; otherwise from
+                        // where a search stopped at its row budget, if it did.
+                        let (next_before_seq, next_after_seq) = match (json.cut_at, keep) {
+                            (Some(seq), PageEnd::Newest) => (Some(seq), None),
+                            (Some(seq), PageEnd::Oldest) => (None, Some(seq)),
+                            (None, _) => (page.next_before_seq, page.next_after_seq),
+                        };
                         FrameBuilder::success(
                             Code::Historic.response(),
                             &user_id,
-                            Some(&room),
+                            Some(&room.room_id),
                             reference.as_deref(),
                             HistoricData {
-                                messages: &messages,
-                                has_more,
+                                messages: &json.messages,
+                                has_more: json.has_more,
+                                next_before_seq,
+                                next_after_seq,
                             },
                         )
                     })
@@ -1256,7 +1275,7 @@ impl Shard {
                     built.unwrap_or_else(|_| unavailable(&conn, &room_id, None))
                 }
                 Err(e) => {
-                    tracing::warn!(room_id, error = %e, "reading history failed");
+                    tracing::warn!(room_id = %room_id.room_id, error = %e, "reading history failed");
                     unavailable(&conn, &room_id, reference.as_deref())
                 }
             };
@@ -1275,9 +1294,16 @@ enum PageEnd {
 }
 
 /// A page's messages as one JSON array of at most `budget` bytes (at least one message, however
-/// big), cut at the end `keep` does not name; with whether more messages follow the page (the
-/// store said so, or the budget cut it).
-fn page_json(page: &HistoryPage, budget: usize, keep: PageEnd) -> (Box<RawValue>, bool) {
+/// big), cut at the end `keep` does not name.
+struct PageJson {
+    messages: Box<RawValue>,
+    /// More messages follow the page: the store said so, or the budget cut it.
+    has_more: bool,
+    /// Where the budget cut the page: the `seq` of the last message kept at the cut end.
+    cut_at: Option<u64>,
+}
+
+fn page_json(page: &HistoryPage, budget: usize, keep: PageEnd) -> PageJson {
     let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(page.messages.len());
     let mut total = 2;
     let mut push = |message: &storage::Message| -> bool {
@@ -1306,16 +1332,25 @@ fn page_json(page: &HistoryPage, budget: usize, keep: PageEnd) -> (Box<RawValue>
     }
     out.push(b']');
     let array = String::from_utf8(out).expect("serde_json writes utf-8");
-    let raw = RawValue::from_string(array).expect("an array of serialized messages is json");
-    (raw, page.has_more || fitted < page.messages.len())
+    let messages = RawValue::from_string(array).expect("an array of serialized messages is json");
+    let cut = fitted < page.messages.len();
+    let cut_at = cut.then(|| match keep {
+        PageEnd::Oldest => page.messages[fitted - 1].seq,
+        PageEnd::Newest => page.messages[page.messages.len() - fitted].seq,
+    });
+    PageJson {
+        messages,
+        has_more: page.has_more || cut,
+        cut_at,
+    }
 }
 
 /// The `UNAVAILABLE` reply to a join whose missed messages could not be read.
-fn join_unavailable(conn: &ConnRef, room_id: &str, reference: Option<&str>) -> Bytes {
+fn join_unavailable(conn: &ConnRef, room_id: &RoomKey, reference: Option<&str>) -> Bytes {
     FrameBuilder::error(
         Code::Join.response(),
         Some(&conn.claims.sub),
-        Some(room_id),
+        Some(&room_id.room_id),
         reference,
         &ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later"),
     )
@@ -1400,4 +1435,10 @@ struct ReceiptData<'a> {
 struct HistoricData<'a> {
     messages: &'a RawValue,
     has_more: bool,
+    /// Where the next page starts when this one stopped early: cut to the reply budget, or a
+    /// search that used up its row budget (see `docs/protocol.md`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_before_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_after_seq: Option<u64>,
 }

@@ -427,15 +427,9 @@ async fn seed_notes(dir: &std::path::Path) {
             let mut new_room = storage::NewRoom::team(&room, tenant, "admin-0");
             new_room.kind = storage::RoomKind::Support;
             new_room.participants = vec![format!("cust-{i}"), "admin-0".to_owned()];
-            if !storage::Store::create_room(&store, new_room)
-                .await
-                .unwrap()
-                .1
-            {
-                // Rooms are global until they are keyed by tenant: the first tenant has it.
-                continue;
-            }
-            let mut note = storage::NewMessage::text(&room, "admin-0", "internal: refund ok");
+            let (created, _) = storage::Store::create_room(&store, new_room).await.unwrap();
+            let mut note =
+                storage::NewMessage::text(&created.key(), "admin-0", "internal: refund ok");
             note.sender_type = storage::SenderType::Agent;
             note.direction = storage::Direction::Note;
             storage::Store::append(&store, note).await.unwrap();

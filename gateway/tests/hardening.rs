@@ -430,7 +430,8 @@ async fn a_read_receipt_on_a_note_is_not_broadcast_to_customers() {
     let dir = server.stop().await;
     // No protocol code writes notes yet, so one goes straight into the gateway's store.
     let store = storage::open(&test_config(dir.path()).store_url()).unwrap();
-    let mut note = storage::NewMessage::text("conv-r", "alice", "refund approved");
+    let key = storage::RoomKey::new(TENANT, "conv-r");
+    let mut note = storage::NewMessage::text(&key, "alice", "refund approved");
     note.sender_type = storage::SenderType::Agent;
     note.direction = storage::Direction::Note;
     let note_id = note.message_id.clone();

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use crate::{
     Direction, Error, HistoryPage, HistoryQuery, Message, MessageType, NewMessage, NewRoom,
-    RoomKind, SenderType, Store, Timestamp,
+    RoomKey, RoomKind, SenderType, Store, Timestamp,
 };
 
 /// Generates one `#[tokio::test]` per conformance case. `$make` names an `async fn() -> (S, G)`
@@ -48,6 +48,8 @@ macro_rules! conformance_tests {
             unread_count_skips_own_and_read_messages,
             writes_are_visible_once_acknowledged,
             append_after_close_is_closed,
+            same_room_id_in_two_tenants_is_two_rooms,
+            another_tenants_room_looks_missing,
         );
     };
     (@cases $make:path; $($case:ident),+ $(,)?) => {
@@ -64,9 +66,16 @@ macro_rules! conformance_tests {
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
+/// The tenant of every room the cases create unless they say otherwise.
+const TENANT: &str = "tenant";
+
+fn key(room_id: &str) -> RoomKey {
+    RoomKey::new(TENANT, room_id)
+}
+
 async fn team_room<S: Store>(store: &S, room_id: &str) {
     let (_, created) = store
-        .create_room(NewRoom::team(room_id, "tenant", "alice"))
+        .create_room(NewRoom::team(room_id, TENANT, "alice"))
         .await
         .unwrap();
     assert!(created, "room {room_id} already existed");
@@ -74,7 +83,7 @@ async fn team_room<S: Store>(store: &S, room_id: &str) {
 
 async fn say<S: Store>(store: &S, room_id: &str, sender: &str, text: &str) -> Message {
     let appended = store
-        .append(NewMessage::text(room_id, sender, text))
+        .append(NewMessage::text(&key(room_id), sender, text))
         .await
         .unwrap();
     assert!(!appended.duplicate);
@@ -82,7 +91,7 @@ async fn say<S: Store>(store: &S, room_id: &str, sender: &str, text: &str) -> Me
 }
 
 async fn note<S: Store>(store: &S, room_id: &str, sender: &str, text: &str) -> Message {
-    let mut message = NewMessage::text(room_id, sender, text);
+    let mut message = NewMessage::text(&key(room_id), sender, text);
     message.direction = Direction::Note;
     store.append(message).await.unwrap().message
 }
@@ -116,7 +125,7 @@ async fn page<S: Store>(
         limit,
         ..HistoryQuery::default()
     };
-    store.history(room_id, query).await.unwrap()
+    store.history(&key(room_id), query).await.unwrap()
 }
 
 async fn search<S: Store>(store: &S, room_id: &str, words: &str) -> Vec<u64> {
@@ -125,7 +134,7 @@ async fn search<S: Store>(store: &S, room_id: &str, words: &str) -> Vec<u64> {
         limit: 100,
         ..HistoryQuery::default()
     };
-    seqs(&store.history(room_id, query).await.unwrap())
+    seqs(&store.history(&key(room_id), query).await.unwrap())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -143,15 +152,15 @@ pub async fn seq_starts_at_one_and_is_gap_free_per_room<S: Store>(store: S) {
         got,
         [("a", 1), ("b", 1), ("a", 2), ("a", 3), ("b", 2), ("a", 4)]
     );
-    assert_eq!(store.room("a").await.unwrap().unwrap().last_seq, 4);
-    assert_eq!(store.room("b").await.unwrap().unwrap().last_seq, 2);
+    assert_eq!(store.room(&key("a")).await.unwrap().unwrap().last_seq, 4);
+    assert_eq!(store.room(&key("b")).await.unwrap().unwrap().last_seq, 2);
 }
 
 /// A repeated `message_id` stores nothing and returns the original; ids are scoped per room.
 pub async fn duplicate_message_id_returns_the_original<S: Store>(store: S) {
     team_room(&store, "a").await;
     team_room(&store, "b").await;
-    let mut first = NewMessage::text("a", "alice", "first");
+    let mut first = NewMessage::text(&key("a"), "alice", "first");
     first.message_id = "msg-1".to_owned();
     first.created_at = Timestamp(1_000);
     let original = store.append(first.clone()).await.unwrap();
@@ -185,7 +194,7 @@ pub async fn duplicates_within_one_batch_are_stored_once<S: Store>(store: S) {
     let tasks: Vec<_> = (0..100)
         .map(|i| {
             let store = Arc::clone(&store);
-            let mut message = NewMessage::text("r", "alice", &format!("copy {i}"));
+            let mut message = NewMessage::text(&key("r"), "alice", &format!("copy {i}"));
             message.message_id = format!("id-{}", i % 90);
             tokio::spawn(async move { store.append(message).await.unwrap() })
         })
@@ -208,7 +217,7 @@ pub async fn duplicates_within_one_batch_are_stored_once<S: Store>(store: S) {
     let history = page(&*store, "r", Some(0), None, 200).await;
     assert_eq!(seqs(&history), range(1, 90));
     assert!(!history.has_more);
-    assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 90);
+    assert_eq!(store.room(&key("r")).await.unwrap().unwrap().last_seq, 90);
 }
 
 /// 1000 appends from many tasks at once get exactly the seqs 1 … 1000.
@@ -222,7 +231,11 @@ pub async fn concurrent_appends_get_every_seq_exactly_once<S: Store>(store: S) {
                 let mut got = Vec::new();
                 for n in 0..20 {
                     let text = format!("task {task} message {n}");
-                    got.push(store.append(NewMessage::text("r", "alice", &text)).await);
+                    got.push(
+                        store
+                            .append(NewMessage::text(&key("r"), "alice", &text))
+                            .await,
+                    );
                 }
                 got
             })
@@ -253,19 +266,22 @@ pub async fn concurrent_appends_get_every_seq_exactly_once<S: Store>(store: S) {
         }
     }
     assert_eq!(read, range(1, 1000));
-    assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 1000);
+    assert_eq!(store.room(&key("r")).await.unwrap().unwrap().last_seq, 1000);
 }
 
 /// Appending to a room that does not exist is refused as invalid.
 pub async fn append_to_a_missing_room_is_invalid<S: Store>(store: S) {
     let error = store
-        .append(NewMessage::text("nowhere", "alice", "hi"))
+        .append(NewMessage::text(&key("nowhere"), "alice", "hi"))
         .await
         .unwrap_err();
     assert!(matches!(error, Error::Invalid(_)), "{error:?}");
     assert!(!error.is_retryable());
-    assert!(store.room("nowhere").await.unwrap().is_none());
-    let error = store.add_participant("nowhere", "bob").await.unwrap_err();
+    assert!(store.room(&key("nowhere")).await.unwrap().is_none());
+    let error = store
+        .add_participant(&key("nowhere"), "bob")
+        .await
+        .unwrap_err();
     assert!(matches!(error, Error::Invalid(_)), "{error:?}");
 }
 
@@ -277,7 +293,7 @@ pub async fn invalid_request_does_not_fail_the_rest_of_its_batch<S: Store>(store
         .map(|i| {
             let store = Arc::clone(&store);
             let room = if i % 2 == 0 { "r" } else { "missing" };
-            let message = NewMessage::text(room, "alice", &format!("{i}"));
+            let message = NewMessage::text(&key(room), "alice", &format!("{i}"));
             tokio::spawn(async move { (room, store.append(message).await) })
         })
         .collect();
@@ -304,7 +320,7 @@ pub async fn invalid_request_does_not_fail_the_rest_of_its_batch<S: Store>(store
 
 /// Creating an existing room returns it unchanged.
 pub async fn create_room_is_idempotent<S: Store>(store: S) {
-    let mut room = NewRoom::team("r", "tenant", "alice");
+    let mut room = NewRoom::team("r", TENANT, "alice");
     room.participants = vec!["alice".into(), "bob".into(), "alice".into()];
     let (created, fresh) = store.create_room(room).await.unwrap();
     assert!(fresh);
@@ -312,23 +328,23 @@ pub async fn create_room_is_idempotent<S: Store>(store: S) {
     assert_eq!(created.last_seq, 0);
     say(&store, "r", "alice", "hi").await;
 
-    let mut other = NewRoom::team("r", "other-tenant", "carol");
-    other.title = "renamed".to_owned();
-    let (existing, fresh) = store.create_room(other).await.unwrap();
+    let mut again = NewRoom::team("r", TENANT, "carol");
+    again.title = "renamed".to_owned();
+    let (existing, fresh) = store.create_room(again).await.unwrap();
     assert!(!fresh);
-    assert_eq!(existing.tenant_id, "tenant");
+    assert_eq!(existing.tenant_id, TENANT);
     assert_eq!(existing.title, "r");
     assert_eq!(existing.participants, ["alice", "bob"]);
     assert_eq!(existing.last_seq, 1);
-    assert_eq!(store.room("r").await.unwrap().unwrap(), existing);
+    assert_eq!(store.room(&key("r")).await.unwrap().unwrap(), existing);
 }
 
 /// A stored room reads back field for field; an unknown one is `None`.
 pub async fn room_lookup_returns_the_stored_room<S: Store>(store: S) {
-    assert!(store.room("r").await.unwrap().is_none());
+    assert!(store.room(&key("r")).await.unwrap().is_none());
     let room = NewRoom {
         room_id: "r".into(),
-        tenant_id: "acme".into(),
+        tenant_id: TENANT.into(),
         kind: RoomKind::Support,
         title: "Order #42".into(),
         status: "open".into(),
@@ -336,7 +352,7 @@ pub async fn room_lookup_returns_the_stored_room<S: Store>(store: S) {
         created_at: Timestamp(1_700_000_000_123),
     };
     let (created, _) = store.create_room(room.clone()).await.unwrap();
-    let stored = store.room("r").await.unwrap().unwrap();
+    let stored = store.room(&key("r")).await.unwrap().unwrap();
     assert_eq!(stored, created);
     assert_eq!(stored.room_id, room.room_id);
     assert_eq!(stored.tenant_id, room.tenant_id);
@@ -347,7 +363,7 @@ pub async fn room_lookup_returns_the_stored_room<S: Store>(store: S) {
     assert_eq!(stored.created_at, room.created_at);
     assert_eq!(stored.last_seq, 0);
     say(&store, "r", "agent-1", "hello").await;
-    assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 1);
+    assert_eq!(store.room(&key("r")).await.unwrap().unwrap().last_seq, 1);
 }
 
 /// Participants keep the order they joined in; adding one twice is a no-op.
@@ -355,12 +371,12 @@ pub async fn add_participant_keeps_insertion_order_and_ignores_repeats<S: Store>
     team_room(&store, "r").await;
     fill(&store, "r", 3).await;
     for user in ["zed", "bob", "carol", "bob", "alice"] {
-        store.add_participant("r", user).await.unwrap();
+        store.add_participant(&key("r"), user).await.unwrap();
     }
-    let room = store.add_participant("r", "zed").await.unwrap();
+    let room = store.add_participant(&key("r"), "zed").await.unwrap();
     assert_eq!(room.participants, ["alice", "zed", "bob", "carol"]);
     assert_eq!(room.last_seq, 3);
-    assert_eq!(store.room("r").await.unwrap().unwrap(), room);
+    assert_eq!(store.room(&key("r")).await.unwrap().unwrap(), room);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -459,7 +475,7 @@ pub async fn history_hides_notes_unless_asked<S: Store>(store: S) {
         include_notes: true,
         ..HistoryQuery::default()
     };
-    let shown = store.history("r", query).await.unwrap();
+    let shown = store.history(&key("r"), query).await.unwrap();
     assert_eq!(seqs(&shown), [4, 5]);
     assert!(shown.has_more);
     assert_eq!(shown.messages[1].direction, Direction::Note);
@@ -519,30 +535,30 @@ pub async fn history_search_pages_like_plain_history<S: Store>(store: S) {
         search: Some("PING".to_owned()),
     };
     let newest = store
-        .history("r", query(None, None, 2, false))
+        .history(&key("r"), query(None, None, 2, false))
         .await
         .unwrap();
     assert_eq!(seqs(&newest), [15, 18]);
     assert!(newest.has_more);
     let with_notes = store
-        .history("r", query(None, None, 2, true))
+        .history(&key("r"), query(None, None, 2, true))
         .await
         .unwrap();
     assert_eq!(seqs(&with_notes), [18, 21]);
     let older = store
-        .history("r", query(None, Some(15), 10, false))
+        .history(&key("r"), query(None, Some(15), 10, false))
         .await
         .unwrap();
     assert_eq!(seqs(&older), [3, 6, 9, 12]);
     assert!(!older.has_more);
     let forwards = store
-        .history("r", query(Some(3), None, 3, false))
+        .history(&key("r"), query(Some(3), None, 3, false))
         .await
         .unwrap();
     assert_eq!(seqs(&forwards), [6, 9, 12]);
     assert!(forwards.has_more);
     let last = store
-        .history("r", query(Some(12), Some(18), 3, false))
+        .history(&key("r"), query(Some(12), Some(18), 3, false))
         .await
         .unwrap();
     assert_eq!(seqs(&last), [15]);
@@ -562,6 +578,7 @@ pub async fn message_by_id_round_trips_every_field<S: Store>(store: S) {
     );
     let new = NewMessage {
         message_id: "01HXYZ".into(),
+        tenant_id: TENANT.into(),
         room_id: "r".into(),
         sender: "customer-9".into(),
         sender_type: SenderType::Customer,
@@ -576,10 +593,16 @@ pub async fn message_by_id_round_trips_every_field<S: Store>(store: S) {
     };
     let appended = store.append(new.clone()).await.unwrap();
     assert_eq!(appended.message, new.clone().into_message(2));
-    let found = store.message_by_id("r", "01HXYZ").await.unwrap();
+    let found = store.message_by_id(&key("r"), "01HXYZ").await.unwrap();
     assert_eq!(found, Some(new.into_message(2)));
-    assert_eq!(store.message_by_id("r", "unknown").await.unwrap(), None);
-    assert_eq!(store.message_by_id("other", "01HXYZ").await.unwrap(), None);
+    assert_eq!(
+        store.message_by_id(&key("r"), "unknown").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.message_by_id(&key("other"), "01HXYZ").await.unwrap(),
+        None
+    );
     let history = page(&store, "r", None, None, 10).await;
     assert_eq!(Some(&history.messages[1]), found.as_ref());
 }
@@ -591,15 +614,18 @@ pub async fn message_by_id_round_trips_every_field<S: Store>(store: S) {
 pub async fn mark_read_never_moves_backwards<S: Store>(store: S) {
     team_room(&store, "r").await;
     fill(&store, "r", 10).await;
-    assert_eq!(store.read_marker("r", "bob").await.unwrap(), 0);
-    assert_eq!(store.mark_read("r", "bob", 5).await.unwrap(), 5);
-    assert_eq!(store.mark_read("r", "bob", 3).await.unwrap(), 5);
-    assert_eq!(store.read_marker("r", "bob").await.unwrap(), 5);
-    assert_eq!(store.mark_read("r", "bob", 7).await.unwrap(), 7);
-    assert_eq!(store.read_marker("r", "bob").await.unwrap(), 7);
-    assert_eq!(store.read_marker("r", "carol").await.unwrap(), 0);
-    assert_eq!(store.read_marker("nowhere", "bob").await.unwrap(), 0);
-    let error = store.mark_read("nowhere", "bob", 1).await.unwrap_err();
+    assert_eq!(store.read_marker(&key("r"), "bob").await.unwrap(), 0);
+    assert_eq!(store.mark_read(&key("r"), "bob", 5).await.unwrap(), 5);
+    assert_eq!(store.mark_read(&key("r"), "bob", 3).await.unwrap(), 5);
+    assert_eq!(store.read_marker(&key("r"), "bob").await.unwrap(), 5);
+    assert_eq!(store.mark_read(&key("r"), "bob", 7).await.unwrap(), 7);
+    assert_eq!(store.read_marker(&key("r"), "bob").await.unwrap(), 7);
+    assert_eq!(store.read_marker(&key("r"), "carol").await.unwrap(), 0);
+    assert_eq!(store.read_marker(&key("nowhere"), "bob").await.unwrap(), 0);
+    let error = store
+        .mark_read(&key("nowhere"), "bob", 1)
+        .await
+        .unwrap_err();
     assert!(matches!(error, Error::Invalid(_)), "{error:?}");
 }
 
@@ -613,19 +639,40 @@ pub async fn unread_count_skips_own_and_read_messages<S: Store>(store: S) {
     say(&store, "r", "alice", "a5").await; // 5
     say(&store, "r", "bob", "b6").await; // 6
 
-    assert_eq!(store.unread_count("r", "bob", false).await.unwrap(), 3);
-    assert_eq!(store.unread_count("r", "bob", true).await.unwrap(), 4);
-    assert_eq!(store.unread_count("r", "alice", false).await.unwrap(), 2);
-    assert_eq!(store.unread_count("r", "carol", true).await.unwrap(), 6);
+    assert_eq!(
+        store.unread_count(&key("r"), "bob", false).await.unwrap(),
+        3
+    );
+    assert_eq!(store.unread_count(&key("r"), "bob", true).await.unwrap(), 4);
+    assert_eq!(
+        store.unread_count(&key("r"), "alice", false).await.unwrap(),
+        2
+    );
+    assert_eq!(
+        store.unread_count(&key("r"), "carol", true).await.unwrap(),
+        6
+    );
 
-    store.mark_read("r", "bob", 3).await.unwrap();
-    assert_eq!(store.unread_count("r", "bob", false).await.unwrap(), 1);
-    assert_eq!(store.unread_count("r", "bob", true).await.unwrap(), 2);
-    store.mark_read("r", "bob", 6).await.unwrap();
-    assert_eq!(store.unread_count("r", "bob", true).await.unwrap(), 0);
-    store.mark_read("r", "alice", 2).await.unwrap();
-    assert_eq!(store.unread_count("r", "alice", false).await.unwrap(), 1);
-    assert_eq!(store.unread_count("nowhere", "bob", true).await.unwrap(), 0);
+    store.mark_read(&key("r"), "bob", 3).await.unwrap();
+    assert_eq!(
+        store.unread_count(&key("r"), "bob", false).await.unwrap(),
+        1
+    );
+    assert_eq!(store.unread_count(&key("r"), "bob", true).await.unwrap(), 2);
+    store.mark_read(&key("r"), "bob", 6).await.unwrap();
+    assert_eq!(store.unread_count(&key("r"), "bob", true).await.unwrap(), 0);
+    store.mark_read(&key("r"), "alice", 2).await.unwrap();
+    assert_eq!(
+        store.unread_count(&key("r"), "alice", false).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .unread_count(&key("nowhere"), "bob", true)
+            .await
+            .unwrap(),
+        0
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -639,14 +686,17 @@ pub async fn writes_are_visible_once_acknowledged<S: Store>(store: S) {
         assert_eq!(message.seq, n);
         let after = page(&store, "r", Some(n - 1), None, 10).await;
         assert_eq!(after.messages, std::slice::from_ref(&message));
-        let found = store.message_by_id("r", &message.message_id).await.unwrap();
+        let found = store
+            .message_by_id(&key("r"), &message.message_id)
+            .await
+            .unwrap();
         assert_eq!(found.as_ref(), Some(&message));
-        assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, n);
-        assert_eq!(store.mark_read("r", "bob", n).await.unwrap(), n);
-        assert_eq!(store.read_marker("r", "bob").await.unwrap(), n);
+        assert_eq!(store.room(&key("r")).await.unwrap().unwrap().last_seq, n);
+        assert_eq!(store.mark_read(&key("r"), "bob", n).await.unwrap(), n);
+        assert_eq!(store.read_marker(&key("r"), "bob").await.unwrap(), n);
         let user = format!("user-{n}");
-        let room = store.add_participant("r", &user).await.unwrap();
-        let stored = store.room("r").await.unwrap().unwrap();
+        let room = store.add_participant(&key("r"), &user).await.unwrap();
+        let stored = store.room(&key("r")).await.unwrap().unwrap();
         assert_eq!(stored.participants, room.participants);
         assert_eq!(stored.participants.last(), Some(&user));
     }
@@ -665,15 +715,135 @@ pub async fn append_after_close_is_closed<S: Store>(store: S) {
     say(&store, "r", "alice", "before").await;
     store.close().await.unwrap();
     let error = store
-        .append(NewMessage::text("r", "alice", "after"))
+        .append(NewMessage::text(&key("r"), "alice", "after"))
         .await
         .unwrap_err();
     assert!(matches!(error, Error::Closed), "{error:?}");
     assert!(error.is_retryable());
     let error = store
-        .create_room(NewRoom::team("s", "tenant", "alice"))
+        .create_room(NewRoom::team("s", TENANT, "alice"))
         .await
         .unwrap_err();
     assert!(matches!(error, Error::Closed), "{error:?}");
     store.close().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tenants
+
+/// The same room id in two tenants names two rooms: creating one never touches the other, and
+/// seqs, histories, message ids, participants and read markers are independent.
+pub async fn same_room_id_in_two_tenants_is_two_rooms<S: Store>(store: S) {
+    let a = RoomKey::new("tenant-a", "x");
+    let b = RoomKey::new("tenant-b", "x");
+    let (room_a, created) = store
+        .create_room(NewRoom::team("x", "tenant-a", "alice"))
+        .await
+        .unwrap();
+    assert!(created);
+    let mut new_b = NewRoom::team("x", "tenant-b", "bob");
+    new_b.title = "b's room".to_owned();
+    let (room_b, created) = store.create_room(new_b).await.unwrap();
+    assert!(
+        created,
+        "tenant-b's x must be created, not found in tenant-a"
+    );
+    assert_eq!(room_b.tenant_id, "tenant-b");
+    assert_eq!(room_b.participants, ["bob"]);
+    assert_eq!(store.room(&a).await.unwrap().unwrap(), room_a);
+
+    let mut seqs_seen = Vec::new();
+    for (room, text) in [(&a, "a1"), (&a, "a2"), (&b, "b1"), (&a, "a3"), (&b, "b2")] {
+        let sender = if room == &a { "alice" } else { "bob" };
+        let message = store
+            .append(NewMessage::text(room, sender, text))
+            .await
+            .unwrap()
+            .message;
+        seqs_seen.push((text, message.seq));
+    }
+    assert_eq!(
+        seqs_seen,
+        [("a1", 1), ("a2", 2), ("b1", 1), ("a3", 3), ("b2", 2)]
+    );
+    let texts = |page: HistoryPage| -> Vec<String> {
+        page.messages.into_iter().map(|m| m.message).collect()
+    };
+    let history_a = store.history(&a, HistoryQuery::default()).await.unwrap();
+    assert_eq!(texts(history_a), ["a1", "a2", "a3"]);
+    let history_b = store.history(&b, HistoryQuery::default()).await.unwrap();
+    assert_eq!(texts(history_b), ["b1", "b2"]);
+    let search = HistoryQuery {
+        search: Some("b1".to_owned()),
+        ..HistoryQuery::default()
+    };
+    assert!(store.history(&a, search).await.unwrap().messages.is_empty());
+
+    // Message ids are scoped per room, hence per tenant.
+    let mut in_a = NewMessage::text(&a, "alice", "same id in a");
+    in_a.message_id = "shared-id".to_owned();
+    let mut in_b = NewMessage::text(&b, "bob", "same id in b");
+    in_b.message_id = "shared-id".to_owned();
+    assert!(!store.append(in_a).await.unwrap().duplicate);
+    let stored_b = store.append(in_b).await.unwrap();
+    assert!(!stored_b.duplicate);
+    assert_eq!(stored_b.message.seq, 3);
+    let found = store.message_by_id(&a, "shared-id").await.unwrap().unwrap();
+    assert_eq!(found.message, "same id in a");
+
+    store.add_participant(&b, "carol").await.unwrap();
+    assert_eq!(
+        store.room(&a).await.unwrap().unwrap().participants,
+        ["alice"]
+    );
+    assert_eq!(
+        store.room(&b).await.unwrap().unwrap().participants,
+        ["bob", "carol"]
+    );
+
+    assert_eq!(store.mark_read(&a, "carol", 4).await.unwrap(), 4);
+    assert_eq!(store.read_marker(&b, "carol").await.unwrap(), 0);
+    assert_eq!(store.unread_count(&b, "carol", false).await.unwrap(), 3);
+    assert_eq!(store.unread_count(&a, "carol", false).await.unwrap(), 0);
+    assert_eq!(store.room(&a).await.unwrap().unwrap().last_seq, 4);
+    assert_eq!(store.room(&b).await.unwrap().unwrap().last_seq, 3);
+}
+
+/// Every lookup of another tenant's room answers as if the room did not exist.
+pub async fn another_tenants_room_looks_missing<S: Store>(store: S) {
+    let owner = RoomKey::new("tenant-a", "secret");
+    let stranger = RoomKey::new("tenant-b", "secret");
+    store
+        .create_room(NewRoom::team("secret", "tenant-a", "alice"))
+        .await
+        .unwrap();
+    let mut message = NewMessage::text(&owner, "alice", "hidden");
+    message.message_id = "m-1".to_owned();
+    store.append(message).await.unwrap();
+    store.mark_read(&owner, "alice", 1).await.unwrap();
+
+    assert!(store.room(&stranger).await.unwrap().is_none());
+    let page = store
+        .history(&stranger, HistoryQuery::default())
+        .await
+        .unwrap();
+    assert!(page.messages.is_empty() && !page.has_more);
+    assert_eq!(store.message_by_id(&stranger, "m-1").await.unwrap(), None);
+    assert_eq!(store.read_marker(&stranger, "alice").await.unwrap(), 0);
+    assert_eq!(store.unread_count(&stranger, "bob", true).await.unwrap(), 0);
+    let error = store
+        .append(NewMessage::text(&stranger, "mallory", "hi"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Invalid(_)), "{error:?}");
+    let error = store
+        .add_participant(&stranger, "mallory")
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Invalid(_)), "{error:?}");
+    let error = store.mark_read(&stranger, "alice", 1).await.unwrap_err();
+    assert!(matches!(error, Error::Invalid(_)), "{error:?}");
+    let owned = store.room(&owner).await.unwrap().unwrap();
+    assert_eq!(owned.participants, ["alice"]);
+    assert_eq!(owned.last_seq, 1);
 }

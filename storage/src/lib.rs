@@ -5,23 +5,26 @@
 //!
 //! - [`model`]: the records as they are stored and as they appear on the wire.
 //! - [`Store`]: the backend contract. Room-partitioned, seq-ordered, idempotent on
-//!   `(room_id, message_id)`. The same shape fits the embedded engine and a wide-column
-//!   store partitioned by `(room_id, bucket)`.
+//!   `(tenant, room_id, message_id)`; every room is named by a [`RoomKey`] (tenant + id), since
+//!   room ids are unique within a tenant only. The same shape fits the embedded engine and a
+//!   wide-column store partitioned by `(tenant, room_id, bucket)`.
 //! - [`sqlite`]: the embedded default (SQLite in WAL mode, `synchronous=FULL`, one group-commit
 //!   writer thread, a small pool of reader connections).
 //! - [`AnyStore`]: enum dispatch over the compiled-in backends, built from a URL by [`open`]
 //!   (or [`open_with`] to tune the embedded backend).
+//! - [`timeout`]: [`TimeoutStore`], a deadline on every call of any [`Store`].
 //! - `conformance` (feature `conformance`): the behaviour suite every backend must pass.
 //!
 //! # Example
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
-//! use storage::{open, NewMessage, NewRoom, RoomKind, Store};
+//! use storage::{open, NewMessage, NewRoom, RoomKey, Store};
 //! let dir = tempfile::tempdir().unwrap();
 //! let store = open(&format!("sqlite://{}", dir.path().join("chat.db").display())).unwrap();
 //! store.create_room(NewRoom::team("room-1", "acme", "alice")).await.unwrap();
-//! let appended = store.append(NewMessage::text("room-1", "alice", "hello")).await.unwrap();
+//! let room = RoomKey::new("acme", "room-1");
+//! let appended = store.append(NewMessage::text(&room, "alice", "hello")).await.unwrap();
 //! assert_eq!(appended.message.seq, 1);
 //! assert!(!appended.duplicate);
 //! # });
@@ -35,14 +38,16 @@ pub mod conformance;
 pub mod model;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+pub mod timeout;
 
 use std::future::Future;
 use std::time::Duration;
 
 pub use model::{
     Appended, Direction, HistoryPage, HistoryQuery, Message, MessageType, NewMessage, NewRoom,
-    Room, RoomKind, SenderType, Timestamp,
+    Room, RoomKey, RoomKind, SenderType, Timestamp,
 };
+pub use timeout::TimeoutStore;
 
 /// Result type of every storage operation.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -64,12 +69,21 @@ pub enum Error {
     /// The store is shutting down and takes no more requests.
     #[error("storage closed")]
     Closed,
+    /// A write whose outcome is not known: its commit failed after its statements ran (an I/O
+    /// error while making it durable), or the caller stopped waiting for it. It may or may not
+    /// be durable. Retrying with the same ids is safe: appends are idempotent on the message
+    /// id (a retry returns the original if it was stored) and the other writes are idempotent.
+    #[error("storage write outcome unknown: {0}")]
+    OutcomeUnknown(String),
 }
 
 impl Error {
     /// Whether retrying the same request later can succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unavailable(_) | Error::Closed)
+        matches!(
+            self,
+            Error::Unavailable(_) | Error::Closed | Error::OutcomeUnknown(_)
+        )
     }
 }
 
@@ -77,39 +91,43 @@ impl Error {
 ///
 /// Messages are partitioned by room and ordered by `seq`, which the store assigns: per room it
 /// starts at 1 and grows by exactly one for every stored message, so stored messages never leave
-/// a gap. Appends are idempotent on `(room_id, message_id)`. A returned future resolves only
+/// a gap. Appends are idempotent on `(room, message_id)`. A returned future resolves only
 /// once the write is durable.
+///
+/// Every room is named by a [`RoomKey`]: room ids are unique within a tenant only, and a room of
+/// another tenant behaves exactly like one that does not exist.
 pub trait Store: Send + Sync + 'static {
     /// Stores a message, assigning its `seq`. If the room already holds a message with the same
     /// `message_id`, nothing is written and the original is returned with `duplicate = true`.
     /// The room must exist.
     fn append(&self, message: NewMessage) -> impl Future<Output = Result<Appended>> + Send;
 
-    /// Creates the room if it does not exist; returns the stored room either way
-    /// (`true` when this call created it).
+    /// Creates the room (keyed by its tenant and id) if it does not exist; returns the stored
+    /// room either way (`true` when this call created it). A room with the same id in another
+    /// tenant is another room and is never affected.
     fn create_room(&self, room: NewRoom) -> impl Future<Output = Result<(Room, bool)>> + Send;
 
-    /// Looks a room up by id.
-    fn room(&self, room_id: &str) -> impl Future<Output = Result<Option<Room>>> + Send;
+    /// Looks a room up by key.
+    fn room(&self, room: &RoomKey) -> impl Future<Output = Result<Option<Room>>> + Send;
 
     /// Adds a participant to a room (no-op when already present); returns the updated room.
     fn add_participant(
         &self,
-        room_id: &str,
+        room: &RoomKey,
         user_id: &str,
     ) -> impl Future<Output = Result<Room>> + Send;
 
     /// Reads messages of one room, oldest first, as described by the query.
     fn history(
         &self,
-        room_id: &str,
+        room: &RoomKey,
         query: HistoryQuery,
     ) -> impl Future<Output = Result<HistoryPage>> + Send;
 
     /// Looks one message up by its id.
     fn message_by_id(
         &self,
-        room_id: &str,
+        room: &RoomKey,
         message_id: &str,
     ) -> impl Future<Output = Result<Option<Message>>> + Send;
 
@@ -117,20 +135,23 @@ pub trait Store: Send + Sync + 'static {
     /// the marker now stored.
     fn mark_read(
         &self,
-        room_id: &str,
+        room: &RoomKey,
         user_id: &str,
         seq: u64,
     ) -> impl Future<Output = Result<u64>> + Send;
 
     /// The user's read marker in the room (0 when the user never read anything).
-    fn read_marker(&self, room_id: &str, user_id: &str)
-        -> impl Future<Output = Result<u64>> + Send;
+    fn read_marker(
+        &self,
+        room: &RoomKey,
+        user_id: &str,
+    ) -> impl Future<Output = Result<u64>> + Send;
 
     /// Messages after the user's read marker that someone else sent (notes included only when
     /// `include_notes`).
     fn unread_count(
         &self,
-        room_id: &str,
+        room: &RoomKey,
         user_id: &str,
         include_notes: bool,
     ) -> impl Future<Output = Result<u64>> + Send;
@@ -209,26 +230,31 @@ impl Store for AnyStore {
     async fn create_room(&self, room: NewRoom) -> Result<(Room, bool)> {
         dispatch!(self, s => s.create_room(room).await)
     }
-    async fn room(&self, room_id: &str) -> Result<Option<Room>> {
-        dispatch!(self, s => s.room(room_id).await)
+    async fn room(&self, room: &RoomKey) -> Result<Option<Room>> {
+        dispatch!(self, s => s.room(room).await)
     }
-    async fn add_participant(&self, room_id: &str, user_id: &str) -> Result<Room> {
-        dispatch!(self, s => s.add_participant(room_id, user_id).await)
+    async fn add_participant(&self, room: &RoomKey, user_id: &str) -> Result<Room> {
+        dispatch!(self, s => s.add_participant(room, user_id).await)
     }
-    async fn history(&self, room_id: &str, query: HistoryQuery) -> Result<HistoryPage> {
-        dispatch!(self, s => s.history(room_id, query).await)
+    async fn history(&self, room: &RoomKey, query: HistoryQuery) -> Result<HistoryPage> {
+        dispatch!(self, s => s.history(room, query).await)
     }
-    async fn message_by_id(&self, room_id: &str, message_id: &str) -> Result<Option<Message>> {
-        dispatch!(self, s => s.message_by_id(room_id, message_id).await)
+    async fn message_by_id(&self, room: &RoomKey, message_id: &str) -> Result<Option<Message>> {
+        dispatch!(self, s => s.message_by_id(room, message_id).await)
     }
-    async fn mark_read(&self, room_id: &str, user_id: &str, seq: u64) -> Result<u64> {
-        dispatch!(self, s => s.mark_read(room_id, user_id, seq).await)
+    async fn mark_read(&self, room: &RoomKey, user_id: &str, seq: u64) -> Result<u64> {
+        dispatch!(self, s => s.mark_read(room, user_id, seq).await)
     }
-    async fn read_marker(&self, room_id: &str, user_id: &str) -> Result<u64> {
-        dispatch!(self, s => s.read_marker(room_id, user_id).await)
+    async fn read_marker(&self, room: &RoomKey, user_id: &str) -> Result<u64> {
+        dispatch!(self, s => s.read_marker(room, user_id).await)
     }
-    async fn unread_count(&self, room_id: &str, user_id: &str, include_notes: bool) -> Result<u64> {
-        dispatch!(self, s => s.unread_count(room_id, user_id, include_notes).await)
+    async fn unread_count(
+        &self,
+        room: &RoomKey,
+        user_id: &str,
+        include_notes: bool,
+    ) -> Result<u64> {
+        dispatch!(self, s => s.unread_count(room, user_id, include_notes).await)
     }
     async fn close(&self) -> Result<()> {
         dispatch!(self, s => s.close().await)

@@ -101,6 +101,24 @@ string_enum!(
     RoomKind { Team => "team", Support => "support", Prospect => "prospect" }
 );
 
+/// Names one room: ids are unique within a tenant only, so every room record is keyed by the
+/// pair. Another tenant's room with the same id is a different room.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomKey {
+    pub tenant_id: String,
+    pub room_id: String,
+}
+
+impl RoomKey {
+    /// The key of room `room_id` of tenant `tenant_id`.
+    pub fn new(tenant_id: &str, room_id: &str) -> Self {
+        RoomKey {
+            tenant_id: tenant_id.to_owned(),
+            room_id: room_id.to_owned(),
+        }
+    }
+}
+
 /// A stored message, as PROTOCOL.md §4 shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Message {
@@ -124,6 +142,8 @@ pub struct Message {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewMessage {
     pub message_id: String,
+    /// The tenant owning the room (part of the room's key, not of the stored [`Message`]).
+    pub tenant_id: String,
     pub room_id: String,
     pub sender: String,
     pub sender_type: SenderType,
@@ -139,10 +159,11 @@ pub struct NewMessage {
 
 impl NewMessage {
     /// A plain text message from a team member in a team room, with a fresh ULID as its id.
-    pub fn text(room_id: &str, sender: &str, message: &str) -> Self {
+    pub fn text(room: &RoomKey, sender: &str, message: &str) -> Self {
         NewMessage {
             message_id: ulid::Ulid::new().to_string(),
-            room_id: room_id.to_owned(),
+            tenant_id: room.tenant_id.clone(),
+            room_id: room.room_id.clone(),
             sender: sender.to_owned(),
             sender_type: SenderType::User,
             direction: Direction::Internal,
@@ -154,6 +175,11 @@ impl NewMessage {
             metadata: serde_json::Map::new(),
             created_at: Timestamp::now(),
         }
+    }
+
+    /// The key of the room this message goes to.
+    pub fn room_key(&self) -> RoomKey {
+        RoomKey::new(&self.tenant_id, &self.room_id)
     }
 
     /// The stored form once `seq` is known.
@@ -199,6 +225,13 @@ pub struct Room {
     pub last_seq: u64,
 }
 
+impl Room {
+    /// The key this room is stored under.
+    pub fn key(&self) -> RoomKey {
+        RoomKey::new(&self.tenant_id, &self.room_id)
+    }
+}
+
 /// A room to create.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewRoom {
@@ -224,6 +257,11 @@ impl NewRoom {
             created_at: Timestamp::now(),
         }
     }
+
+    /// The key this room will be stored under.
+    pub fn key(&self) -> RoomKey {
+        RoomKey::new(&self.tenant_id, &self.room_id)
+    }
 }
 
 /// Which messages of a room to read. Results are always oldest first.
@@ -248,6 +286,15 @@ pub struct HistoryPage {
     /// Oldest first.
     pub messages: Vec<Message>,
     /// Whether more messages match in the paging direction: older ones when paging backwards
-    /// (no cursor or `before_seq` only), newer ones when paging forwards (`after_seq`).
+    /// (no cursor or `before_seq` only), newer ones when paging forwards (`after_seq`). A
+    /// search that used up its row budget says `true` and sets one of the cursors below.
     pub has_more: bool,
+    /// Set when a search stopped at its row budget while paging backwards: the `before_seq` of
+    /// the next request (rows below it were not examined yet). Not set otherwise; paging then
+    /// continues from the oldest returned message as usual.
+    pub next_before_seq: Option<u64>,
+    /// The same when paging forwards: the `after_seq` of the next request.
+    pub next_after_seq: Option<u64>,
+    /// Rows of the room this request read (a search stops at its budget).
+    pub examined: u64,
 }

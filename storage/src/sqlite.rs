@@ -1,5 +1,5 @@
 //! The embedded backend: SQLite in WAL mode with `synchronous=FULL`, one group-commit writer
-//! thread and a small pool of reader threads.
+//! thread and two small pools of reader threads.
 //!
 //! # Why this shape
 //!
@@ -27,8 +27,18 @@
 //!   demand): +30 % durable messages/s in the chat-heavy load test (2,000 rooms × 3 members).
 //! - **All or nothing per batch.** If the transaction fails (disk full, I/O error) it is rolled
 //!   back and every request of the batch fails with [`Error::Unavailable`]; nothing of it was
-//!   applied, so callers can retry. A problem with one request (an unknown room) fails only that
-//!   request: it is detected before anything is written.
+//!   applied, so callers can retry. When `COMMIT` itself fails (an I/O error while syncing the
+//!   log) the batch may be durable after all: its requests fail with [`Error::OutcomeUnknown`],
+//!   and a retry with the same ids is answered from what was stored. A problem with one request
+//!   (an unknown room) fails only that request: it is detected before anything is written.
+//! - **Point lookups never wait behind scans.** Room loads, message-by-id and read-marker
+//!   lookups (one index probe each, on the join and read-receipt paths) run on their own reader
+//!   connections; history, search and unread counts, which may read many rows, run on the others.
+//!   A burst of searches then delays other searches, never a join.
+//! - **Bounded search.** A search examines at most [`SqliteConfig::search_scan_rows`] rows of the
+//!   room per request (the row limit is part of the query, so SQLite reads no more) and answers
+//!   with the hits found and a cursor to continue from: a rare word in a large room costs many
+//!   cheap requests, never one that holds a reader for the whole room.
 //! - **Blocking work off the async threads.** The futures only enqueue work on bounded channels
 //!   and await a [`tokio::sync::oneshot`] reply, so they work on any runtime flavour and never
 //!   block a shard thread.
@@ -48,7 +58,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::{
     Appended, CommitStats, Direction, Error, HistoryPage, HistoryQuery, Message, MessageType,
-    NewMessage, NewRoom, Result, Room, RoomKind, SenderType, Store, Timestamp,
+    NewMessage, NewRoom, Result, Room, RoomKey, RoomKind, SenderType, Store, Timestamp,
 };
 
 /// How often the checkpointer copies the write-ahead log into the database.
@@ -61,7 +71,15 @@ pub const WAL_RESTART_FRAMES: i64 = 8_192;
 pub const WRITER_CACHE_KIB: i64 = 64 * 1024;
 
 /// The schema version this code writes and understands (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// Default of [`SqliteConfig::queue_capacity`]: eight full batches. Writes queued beyond that
+/// would wait for more than eight commits (fsyncs) and hold their messages in memory meanwhile;
+/// failing them fast with [`Error::Unavailable`] lets callers retry or shed load instead.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 8_192;
+
+/// Default of [`SqliteConfig::search_scan_rows`].
+pub const DEFAULT_SEARCH_SCAN_ROWS: u32 = 10_000;
 
 /// Page size of a history query whose `limit` is 0.
 const DEFAULT_HISTORY_LIMIT: u32 = 50;
@@ -77,11 +95,18 @@ pub type CommitHook = Arc<dyn Fn(CommitStats) + Send + Sync>;
 pub struct SqliteConfig {
     /// Most write requests committed in one transaction.
     pub max_batch: usize,
-    /// Most write requests (and, separately, read requests) waiting in the queue; beyond that
-    /// requests fail fast with [`Error::Unavailable`].
+    /// Most write requests (and, separately, read requests of each reader pool) waiting in the
+    /// queue; beyond that requests fail fast with [`Error::Unavailable`].
     pub queue_capacity: usize,
-    /// Reader threads, each with its own read-only connection.
+    /// Reader threads for history, search and unread counts, each with its own read-only
+    /// connection.
     pub readers: usize,
+    /// Reader threads for point lookups (room loads, message by id, read markers), so they
+    /// never queue behind history reads.
+    pub lookup_readers: usize,
+    /// Most rows of the room one search request examines before it answers with what it found
+    /// and a continuation cursor.
+    pub search_scan_rows: u32,
     /// How long a connection waits for a lock held by another process before giving up.
     pub busy_timeout: Duration,
     /// Called on the writer thread after every group commit; keep it cheap (bump counters).
@@ -92,8 +117,10 @@ impl Default for SqliteConfig {
     fn default() -> Self {
         SqliteConfig {
             max_batch: 1024,
-            queue_capacity: 65_536,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
             readers: 4,
+            lookup_readers: 2,
+            search_scan_rows: DEFAULT_SEARCH_SCAN_ROWS,
             busy_timeout: Duration::from_secs(5),
             on_commit: None,
         }
@@ -106,6 +133,8 @@ impl fmt::Debug for SqliteConfig {
             .field("max_batch", &self.max_batch)
             .field("queue_capacity", &self.queue_capacity)
             .field("readers", &self.readers)
+            .field("lookup_readers", &self.lookup_readers)
+            .field("search_scan_rows", &self.search_scan_rows)
             .field("busy_timeout", &self.busy_timeout)
             .field(
                 "on_commit",
@@ -131,7 +160,9 @@ struct Inner {
     /// `None` once closed. Taking it under the write lock orders `close` after every request
     /// already queued: the writer drains them, sees the channel disconnected and stops.
     writes: RwLock<Option<Sender<WriteRequest>>>,
-    reads: RwLock<Option<Sender<ReadJob>>>,
+    reads: RwLock<Option<Readers>>,
+    /// [`SqliteConfig::search_scan_rows`], at least 1.
+    search_scan_rows: u32,
     /// Never written: every worker thread holds the sender, so `changed()` fails once they all
     /// have stopped.
     stopped: watch::Receiver<()>,
@@ -139,6 +170,21 @@ struct Inner {
 
 type Reply<T> = oneshot::Sender<Result<T>>;
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// The queues of the two reader pools.
+struct Readers {
+    scans: Sender<ReadJob>,
+    lookups: Sender<ReadJob>,
+}
+
+/// Which reader pool runs a read.
+#[derive(Debug, Clone, Copy)]
+enum Pool {
+    /// History, search, counts: may read many rows.
+    Scan,
+    /// One index probe.
+    Lookup,
+}
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and starts the writer and reader
@@ -152,13 +198,15 @@ impl SqliteStore {
         let write_conn = open_writer(path, config.busy_timeout)?;
         let checkpoint_conn = open_checkpointer(path, config.busy_timeout)?;
         let readers = config.readers.max(1);
-        let read_conns = (0..readers)
+        let lookup_readers = config.lookup_readers.max(1);
+        let read_conns = (0..readers + lookup_readers)
             .map(|_| open_reader(path, config.busy_timeout))
             .collect::<Result<Vec<_>>>()?;
 
         let capacity = config.queue_capacity.max(1);
         let (write_tx, write_rx) = crossbeam_channel::bounded(capacity);
-        let (read_tx, read_rx) = crossbeam_channel::bounded::<ReadJob>(capacity);
+        let (scan_tx, scan_rx) = crossbeam_channel::bounded::<ReadJob>(capacity);
+        let (lookup_tx, lookup_rx) = crossbeam_channel::bounded::<ReadJob>(capacity);
         let (stopped_tx, stopped_rx) = watch::channel(());
         let stopped_tx = Arc::new(stopped_tx);
 
@@ -183,21 +231,32 @@ impl SqliteStore {
             })
             .map_err(|e| Error::Unavailable(format!("cannot start the writer thread: {e}")))?;
         for (index, conn) in read_conns.into_iter().enumerate() {
-            let jobs = read_rx.clone();
+            let (jobs, name) = if index < readers {
+                (scan_rx.clone(), format!("store-reader-{index}"))
+            } else {
+                (
+                    lookup_rx.clone(),
+                    format!("store-lookup-{}", index - readers),
+                )
+            };
             let guard = Arc::clone(&stopped_tx);
             std::thread::Builder::new()
-                .name(format!("store-reader-{index}"))
+                .name(name)
                 .spawn(move || {
                     run_reader(&conn, &jobs);
                     drop(guard);
                 })
                 .map_err(|e| Error::Unavailable(format!("cannot start a reader thread: {e}")))?;
         }
-        tracing::info!(path = %path.display(), readers, "sqlite store open");
+        tracing::info!(path = %path.display(), readers, lookup_readers, "sqlite store open");
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 writes: RwLock::new(Some(write_tx)),
-                reads: RwLock::new(Some(read_tx)),
+                reads: RwLock::new(Some(Readers {
+                    scans: scan_tx,
+                    lookups: lookup_tx,
+                })),
+                search_scan_rows: config.search_scan_rows.max(1),
                 stopped: stopped_rx,
             }),
         })
@@ -222,9 +281,10 @@ impl SqliteStore {
         PendingReply { sent, rx }
     }
 
-    /// Runs `f` on a reader thread.
+    /// Runs `f` on a reader thread of `pool`.
     fn read<T: Send + 'static>(
         &self,
+        pool: Pool,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> PendingReply<T> {
         let (reply, rx) = oneshot::channel();
@@ -238,7 +298,12 @@ impl SqliteStore {
             .unwrap_or_else(PoisonError::into_inner);
         let sent = match guard.as_ref() {
             None => Err(Error::Closed),
-            Some(tx) => tx.try_send(job).map_err(|e| match e {
+            Some(readers) => match pool {
+                Pool::Scan => &readers.scans,
+                Pool::Lookup => &readers.lookups,
+            }
+            .try_send(job)
+            .map_err(|e| match e {
                 TrySendError::Full(_) => Error::Unavailable("read queue full".to_owned()),
                 TrySendError::Disconnected(_) => Error::Closed,
             }),
@@ -286,20 +351,20 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn room(&self, room_id: &str) -> Result<Option<Room>> {
-        let room_id = room_id.to_owned();
-        self.read(move |conn| {
+    async fn room(&self, room: &RoomKey) -> Result<Option<Room>> {
+        let room = room.clone();
+        self.read(Pool::Lookup, move |conn| {
             let tx = conn.unchecked_transaction()?;
-            load_room(&tx, &room_id)
+            load_room(&tx, &room)
         })
         .wait(self)
         .await
     }
 
-    async fn add_participant(&self, room_id: &str, user_id: &str) -> Result<Room> {
-        let (room_id, user_id) = (room_id.to_owned(), user_id.to_owned());
+    async fn add_participant(&self, room: &RoomKey, user_id: &str) -> Result<Room> {
+        let (room, user_id) = (room.clone(), user_id.to_owned());
         self.write(|reply| WriteRequest::AddParticipant {
-            room_id,
+            room,
             user_id,
             reply,
         })
@@ -307,24 +372,27 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn history(&self, room_id: &str, query: HistoryQuery) -> Result<HistoryPage> {
-        let room_id = room_id.to_owned();
-        self.read(move |conn| history(conn, &room_id, &query))
+    async fn history(&self, room: &RoomKey, query: HistoryQuery) -> Result<HistoryPage> {
+        let room = room.clone();
+        let budget = self.inner.search_scan_rows;
+        self.read(Pool::Scan, move |conn| history(conn, &room, &query, budget))
             .wait(self)
             .await
     }
 
-    async fn message_by_id(&self, room_id: &str, message_id: &str) -> Result<Option<Message>> {
-        let (room_id, message_id) = (room_id.to_owned(), message_id.to_owned());
-        self.read(move |conn| message_by_id(conn, &room_id, &message_id))
-            .wait(self)
-            .await
+    async fn message_by_id(&self, room: &RoomKey, message_id: &str) -> Result<Option<Message>> {
+        let (room, message_id) = (room.clone(), message_id.to_owned());
+        self.read(Pool::Lookup, move |conn| {
+            message_by_id(conn, &room, &message_id)
+        })
+        .wait(self)
+        .await
     }
 
-    async fn mark_read(&self, room_id: &str, user_id: &str, seq: u64) -> Result<u64> {
-        let (room_id, user_id) = (room_id.to_owned(), user_id.to_owned());
+    async fn mark_read(&self, room: &RoomKey, user_id: &str, seq: u64) -> Result<u64> {
+        let (room, user_id) = (room.clone(), user_id.to_owned());
         self.write(|reply| WriteRequest::MarkRead {
-            room_id,
+            room,
             user_id,
             seq,
             reply,
@@ -333,12 +401,17 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn read_marker(&self, room_id: &str, user_id: &str) -> Result<u64> {
-        let (room_id, user_id) = (room_id.to_owned(), user_id.to_owned());
-        self.read(move |conn| {
+    async fn read_marker(&self, room: &RoomKey, user_id: &str) -> Result<u64> {
+        let (room, user_id) = (room.clone(), user_id.to_owned());
+        self.read(Pool::Lookup, move |conn| {
             let seq: Option<i64> = conn
-                .prepare_cached("SELECT seq FROM read_markers WHERE room_id = ?1 AND user_id = ?2")?
-                .query_row(params![room_id, user_id], |row| row.get(0))
+                .prepare_cached(
+                    "SELECT seq FROM read_markers
+                     WHERE tenant_id = ?1 AND room_id = ?2 AND user_id = ?3",
+                )?
+                .query_row(params![room.tenant_id, room.room_id, user_id], |row| {
+                    row.get(0)
+                })
                 .optional()?;
             Ok(seq.map_or(0, to_u64))
         })
@@ -346,19 +419,28 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn unread_count(&self, room_id: &str, user_id: &str, include_notes: bool) -> Result<u64> {
-        let (room_id, user_id) = (room_id.to_owned(), user_id.to_owned());
-        self.read(move |conn| {
+    async fn unread_count(
+        &self,
+        room: &RoomKey,
+        user_id: &str,
+        include_notes: bool,
+    ) -> Result<u64> {
+        let (room, user_id) = (room.clone(), user_id.to_owned());
+        self.read(Pool::Scan, move |conn| {
             let count: i64 = conn
                 .prepare_cached(
                     "SELECT COUNT(*) FROM messages
-                     WHERE room_id = ?1
+                     WHERE tenant_id = ?1 AND room_id = ?2
                        AND seq > COALESCE(
-                           (SELECT seq FROM read_markers WHERE room_id = ?1 AND user_id = ?2), 0)
-                       AND sender <> ?2
-                       AND (?3 OR direction <> 'NOTE')",
+                           (SELECT seq FROM read_markers
+                            WHERE tenant_id = ?1 AND room_id = ?2 AND user_id = ?3), 0)
+                       AND sender <> ?3
+                       AND (?4 OR direction <> 'NOTE')",
                 )?
-                .query_row(params![room_id, user_id, include_notes], |row| row.get(0))?;
+                .query_row(
+                    params![room.tenant_id, room.room_id, user_id, include_notes],
+                    |row| row.get(0),
+                )?;
             Ok(to_u64(count))
         })
         .wait(self)
@@ -484,32 +566,86 @@ fn migrate(conn: &Connection) -> Result<()> {
         )));
     }
     if version < 1 {
-        conn.execute_batch(SCHEMA_V1)
+        conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA_V2} COMMIT;"))
             .map_err(|e| db_error("create schema", &e))?;
-        tracing::info!(version = 1, "sqlite schema created");
+        tracing::info!(version = SCHEMA_VERSION, "sqlite schema created");
+    } else if version < 2 {
+        migrate_v1_to_v2(conn)?;
     }
     Ok(())
 }
 
-const SCHEMA_V1: &str = "
-BEGIN IMMEDIATE;
-CREATE TABLE IF NOT EXISTS rooms (
-    room_id    TEXT PRIMARY KEY NOT NULL,
+/// Version 1 keyed rooms by `room_id` alone; version 2 keys every room record by
+/// `(tenant_id, room_id)`. The old tables are renamed aside, the new ones created, every row
+/// copied with its room's tenant (taken from the old `rooms` table) and the old tables dropped,
+/// all in one transaction: a crash leaves either version, never a mix.
+fn migrate_v1_to_v2(conn: &Connection) -> Result<()> {
+    // The tables are rebuilt under their own names; foreign keys are checked once at the end
+    // instead of against half-copied tables (the pragma is a no-op inside a transaction).
+    conn.pragma_update(None, "foreign_keys", false)
+        .map_err(|e| db_error("migrate schema", &e))?;
+    let result = conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         DROP INDEX messages_by_id;
+         ALTER TABLE rooms RENAME TO rooms_v1;
+         ALTER TABLE room_participants RENAME TO room_participants_v1;
+         ALTER TABLE messages RENAME TO messages_v1;
+         ALTER TABLE read_markers RENAME TO read_markers_v1;
+         {SCHEMA_V2}
+         INSERT INTO rooms (tenant_id, room_id, kind, title, status, created_at, last_seq)
+             SELECT tenant_id, room_id, kind, title, status, created_at, last_seq FROM rooms_v1;
+         INSERT INTO room_participants (tenant_id, room_id, user_id, position)
+             SELECT r.tenant_id, p.room_id, p.user_id, p.position
+             FROM room_participants_v1 p JOIN rooms_v1 r USING (room_id);
+         INSERT INTO messages (tenant_id, room_id, seq, message_id, sender, sender_type,
+                               direction, type, message, attached_files, reply_to, mentions,
+                               metadata, created_at)
+             SELECT r.tenant_id, m.room_id, m.seq, m.message_id, m.sender, m.sender_type,
+                    m.direction, m.type, m.message, m.attached_files, m.reply_to, m.mentions,
+                    m.metadata, m.created_at
+             FROM messages_v1 m JOIN rooms_v1 r USING (room_id);
+         INSERT INTO read_markers (tenant_id, room_id, user_id, seq)
+             SELECT r.tenant_id, k.room_id, k.user_id, k.seq
+             FROM read_markers_v1 k JOIN rooms_v1 r USING (room_id);
+         DROP TABLE read_markers_v1;
+         DROP TABLE messages_v1;
+         DROP TABLE room_participants_v1;
+         DROP TABLE rooms_v1;
+         COMMIT;"
+    ));
+    if result.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    let restored = conn.pragma_update(None, "foreign_keys", true);
+    result.map_err(|e| db_error("migrate schema to version 2", &e))?;
+    restored.map_err(|e| db_error("migrate schema", &e))?;
+    tracing::info!(version = 2, "sqlite schema migrated");
+    Ok(())
+}
+
+/// The current schema, without its transaction (shared by creation and migration).
+const SCHEMA_V2: &str = "
+CREATE TABLE rooms (
     tenant_id  TEXT NOT NULL,
+    room_id    TEXT NOT NULL,
     kind       TEXT NOT NULL,
     title      TEXT NOT NULL,
     status     TEXT NOT NULL,
     created_at INTEGER NOT NULL,
-    last_seq   INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS room_participants (
-    room_id  TEXT NOT NULL REFERENCES rooms (room_id),
-    user_id  TEXT NOT NULL,
-    position INTEGER NOT NULL,
-    PRIMARY KEY (room_id, user_id)
+    last_seq   INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant_id, room_id)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS messages (
-    room_id        TEXT NOT NULL REFERENCES rooms (room_id),
+CREATE TABLE room_participants (
+    tenant_id TEXT NOT NULL,
+    room_id   TEXT NOT NULL,
+    user_id   TEXT NOT NULL,
+    position  INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, room_id, user_id),
+    FOREIGN KEY (tenant_id, room_id) REFERENCES rooms (tenant_id, room_id)
+) WITHOUT ROWID;
+CREATE TABLE messages (
+    tenant_id      TEXT NOT NULL,
+    room_id        TEXT NOT NULL,
     seq            INTEGER NOT NULL,
     message_id     TEXT NOT NULL,
     sender         TEXT NOT NULL,
@@ -522,17 +658,19 @@ CREATE TABLE IF NOT EXISTS messages (
     mentions       TEXT NOT NULL,
     metadata       TEXT NOT NULL,
     created_at     INTEGER NOT NULL,
-    PRIMARY KEY (room_id, seq)
+    PRIMARY KEY (tenant_id, room_id, seq),
+    FOREIGN KEY (tenant_id, room_id) REFERENCES rooms (tenant_id, room_id)
 ) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (room_id, message_id);
-CREATE TABLE IF NOT EXISTS read_markers (
-    room_id TEXT NOT NULL REFERENCES rooms (room_id),
-    user_id TEXT NOT NULL,
-    seq     INTEGER NOT NULL,
-    PRIMARY KEY (room_id, user_id)
+CREATE UNIQUE INDEX messages_by_id ON messages (tenant_id, room_id, message_id);
+CREATE TABLE read_markers (
+    tenant_id TEXT NOT NULL,
+    room_id   TEXT NOT NULL,
+    user_id   TEXT NOT NULL,
+    seq       INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, room_id, user_id),
+    FOREIGN KEY (tenant_id, room_id) REFERENCES rooms (tenant_id, room_id)
 ) WITHOUT ROWID;
-PRAGMA user_version = 1;
-COMMIT;
+PRAGMA user_version = 2;
 ";
 
 fn db_error(what: &str, error: &rusqlite::Error) -> Error {
@@ -560,12 +698,12 @@ enum WriteRequest {
         reply: Reply<(Room, bool)>,
     },
     AddParticipant {
-        room_id: String,
+        room: RoomKey,
         user_id: String,
         reply: Reply<Room>,
     },
     MarkRead {
-        room_id: String,
+        room: RoomKey,
         user_id: String,
         seq: u64,
         reply: Reply<u64>,
@@ -616,7 +754,7 @@ struct Writer {
     conn: Connection,
     /// Committed `last_seq` per room. Only ever holds committed values: a batch works on its
     /// own overlay, merged in after `COMMIT`.
-    cache: HashMap<String, u64>,
+    cache: HashMap<RoomKey, u64>,
     max_batch: usize,
     on_commit: Option<CommitHook>,
     /// Dropping the sender stops the checkpointer thread.
@@ -624,7 +762,7 @@ struct Writer {
 }
 
 /// `last_seq` of the rooms a batch looked at; `dirty` when the batch appended to the room.
-struct Overlay(HashMap<String, (u64, bool)>);
+struct Overlay(HashMap<RoomKey, (u64, bool)>);
 
 impl Writer {
     fn run(mut self, requests: &Receiver<WriteRequest>) {
@@ -681,6 +819,7 @@ impl Writer {
         let mut overlay = Overlay(HashMap::new());
         let mut applied = Vec::with_capacity(size);
         let mut requests = batch.drain(..);
+        let mut committing = false;
         let outcome = (|| -> rusqlite::Result<()> {
             let tx = self
                 .conn
@@ -692,20 +831,22 @@ impl Writer {
                     return Err(error);
                 }
             }
-            let mut update =
-                tx.prepare_cached("UPDATE rooms SET last_seq = ?2 WHERE room_id = ?1")?;
-            for (room_id, (seq, dirty)) in &overlay.0 {
+            let mut update = tx.prepare_cached(
+                "UPDATE rooms SET last_seq = ?3 WHERE tenant_id = ?1 AND room_id = ?2",
+            )?;
+            for (room, (seq, dirty)) in &overlay.0 {
                 if *dirty {
-                    update.execute(params![room_id, to_i64(*seq)])?;
+                    update.execute(params![room.tenant_id, room.room_id, to_i64(*seq)])?;
                 }
             }
             drop(update);
+            committing = true;
             tx.commit()
         })();
         match outcome {
             Ok(()) => {
-                for (room_id, (seq, _)) in overlay.0 {
-                    self.cache.insert(room_id, seq);
+                for (room, (seq, _)) in overlay.0 {
+                    self.cache.insert(room, seq);
                 }
                 if self.cache.len() > MAX_CACHED_ROOMS {
                     self.cache.clear();
@@ -717,16 +858,16 @@ impl Writer {
                 true
             }
             Err(error) => {
-                // The transaction rolled back when it was dropped. Forget every cached counter:
-                // after a failed commit we re-read the truth from the database.
+                // The transaction rolled back when it was dropped (unless COMMIT itself failed
+                // half-way). Forget every cached counter: after a failed commit we re-read the
+                // truth from the database.
                 self.cache.clear();
-                tracing::warn!(batch_size = size, %error, "sqlite batch failed, rolled back");
-                let message = format!("sqlite write failed: {error}");
+                tracing::warn!(batch_size = size, committing, %error, "sqlite batch failed");
                 for done in applied {
-                    done.fail(Error::Unavailable(message.clone()));
+                    done.fail(batch_error(&error, committing));
                 }
                 for request in requests {
-                    request.fail(Error::Unavailable(message.clone()));
+                    request.fail(batch_error(&error, committing));
                 }
                 false
             }
@@ -734,11 +875,21 @@ impl Writer {
     }
 }
 
+/// The error every request of a failed batch gets. A failure before `COMMIT` applied nothing;
+/// one during `COMMIT` (an I/O error while syncing the log) may have left the batch durable.
+fn batch_error(error: &rusqlite::Error, committing: bool) -> Error {
+    if committing {
+        Error::OutcomeUnknown(format!("sqlite commit failed: {error}"))
+    } else {
+        Error::Unavailable(format!("sqlite write failed: {error}"))
+    }
+}
+
 /// Applies one request inside the batch transaction. A database error aborts the whole batch
 /// (it is returned next to the answer slot); request-level problems are answered in the result.
 fn apply(
     tx: &Connection,
-    cache: &HashMap<String, u64>,
+    cache: &HashMap<RoomKey, u64>,
     overlay: &mut Overlay,
     request: WriteRequest,
 ) -> (Applied, Option<rusqlite::Error>) {
@@ -758,20 +909,20 @@ fn apply(
             (Applied::CreateRoom(reply, result), failure)
         }
         WriteRequest::AddParticipant {
-            room_id,
+            room,
             user_id,
             reply,
         } => {
-            let (result, failure) = split(add_participant(tx, cache, overlay, &room_id, &user_id));
+            let (result, failure) = split(add_participant(tx, cache, overlay, &room, &user_id));
             (Applied::AddParticipant(reply, result), failure)
         }
         WriteRequest::MarkRead {
-            room_id,
+            room,
             user_id,
             seq,
             reply,
         } => {
-            let (result, failure) = split(mark_read(tx, cache, overlay, &room_id, &user_id, seq));
+            let (result, failure) = split(mark_read(tx, cache, overlay, &room, &user_id, seq));
             (Applied::MarkRead(reply, result), failure)
         }
     }
@@ -780,57 +931,60 @@ fn apply(
 /// The room's `last_seq` as this batch sees it, or `None` when the room does not exist.
 fn last_seq(
     tx: &Connection,
-    cache: &HashMap<String, u64>,
+    cache: &HashMap<RoomKey, u64>,
     overlay: &mut Overlay,
-    room_id: &str,
+    room: &RoomKey,
 ) -> rusqlite::Result<Option<u64>> {
-    if let Some((seq, _)) = overlay.0.get(room_id) {
+    if let Some((seq, _)) = overlay.0.get(room) {
         return Ok(Some(*seq));
     }
-    if let Some(seq) = cache.get(room_id) {
+    if let Some(seq) = cache.get(room) {
         return Ok(Some(*seq));
     }
     let stored: Option<i64> = tx
-        .prepare_cached("SELECT last_seq FROM rooms WHERE room_id = ?1")?
-        .query_row([room_id], |row| row.get(0))
+        .prepare_cached("SELECT last_seq FROM rooms WHERE tenant_id = ?1 AND room_id = ?2")?
+        .query_row([&room.tenant_id, &room.room_id], |row| row.get(0))
         .optional()?;
     Ok(stored.map(|seq| {
         let seq = to_u64(seq);
-        overlay.0.insert(room_id.to_owned(), (seq, false));
+        overlay.0.insert(room.clone(), (seq, false));
         seq
     }))
 }
 
-fn missing_room(room_id: &str) -> Error {
-    Error::Invalid(format!("room {room_id:?} does not exist"))
+fn missing_room(room: &RoomKey) -> Error {
+    Error::Invalid(format!("room {:?} does not exist", room.room_id))
 }
 
 fn append(
     tx: &Connection,
-    cache: &HashMap<String, u64>,
+    cache: &HashMap<RoomKey, u64>,
     overlay: &mut Overlay,
     message: NewMessage,
 ) -> rusqlite::Result<Result<Appended>> {
     if message.message_id.is_empty() {
         return Ok(Err(Error::Invalid("empty message_id".to_owned())));
     }
+    let room = message.room_key();
     // Earlier requests of the same batch are visible here: they ran in this transaction.
-    if let Some(original) = message_by_id(tx, &message.room_id, &message.message_id)? {
+    if let Some(original) = message_by_id(tx, &room, &message.message_id)? {
         return Ok(Ok(Appended {
             message: original,
             duplicate: true,
         }));
     }
-    let Some(last) = last_seq(tx, cache, overlay, &message.room_id)? else {
-        return Ok(Err(missing_room(&message.room_id)));
+    let Some(last) = last_seq(tx, cache, overlay, &room)? else {
+        return Ok(Err(missing_room(&room)));
     };
     let seq = last + 1;
     tx.prepare_cached(
-        "INSERT INTO messages (room_id, seq, message_id, sender, sender_type, direction, type,
-                               message, attached_files, reply_to, mentions, metadata, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        "INSERT INTO messages (tenant_id, room_id, seq, message_id, sender, sender_type,
+                               direction, type, message, attached_files, reply_to, mentions,
+                               metadata, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
+        message.tenant_id,
         message.room_id,
         to_i64(seq),
         message.message_id,
@@ -845,7 +999,7 @@ fn append(
         json_text(&message.metadata),
         message.created_at.0,
     ])?;
-    overlay.0.insert(message.room_id.clone(), (seq, true));
+    overlay.0.insert(room, (seq, true));
     Ok(Ok(Appended {
         message: message.into_message(seq),
         duplicate: false,
@@ -854,23 +1008,24 @@ fn append(
 
 fn create_room(
     tx: &Connection,
-    cache: &HashMap<String, u64>,
+    cache: &HashMap<RoomKey, u64>,
     overlay: &mut Overlay,
     room: NewRoom,
 ) -> rusqlite::Result<Result<(Room, bool)>> {
     if room.room_id.is_empty() {
         return Ok(Err(Error::Invalid("empty room_id".to_owned())));
     }
-    if let Some(existing) = room_in_batch(tx, cache, overlay, &room.room_id)? {
+    let key = room.key();
+    if let Some(existing) = room_in_batch(tx, cache, overlay, &key)? {
         return Ok(Ok((existing, false)));
     }
     tx.prepare_cached(
-        "INSERT INTO rooms (room_id, tenant_id, kind, title, status, created_at, last_seq)
+        "INSERT INTO rooms (tenant_id, room_id, kind, title, status, created_at, last_seq)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
     )?
     .execute(params![
-        room.room_id,
         room.tenant_id,
+        room.room_id,
         room.kind.as_str(),
         room.title,
         room.status,
@@ -879,18 +1034,19 @@ fn create_room(
     let mut participants: Vec<String> = Vec::with_capacity(room.participants.len());
     {
         let mut insert = tx.prepare_cached(
-            "INSERT INTO room_participants (room_id, user_id, position) VALUES (?1, ?2, ?3)",
+            "INSERT INTO room_participants (tenant_id, room_id, user_id, position)
+             VALUES (?1, ?2, ?3, ?4)",
         )?;
         for user_id in room.participants {
             if participants.contains(&user_id) {
                 continue;
             }
             let position = i64::try_from(participants.len()).unwrap_or(i64::MAX);
-            insert.execute(params![room.room_id, user_id, position])?;
+            insert.execute(params![room.tenant_id, room.room_id, user_id, position])?;
             participants.push(user_id);
         }
     }
-    overlay.0.insert(room.room_id.clone(), (0, false));
+    overlay.0.insert(key, (0, false));
     Ok(Ok((
         Room {
             room_id: room.room_id,
@@ -909,17 +1065,17 @@ fn create_room(
 /// Loads a room inside the batch, with the `last_seq` the batch has assigned so far.
 fn room_in_batch(
     tx: &Connection,
-    cache: &HashMap<String, u64>,
+    cache: &HashMap<RoomKey, u64>,
     overlay: &mut Overlay,
-    room_id: &str,
+    key: &RoomKey,
 ) -> rusqlite::Result<Option<Room>> {
-    let Some(mut room) = load_room(tx, room_id)? else {
+    let Some(mut room) = load_room(tx, key)? else {
         return Ok(None);
     };
-    match overlay.0.entry(room_id.to_owned()) {
+    match overlay.0.entry(key.clone()) {
         Entry::Occupied(entry) => room.last_seq = entry.get().0,
         Entry::Vacant(entry) => {
-            if let Some(seq) = cache.get(room_id) {
+            if let Some(seq) = cache.get(key) {
                 room.last_seq = *seq;
             }
             entry.insert((room.last_seq, false));
@@ -930,40 +1086,44 @@ fn room_in_batch(
 
 fn add_participant(
     tx: &Connection,
-    cache: &HashMap<String, u64>,
+    cache: &HashMap<RoomKey, u64>,
     overlay: &mut Overlay,
-    room_id: &str,
+    room: &RoomKey,
     user_id: &str,
 ) -> rusqlite::Result<Result<Room>> {
-    if last_seq(tx, cache, overlay, room_id)?.is_none() {
-        return Ok(Err(missing_room(room_id)));
+    if last_seq(tx, cache, overlay, room)?.is_none() {
+        return Ok(Err(missing_room(room)));
     }
     tx.prepare_cached(
-        "INSERT OR IGNORE INTO room_participants (room_id, user_id, position)
-         SELECT ?1, ?2, COALESCE(MAX(position) + 1, 0) FROM room_participants WHERE room_id = ?1",
+        "INSERT OR IGNORE INTO room_participants (tenant_id, room_id, user_id, position)
+         SELECT ?1, ?2, ?3, COALESCE(MAX(position) + 1, 0) FROM room_participants
+         WHERE tenant_id = ?1 AND room_id = ?2",
     )?
-    .execute(params![room_id, user_id])?;
-    Ok(room_in_batch(tx, cache, overlay, room_id)?.ok_or_else(|| missing_room(room_id)))
+    .execute(params![room.tenant_id, room.room_id, user_id])?;
+    Ok(room_in_batch(tx, cache, overlay, room)?.ok_or_else(|| missing_room(room)))
 }
 
 fn mark_read(
     tx: &Connection,
-    cache: &HashMap<String, u64>,
+    cache: &HashMap<RoomKey, u64>,
     overlay: &mut Overlay,
-    room_id: &str,
+    room: &RoomKey,
     user_id: &str,
     seq: u64,
 ) -> rusqlite::Result<Result<u64>> {
-    if last_seq(tx, cache, overlay, room_id)?.is_none() {
-        return Ok(Err(missing_room(room_id)));
+    if last_seq(tx, cache, overlay, room)?.is_none() {
+        return Ok(Err(missing_room(room)));
     }
     let stored: i64 = tx
         .prepare_cached(
-            "INSERT INTO read_markers (room_id, user_id, seq) VALUES (?1, ?2, ?3)
-             ON CONFLICT (room_id, user_id) DO UPDATE SET seq = max(seq, excluded.seq)
+            "INSERT INTO read_markers (tenant_id, room_id, user_id, seq) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (tenant_id, room_id, user_id) DO UPDATE SET seq = max(seq, excluded.seq)
              RETURNING seq",
         )?
-        .query_row(params![room_id, user_id, to_i64(seq)], |row| row.get(0))?;
+        .query_row(
+            params![room.tenant_id, room.room_id, user_id, to_i64(seq)],
+            |row| row.get(0),
+        )?;
     Ok(Ok(to_u64(stored)))
 }
 
@@ -990,26 +1150,32 @@ fn run_reader(conn: &Connection, jobs: &Receiver<ReadJob>) {
 
 const MESSAGE_COLUMNS: &str = "room_id, seq, message_id, sender, sender_type, direction, type, \
      message, attached_files, reply_to, mentions, metadata, created_at";
+/// How many columns [`MESSAGE_COLUMNS`] names.
+const MESSAGE_COLUMN_COUNT: usize = 13;
 
 fn message_by_id(
     conn: &Connection,
-    room_id: &str,
+    room: &RoomKey,
     message_id: &str,
 ) -> rusqlite::Result<Option<Message>> {
     conn.prepare_cached(&format!(
-        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?1 AND message_id = ?2"
+        "SELECT {MESSAGE_COLUMNS} FROM messages
+         WHERE tenant_id = ?1 AND room_id = ?2 AND message_id = ?3"
     ))?
-    .query_row([room_id, message_id], message_from_row)
+    .query_row(
+        [&room.tenant_id, &room.room_id, message_id],
+        message_from_row,
+    )
     .optional()
 }
 
-fn load_room(conn: &Connection, room_id: &str) -> rusqlite::Result<Option<Room>> {
+fn load_room(conn: &Connection, key: &RoomKey) -> rusqlite::Result<Option<Room>> {
     let room = conn
         .prepare_cached(
             "SELECT room_id, tenant_id, kind, title, status, created_at, last_seq
-             FROM rooms WHERE room_id = ?1",
+             FROM rooms WHERE tenant_id = ?1 AND room_id = ?2",
         )?
-        .query_row([room_id], |row| {
+        .query_row([&key.tenant_id, &key.room_id], |row| {
             Ok(Room {
                 room_id: row.get(0)?,
                 tenant_id: row.get(1)?,
@@ -1027,9 +1193,10 @@ fn load_room(conn: &Connection, room_id: &str) -> rusqlite::Result<Option<Room>>
     };
     room.participants = conn
         .prepare_cached(
-            "SELECT user_id FROM room_participants WHERE room_id = ?1 ORDER BY position",
+            "SELECT user_id FROM room_participants
+             WHERE tenant_id = ?1 AND room_id = ?2 ORDER BY position",
         )?
-        .query_map([room_id], |row| row.get(0))?
+        .query_map([&key.tenant_id, &key.room_id], |row| row.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     Ok(Some(room))
 }
@@ -1071,8 +1238,9 @@ fn parse_json<T: serde::de::DeserializeOwned>(row: &Row<'_>, index: usize) -> ru
 
 fn history(
     conn: &Connection,
-    room_id: &str,
+    room: &RoomKey,
     query: &HistoryQuery,
+    search_budget: u32,
 ) -> rusqlite::Result<HistoryPage> {
     let limit = match query.limit {
         0 => DEFAULT_HISTORY_LIMIT,
@@ -1083,8 +1251,37 @@ fn history(
     // newest message below `before_seq`.
     let forwards = query.after_seq.is_some();
 
-    let mut sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?");
-    let mut args = vec![Value::Text(room_id.to_owned())];
+    // Plain history filters in SQL and reads `limit + 1` rows. A search reads the room in seq
+    // order, at most `search_budget` rows (+ 1 to learn whether more follow), with a column
+    // telling whether a row may match; the whole-word check runs here on those rows only.
+    let mut filter = String::new();
+    let mut filter_args = Vec::new();
+    if !query.include_notes {
+        filter.push_str(" AND direction <> 'NOTE'");
+    }
+    for word in &search {
+        if let Some(prefilter) = like_prefilter(word) {
+            filter.push_str(" AND (message LIKE ? ESCAPE '\\'");
+            filter_args.push(Value::Text(prefilter.pattern));
+            for c in prefilter.bypass {
+                // Messages holding a character that lowercases into the ASCII pattern skip the
+                // ASCII-only LIKE; the whole-word check below still applies to them.
+                filter.push_str(" OR instr(message, ?) > 0");
+                filter_args.push(Value::Text(c.to_string()));
+            }
+            filter.push(')');
+        }
+    }
+    let mut args = Vec::new();
+    let mut sql = if search.is_empty() {
+        format!("SELECT {MESSAGE_COLUMNS}, 1 FROM messages")
+    } else {
+        args.append(&mut filter_args);
+        format!("SELECT {MESSAGE_COLUMNS}, (1{filter}) FROM messages")
+    };
+    sql.push_str(" WHERE tenant_id = ? AND room_id = ?");
+    args.push(Value::Text(room.tenant_id.clone()));
+    args.push(Value::Text(room.room_id.clone()));
     if let Some(after) = query.after_seq {
         sql.push_str(" AND seq > ?");
         args.push(Value::Integer(to_i64(after)));
@@ -1093,53 +1290,68 @@ fn history(
         sql.push_str(" AND seq < ?");
         args.push(Value::Integer(to_i64(before)));
     }
-    if !query.include_notes {
-        sql.push_str(" AND direction <> 'NOTE'");
-    }
-    for word in &search {
-        if let Some(filter) = like_prefilter(word) {
-            sql.push_str(" AND (message LIKE ? ESCAPE '\\'");
-            args.push(Value::Text(filter.pattern));
-            for c in filter.bypass {
-                // Messages holding a character that lowercases into the ASCII pattern skip the
-                // ASCII-only LIKE; the whole-word check below still applies to them.
-                sql.push_str(" OR instr(message, ?) > 0");
-                args.push(Value::Text(c.to_string()));
-            }
-            sql.push(')');
-        }
-    }
-    sql.push_str(if forwards {
-        " ORDER BY seq ASC"
+    let rows_wanted = if search.is_empty() {
+        sql.push_str(&filter);
+        args.append(&mut filter_args);
+        limit + 1
     } else {
-        " ORDER BY seq DESC"
+        search_budget as usize + 1
+    };
+    sql.push_str(if forwards {
+        " ORDER BY seq ASC LIMIT ?"
+    } else {
+        " ORDER BY seq DESC LIMIT ?"
     });
-    if search.is_empty() {
-        sql.push_str(" LIMIT ?");
-        args.push(Value::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
-    }
+    args.push(Value::Integer(
+        i64::try_from(rows_wanted).unwrap_or(i64::MAX),
+    ));
 
     let mut statement = conn.prepare_cached(&sql)?;
     let mut rows = statement.query(rusqlite::params_from_iter(args))?;
     let mut messages = Vec::with_capacity(limit.min(256) + 1);
+    let mut examined = 0u64;
+    let mut last_examined = None;
+    let mut budget_spent = false;
     while let Some(row) = rows.next()? {
         if !search.is_empty() {
-            let text: String = row.get(7)?;
-            if !contains_words(&text, &search) {
+            if examined == u64::from(search_budget) {
+                budget_spent = true;
+                break;
+            }
+            examined += 1;
+            last_examined = Some(to_u64(row.get(1)?));
+            let candidate: bool = row.get(MESSAGE_COLUMN_COUNT)?;
+            if !candidate || !contains_words(&row.get::<_, String>(7)?, &search) {
                 continue;
             }
+        } else {
+            examined += 1;
         }
         messages.push(message_from_row(row)?);
         if messages.len() > limit {
             break;
         }
     }
-    let has_more = messages.len() > limit;
+    let mut page = HistoryPage {
+        has_more: messages.len() > limit,
+        examined,
+        ..HistoryPage::default()
+    };
+    if !page.has_more && budget_spent {
+        // Rows remain unexamined: the caller continues from the last row this request read.
+        page.has_more = true;
+        if forwards {
+            page.next_after_seq = last_examined;
+        } else {
+            page.next_before_seq = last_examined;
+        }
+    }
     messages.truncate(limit);
     if !forwards {
         messages.reverse();
     }
-    Ok(HistoryPage { messages, has_more })
+    page.messages = messages;
+    Ok(page)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1217,6 +1429,11 @@ mod tests {
 
     conformance_tests!(fresh_store);
 
+    /// Room `room_id` of tenant `t`, the tenant these tests create their rooms in.
+    fn key(room_id: &str) -> RoomKey {
+        RoomKey::new("t", room_id)
+    }
+
     #[test]
     fn folds_to_ascii_lists_every_such_character() {
         let found: Vec<char> = (0..=char::MAX as u32)
@@ -1246,12 +1463,12 @@ mod tests {
             .await
             .unwrap();
         store
-            .append(NewMessage::text("r", "alice", "\u{212a}ELVIN scale"))
+            .append(NewMessage::text(&key("r"), "alice", "\u{212a}ELVIN scale"))
             .await
             .unwrap();
         let page = store
             .history(
-                "r",
+                &key("r"),
                 HistoryQuery {
                     search: Some("kelvin".into()),
                     ..HistoryQuery::default()
@@ -1271,27 +1488,30 @@ mod tests {
             .create_room(NewRoom::team("r", "t", "alice"))
             .await
             .unwrap();
-        store.add_participant("r", "bob").await.unwrap();
+        store.add_participant(&key("r"), "bob").await.unwrap();
         for i in 0..10 {
             store
-                .append(NewMessage::text("r", "alice", &format!("m{i}")))
+                .append(NewMessage::text(&key("r"), "alice", &format!("m{i}")))
                 .await
                 .unwrap();
         }
-        store.mark_read("r", "bob", 4).await.unwrap();
+        store.mark_read(&key("r"), "bob", 4).await.unwrap();
         store.close().await.unwrap();
 
         let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
-        let room = store.room("r").await.unwrap().unwrap();
+        let room = store.room(&key("r")).await.unwrap().unwrap();
         assert_eq!(room.last_seq, 10);
         assert_eq!(room.participants, ["alice", "bob"]);
-        assert_eq!(store.read_marker("r", "bob").await.unwrap(), 4);
+        assert_eq!(store.read_marker(&key("r"), "bob").await.unwrap(), 4);
         let next = store
-            .append(NewMessage::text("r", "alice", "after"))
+            .append(NewMessage::text(&key("r"), "alice", "after"))
             .await
             .unwrap();
         assert_eq!(next.message.seq, 11);
-        let page = store.history("r", HistoryQuery::default()).await.unwrap();
+        let page = store
+            .history(&key("r"), HistoryQuery::default())
+            .await
+            .unwrap();
         let texts: Vec<_> = page.messages.iter().map(|m| m.message.as_str()).collect();
         assert_eq!(texts[..3], ["m0", "m1", "m2"]);
         assert_eq!(page.messages.len(), 11);
@@ -1312,7 +1532,7 @@ mod tests {
         let text = "x".repeat(2000);
         for _ in 0..200 {
             store
-                .append(NewMessage::text("r", "alice", &text))
+                .append(NewMessage::text(&key("r"), "alice", &text))
                 .await
                 .unwrap();
         }
@@ -1327,7 +1547,10 @@ mod tests {
             );
             std::thread::sleep(CHECKPOINT_INTERVAL / 2);
         }
-        let page = store.history("r", HistoryQuery::default()).await.unwrap();
+        let page = store
+            .history(&key("r"), HistoryQuery::default())
+            .await
+            .unwrap();
         assert_eq!(page.messages.len(), 50);
         store.close().await.unwrap();
     }
@@ -1356,6 +1579,339 @@ mod tests {
         assert!(matches!(error, Error::Unavailable(_)), "{error:?}");
     }
 
+    /// The version 1 schema, as earlier releases created it: rooms keyed by `room_id` alone.
+    const SCHEMA_V1: &str = "
+        BEGIN IMMEDIATE;
+        CREATE TABLE IF NOT EXISTS rooms (
+            room_id    TEXT PRIMARY KEY NOT NULL,
+            tenant_id  TEXT NOT NULL,
+            kind       TEXT NOT NULL,
+            title      TEXT NOT NULL,
+            status     TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            last_seq   INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE IF NOT EXISTS room_participants (
+            room_id  TEXT NOT NULL REFERENCES rooms (room_id),
+            user_id  TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            PRIMARY KEY (room_id, user_id)
+        ) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS messages (
+            room_id        TEXT NOT NULL REFERENCES rooms (room_id),
+            seq            INTEGER NOT NULL,
+            message_id     TEXT NOT NULL,
+            sender         TEXT NOT NULL,
+            sender_type    TEXT NOT NULL,
+            direction      TEXT NOT NULL,
+            type           TEXT NOT NULL,
+            message        TEXT NOT NULL,
+            attached_files TEXT NOT NULL,
+            reply_to       TEXT,
+            mentions       TEXT NOT NULL,
+            metadata       TEXT NOT NULL,
+            created_at     INTEGER NOT NULL,
+            PRIMARY KEY (room_id, seq)
+        ) WITHOUT ROWID;
+        CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (room_id, message_id);
+        CREATE TABLE IF NOT EXISTS read_markers (
+            room_id TEXT NOT NULL REFERENCES rooms (room_id),
+            user_id TEXT NOT NULL,
+            seq     INTEGER NOT NULL,
+            PRIMARY KEY (room_id, user_id)
+        ) WITHOUT ROWID;
+        PRAGMA user_version = 1;
+        COMMIT;
+    ";
+
+    #[tokio::test]
+    async fn version_1_data_is_migrated_under_each_rooms_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(SCHEMA_V1).unwrap();
+        old.execute_batch(
+            r#"
+            INSERT INTO rooms VALUES ('general', 'acme', 'team', 'General', 'active', 5, 3);
+            INSERT INTO rooms VALUES ('conv-1', 'globex', 'support', 'Order', 'open', 6, 2);
+            INSERT INTO room_participants VALUES ('general', 'alice', 0), ('general', 'bob', 1);
+            INSERT INTO room_participants VALUES ('conv-1', 'agent-7', 0);
+            INSERT INTO messages VALUES
+                ('general', 1, 'g1', 'alice', 'user', 'INTERNAL', 'text', 'hello', '[]', NULL,
+                 '[]', '{}', 10),
+                ('general', 2, 'g2', 'bob', 'user', 'INTERNAL', 'text', 'hi alice', '["f.png"]',
+                 'g1', '["alice"]', '{"k":1}', 11),
+                ('general', 3, 'g3', 'alice', 'user', 'NOTE', 'text', 'note', '[]', NULL,
+                 '[]', '{}', 12),
+                ('conv-1', 1, 'c1', 'cust', 'customer', 'INCOMING', 'text', 'help', '[]', NULL,
+                 '[]', '{}', 20),
+                ('conv-1', 2, 'c2', 'agent-7', 'agent', 'OUTGOING', 'text', 'sure', '[]', NULL,
+                 '[]', '{}', 21);
+            INSERT INTO read_markers VALUES ('general', 'bob', 2), ('conv-1', 'agent-7', 1);
+            "#,
+        )
+        .unwrap();
+        drop(old);
+
+        let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+        let general = RoomKey::new("acme", "general");
+        let conv = RoomKey::new("globex", "conv-1");
+        let room = store.room(&general).await.unwrap().unwrap();
+        assert_eq!(room.tenant_id, "acme");
+        assert_eq!(room.title, "General");
+        assert_eq!(room.participants, ["alice", "bob"]);
+        assert_eq!(room.last_seq, 3);
+        assert_eq!(room.created_at, Timestamp(5));
+        let room = store.room(&conv).await.unwrap().unwrap();
+        assert_eq!((room.kind, room.last_seq), (RoomKind::Support, 2));
+        assert_eq!(room.participants, ["agent-7"]);
+        // Nothing moved to another tenant.
+        assert!(store
+            .room(&RoomKey::new("globex", "general"))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(store
+            .room(&RoomKey::new("acme", "conv-1"))
+            .await
+            .unwrap()
+            .is_none());
+
+        let all = HistoryQuery {
+            include_notes: true,
+            ..HistoryQuery::default()
+        };
+        let page = store.history(&general, all.clone()).await.unwrap();
+        let got: Vec<_> = page
+            .messages
+            .iter()
+            .map(|m| (m.seq, m.message_id.as_str()))
+            .collect();
+        assert_eq!(got, [(1, "g1"), (2, "g2"), (3, "g3")]);
+        let second = &page.messages[1];
+        assert_eq!(second.attached_files, ["f.png"]);
+        assert_eq!(second.reply_to.as_deref(), Some("g1"));
+        assert_eq!(second.mentions, ["alice"]);
+        assert_eq!(second.metadata["k"], 1);
+        assert_eq!(second.created_at, Timestamp(11));
+        assert_eq!(page.messages[2].direction, Direction::Note);
+        let page = store.history(&conv, all).await.unwrap();
+        let got: Vec<_> = page
+            .messages
+            .iter()
+            .map(|m| m.message_id.as_str())
+            .collect();
+        assert_eq!(got, ["c1", "c2"]);
+        assert_eq!(page.messages[0].sender_type, SenderType::Customer);
+
+        assert_eq!(store.read_marker(&general, "bob").await.unwrap(), 2);
+        assert_eq!(store.read_marker(&conv, "agent-7").await.unwrap(), 1);
+        assert_eq!(store.unread_count(&conv, "agent-7", true).await.unwrap(), 0);
+
+        // Appends continue at the right seq, and old ids still deduplicate.
+        let next = store
+            .append(NewMessage::text(&general, "alice", "after"))
+            .await
+            .unwrap();
+        assert_eq!(next.message.seq, 4);
+        let mut again = NewMessage::text(&conv, "agent-7", "retry");
+        again.message_id = "c2".to_owned();
+        let again = store.append(again).await.unwrap();
+        assert!(again.duplicate);
+        assert_eq!(again.message.seq, 2);
+        let next = store
+            .append(NewMessage::text(&conv, "agent-7", "later"))
+            .await
+            .unwrap();
+        assert_eq!(next.message.seq, 3);
+        store.close().await.unwrap();
+
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let leftovers: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_schema WHERE name LIKE '%_v1'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(leftovers, 0);
+        let violations: i64 = conn
+            .query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(violations, 0);
+    }
+
+    /// Creates room `room_id` of tenant `t` holding `count` messages, "filler text {seq}" except
+    /// `special` ones, written straight into the database in one transaction (appending them one
+    /// by one would take minutes in a debug build).
+    async fn big_room(
+        store: &SqliteStore,
+        path: &Path,
+        room_id: &str,
+        count: u64,
+        special: &[(u64, &str)],
+    ) {
+        store
+            .create_room(NewRoom::team(room_id, "t", "alice"))
+            .await
+            .unwrap();
+        let mut conn = Connection::open(path).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2)
+             INSERT INTO messages (tenant_id, room_id, seq, message_id, sender, sender_type,
+                                   direction, type, message, attached_files, reply_to, mentions,
+                                   metadata, created_at)
+             SELECT 't', ?1, i, 'id-' || i, 'alice', 'user', 'INTERNAL', 'text',
+                    'filler text ' || i, '[]', NULL, '[]', '{}', i FROM n",
+            params![room_id, to_i64(count)],
+        )
+        .unwrap();
+        for (seq, text) in special {
+            tx.execute(
+                "UPDATE messages SET message = ?3 WHERE tenant_id = 't' AND room_id = ?1 AND seq = ?2",
+                params![room_id, to_i64(*seq), text],
+            )
+            .unwrap();
+        }
+        tx.execute(
+            "UPDATE rooms SET last_seq = ?2 WHERE tenant_id = 't' AND room_id = ?1",
+            params![room_id, to_i64(count)],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+
+    fn search_query(words: &str, after_seq: Option<u64>, before_seq: Option<u64>) -> HistoryQuery {
+        HistoryQuery {
+            after_seq,
+            before_seq,
+            limit: 10,
+            search: Some(words.to_owned()),
+            include_notes: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn search_examines_at_most_its_budget_and_hands_back_a_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
+        let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+        let budget = u64::from(DEFAULT_SEARCH_SCAN_ROWS);
+        let rare = [(5, "a rare Zebra"), (195_000, "zebra again")];
+        big_room(&store, &path, "big", 200_000, &rare).await;
+        let room = key("big");
+
+        // Backwards from the newest: the first request reads the newest `budget` rows only,
+        // finds the recent hit and says where to go on.
+        let page = store
+            .history(&room, search_query("zebra", None, None))
+            .await
+            .unwrap();
+        let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [195_000]);
+        assert_eq!(page.examined, budget);
+        assert!(page.has_more);
+        assert_eq!(page.next_before_seq, Some(200_000 - budget + 1));
+        assert_eq!(page.next_after_seq, None);
+
+        // Following the cursor reaches the oldest hit, never reading more than the budget.
+        let mut found = Vec::new();
+        let mut cursor = page.next_before_seq;
+        let mut requests = 1;
+        while let Some(before) = cursor {
+            let page = store
+                .history(&room, search_query("zebra", None, Some(before)))
+                .await
+                .unwrap();
+            requests += 1;
+            assert!(page.examined <= budget, "{}", page.examined);
+            found.extend(page.messages.iter().map(|m| m.seq));
+            assert_eq!(page.has_more, page.next_before_seq.is_some());
+            cursor = page.next_before_seq;
+        }
+        assert_eq!(found, [5]);
+        assert_eq!(requests, 20);
+
+        // Forwards the same way, with `next_after_seq`.
+        let page = store
+            .history(&room, search_query("ZEBRA", Some(0), None))
+            .await
+            .unwrap();
+        let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [5]);
+        assert_eq!(page.examined, budget);
+        assert!(page.has_more);
+        assert_eq!(page.next_after_seq, Some(budget));
+        assert_eq!(page.next_before_seq, None);
+
+        // A page that fills up before the budget runs out pages as before, without a cursor.
+        let page = store
+            .history(&room, search_query("filler", None, None))
+            .await
+            .unwrap();
+        assert_eq!(page.messages.len(), 10);
+        assert!(page.has_more);
+        assert_eq!((page.next_before_seq, page.next_after_seq), (None, None));
+        assert_eq!(page.examined, 11);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn room_loads_do_not_wait_behind_slow_searches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
+        let config = SqliteConfig {
+            readers: 1,
+            lookup_readers: 1,
+            // Each search reads the whole room.
+            search_scan_rows: 1_000_000,
+            ..SqliteConfig::default()
+        };
+        let store = SqliteStore::open(&path, config).unwrap();
+        big_room(&store, &path, "big", 200_000, &[]).await;
+        store
+            .create_room(NewRoom::team("small", "t", "bob"))
+            .await
+            .unwrap();
+        // "fill" passes the LIKE prefilter on every row and then fails the whole-word check:
+        // the slowest kind of search.
+        let searches: Vec<_> = (0..6)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .history(&key("big"), search_query("fill", None, None))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        let room = store.room(&key("small")).await.unwrap().unwrap();
+        let waited = started.elapsed();
+        let done = searches.iter().filter(|s| s.is_finished()).count();
+        assert_eq!(room.participants, ["bob"]);
+        assert!(
+            done < searches.len(),
+            "the room load waited {waited:?}, until every search had finished"
+        );
+        for search in searches {
+            let page = search.await.unwrap();
+            assert!(page.messages.is_empty() && !page.has_more);
+            assert_eq!(page.examined, 200_000);
+        }
+        store.close().await.unwrap();
+    }
+
     #[test]
     fn futures_work_on_a_current_thread_runtime_on_another_thread() {
         let dir = tempfile::tempdir().unwrap();
@@ -1376,12 +1932,15 @@ mod tests {
                             .unwrap();
                         for n in 1..=20 {
                             let appended = store
-                                .append(NewMessage::text(&room, "alice", "hi"))
+                                .append(NewMessage::text(&key(&room), "alice", "hi"))
                                 .await
                                 .unwrap();
                             assert_eq!(appended.message.seq, n);
                         }
-                        store.history(&room, HistoryQuery::default()).await.unwrap()
+                        store
+                            .history(&key(&room), HistoryQuery::default())
+                            .await
+                            .unwrap()
                     })
                 })
             })
@@ -1410,7 +1969,7 @@ mod tests {
             .unwrap();
         for text in ["one", "two"] {
             store
-                .append(NewMessage::text("r", "alice", text))
+                .append(NewMessage::text(&key("r"), "alice", text))
                 .await
                 .unwrap();
         }
@@ -1427,7 +1986,7 @@ mod tests {
             .unwrap();
         let spawn = |text: &str| {
             let store = store.clone();
-            let message = NewMessage::text("r", "alice", text);
+            let message = NewMessage::text(&key("r"), "alice", text);
             tokio::spawn(async move { store.append(message).await })
         };
         // The writer takes "stall" alone and blocks on the lock; the next three queue up behind
@@ -1444,14 +2003,17 @@ mod tests {
             assert!(matches!(error, Error::Unavailable(_)), "{error:?}");
         }
         let after = store
-            .append(NewMessage::text("r", "alice", "after"))
+            .append(NewMessage::text(&key("r"), "alice", "after"))
             .await
             .unwrap();
         assert_eq!(after.message.seq, 4);
-        let page = store.history("r", HistoryQuery::default()).await.unwrap();
+        let page = store
+            .history(&key("r"), HistoryQuery::default())
+            .await
+            .unwrap();
         let texts: Vec<_> = page.messages.iter().map(|m| m.message.as_str()).collect();
         assert_eq!(texts, ["one", "two", "stall", "after"]);
-        assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 4);
+        assert_eq!(store.room(&key("r")).await.unwrap().unwrap().last_seq, 4);
 
         let stats = batches.lock().unwrap().clone();
         let failed: Vec<_> = stats.iter().filter(|s| !s.ok).collect();
@@ -1460,9 +2022,12 @@ mod tests {
         store.close().await.unwrap();
     }
 
+    /// Holds the write lock from another connection while 500 appends queue up, so they are
+    /// certainly waiting together when the writer gets the lock back.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn commit_hook_sees_grouped_batches() {
         let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
         let committed = Arc::new(AtomicUsize::new(0));
         let batches = Arc::new(AtomicUsize::new(0));
         let (c, b) = (Arc::clone(&committed), Arc::clone(&batches));
@@ -1472,30 +2037,46 @@ mod tests {
                 c.fetch_add(stats.batch_size, Ordering::Relaxed);
                 b.fetch_add(1, Ordering::Relaxed);
             })),
+            busy_timeout: Duration::from_secs(10),
             ..SqliteConfig::default()
         };
-        let store = SqliteStore::open(&dir.path().join("chat.db"), config).unwrap();
+        let store = SqliteStore::open(&path, config).unwrap();
         store
             .create_room(NewRoom::team("r", "t", "alice"))
             .await
             .unwrap();
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
         let tasks: Vec<_> = (0..500)
             .map(|i| {
                 let store = store.clone();
                 tokio::spawn(async move {
                     store
-                        .append(NewMessage::text("r", "alice", &format!("{i}")))
+                        .append(NewMessage::text(&key("r"), "alice", &format!("{i}")))
                         .await
                         .unwrap()
                 })
             })
             .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            committed.load(Ordering::Relaxed),
+            1,
+            "only the room is committed"
+        );
+        blocker.execute_batch("COMMIT").unwrap();
+        let mut seqs: Vec<u64> = Vec::new();
         for task in tasks {
-            task.await.unwrap();
+            seqs.push(task.await.unwrap().message.seq);
         }
         store.close().await.unwrap();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=500).collect::<Vec<_>>());
         assert_eq!(committed.load(Ordering::Relaxed), 501);
-        assert!(batches.load(Ordering::Relaxed) <= 501);
+        // The room's batch, the append the writer took before it stalled, and the rest
+        // together (max_batch is 1024).
+        let batches = batches.load(Ordering::Relaxed);
+        assert!(batches <= 3, "{batches} batches for 501 writes");
     }
 
     #[tokio::test]
@@ -1520,7 +2101,7 @@ mod tests {
             let store = store.clone();
             let handle = tokio::spawn(async move {
                 store
-                    .append(NewMessage::text("r", "alice", &format!("{i}")))
+                    .append(NewMessage::text(&key("r"), "alice", &format!("{i}")))
                     .await
             });
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1540,6 +2121,26 @@ mod tests {
             handle.await.unwrap().unwrap();
         }
         store.close().await.unwrap();
+    }
+
+    #[test]
+    fn a_failed_commit_is_an_unknown_outcome_and_a_failed_statement_is_not() {
+        let io = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC),
+            None,
+        );
+        let error = batch_error(&io, true);
+        assert!(matches!(&error, Error::OutcomeUnknown(m) if m.contains("commit failed")));
+        assert!(error.is_retryable());
+        let error = batch_error(&io, false);
+        assert!(matches!(error, Error::Unavailable(_)), "{error:?}");
+    }
+
+    #[test]
+    fn default_write_queue_holds_at_most_eight_batches() {
+        let config = SqliteConfig::default();
+        assert!(config.queue_capacity <= 8 * config.max_batch);
+        assert!(config.queue_capacity >= config.max_batch);
     }
 
     #[test]
