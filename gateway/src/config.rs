@@ -182,12 +182,7 @@ pub struct Config {
 
     /// Deadline of every store call, in milliseconds. A read past it fails (UNAVAILABLE); a
     /// write past it fails with an unknown outcome, which clients retry with the same ids.
-    #[arg(
-        long,
-        env = "GATEWAY_STORE_TIMEOUT_MS",
-        default_value_t = 5_000,
-        global = true
-    )]
+    #[arg(long, env = "GATEWAY_STORE_TIMEOUT_MS", default_value_t = 5_000)]
     pub store_timeout_ms: u64,
 
     /// Most rows of a room one `historic` search reads before it answers with the hits found
@@ -195,8 +190,7 @@ pub struct Config {
     #[arg(
         long,
         env = "GATEWAY_SEARCH_SCAN_ROWS",
-        default_value_t = storage::sqlite::DEFAULT_SEARCH_SCAN_ROWS,
-        global = true
+        default_value_t = storage::sqlite::DEFAULT_SEARCH_SCAN_ROWS
     )]
     pub search_scan_rows: u32,
 

@@ -662,6 +662,7 @@ pub fn run(
         Mode::Protocol(claims) => {
             let conn = ConnRef {
                 id: conn_id,
+                home: shard_index,
                 outbox: outbox.clone(),
                 claims,
             };

@@ -35,6 +35,7 @@ pub mod config;
 pub mod connection;
 pub mod limits;
 pub mod liveness;
+pub mod mailbox;
 pub mod metrics;
 pub mod outbox;
 pub mod presence;

@@ -4,7 +4,8 @@
 //! shared with another shard. The same runtime also runs the connections accepted onto it.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,14 +29,20 @@ use crate::cmd::typing::TypingStatus;
 use crate::cmd::Code;
 use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
 use crate::liveness::{self, Registry};
+use crate::mailbox::{Delivery, Mailbox};
 use crate::metrics::OutCode;
-use crate::outbox::{FrameClass, Outbox, Pushed};
+use crate::outbox::{FrameClass, Outbox};
 use crate::presence::UserKey;
 use crate::server::Shared;
 
 /// Connection ids are unique for the life of the process.
 pub type ConnId = u64;
 
+/// Bytes of frames one shard's mailbox holds for its connections before posts to it are refused
+/// (see [`crate::mailbox`]).
+const MAILBOX_BYTES: usize = 64 * 1024 * 1024;
+/// Chat ids with an unknown write outcome remembered per room.
+const MAX_UNKNOWN_OUTCOMES: usize = 64;
 /// Most requests queued for one room while it loads; more are answered UNAVAILABLE.
 const MAX_QUEUED_WHILE_LOADING: usize = 1024;
 /// Most requests one connection may have held for a room while its join reply is prepared;
@@ -49,6 +56,9 @@ const MAX_SHARD_TASKS: usize = 1024;
 #[derive(Clone)]
 pub struct ConnRef {
     pub id: ConnId,
+    /// The shard whose thread runs the connection: frames from other shards reach it through
+    /// that shard's mailbox.
+    pub home: usize,
     pub outbox: Arc<Outbox>,
     pub claims: Arc<Claims>,
 }
@@ -153,6 +163,8 @@ pub struct ShardHandle {
     pub commands: mpsc::Sender<ShardCommand>,
     /// The connections running on this shard's thread.
     pub live: Arc<Registry>,
+    /// Frames other shards hand over for the connections running here.
+    pub mailbox: Arc<Mailbox>,
 }
 
 /// Which shard owns a room (tenant and id: the same id in two tenants names two rooms).
@@ -192,6 +204,7 @@ pub fn spawn(
             runtime: handle,
             commands: tx,
             live: Arc::default(),
+            mailbox: Arc::new(Mailbox::new(MAILBOX_BYTES)),
         },
         thread,
     ))
@@ -236,16 +249,22 @@ struct RoomState {
     /// What keeps the room loaded besides its members: chat commits on their way through the
     /// store, and requests being replayed into it.
     inflight: u32,
+    /// Ids of recent chats whose write had an unknown outcome (bounded), so that a retry that
+    /// finds one stored announces it to the room.
+    unknown_outcomes: VecDeque<String>,
 }
 
+// Most rooms are `Ready`, and every request reads one: boxing it would add a pointer chase
+// to every request to shrink the brief `Loading` state.
+#[allow(clippy::large_enum_variant)]
 enum Slot {
     /// Waiting for the store; requests queue up here in arrival order.
     Loading(Vec<RoomRequest>),
     Ready(RoomState),
 }
 
-/// Room, sender, `ref`, when the frame was read, and the `message_id` the server chose.
-type AppendContext = (RoomKey, ConnRef, Option<String>, Instant, Option<String>);
+/// Room, sender, `ref`, when the frame was read, and the message's id.
+type AppendContext = (RoomKey, ConnRef, Option<String>, Instant, String);
 type AppendFuture = std::pin::Pin<
     Box<dyn std::future::Future<Output = (AppendContext, storage::Result<Appended>)> + Send>,
 >;
@@ -265,31 +284,90 @@ struct Shard {
     events_rx: mpsc::Receiver<ShardEvent>,
     /// Permits for helper tasks: at most `MAX_SHARD_TASKS` run at once.
     work: Arc<Semaphore>,
+    /// Deliveries from other shards for connections running here, and the buffer they are
+    /// taken into.
+    mailbox: Arc<Mailbox>,
+    inbound: Vec<Delivery>,
+    /// Scratch member lists, one per shard, for broadcasts.
+    lists: Vec<Vec<Arc<Outbox>>>,
 }
 
-/// Queues a frame for a member: into its outbox, or behind its join reply while that is being
-/// prepared. Frames held there count against the same bound as the outbox: past it, ephemeral
-/// frames are dropped and a durable one closes the connection with 1013.
-fn deliver(member: &mut Member, frame: Bytes, class: FrameClass) -> Pushed {
-    let Some(pending) = &mut member.pending else {
-        return member.conn.outbox.push(frame, class);
-    };
-    let bound = member.conn.outbox.bound();
-    let (queued_frames, queued_bytes) = member.conn.outbox.queued();
-    let frames = pending.frames.len() + queued_frames;
-    let bytes = pending.bytes + queued_bytes;
-    if frames >= bound.frames || (frames > 0 && bytes + frame.len() > bound.bytes) {
-        if class == FrameClass::Ephemeral {
-            member.conn.outbox.count_dropped();
-            return Pushed::DroppedEphemeral;
+/// How frames leave a shard: straight into the outboxes of connections running on its own
+/// thread, through the mailbox of the shard a connection runs on otherwise. Everything one shard
+/// sends one connection takes the same way, so it arrives in order.
+#[derive(Clone, Copy)]
+struct Route<'a> {
+    shards: &'a [ShardHandle],
+    here: usize,
+}
+
+impl Route<'_> {
+    fn send(&self, conn: &ConnRef, frame: Bytes, class: FrameClass) {
+        if conn.home == self.here {
+            conn.outbox.push(frame, class);
+        } else {
+            self.shards[conn.home].mailbox.post(Delivery::Direct {
+                frame,
+                class,
+                outbox: conn.outbox.clone(),
+            });
         }
-        member.pending = None;
-        member.conn.outbox.overflow();
-        return Pushed::Overflowed;
     }
-    pending.bytes += frame.len();
-    pending.frames.push((frame, class));
-    Pushed::Queued
+
+    /// Sends one frame to each of `members`: local outboxes directly, and one delivery per
+    /// other shard that has any, carrying its list (`lists` is scratch space, one list per
+    /// shard, kept between broadcasts). Returns how many members it went to.
+    fn broadcast<'m>(
+        &self,
+        lists: &mut [Vec<Arc<Outbox>>],
+        members: impl Iterator<Item = &'m mut Member>,
+        frame: &Bytes,
+        class: FrameClass,
+    ) -> u64 {
+        let mut n = 0;
+        for member in members {
+            n += 1;
+            if member.pending.is_some() {
+                self.deliver(member, frame.clone(), class);
+            } else if member.conn.home == self.here {
+                member.conn.outbox.push(frame.clone(), class);
+            } else {
+                lists[member.conn.home].push(member.conn.outbox.clone());
+            }
+        }
+        for (shard, list) in lists.iter_mut().enumerate() {
+            if !list.is_empty() {
+                self.shards[shard].mailbox.post(Delivery::Broadcast {
+                    frame: frame.clone(),
+                    class,
+                    outboxes: std::mem::take(list),
+                });
+            }
+        }
+        n
+    }
+
+    /// Queues a frame for a member: sent on, or held behind its join reply while that is being
+    /// prepared. Frames held there count against the same bound as the outbox: past it,
+    /// ephemeral frames are dropped and a durable one closes the connection with 1013.
+    fn deliver(&self, member: &mut Member, frame: Bytes, class: FrameClass) {
+        let Some(pending) = &mut member.pending else {
+            return self.send(&member.conn, frame, class);
+        };
+        let bound = member.conn.outbox.bound();
+        let (queued_frames, queued_bytes) = member.conn.outbox.queued();
+        let frames = pending.frames.len() + queued_frames;
+        let bytes = pending.bytes + queued_bytes;
+        if frames >= bound.frames || (frames > 0 && bytes + frame.len() > bound.bytes) {
+            if class == FrameClass::Ephemeral {
+                return member.conn.outbox.count_dropped();
+            }
+            member.pending = None;
+            return member.conn.outbox.overflow();
+        }
+        pending.bytes += frame.len();
+        pending.frames.push((frame, class));
+    }
 }
 
 impl Shard {
@@ -297,7 +375,6 @@ impl Shard {
         let (events_tx, events_rx) = mpsc::channel(MAX_SHARD_TASKS);
         Shard {
             index,
-            shared,
             rooms: HashMap::new(),
             appends: FuturesOrdered::new(),
             appends_started: 0,
@@ -306,6 +383,18 @@ impl Shard {
             events_tx,
             events_rx,
             work: Arc::new(Semaphore::new(MAX_SHARD_TASKS)),
+            mailbox: shared.shards[index].mailbox.clone(),
+            inbound: Vec::new(),
+            lists: vec![Vec::new(); shared.shards.len()],
+            shared,
+        }
+    }
+
+    /// Where this shard's frames go (see [`Route`]).
+    fn route(&self) -> Route<'_> {
+        Route {
+            shards: &self.shared.shards,
+            here: self.index,
         }
     }
 
@@ -335,6 +424,11 @@ impl Shard {
                     self.answer_drains();
                 }
                 Some(event) = self.events_rx.recv() => self.on_event(event),
+                () = poll_fn(|cx| self.mailbox.poll_take(cx, &mut self.inbound)) => {
+                    for delivery in self.inbound.drain(..) {
+                        delivery.deliver();
+                    }
+                }
                 command = commands.recv(), if !stopping => match command {
                     Some(ShardCommand::Shutdown) | None => stopping = true,
                     Some(command) => self.on_command(command),
@@ -365,7 +459,7 @@ impl Shard {
             reference,
             &error,
         );
-        conn.outbox.push(frame, FrameClass::Durable);
+        self.route().send(conn, frame, FrameClass::Durable);
     }
 
     fn on_command(&mut self, command: ShardCommand) {
@@ -492,15 +586,16 @@ impl Shard {
                 self.shared
                     .metrics
                     .frames_out(OutCode::Response(Code::Join), 1);
-                // `DroppedEphemeral` also means the reply was queued: the events that waited
-                // for it must follow (or overflow into a 1013 close), never vanish.
-                if matches!(
-                    member.conn.outbox.push(frame, FrameClass::Durable),
-                    Pushed::Queued | Pushed::DroppedEphemeral
-                ) && ok
-                {
+                // The events that waited for the reply follow it, in order (or overflow into a
+                // 1013 close), never vanish; after a failed join there are none to send.
+                let route = Route {
+                    shards: &self.shared.shards,
+                    here: self.index,
+                };
+                route.send(&member.conn, frame, FrameClass::Durable);
+                if ok {
                     for (frame, class) in pending.frames {
-                        member.conn.outbox.push(frame, class);
+                        route.send(&member.conn, frame, class);
                     }
                 }
                 if !ok {
@@ -522,15 +617,15 @@ impl Shard {
                 if let (Some(frame), Some(Slot::Ready(state))) =
                     (broadcast, self.rooms.get_mut(&room_id))
                 {
-                    let mut n = 0;
-                    for member in state.members.values_mut() {
-                        if member.conn.id != conn.id
+                    let route = Route {
+                        shards: &self.shared.shards,
+                        here: self.index,
+                    };
+                    let members = state.members.values_mut().filter(|member| {
+                        member.conn.id != conn.id
                             && (!team_only || member.conn.claims.role.is_team())
-                        {
-                            deliver(member, frame.clone(), FrameClass::Durable);
-                            n += 1;
-                        }
-                    }
+                    });
+                    let n = route.broadcast(&mut self.lists, members, &frame, FrameClass::Durable);
                     self.shared
                         .metrics
                         .frames_out(OutCode::Response(Code::ReadReceipt), n);
@@ -547,6 +642,7 @@ impl Shard {
                 room,
                 members: HashMap::new(),
                 inflight: 0,
+                unknown_outcomes: VecDeque::new(),
             }),
         ) {
             Some(Slot::Loading(queued)) => queued,
@@ -645,7 +741,8 @@ impl Shard {
         let store = self.shared.store.clone();
         let events = self.events_tx.clone();
         tokio::spawn(async move {
-            let new_room = storage::NewRoom::team(&room_id.room_id, &room_id.tenant_id, &claims.sub);
+            let new_room =
+                storage::NewRoom::team(&room_id.room_id, &room_id.tenant_id, &claims.sub);
             let result = store.create_room(new_room).await.map(|(room, _)| room);
             let _ = events
                 .send(ShardEvent::RoomCreated { room_id, result })
@@ -704,7 +801,7 @@ impl Shard {
             request.reference.as_deref(),
             serde_json::Map::new(),
         );
-        request.conn.outbox.push(frame, FrameClass::Durable);
+        self.route().send(&request.conn, frame, FrameClass::Durable);
     }
 
     /// Handles a request for a loaded room (`on_room_request` routes here).
@@ -813,20 +910,21 @@ impl Shard {
         };
         let user_key = conn.user_key();
         let already_member = state.members.contains_key(&conn.id);
-        let first_of_user = !already_member && self.shared.presence.joined(&user_key, &room_id.room_id);
+        let first_of_user =
+            !already_member && self.shared.presence.joined(&user_key, &room_id.room_id);
         // Tell the others this user is here, with its current status (once per user and room).
         if first_of_user {
             let status = self.shared.presence.status(&user_key);
             let frame = presence_frame(&conn.claims.sub, Some(&room_id.room_id), status);
-            let mut n = 0;
-            for member in state.members.values_mut() {
-                if member.conn.claims.sub != conn.claims.sub
+            let route = Route {
+                shards: &self.shared.shards,
+                here: self.index,
+            };
+            let members = state.members.values_mut().filter(|member| {
+                member.conn.claims.sub != conn.claims.sub
                     || member.conn.claims.tenant != conn.claims.tenant
-                {
-                    deliver(member, frame.clone(), FrameClass::Ephemeral);
-                    n += 1;
-                }
-            }
+            });
+            let n = route.broadcast(&mut self.lists, members, &frame, FrameClass::Ephemeral);
             self.shared
                 .metrics
                 .frames_out(OutCode::Response(Code::Presence), n);
@@ -878,7 +976,7 @@ impl Shard {
                     has_more: None,
                 },
             );
-            conn.outbox.push(frame, FrameClass::Durable);
+            self.route().send(&conn, frame, FrameClass::Durable);
             return;
         };
         state.members.insert(
@@ -963,16 +1061,13 @@ impl Shard {
             (_, Role::Customer) => Direction::Incoming,
             _ => Direction::Outgoing,
         };
-        // A server-generated id goes back in an error reply, so the client can retry with it.
-        let generated_id = chat
+        // The id goes back in an error reply, so the client can retry with it (and the shard
+        // can recognise a retry of a write whose outcome was unknown).
+        let message_id = chat
             .message_id
-            .is_none()
-            .then(|| ulid::Ulid::new().to_string());
+            .unwrap_or_else(|| ulid::Ulid::new().to_string());
         let message = NewMessage {
-            message_id: chat
-                .message_id
-                .or_else(|| generated_id.clone())
-                .unwrap_or_default(),
+            message_id: message_id.clone(),
             tenant_id: room_id.tenant_id.clone(),
             room_id: room_id.room_id.clone(),
             sender: conn.claims.sub.clone(),
@@ -991,17 +1086,25 @@ impl Shard {
         let store = self.shared.store.clone();
         self.appends.push_back(Box::pin(async move {
             let result = store.append(message).await;
-            ((room_id, conn, reference, received, generated_id), result)
+            ((room_id, conn, reference, received, message_id), result)
         }));
     }
 
     fn on_appended(
         &mut self,
-        (room_id, conn, reference, received, generated_id): AppendContext,
+        (room_id, conn, reference, received, message_id): AppendContext,
         result: storage::Result<Appended>,
     ) {
         if let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) {
             state.inflight = state.inflight.saturating_sub(1);
+            if matches!(result, Err(storage::Error::OutcomeUnknown(_))) {
+                // It may be stored after all: when a retry finds it, the room has not heard
+                // of it yet.
+                if state.unknown_outcomes.len() == MAX_UNKNOWN_OUTCOMES {
+                    state.unknown_outcomes.pop_front();
+                }
+                state.unknown_outcomes.push_back(message_id.clone());
+            }
         }
         let appended = match result {
             Ok(appended) => appended,
@@ -1013,7 +1116,7 @@ impl Shard {
                         ErrorCode::Unavailable,
                         "message not accepted: storage unavailable, retry with the same message_id",
                     )
-                    .with_message_id(generated_id),
+                    .with_message_id(Some(message_id)),
                 };
                 self.reply_error(&conn, Code::Chat, &room_id, reference.as_deref(), error);
                 self.maybe_unload(&room_id);
@@ -1028,12 +1131,30 @@ impl Shard {
             reference.as_deref(),
             &appended.message,
         );
+        let route = Route {
+            shards: &self.shared.shards,
+            here: self.index,
+        };
         let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
-            conn.outbox.push(direct, FrameClass::Durable);
+            route.send(&conn, direct, FrameClass::Durable);
             metrics.frames_out(OutCode::Response(Code::Chat), 1);
             return;
         };
-        if !appended.duplicate {
+        // A duplicate is news to the room only when it is the retry of a write whose outcome
+        // was unknown: the original was never announced.
+        let announce = !appended.duplicate
+            || match state
+                .unknown_outcomes
+                .iter()
+                .position(|id| *id == message_id)
+            {
+                Some(at) => {
+                    state.unknown_outcomes.remove(at);
+                    true
+                }
+                None => false,
+            };
+        if announce {
             state.room.last_seq = state.room.last_seq.max(appended.message.seq);
             let event = FrameBuilder::success(
                 Code::Chat.response(),
@@ -1043,24 +1164,18 @@ impl Shard {
                 &appended.message,
             );
             let customer_hidden = appended.message.direction == Direction::Note;
-            let mut n = 0u64;
-            for member in state.members.values_mut() {
-                if member.conn.id == conn.id
-                    || (customer_hidden && !member.conn.claims.role.is_team())
-                {
-                    continue;
-                }
-                deliver(member, event.clone(), FrameClass::Durable);
-                n += 1;
-            }
+            let members = state.members.values_mut().filter(|member| {
+                member.conn.id != conn.id && (!customer_hidden || member.conn.claims.role.is_team())
+            });
+            let n = route.broadcast(&mut self.lists, members, &event, FrameClass::Durable);
             metrics.frames_out(OutCode::Response(Code::Chat), n + 1);
             metrics.deliveries.inc_by(n);
         } else {
             metrics.frames_out(OutCode::Response(Code::Chat), 1);
         }
         match state.members.get_mut(&conn.id) {
-            Some(member) => deliver(member, direct, FrameClass::Durable),
-            None => conn.outbox.push(direct, FrameClass::Durable),
+            Some(member) => route.deliver(member, direct, FrameClass::Durable),
+            None => route.send(&conn, direct, FrameClass::Durable),
         };
         metrics
             .fanout_latency
@@ -1082,13 +1197,15 @@ impl Shard {
                 sender: &conn.claims.sub,
             },
         );
-        let mut n = 0;
-        for member in state.members.values_mut() {
-            if member.conn.id != conn.id {
-                deliver(member, frame.clone(), FrameClass::Ephemeral);
-                n += 1;
-            }
-        }
+        let route = Route {
+            shards: &self.shared.shards,
+            here: self.index,
+        };
+        let members = state
+            .members
+            .values_mut()
+            .filter(|member| member.conn.id != conn.id);
+        let n = route.broadcast(&mut self.lists, members, &frame, FrameClass::Ephemeral);
         self.shared
             .metrics
             .frames_out(OutCode::Response(Code::Typing), n);
@@ -1113,6 +1230,7 @@ impl Shard {
         };
         let store = self.shared.store.clone();
         let events = self.events_tx.clone();
+        let (shared, here) = (self.shared.clone(), self.index);
         let metrics = self.shared.metrics.clone();
         tokio::spawn(async move {
             let fail = |error: ProtocolError| {
@@ -1125,7 +1243,11 @@ impl Shard {
                     reference.as_deref(),
                     &error,
                 );
-                conn.outbox.push(frame, FrameClass::Durable);
+                Route {
+                    shards: &shared.shards,
+                    here,
+                }
+                .send(&conn, frame, FrameClass::Durable);
             };
             let unavailable =
                 || ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later");
@@ -1168,7 +1290,11 @@ impl Shard {
                 reference.as_deref(),
                 data,
             );
-            conn.outbox.push(direct, FrameClass::Durable);
+            Route {
+                shards: &shared.shards,
+                here,
+            }
+            .send(&conn, direct, FrameClass::Durable);
             // Others hear about it only when the marker moved to this message.
             let broadcast = (marker == message.seq).then(|| {
                 FrameBuilder::success(
@@ -1216,6 +1342,7 @@ impl Shard {
             return self.maybe_unload(&room_id);
         };
         let store = self.shared.store.clone();
+        let (shared, here) = (self.shared.clone(), self.index);
         let metrics = self.shared.metrics.clone();
         let budget = self.shared.config.max_reply_bytes;
         // Paging forward keeps the oldest messages of a page cut to the budget, paging back
@@ -1280,7 +1407,11 @@ impl Shard {
                 }
             };
             metrics.frames_out(OutCode::Response(Code::Historic), 1);
-            conn.outbox.push(frame, FrameClass::Durable);
+            Route {
+                shards: &shared.shards,
+                here,
+            }
+            .send(&conn, frame, FrameClass::Durable);
             drop(permit);
         });
     }

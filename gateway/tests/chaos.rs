@@ -308,6 +308,7 @@ async fn random_pipelined_traffic_never_breaks_the_gateway_or_its_data() {
         c.rate_limit = 2_000;
         c.rate_burst = 400;
         c.rooms_per_connection = 20;
+        c.rooms_per_tenant_minute = 1_000_000;
     })
     .await;
     let addr = server.addr;

@@ -480,3 +480,79 @@ async fn a_read_receipt_on_a_note_is_not_broadcast_to_customers() {
     assert_eq!(v["data"]["seq"], 2);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn across_shards_events_keep_their_order_and_stop_at_leave() {
+    let server = TestServer::start_with(|c| {
+        c.shards = 3;
+        c.rate_limit = 1_000_000;
+        c.rate_burst = 1_000_000;
+    })
+    .await;
+    let room = "crossing";
+    // Connections land on shards round-robin: several readers cover every shard.
+    let mut readers = Vec::new();
+    for i in 0..6 {
+        let mut r = server
+            .connect(&format!("reader-{i}"), TENANT, Role::Admin)
+            .await;
+        r.join(room).await;
+        readers.push(r);
+    }
+    let mut writer = server.connect("writer", TENANT, Role::Admin).await;
+    writer.join(room).await;
+    let sending = tokio::spawn(async move {
+        for i in 0..300 {
+            let v = writer.chat(room, &format!("n{i}")).await;
+            assert_eq!(v["status"], "success", "{v}");
+        }
+        writer
+    });
+    let mut checks = Vec::new();
+    for (i, mut r) in readers.into_iter().enumerate() {
+        checks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            // Half the readers leave midway; after their leave reply nothing of the room comes.
+            let leave_after = if i % 2 == 0 { 50 } else { usize::MAX };
+            loop {
+                let Some(v) = r.recv_within(Duration::from_secs(5)).await else {
+                    break;
+                };
+                if v["code"] == "chat_response" {
+                    seqs.push(v["data"]["seq"].as_u64().unwrap());
+                    if seqs.len() == leave_after {
+                        r.send(json!({"code": "leave", "user_id": format!("reader-{i}"),
+                                      "room_id": room, "data": {}, "ref": "bye"}))
+                            .await;
+                        loop {
+                            let v = r.recv().await;
+                            if v["ref"] == "bye" {
+                                break;
+                            }
+                            assert_eq!(v["code"], "chat_response");
+                            seqs.push(v["data"]["seq"].as_u64().unwrap());
+                        }
+                        r.expect_silence(Duration::from_millis(500)).await;
+                        break;
+                    }
+                    if seqs.len() == 300 {
+                        break;
+                    }
+                }
+            }
+            assert_eq!(
+                seqs,
+                (1..=seqs.len() as u64).collect::<Vec<_>>(),
+                "reader {i} got events out of order or with a gap"
+            );
+            if leave_after == usize::MAX {
+                assert_eq!(seqs.len(), 300, "reader {i} missed events");
+            }
+        }));
+    }
+    sending.await.unwrap();
+    for check in checks {
+        check.await.unwrap();
+    }
+    server.stop().await;
+}

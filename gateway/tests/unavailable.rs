@@ -175,3 +175,53 @@ async fn room_creation_that_storage_refuses_is_503_with_a_generic_message() {
     assert!(!text.contains("simulated"), "{text}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_whose_write_outlived_its_deadline_reaches_the_room_when_the_retry_finds_it() {
+    let server = TestServer::start_with(|c| c.store_timeout_ms = 300).await;
+    let db = server.dir.path().join("gateway.db");
+    let mut alice = server.connect("alice", "acme", Role::Admin).await;
+    let mut bob = server.connect("bob", "acme", Role::Admin).await;
+    alice.join("room-late").await;
+    bob.join("room-late").await;
+
+    // Another process holds the write lock past the store's deadline: the write's outcome is
+    // unknown to the gateway, yet it commits once the lock is gone.
+    let locker = rusqlite::Connection::open(&db).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE;").unwrap();
+    let failed = alice
+        .request(
+            "chat",
+            Some("room-late"),
+            json!({"message": "slow one", "sender": "alice", "message_id": "m-late"}),
+        )
+        .await;
+    assert_eq!(failed["data"]["error_code"], "UNAVAILABLE", "{failed}");
+    locker.execute_batch("COMMIT;").unwrap();
+    drop(locker);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bob.expect_silence(Duration::from_millis(200)).await;
+
+    // The retry finds it stored: the sender gets the original, and the room hears of it once.
+    let retried = alice
+        .request(
+            "chat",
+            Some("room-late"),
+            json!({"message": "slow one", "sender": "alice", "message_id": "m-late"}),
+        )
+        .await;
+    assert_eq!(retried["status"], "success", "{retried}");
+    assert_eq!(retried["data"]["seq"], 1);
+    let event = bob.recv_code("chat_response").await;
+    assert_eq!(event["data"]["message_id"], "m-late");
+    // A second retry is an ordinary duplicate: nothing more for the room.
+    alice
+        .request(
+            "chat",
+            Some("room-late"),
+            json!({"message": "slow one", "sender": "alice", "message_id": "m-late"}),
+        )
+        .await;
+    bob.expect_silence(Duration::from_millis(300)).await;
+    server.stop().await;
+}
