@@ -22,7 +22,7 @@
 
 use std::sync::Arc;
 
-use gateway::outbox::{Bound, Frames, Outbox, OutboxMetrics, Taken};
+use gateway::outbox::{Bound, Frames, Outbox, OutboxMetrics, Taken, Written};
 use prometheus::{IntCounter, IntGauge};
 use storage::{Message, NewMessage, RoomKey, Timestamp};
 
@@ -113,17 +113,19 @@ pub fn outboxes(n: usize, metrics: &Arc<OutboxMetrics>) -> Vec<Outbox> {
 /// connection does around a write that the socket takes whole.
 pub fn drain(outbox: &Outbox, batch: &mut Frames) {
     let before = batch.len();
-    let taken = outbox.take(batch);
+    let taken = outbox.take(batch, Written::default());
     debug_assert!(
         !matches!(taken, Taken::Close(_)),
         "a bench outbox never closes"
     );
-    let bytes = batch
-        .iter()
-        .skip(before)
-        .map(|(frame, _)| frame.len())
-        .sum();
-    outbox.written(batch.len() - before, bytes);
+    outbox.written(Written {
+        frames: batch.len() - before,
+        bytes: batch
+            .iter()
+            .skip(before)
+            .map(|(frame, _)| frame.len())
+            .sum(),
+    });
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ use crate::codec::{parse_envelope, ErrorCode, FrameBuilder, ProtocolError};
 use crate::limits::TokenBucket;
 use crate::liveness::{self, LiveConn};
 use crate::metrics::OutCode;
-use crate::outbox::{clock_ms, Bound, FrameClass, Frames, Outbox, Taken};
+use crate::outbox::{clock_ms, Bound, FrameClass, Frames, Outbox, Taken, Written};
 use crate::server::{ConnectionGuard, Shared};
 use crate::shard::{self, presence_frame, ConnRef, RoomAction, RoomRequest, ShardCommand};
 
@@ -203,6 +203,9 @@ struct Writer {
     offset: usize,
     /// The close frame is queued: nothing more is taken from the outbox.
     close_queued: bool,
+    /// Written since the last take: reported with the next one, when they stop counting
+    /// against the connection's bound (until then the bound errs on the safe side).
+    unreported: Written,
 }
 
 impl Writer {
@@ -228,7 +231,8 @@ impl Writer {
     /// Takes what the outbox holds, without waiting.
     fn refill(&mut self, outbox: &Outbox) {
         if !self.close_queued {
-            let taken = outbox.take(&mut self.frames);
+            let written = std::mem::take(&mut self.unreported);
+            let taken = outbox.take(&mut self.frames, written);
             self.accept(taken);
         }
     }
@@ -238,28 +242,16 @@ impl Writer {
         if self.close_queued {
             return Poll::Pending;
         }
+        let written = std::mem::take(&mut self.unreported);
         outbox
-            .poll_take(cx, &mut self.frames)
+            .poll_take(cx, &mut self.frames, written)
             .map(|taken| self.accept(taken))
     }
 
     /// Writes as much as the socket takes now, with vectored writes straight from the shared
     /// frame buffers (no staging copy): up to `MAX_IOV` frames or about `MAX_WRITE_BYTES` per
     /// syscall. `Ok(true)` when anything was written.
-    fn flush(&mut self, socket: &TcpStream, outbox: &Outbox) -> std::io::Result<bool> {
-        let (mut frames_written, mut bytes_written) = (0, 0);
-        let result = self.write_some(socket, &mut frames_written, &mut bytes_written);
-        // Written frames no longer count against the connection's bound.
-        outbox.written(frames_written, bytes_written);
-        result
-    }
-
-    fn write_some(
-        &mut self,
-        socket: &TcpStream,
-        frames_written: &mut usize,
-        bytes_written: &mut usize,
-    ) -> std::io::Result<bool> {
+    fn flush(&mut self, socket: &TcpStream) -> std::io::Result<bool> {
         let mut progressed = false;
         while !self.frames.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -294,8 +286,8 @@ impl Writer {
                 if let Some((frame, _)) = self.frames.pop_front() {
                     // The close frame (always last) came from the writer, not the outbox.
                     if !(self.close_queued && self.frames.is_empty()) {
-                        *frames_written += 1;
-                        *bytes_written += frame.len();
+                        self.unreported.frames += 1;
+                        self.unreported.bytes += frame.len();
                     }
                 }
                 self.offset = 0;
@@ -441,13 +433,21 @@ impl Session {
                 return None;
             }
             Command::Presence(presence) => {
+                // The broadcast runs as a task; when too many run, the change is refused before
+                // it is made, so the status others see never differs from the registry's.
+                let Ok(permit) = self.shared.presence_tasks.clone().try_acquire_owned() else {
+                    let error =
+                        ProtocolError::new(ErrorCode::Unavailable, "server busy, retry later");
+                    self.error(code.response(), room_id, reference, &error);
+                    return None;
+                };
                 if let Some(rooms) = self
                     .shared
                     .presence
                     .set_status(&self.conn.user_key(), presence.status)
                 {
                     let frame = presence_frame(&self.conn.claims.sub, None, presence.status);
-                    spawn_presence_broadcast(self.shared.clone(), rooms, &self.conn, frame);
+                    spawn_presence_broadcast(self.shared.clone(), rooms, &self.conn, frame, permit);
                 }
                 return None;
             }
@@ -527,7 +527,10 @@ impl Session {
                 None,
                 crate::cmd::presence::PresenceStatus::Offline,
             );
-            spawn_presence_broadcast(self.shared.clone(), rooms, &self.conn, frame);
+            // A closing connection waits its turn rather than skip telling the others.
+            if let Ok(permit) = self.shared.presence_tasks.clone().acquire_owned().await {
+                spawn_presence_broadcast(self.shared.clone(), rooms, &self.conn, frame, permit);
+            }
         }
     }
 }
@@ -566,6 +569,7 @@ fn spawn_presence_broadcast(
     rooms: Vec<String>,
     sender: &ConnRef,
     frame: Bytes,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     if rooms.is_empty() {
         return;
@@ -599,6 +603,7 @@ fn spawn_presence_broadcast(
         shared
             .metrics
             .frames_out(OutCode::Response(Code::Presence), n);
+        drop(permit);
     });
 }
 
@@ -753,7 +758,7 @@ impl Connection {
 
                 // 2. Write what is queued, as far as the socket takes it now.
                 self.writer.refill(&self.outbox);
-                match self.writer.flush(&self.stream, &self.outbox) {
+                match self.writer.flush(&self.stream) {
                     Ok(progressed) => {
                         if !self.writer.has_pending() {
                             self.write_stall = None;
@@ -810,7 +815,7 @@ impl Connection {
                 self.outbox.close(1001, "closing");
                 self.writer.refill(&self.outbox); // the frames queued before the close,
                 self.writer.refill(&self.outbox); // then the close itself
-                let _ = self.writer.flush(&self.stream, &self.outbox);
+                let _ = self.writer.flush(&self.stream);
             }
         }
     }

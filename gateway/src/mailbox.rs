@@ -155,7 +155,7 @@ mod tests {
     use prometheus::{IntCounter, IntGauge};
 
     use super::*;
-    use crate::outbox::{Bound, Frames, OutboxMetrics, Taken};
+    use crate::outbox::{Bound, Frames, OutboxMetrics, Taken, Written};
 
     fn outbox() -> Arc<Outbox> {
         Arc::new(Outbox::new(
@@ -193,7 +193,7 @@ mod tests {
         assert_eq!(mailbox.poll_take(&mut cx, &mut taken), Poll::Ready(()));
         taken.into_iter().for_each(Delivery::deliver);
         let mut frames = Frames::new();
-        assert_eq!(a.take(&mut frames), Taken::Frames);
+        assert_eq!(a.take(&mut frames, Written::default()), Taken::Frames);
         let got: Vec<&[u8]> = frames.iter().map(|(f, _)| &f[..]).collect();
         assert_eq!(got, [&b"one"[..], &b"two"[..]]);
         assert_eq!(b.len(), 1);

@@ -102,6 +102,14 @@ pub struct OutboxMetrics {
     pub high_water_bytes: IntGauge,
 }
 
+/// Frames (and their bytes) the connection wrote since it last reported, handed back with its
+/// next [`Outbox::take`] so that releasing them costs no lock of its own.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub frames: usize,
+    pub bytes: usize,
+}
+
 /// How much may be queued for one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bound {
@@ -253,14 +261,12 @@ impl Outbox {
     }
 
     /// Reports frames taken with [`Outbox::take`] as written to the socket, releasing their
-    /// share of the bound.
-    pub fn written(&self, frames: usize, bytes: usize) {
-        if frames == 0 && bytes == 0 {
-            return;
-        }
-        let mut state = self.state.lock().expect("outbox lock poisoned");
-        state.taken_frames = state.taken_frames.saturating_sub(frames);
-        state.taken_bytes = state.taken_bytes.saturating_sub(bytes);
+    /// share of the bound (the connection itself reports through its next take instead).
+    pub fn written(&self, written: Written) {
+        self.state
+            .lock()
+            .expect("outbox lock poisoned")
+            .release(written);
     }
 
     /// Frames and bytes queued for the connection, taken but unwritten ones included.
@@ -327,15 +333,25 @@ impl Outbox {
     /// Moves every queued frame to the back of `into` (swapping buffers when `into` is empty,
     /// so nothing is copied). Once a close is requested and everything before it has been
     /// handed over, reports the close, once.
-    pub fn take(&self, into: &mut Frames) -> Taken {
+    ///
+    /// `written` reports what the connection wrote since its last take, releasing its share of
+    /// the bound first.
+    pub fn take(&self, into: &mut Frames, written: Written) -> Taken {
         let mut state = self.state.lock().expect("outbox lock poisoned");
+        state.release(written);
         Self::take_locked(&mut state, into)
     }
 
     /// Like [`Outbox::take`], but when there is nothing to hand over, arranges for the
     /// connection's task to be woken by the next push or close request.
-    pub fn poll_take(&self, cx: &mut Context<'_>, into: &mut Frames) -> Poll<Taken> {
+    pub fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        into: &mut Frames,
+        written: Written,
+    ) -> Poll<Taken> {
         let mut state = self.state.lock().expect("outbox lock poisoned");
+        state.release(written);
         match Self::take_locked(&mut state, into) {
             Taken::Nothing => {
                 match &mut state.waker {
@@ -372,6 +388,11 @@ impl Outbox {
 }
 
 impl State {
+    fn release(&mut self, written: Written) {
+        self.taken_frames = self.taken_frames.saturating_sub(written.frames);
+        self.taken_bytes = self.taken_bytes.saturating_sub(written.bytes);
+    }
+
     /// Whether queuing `extra` more bytes (one more frame) would exceed the bound. A frame
     /// bigger than the byte bound on its own still goes into an empty queue.
     fn over_bound(&self, bound: &Bound, extra: usize) -> bool {
@@ -419,8 +440,11 @@ mod tests {
             o.push(Bytes::from_static(b"abc"), FrameClass::Durable);
         }
         // The connection takes everything but writes only one frame.
-        assert_eq!(o.take(&mut batch), Taken::Frames);
-        o.written(1, 3);
+        assert_eq!(o.take(&mut batch, Written::default()), Taken::Frames);
+        o.written(Written {
+            frames: 1,
+            bytes: 3,
+        });
         assert_eq!(o.queued(), (2, 6));
         assert_eq!(
             o.push(Bytes::from_static(b"d"), FrameClass::Durable),
@@ -449,8 +473,11 @@ mod tests {
             Pushed::Queued
         );
         let mut batch = Frames::new();
-        o.take(&mut batch);
-        o.written(1, 20);
+        o.take(&mut batch, Written::default());
+        o.written(Written {
+            frames: 1,
+            bytes: 20,
+        });
         assert_eq!(
             o.push(Bytes::from(vec![b'x'; 6]), FrameClass::Durable),
             Pushed::Queued
@@ -511,13 +538,13 @@ mod tests {
         o.push(Bytes::from_static(b"b"), FrameClass::Durable);
         o.close(1001, "bye");
         let mut batch = Frames::new();
-        assert_eq!(o.take(&mut batch), Taken::Frames);
+        assert_eq!(o.take(&mut batch, Written::default()), Taken::Frames);
         assert_eq!(batch.len(), 2);
-        let Taken::Close(close) = o.take(&mut batch) else {
+        let Taken::Close(close) = o.take(&mut batch, Written::default()) else {
             panic!("the close follows the frames");
         };
         assert_eq!(close.code, 1001);
-        assert_eq!(o.take(&mut batch), Taken::Nothing);
+        assert_eq!(o.take(&mut batch, Written::default()), Taken::Nothing);
         assert_eq!(batch.len(), 2, "nothing more after the close");
     }
 
@@ -537,12 +564,21 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         let o = outbox(8);
         let mut batch = Frames::new();
-        assert_eq!(o.poll_take(&mut cx, &mut batch), Poll::Pending);
+        assert_eq!(
+            o.poll_take(&mut cx, &mut batch, Written::default()),
+            Poll::Pending
+        );
         o.push(Bytes::from_static(b"a"), FrameClass::Durable);
         o.push(Bytes::from_static(b"b"), FrameClass::Durable);
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
-        assert_eq!(o.poll_take(&mut cx, &mut batch), Poll::Ready(Taken::Frames));
-        assert_eq!(o.poll_take(&mut cx, &mut batch), Poll::Pending);
+        assert_eq!(
+            o.poll_take(&mut cx, &mut batch, Written::default()),
+            Poll::Ready(Taken::Frames)
+        );
+        assert_eq!(
+            o.poll_take(&mut cx, &mut batch, Written::default()),
+            Poll::Pending
+        );
         o.close(1000, "");
         assert_eq!(count.0.load(Ordering::SeqCst), 2);
     }

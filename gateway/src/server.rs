@@ -34,6 +34,9 @@ use crate::shard::{self, ConnId, ShardCommand, ShardHandle};
 const MAX_API_BODY: usize = 64 * 1024;
 
 /// State shared by the accept loop, the shards and every connection.
+/// Most presence broadcasts in flight across the process.
+const PRESENCE_TASKS: usize = 4096;
+
 pub struct Shared {
     pub config: Config,
     /// Every call has a deadline (`--store-timeout-ms`): a wedged disk fails requests instead
@@ -45,6 +48,9 @@ pub struct Shared {
     pub presence: PresenceRegistry,
     /// How fast each tenant's joins may create rooms.
     pub room_creations: TenantRoomCreations,
+    /// Permits for presence broadcasts (each a task collecting members from the shards): at
+    /// most `PRESENCE_TASKS` run at once.
+    pub presence_tasks: Arc<tokio::sync::Semaphore>,
     pub shards: Vec<ShardHandle>,
     pub verifier: Verifier,
     next_conn: AtomicU64,
@@ -196,6 +202,7 @@ impl Gateway {
             outbox_metrics,
             presence: PresenceRegistry::default(),
             room_creations,
+            presence_tasks: Arc::new(tokio::sync::Semaphore::new(PRESENCE_TASKS)),
             shards,
             verifier,
             next_conn: AtomicU64::new(1),

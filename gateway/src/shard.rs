@@ -997,6 +997,7 @@ impl Shard {
             limit: join.limit,
             search: None,
             include_notes: conn.claims.role.is_team(),
+            max_bytes: budget,
         };
         tokio::spawn(async move {
             let (frame, ok) = match store.history(&room_id, query).await {
@@ -1358,6 +1359,7 @@ impl Shard {
             limit: historic.limit,
             search: historic.search,
             include_notes: conn.claims.role.is_team(),
+            max_bytes: budget,
         };
         self.maybe_unload(&room_id);
         tokio::spawn(async move {

@@ -39,6 +39,7 @@ macro_rules! conformance_tests {
             history_pages_backwards_from_the_newest,
             history_pages_forwards_after_a_cursor,
             history_between_two_cursors_reads_forwards,
+            history_stops_at_its_byte_budget,
             history_limit_zero_means_fifty,
             history_hides_notes_unless_asked,
             history_search_matches_whole_words_case_insensitively,
@@ -425,6 +426,64 @@ pub async fn history_pages_forwards_after_a_cursor<S: Store>(store: S) {
     assert!(none.messages.is_empty() && !none.has_more);
 }
 
+/// A byte budget cuts a page at the end it reads from, keeps at least one message, and says
+/// `has_more`; paging on from the cut reaches every message.
+pub async fn history_stops_at_its_byte_budget<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    for n in 1..=10u64 {
+        let text = format!("{n:0>1000}");
+        assert_eq!(say(&store, "r", "alice", &text).await.seq, n);
+    }
+    let budget = |after_seq, before_seq, max_bytes| HistoryQuery {
+        after_seq,
+        before_seq,
+        limit: 50,
+        max_bytes,
+        ..HistoryQuery::default()
+    };
+    // About 1 KB a message: a 3.5 KB budget holds three (the newest, paging backwards).
+    let newest = store
+        .history(&key("r"), budget(None, None, 3500))
+        .await
+        .unwrap();
+    assert_eq!(seqs(&newest), range(8, 10));
+    assert!(newest.has_more);
+    let mut seen = seqs(&newest);
+    let mut before = 8;
+    while before > 1 {
+        let older = store
+            .history(&key("r"), budget(None, Some(before), 3500))
+            .await
+            .unwrap();
+        assert!(!older.messages.is_empty());
+        before = older.messages[0].seq;
+        seen.splice(0..0, seqs(&older));
+        assert_eq!(older.has_more, before > 1);
+    }
+    assert_eq!(seen, range(1, 10));
+    // Forwards, the oldest are kept.
+    let first = store
+        .history(&key("r"), budget(Some(0), None, 3500))
+        .await
+        .unwrap();
+    assert_eq!(seqs(&first), range(1, 3));
+    assert!(first.has_more);
+    // A budget smaller than one message still returns one.
+    let one = store
+        .history(&key("r"), budget(Some(0), None, 10))
+        .await
+        .unwrap();
+    assert_eq!(seqs(&one), [1]);
+    assert!(one.has_more);
+    // A budget that holds the rest is no cut.
+    let rest = store
+        .history(&key("r"), budget(Some(7), None, 1 << 20))
+        .await
+        .unwrap();
+    assert_eq!(seqs(&rest), range(8, 10));
+    assert!(!rest.has_more);
+}
+
 /// With both cursors, the open interval is read forwards from `after_seq`.
 pub async fn history_between_two_cursors_reads_forwards<S: Store>(store: S) {
     team_room(&store, "r").await;
@@ -533,6 +592,7 @@ pub async fn history_search_pages_like_plain_history<S: Store>(store: S) {
         limit,
         include_notes,
         search: Some("PING".to_owned()),
+        max_bytes: 0,
     };
     let newest = store
         .history(&key("r"), query(None, None, 2, false))

@@ -278,6 +278,11 @@ pub struct HistoryQuery {
     pub search: Option<String>,
     /// Whether `NOTE` messages are visible to the reader.
     pub include_notes: bool,
+    /// Stop once the page holds about this many bytes of message data (0: no budget). The
+    /// page then keeps at least one message, says `has_more`, and stops at the end it reads
+    /// from (the newest messages when paging backwards, the oldest when paging forwards), so a
+    /// read never holds more than the budget plus one message, however large `limit` is.
+    pub max_bytes: usize,
 }
 
 /// One page of history.

@@ -1312,6 +1312,8 @@ fn history(
     let mut examined = 0u64;
     let mut last_examined = None;
     let mut budget_spent = false;
+    let mut bytes = 0usize;
+    let mut cut = false;
     while let Some(row) = rows.next()? {
         if !search.is_empty() {
             if examined == u64::from(search_budget) {
@@ -1327,16 +1329,37 @@ fn history(
         } else {
             examined += 1;
         }
+        let row_size = row_bytes(row)?;
+        if query.max_bytes > 0
+            && !messages.is_empty()
+            && messages.len() < limit
+            && bytes + row_size > query.max_bytes
+        {
+            // The byte budget is spent with messages left: stop here, where the next page
+            // starts.
+            cut = true;
+            break;
+        }
+        bytes += row_size;
         messages.push(message_from_row(row)?);
         if messages.len() > limit {
             break;
         }
     }
     let mut page = HistoryPage {
-        has_more: messages.len() > limit,
+        has_more: messages.len() > limit || cut,
         examined,
         ..HistoryPage::default()
     };
+    if cut && !search.is_empty() {
+        // A search continues after the last row it read, which is the last message kept.
+        let last = messages.last().map(|m| m.seq);
+        if forwards {
+            page.next_after_seq = last;
+        } else {
+            page.next_before_seq = last;
+        }
+    }
     if !page.has_more && budget_spent {
         // Rows remain unexamined: the caller continues from the last row this request read.
         page.has_more = true;
@@ -1352,6 +1375,18 @@ fn history(
     }
     page.messages = messages;
     Ok(page)
+}
+
+/// Bytes of text and blobs in a message row, as read (what a page holds in memory, roughly).
+fn row_bytes(row: &Row<'_>) -> rusqlite::Result<usize> {
+    let mut total = 0;
+    for column in 0..MESSAGE_COLUMN_COUNT {
+        total += match row.get_ref(column)? {
+            rusqlite::types::ValueRef::Text(b) | rusqlite::types::ValueRef::Blob(b) => b.len(),
+            _ => 8,
+        };
+    }
+    Ok(total)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1796,6 +1831,7 @@ mod tests {
             limit: 10,
             search: Some(words.to_owned()),
             include_notes: false,
+            max_bytes: 0,
         }
     }
 
