@@ -152,8 +152,12 @@ pub struct Config {
     pub rooms_per_connection: u32,
 
     /// Rooms one tenant's joins may create per minute across the process (burst: the same
-    /// number); further creations get RATE_LIMITED.
-    #[arg(long, env = "GATEWAY_ROOMS_PER_TENANT_MINUTE", default_value_t = 600)]
+    /// number, so a tenant may open that many at once); further creations get RATE_LIMITED.
+    #[arg(
+        long,
+        env = "GATEWAY_ROOMS_PER_TENANT_MINUTE",
+        default_value_t = 10_000
+    )]
     pub rooms_per_tenant_minute: u32,
 
     /// Sustained requests per second per connection (token bucket); excess gets RATE_LIMITED.

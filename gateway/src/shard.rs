@@ -41,6 +41,10 @@ pub type ConnId = u64;
 /// Bytes of frames one shard's mailbox holds for its connections before posts to it are refused
 /// (see [`crate::mailbox`]).
 const MAILBOX_BYTES: usize = 64 * 1024 * 1024;
+/// Chat commits all shards together keep in flight before they stop taking requests
+/// (back-pressure): the embedded store's write queue, so that overload slows clients down
+/// rather than filling the queue and getting writes refused.
+const APPENDS_IN_FLIGHT: usize = storage::sqlite::DEFAULT_QUEUE_CAPACITY;
 /// Chat ids with an unknown write outcome remembered per room.
 const MAX_UNKNOWN_OUTCOMES: usize = 64;
 /// Most requests queued for one room while it loads; more are answered UNAVAILABLE.
@@ -193,7 +197,15 @@ pub fn spawn(
                 let Ok(shared) = shared_rx.await else {
                     return;
                 };
-                tokio::spawn(liveness::sweep(shared.clone(), index));
+                // The sweep is this shard's heartbeat and expiry: if it dies, so does the shard.
+                let sweep = tokio::spawn(liveness::sweep(shared.clone(), index));
+                tokio::spawn(async move {
+                    if let Err(e) = sweep.await {
+                        if e.is_panic() {
+                            exit_after_panic(index);
+                        }
+                    }
+                });
                 Shard::new(index, shared).run(rx).await;
             });
             // Connections still running on this runtime are dropped with it.
@@ -218,11 +230,16 @@ struct ExitOnPanic(usize);
 impl Drop for ExitOnPanic {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            tracing::error!(shard = self.0, "shard thread panicked, exiting");
-            eprintln!("shard {} panicked, exiting", self.0);
-            std::process::exit(70);
+            exit_after_panic(self.0);
         }
     }
+}
+
+/// Ends the process with status 70 (EX_SOFTWARE) after a shard's thread or sweep panicked.
+fn exit_after_panic(shard: usize) -> ! {
+    tracing::error!(shard, "shard panicked, exiting");
+    eprintln!("shard {shard} panicked, exiting");
+    std::process::exit(70)
 }
 
 /// Frames for a member that wait for its join reply, bounded like its outbox.
@@ -290,6 +307,8 @@ struct Shard {
     inbound: Vec<Delivery>,
     /// Scratch member lists, one per shard, for broadcasts.
     lists: Vec<Vec<Arc<Outbox>>>,
+    /// This shard's share of [`APPENDS_IN_FLIGHT`].
+    max_appends: usize,
 }
 
 /// How frames leave a shard: straight into the outboxes of connections running on its own
@@ -386,6 +405,7 @@ impl Shard {
             mailbox: shared.shards[index].mailbox.clone(),
             inbound: Vec::new(),
             lists: vec![Vec::new(); shared.shards.len()],
+            max_appends: (APPENDS_IN_FLIGHT / shared.shards.len()).max(64),
             shared,
         }
     }
@@ -429,7 +449,11 @@ impl Shard {
                         delivery.deliver();
                     }
                 }
-                command = commands.recv(), if !stopping => match command {
+                // With as many chat commits in flight as the store should hold, the shard stops
+                // taking requests: its channel fills, connections stop reading, and TCP pushes
+                // back on the clients, instead of messages being read only to be refused.
+                command = commands.recv(),
+                    if !stopping && self.appends.len() < self.max_appends => match command {
                     Some(ShardCommand::Shutdown) | None => stopping = true,
                     Some(command) => self.on_command(command),
                 },
@@ -1574,4 +1598,41 @@ struct HistoricData<'a> {
     next_before_seq: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     next_after_seq: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs in a child process (this test binary again), where a panic under the guard must
+    /// end the whole process with status 70 rather than just the thread.
+    #[test]
+    fn a_panicking_shard_thread_ends_the_process() {
+        const CHILD: &str = "GATEWAY_EXIT_ON_PANIC_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let worker = std::thread::spawn(|| {
+                let _guard = ExitOnPanic(3);
+                panic!("a shard's state machine failed");
+            });
+            let _ = worker.join();
+            // Only reached if the guard let the process live on.
+            std::process::exit(0);
+        }
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "shard::tests::a_panicking_shard_thread_ends_the_process",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(70),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(String::from_utf8_lossy(&output.stderr).contains("shard 3 panicked, exiting"));
+    }
 }
