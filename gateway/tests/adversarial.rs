@@ -624,3 +624,49 @@ async fn a_few_searches_from_one_tenant_starve_every_tenants_history_reads() {
     );
     server.stop().await;
 }
+
+// -------------------------------------------------------------------------------------------
+// 7. Shutdown.
+// -------------------------------------------------------------------------------------------
+
+/// server.rs `Gateway::shutdown` waits (`ShardCommand::Drain`) only for chat commits already
+/// started (`appends_started`). A chat the connection had read but the shard is holding behind
+/// the same connection's pending `join` reply (`Member::held`) is not a commit yet, so the
+/// drain does not wait for it: the sockets are closed with 1001 and the chat is never answered.
+/// docs/protocol.md §1: "every chat the gateway had already read is committed and answered;
+/// then each socket is closed with 1001".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_held_behind_a_pending_join_is_not_answered_before_the_shutdown_close() {
+    let server = TestServer::start_with(|c| c.shards = 1).await;
+    fill_haystack(&server, "haystack", 24).await;
+    let mut alice = RawClient::connect(server.addr, &token("alice", TENANT, Role::Admin)).await;
+    alice.recv_json(Duration::from_secs(5)).await; // connected
+    alice
+        .send_texts(&[frame("join", "alice", "r9", json!({}), "j0")])
+        .await;
+    let (r, _) = collect(&mut alice, &["j0"], Duration::from_secs(5)).await;
+    assert_eq!(r["j0"]["status"], "success", "{}", r["j0"]);
+
+    // The re-join's read waits behind slow searches; the chat behind it waits for its reply.
+    let _hog = hog_history_readers(&server, "haystack", 8).await;
+    alice
+        .send_texts(&[
+            frame("join", "alice", "r9", json!({"since_seq": 0}), "j"),
+            frame(
+                "chat",
+                "alice",
+                "r9",
+                json!({"message": "read before the shutdown", "sender": "alice"}),
+                "c",
+            ),
+        ])
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = tokio::spawn(async move { server.stop().await });
+    let (replies, frames) = collect(&mut alice, &["c"], Duration::from_secs(10)).await;
+    let _ = stopping.await;
+    assert!(
+        replies.contains_key("c"),
+        "a chat read before the shutdown got no reply before the close: {frames:?}"
+    );
+}
