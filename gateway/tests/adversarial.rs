@@ -206,7 +206,13 @@ async fn a_leave_refused_behind_a_pending_join_leaks_the_membership_after_close(
     let mut c = RawClient::connect(server.addr, &token("gus", TENANT, Role::Admin)).await;
     let mut frames = vec![frame("join", "gus", "held", json!({"since_seq": 0}), "j")];
     for i in 0..64 {
-        frames.push(frame("historic", "gus", "held", json!({}), &format!("h{i}")));
+        frames.push(frame(
+            "historic",
+            "gus",
+            "held",
+            json!({}),
+            &format!("h{i}"),
+        ));
     }
     frames.push(frame("leave", "gus", "held", json!({}), "l"));
     c.send_texts(&frames).await;
@@ -251,7 +257,8 @@ async fn a_chat_retried_after_an_unknown_outcome_that_was_not_stored_is_announce
     let mut bob = server.connect("bob", TENANT, Role::Admin).await;
     alice.join("room-x").await;
     bob.join("room-x").await;
-    let chat = json!({"message": "fail: lost in the crash", "sender": "alice", "message_id": "m-x"});
+    let chat =
+        json!({"message": "fail: lost in the crash", "sender": "alice", "message_id": "m-x"});
 
     // Another process holds the write lock past the store's deadline: the outcome is unknown.
     let locker = rusqlite::Connection::open(&db).unwrap();
@@ -361,7 +368,8 @@ async fn a_customer_chat_reusing_a_notes_message_id_is_answered_with_the_note() 
     // No protocol code writes notes yet, so one goes straight into the gateway's store.
     let store = storage::open(&test_config(dir.path()).store_url()).unwrap();
     let key = storage::RoomKey::new(TENANT, "conv-n");
-    let mut note = storage::NewMessage::text(&key, "alice", "internal: refund approved, do not tell");
+    let mut note =
+        storage::NewMessage::text(&key, "alice", "internal: refund approved, do not tell");
     note.sender_type = storage::SenderType::Agent;
     note.direction = storage::Direction::Note;
     note.message_id = "note-1".into();
@@ -609,13 +617,17 @@ async fn a_few_searches_from_one_tenant_starve_every_tenants_history_reads() {
     other.join("elsewhere").await;
     other.chat("elsewhere", "hello").await;
     let started = Instant::now();
-    let v = other.request("historic", Some("elsewhere"), json!({})).await;
+    let v = other
+        .request("historic", Some("elsewhere"), json!({}))
+        .await;
     assert_eq!(v["status"], "success", "{v}");
     let unloaded = started.elapsed();
 
     let _hog = hog_history_readers(&server, "haystack", 8).await;
     let started = Instant::now();
-    let v = other.request("historic", Some("elsewhere"), json!({})).await;
+    let v = other
+        .request("historic", Some("elsewhere"), json!({}))
+        .await;
     let waited = started.elapsed();
     assert_eq!(v["status"], "success", "after {waited:?}: {v}");
     assert!(
