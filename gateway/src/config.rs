@@ -198,6 +198,11 @@ pub struct Config {
     )]
     pub search_scan_rows: u32,
 
+    /// Longest one `historic` search may keep a storage reader busy, in milliseconds; a search
+    /// that runs out answers with what it found and a cursor to continue from.
+    #[arg(long, env = "GATEWAY_SEARCH_TIME_MS", default_value_t = 100)]
+    pub search_time_ms: u64,
+
     /// Serve an echo WebSocket route at /conformance/echo (for the Autobahn test suite); it goes
     /// through the same connection code and limits. Off by default.
     #[arg(long, env = "GATEWAY_CONFORMANCE_ECHO")]

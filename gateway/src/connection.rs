@@ -589,7 +589,12 @@ fn spawn_presence_broadcast(
         let mut n = 0;
         for (shard, rooms) in by_shard {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            let command = ShardCommand::CollectMembers { rooms, reply: tx };
+            let command = ShardCommand::CollectMembers {
+                rooms,
+                frame: frame.clone(),
+                except,
+                reply: tx,
+            };
             if shared.shards[shard].commands.send(command).await.is_err() {
                 continue;
             }

@@ -56,8 +56,8 @@ impl PresenceRegistry {
         entry.connections == 1
     }
 
-    /// A connection closed; when it was the user's last, returns the rooms the user had joined
-    /// (the user goes offline).
+    /// A connection closed; when it was the user's last and the user was not already shown as
+    /// offline, returns the rooms the user had joined (the user goes offline: a change to tell).
     pub fn disconnect(&self, key: &UserKey) -> Option<Vec<String>> {
         let mut map = self.stripe(key).lock().expect("presence lock poisoned");
         let Entry::Occupied(mut entry) = map.entry(key.clone()) else {
@@ -67,7 +67,8 @@ impl PresenceRegistry {
         if entry.get().connections > 0 {
             return None;
         }
-        Some(entry.remove().rooms.into_keys().collect())
+        let user = entry.remove();
+        (user.status != PresenceStatus::Offline).then(|| user.rooms.into_keys().collect())
     }
 
     /// Sets an explicit status; when it changed, returns the user's joined rooms.

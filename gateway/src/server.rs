@@ -168,6 +168,7 @@ impl Gateway {
                 }
             })),
             search_scan_rows: config.search_scan_rows,
+            search_time: std::time::Duration::from_millis(config.search_time_ms),
             ..Default::default()
         };
         let url = config.store_url();

@@ -122,8 +122,12 @@ pub enum ShardCommand {
         rooms: Vec<RoomKey>,
     },
     /// Presence fan-out: the connections joined to any of these rooms.
+    /// Members whose join reply is being prepared get `frame` behind it, from the shard;
+    /// `except` gets nothing.
     CollectMembers {
         rooms: Vec<RoomKey>,
+        frame: Bytes,
+        except: ConnId,
         reply: oneshot::Sender<Vec<(ConnId, Arc<Outbox>)>>,
     },
     /// Answers once every chat commit started before it has finished and its replies are
@@ -254,6 +258,9 @@ struct Member {
     /// While a join reply is being prepared, frames for this member wait here so the client
     /// sees the join reply first and then every later event, in order.
     pending: Option<Pending>,
+    /// The room's `last_seq` when this connection joined: it has everything up to there (in
+    /// `missed`, or before the point it chose to start from), and hears of later messages live.
+    joined_at_seq: u64,
     /// Later requests of this connection for this room, held while the join reply is being
     /// prepared and replayed in order once it is out (so a pipelined `leave` cannot drop the
     /// join reply, nor a `chat` overtake it).
@@ -309,6 +316,8 @@ struct Shard {
     lists: Vec<Vec<Arc<Outbox>>>,
     /// This shard's share of [`APPENDS_IN_FLIGHT`].
     max_appends: usize,
+    /// Join replies being prepared by helper tasks.
+    joins_in_flight: usize,
 }
 
 /// How frames leave a shard: straight into the outboxes of connections running on its own
@@ -406,6 +415,7 @@ impl Shard {
             inbound: Vec::new(),
             lists: vec![Vec::new(); shared.shards.len()],
             max_appends: (APPENDS_IN_FLIGHT / shared.shards.len()).max(64),
+            joins_in_flight: 0,
             shared,
         }
     }
@@ -494,16 +504,31 @@ impl Shard {
                     self.remove_member(&room_id, conn);
                 }
             }
-            ShardCommand::CollectMembers { rooms, reply } => {
+            ShardCommand::CollectMembers {
+                rooms,
+                frame,
+                except,
+                reply,
+            } => {
+                let route = Route {
+                    shards: &self.shared.shards,
+                    here: self.index,
+                };
                 let mut out = Vec::new();
                 for room_id in &rooms {
-                    if let Some(Slot::Ready(state)) = self.rooms.get(room_id) {
-                        out.extend(
-                            state
-                                .members
-                                .values()
-                                .map(|m| (m.conn.id, m.conn.outbox.clone())),
-                        );
+                    let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) else {
+                        continue;
+                    };
+                    for member in state.members.values_mut() {
+                        if member.conn.id == except {
+                            continue;
+                        }
+                        if member.pending.is_some() {
+                            // Not before the member's join reply: behind it, like room events.
+                            route.deliver(member, frame.clone(), FrameClass::Ephemeral);
+                        } else {
+                            out.push((member.conn.id, member.conn.outbox.clone()));
+                        }
                     }
                 }
                 let _ = reply.send(out);
@@ -520,6 +545,11 @@ impl Shard {
     fn answer_drains(&mut self) {
         // Runs after every commit; there is nothing to do outside a shutdown.
         if self.drains.is_empty() {
+            return;
+        }
+        // Chats held behind a join being prepared are read but not started yet: wait for the
+        // joins too (their held chats then start, and the targets move past them).
+        if self.joins_in_flight > 0 {
             return;
         }
         let finished = self.appends_finished;
@@ -599,38 +629,13 @@ impl Shard {
                 frame,
                 ok,
             } => {
-                let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
-                    return;
-                };
-                let Some(member) = state.members.get_mut(&conn) else {
-                    return;
-                };
-                let pending = member.pending.take().unwrap_or_default();
-                let held = std::mem::take(&mut member.held);
-                self.shared
-                    .metrics
-                    .frames_out(OutCode::Response(Code::Join), 1);
-                // The events that waited for the reply follow it, in order (or overflow into a
-                // 1013 close), never vanish; after a failed join there are none to send.
-                let route = Route {
-                    shards: &self.shared.shards,
-                    here: self.index,
-                };
-                route.send(&member.conn, frame, FrameClass::Durable);
-                if ok {
-                    for (frame, class) in pending.frames {
-                        route.send(&member.conn, frame, class);
-                    }
+                self.joins_in_flight -= 1;
+                self.on_join_ready(room_id, conn, frame, ok);
+                // Held chats replayed by this join have started: a shutdown waits for them too.
+                for (target, _) in &mut self.drains {
+                    *target = (*target).max(self.appends_started);
                 }
-                if !ok {
-                    // The join failed (storage): the connection is not a member after all.
-                    if let Some(member) = state.members.remove(&conn) {
-                        self.shared
-                            .presence
-                            .left(&member.conn.user_key(), &room_id.room_id);
-                    }
-                }
-                self.replay(&room_id, held);
+                self.answer_drains();
             }
             ShardEvent::ReceiptStored {
                 room_id,
@@ -656,6 +661,44 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// A join reply is ready: it goes out, then what waited behind it (or, when the join
+    /// failed, the connection stops being a member), then the requests held behind it.
+    fn on_join_ready(&mut self, room_id: RoomKey, conn: ConnId, frame: Bytes, ok: bool) {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
+            return;
+        };
+        let Some(member) = state.members.get_mut(&conn) else {
+            return;
+        };
+        let pending = member.pending.take().unwrap_or_default();
+        let held = std::mem::take(&mut member.held);
+        self.shared
+            .metrics
+            .frames_out(OutCode::Response(Code::Join), 1);
+        // The events that waited for the reply follow it, in order (or overflow into a
+        // 1013 close), never vanish; after a failed join there are none to send.
+        let route = Route {
+            shards: &self.shared.shards,
+            here: self.index,
+        };
+        route.send(&member.conn, frame, FrameClass::Durable);
+        if ok {
+            for (frame, class) in pending.frames {
+                route.send(&member.conn, frame, class);
+            }
+        }
+        if !ok {
+            // The join failed (storage): the connection is not a member after all.
+            self.shared.metrics.error(ErrorCode::Unavailable);
+            if let Some(member) = state.members.remove(&conn) {
+                self.shared
+                    .presence
+                    .left(&member.conn.user_key(), &room_id.room_id);
+            }
+        }
+        self.replay(&room_id, held);
     }
 
     fn room_ready(&mut self, room: Room) {
@@ -717,6 +760,11 @@ impl Shard {
         self.update_room_gauge();
         for request in queued {
             let error = match request.action {
+                // Leaving a room one is not in succeeds, whether the room exists or not.
+                RoomAction::Leave => {
+                    self.reply_leave(&request);
+                    continue;
+                }
                 RoomAction::Join(_) if request.conn.claims.role != Role::Customer => {
                     refusal.clone()
                 }
@@ -782,6 +830,10 @@ impl Shard {
         };
         self.update_room_gauge();
         for request in queued {
+            if matches!(request.action, RoomAction::Leave) {
+                self.reply_leave(&request);
+                continue;
+            }
             let code = request.action.code();
             self.reply_error(
                 &request.conn,
@@ -804,12 +856,18 @@ impl Shard {
     }
 
     fn remove_member(&mut self, room_id: &RoomKey, conn: ConnId) {
-        if let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) {
-            if let Some(member) = state.members.remove(&conn) {
-                self.shared
-                    .presence
-                    .left(&member.conn.user_key(), &room_id.room_id);
+        match self.rooms.get_mut(room_id) {
+            Some(Slot::Ready(state)) => {
+                if let Some(member) = state.members.remove(&conn) {
+                    self.shared
+                        .presence
+                        .left(&member.conn.user_key(), &room_id.room_id);
+                }
             }
+            // The connection is gone while the room loads: what it queued would make it a
+            // member once the room is ready, with nobody left to remove it.
+            Some(Slot::Loading(queued)) => queued.retain(|request| request.conn.id != conn),
+            None => {}
         }
         self.maybe_unload(room_id);
     }
@@ -836,7 +894,12 @@ impl Shard {
         };
         if let Some(member) = state.members.get_mut(&request.conn.id) {
             if member.pending.is_some() {
-                if member.held.len() < MAX_HELD_PER_MEMBER {
+                // A leave is never refused: the connection has forgotten the room already, so a
+                // refused leave would leave a membership nobody removes. Leaves are few (each
+                // costs a rate-limit token while the join lasts, at most the store deadline).
+                if member.held.len() < MAX_HELD_PER_MEMBER
+                    || matches!(request.action, RoomAction::Leave)
+                {
                     member.held.push(request);
                     return;
                 }
@@ -982,6 +1045,7 @@ impl Shard {
                 Member {
                     conn: conn.clone(),
                     pending: None,
+                    joined_at_seq: last_seq,
                     held: Vec::new(),
                 },
             );
@@ -1008,9 +1072,11 @@ impl Shard {
             Member {
                 conn: conn.clone(),
                 pending: Some(Pending::default()),
+                joined_at_seq: last_seq,
                 held: Vec::new(),
             },
         );
+        self.joins_in_flight += 1;
 
         let store = self.shared.store.clone();
         let events = self.events_tx.clone();
@@ -1148,6 +1214,19 @@ impl Shard {
                 return;
             }
         };
+        // A duplicate from someone else (or of a message the sender may not see) is not a
+        // retry: answering with the stored message would hand out another user's message.
+        if appended.duplicate
+            && (appended.message.sender != conn.claims.sub
+                || (appended.message.direction == Direction::Note && !conn.claims.role.is_team()))
+        {
+            let error = ProtocolError::new(
+                ErrorCode::BadRequest,
+                "message_id is already used by another message in this room",
+            );
+            self.reply_error(&conn, Code::Chat, &room_id, reference.as_deref(), error);
+            return self.maybe_unload(&room_id);
+        }
         let metrics = &self.shared.metrics;
         let direct = FrameBuilder::success(
             Code::Chat.response(),
@@ -1165,20 +1244,23 @@ impl Shard {
             metrics.frames_out(OutCode::Response(Code::Chat), 1);
             return;
         };
+        // Once stored, the id's outcome is known, duplicate or not.
+        let was_unknown = match state
+            .unknown_outcomes
+            .iter()
+            .position(|id| *id == message_id)
+        {
+            Some(at) => {
+                state.unknown_outcomes.remove(at);
+                true
+            }
+            None => false,
+        };
         // A duplicate is news to the room only when it is the retry of a write whose outcome
-        // was unknown: the original was never announced.
-        let announce = !appended.duplicate
-            || match state
-                .unknown_outcomes
-                .iter()
-                .position(|id| *id == message_id)
-            {
-                Some(at) => {
-                    state.unknown_outcomes.remove(at);
-                    true
-                }
-                None => false,
-            };
+        // was unknown: the original was never announced. Members that joined after it was
+        // stored have it already (in `missed`, or behind their starting point).
+        let seq = appended.message.seq;
+        let announce = !appended.duplicate || was_unknown;
         if announce {
             state.room.last_seq = state.room.last_seq.max(appended.message.seq);
             let event = FrameBuilder::success(
@@ -1190,7 +1272,9 @@ impl Shard {
             );
             let customer_hidden = appended.message.direction == Direction::Note;
             let members = state.members.values_mut().filter(|member| {
-                member.conn.id != conn.id && (!customer_hidden || member.conn.claims.role.is_team())
+                member.conn.id != conn.id
+                    && (!customer_hidden || member.conn.claims.role.is_team())
+                    && (!appended.duplicate || member.joined_at_seq < seq)
             });
             let n = route.broadcast(&mut self.lists, members, &event, FrameClass::Durable);
             metrics.frames_out(OutCode::Response(Code::Chat), n + 1);
@@ -1198,10 +1282,10 @@ impl Shard {
         } else {
             metrics.frames_out(OutCode::Response(Code::Chat), 1);
         }
-        match state.members.get_mut(&conn.id) {
-            Some(member) => route.deliver(member, direct, FrameClass::Durable),
-            None => route.send(&conn, direct, FrameClass::Durable),
-        };
+        // The direct reply answers a request read before any join still being prepared for this
+        // connection, so it goes out now rather than behind that join's reply (and is never
+        // dropped with it when that join fails).
+        route.send(&conn, direct, FrameClass::Durable);
         metrics
             .fanout_latency
             .observe(received.elapsed().as_secs_f64());

@@ -78,6 +78,12 @@ const SCHEMA_VERSION: i64 = 2;
 /// failing them fast with [`Error::Unavailable`] lets callers retry or shed load instead.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 8_192;
 
+/// Default of [`SqliteConfig::search_time`].
+pub const DEFAULT_SEARCH_TIME: Duration = Duration::from_millis(100);
+
+/// Longest `LIKE` pattern a search word becomes (ASCII, so bytes).
+const PREFILTER_MAX_LEN: usize = 16;
+
 /// Default of [`SqliteConfig::search_scan_rows`].
 pub const DEFAULT_SEARCH_SCAN_ROWS: u32 = 10_000;
 
@@ -107,6 +113,10 @@ pub struct SqliteConfig {
     /// Most rows of the room one search request examines before it answers with what it found
     /// and a continuation cursor.
     pub search_scan_rows: u32,
+    /// Longest one search request may keep its reader busy: matching long texts against long
+    /// words costs far more per row than reading it, so rows alone do not bound the time. A
+    /// search that runs out answers like one that ran out of rows.
+    pub search_time: Duration,
     /// How long a connection waits for a lock held by another process before giving up.
     pub busy_timeout: Duration,
     /// Called on the writer thread after every group commit; keep it cheap (bump counters).
@@ -121,6 +131,7 @@ impl Default for SqliteConfig {
             readers: 4,
             lookup_readers: 2,
             search_scan_rows: DEFAULT_SEARCH_SCAN_ROWS,
+            search_time: DEFAULT_SEARCH_TIME,
             busy_timeout: Duration::from_secs(5),
             on_commit: None,
         }
@@ -135,6 +146,7 @@ impl fmt::Debug for SqliteConfig {
             .field("readers", &self.readers)
             .field("lookup_readers", &self.lookup_readers)
             .field("search_scan_rows", &self.search_scan_rows)
+            .field("search_time", &self.search_time)
             .field("busy_timeout", &self.busy_timeout)
             .field(
                 "on_commit",
@@ -163,6 +175,8 @@ struct Inner {
     reads: RwLock<Option<Readers>>,
     /// [`SqliteConfig::search_scan_rows`], at least 1.
     search_scan_rows: u32,
+    /// [`SqliteConfig::search_time`].
+    search_time: Duration,
     /// Never written: every worker thread holds the sender, so `changed()` fails once they all
     /// have stopped.
     stopped: watch::Receiver<()>,
@@ -257,6 +271,7 @@ impl SqliteStore {
                     lookups: lookup_tx,
                 })),
                 search_scan_rows: config.search_scan_rows.max(1),
+                search_time: config.search_time,
                 stopped: stopped_rx,
             }),
         })
@@ -374,7 +389,10 @@ impl Store for SqliteStore {
 
     async fn history(&self, room: &RoomKey, query: HistoryQuery) -> Result<HistoryPage> {
         let room = room.clone();
-        let budget = self.inner.search_scan_rows;
+        let budget = SearchBudget {
+            rows: self.inner.search_scan_rows,
+            time: self.inner.search_time,
+        };
         self.read(Pool::Scan, move |conn| history(conn, &room, &query, budget))
             .wait(self)
             .await
@@ -1236,7 +1254,37 @@ fn parse_json<T: serde::de::DeserializeOwned>(row: &Row<'_>, index: usize) -> ru
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(index, Type::Text, e.into()))
 }
 
+/// What one search request may spend.
+#[derive(Clone, Copy)]
+struct SearchBudget {
+    rows: u32,
+    time: Duration,
+}
+
 fn history(
+    conn: &Connection,
+    room: &RoomKey,
+    query: &HistoryQuery,
+    budget: SearchBudget,
+) -> rusqlite::Result<HistoryPage> {
+    let searching = query
+        .search
+        .as_deref()
+        .is_some_and(|s| !words(s).is_empty());
+    if searching {
+        // SQLite checks in every few thousand steps and stops the statement once the time is
+        // spent; the page then ends where the search got to.
+        let deadline = std::time::Instant::now() + budget.time;
+        conn.progress_handler(4_000, Some(move || std::time::Instant::now() > deadline));
+    }
+    let page = read_history(conn, room, query, budget.rows);
+    if searching {
+        conn.progress_handler(0, None::<fn() -> bool>);
+    }
+    page
+}
+
+fn read_history(
     conn: &Connection,
     room: &RoomKey,
     query: &HistoryQuery,
@@ -1314,7 +1362,21 @@ fn history(
     let mut budget_spent = false;
     let mut bytes = 0usize;
     let mut cut = false;
-    while let Some(row) = rows.next()? {
+    loop {
+        let row = match rows.next() {
+            Ok(Some(row)) => row,
+            Ok(None) => break,
+            // The search's time ran out: what it found so far, and where to go on from.
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::OperationInterrupted
+                    && !search.is_empty()
+                    && last_examined.is_some() =>
+            {
+                budget_spent = true;
+                break;
+            }
+            Err(e) => return Err(e),
+        };
         if !search.is_empty() {
             if examined == u64::from(search_budget) {
                 budget_spent = true;
@@ -1433,6 +1495,9 @@ fn like_prefilter(word: &str) -> Option<Prefilter> {
         .split(|c: char| !c.is_ascii())
         .max_by_key(|run| run.len())
         .filter(|run| !run.is_empty())?;
+    // `LIKE '%w%'` costs about text × pattern per row; a prefix of the run filters nearly as
+    // well at a bounded cost (the whole-word check still looks at the whole word).
+    let run = &run[..run.len().min(PREFILTER_MAX_LEN)];
     let mut pattern = String::with_capacity(run.len() + 2);
     pattern.push('%');
     for c in run.chars() {
@@ -1909,6 +1974,7 @@ mod tests {
             lookup_readers: 1,
             // Each search reads the whole room.
             search_scan_rows: 1_000_000,
+            search_time: Duration::from_secs(600),
             ..SqliteConfig::default()
         };
         let store = SqliteStore::open(&path, config).unwrap();
@@ -1945,6 +2011,39 @@ mod tests {
             assert!(page.messages.is_empty() && !page.has_more);
             assert_eq!(page.examined, 200_000);
         }
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_search_stops_at_its_time_budget_and_hands_back_a_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
+        let config = SqliteConfig {
+            search_scan_rows: 1_000_000,
+            search_time: Duration::from_millis(20),
+            ..SqliteConfig::default()
+        };
+        let store = SqliteStore::open(&path, config).unwrap();
+        big_room(&store, &path, "big", 200_000, &[]).await;
+        let started = Instant::now();
+        // Every row passes the prefilter and fails the whole-word check: the slowest search.
+        let page = store
+            .history(&key("big"), search_query("fill", None, None))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(page.has_more);
+        assert!(
+            page.examined > 0 && page.examined < 200_000,
+            "{}",
+            page.examined
+        );
+        // The cursor continues below the last row read.
+        assert_eq!(page.next_before_seq, Some(200_001 - page.examined));
         store.close().await.unwrap();
     }
 
