@@ -459,11 +459,14 @@ impl Shard {
                         delivery.deliver();
                     }
                 }
-                // With as many chat commits in flight as the store should hold, the shard stops
-                // taking requests: its channel fills, connections stop reading, and TCP pushes
-                // back on the clients, instead of messages being read only to be refused.
+                // With as many chat commits in flight as the store should hold, or every helper
+                // task permit taken, the shard stops taking requests: its channel fills,
+                // connections stop reading, and TCP pushes back on the clients, instead of
+                // requests being read only to be refused.
                 command = commands.recv(),
-                    if !stopping && self.appends.len() < self.max_appends => match command {
+                    if !stopping
+                        && self.appends.len() < self.max_appends
+                        && self.work.available_permits() > 0 => match command {
                     Some(ShardCommand::Shutdown) | None => stopping = true,
                     Some(command) => self.on_command(command),
                 },
