@@ -152,8 +152,6 @@ impl Mailbox {
 
 #[cfg(test)]
 mod tests {
-    use prometheus::{IntCounter, IntGauge};
-
     use super::*;
     use crate::outbox::{Bound, Frames, OutboxMetrics, Taken, Written};
 
@@ -163,13 +161,7 @@ mod tests {
                 frames: 16,
                 bytes: 1 << 20,
             },
-            Arc::new(OutboxMetrics {
-                drops: IntCounter::new("d", "d").unwrap(),
-                slow_consumer_closes: IntCounter::new("s", "s").unwrap(),
-                closes_1013: IntCounter::new("c", "c").unwrap(),
-                high_water: IntGauge::new("h", "h").unwrap(),
-                high_water_bytes: IntGauge::new("hb", "hb").unwrap(),
-            }),
+            OutboxMetrics::unregistered(),
         ))
     }
 

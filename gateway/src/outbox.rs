@@ -110,6 +110,20 @@ pub struct Written {
     pub bytes: usize,
 }
 
+impl OutboxMetrics {
+    /// Counters registered nowhere, for tests.
+    #[cfg(test)]
+    pub(crate) fn unregistered() -> Arc<OutboxMetrics> {
+        Arc::new(OutboxMetrics {
+            drops: IntCounter::new("d", "d").expect("valid counter"),
+            slow_consumer_closes: IntCounter::new("s", "s").expect("valid counter"),
+            closes_1013: IntCounter::new("c", "c").expect("valid counter"),
+            high_water: IntGauge::new("h", "h").expect("valid gauge"),
+            high_water_bytes: IntGauge::new("hb", "hb").expect("valid gauge"),
+        })
+    }
+}
+
 /// How much may be queued for one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bound {
@@ -413,13 +427,7 @@ mod tests {
     use super::*;
 
     fn metrics() -> Arc<OutboxMetrics> {
-        Arc::new(OutboxMetrics {
-            drops: IntCounter::new("d", "d").unwrap(),
-            slow_consumer_closes: IntCounter::new("s", "s").unwrap(),
-            closes_1013: IntCounter::new("c", "c").unwrap(),
-            high_water: IntGauge::new("h", "h").unwrap(),
-            high_water_bytes: IntGauge::new("hb", "hb").unwrap(),
-        })
+        OutboxMetrics::unregistered()
     }
 
     fn outbox(frames: usize) -> Outbox {
