@@ -571,7 +571,11 @@ impl Shard {
     fn on_room_request(&mut self, request: RoomRequest) {
         match self.rooms.get_mut(&request.room) {
             Some(Slot::Ready(_)) => self.handle_ready(request),
-            Some(Slot::Loading(queue)) if queue.len() < MAX_QUEUED_WHILE_LOADING => {
+            // A leave is never refused (see `handle_ready`): it waits past the cap too.
+            Some(Slot::Loading(queue))
+                if queue.len() < MAX_QUEUED_WHILE_LOADING
+                    || matches!(request.action, RoomAction::Leave) =>
+            {
                 queue.push(request)
             }
             Some(Slot::Loading(_)) => self.reply_busy(&request),
