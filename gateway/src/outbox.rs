@@ -131,6 +131,15 @@ pub struct Bound {
     pub bytes: usize,
 }
 
+impl Bound {
+    /// Whether one more frame of `extra` bytes, on top of `frames` frames of `bytes` bytes
+    /// already queued, would exceed the bound. A frame bigger than the byte bound on its own
+    /// still goes into an empty queue.
+    pub fn exceeded_by(&self, frames: usize, bytes: usize, extra: usize) -> bool {
+        frames >= self.frames || (frames > 0 && bytes + extra > self.bytes)
+    }
+}
+
 /// The bounded queue between producers and a connection, and what its shard's heartbeat sweep
 /// reads of it.
 pub struct Outbox {
@@ -410,9 +419,11 @@ impl State {
     /// Whether queuing `extra` more bytes (one more frame) would exceed the bound. A frame
     /// bigger than the byte bound on its own still goes into an empty queue.
     fn over_bound(&self, bound: &Bound, extra: usize) -> bool {
-        let frames = self.frames.len() + self.taken_frames;
-        let bytes = self.bytes + self.taken_bytes;
-        frames >= bound.frames || (frames > 0 && bytes + extra > bound.bytes)
+        bound.exceeded_by(
+            self.frames.len() + self.taken_frames,
+            self.bytes + self.taken_bytes,
+            extra,
+        )
     }
 }
 

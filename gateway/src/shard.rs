@@ -382,11 +382,15 @@ impl Route<'_> {
         let Some(pending) = &mut member.pending else {
             return self.send(&member.conn, frame, class);
         };
-        let bound = member.conn.outbox.bound();
         let (queued_frames, queued_bytes) = member.conn.outbox.queued();
         let frames = pending.frames.len() + queued_frames;
         let bytes = pending.bytes + queued_bytes;
-        if frames >= bound.frames || (frames > 0 && bytes + frame.len() > bound.bytes) {
+        if member
+            .conn
+            .outbox
+            .bound()
+            .exceeded_by(frames, bytes, frame.len())
+        {
             if class == FrameClass::Ephemeral {
                 return member.conn.outbox.count_dropped();
             }
@@ -439,7 +443,7 @@ impl Shard {
             request.action.code(),
             &request.room,
             request.reference.as_deref(),
-            ProtocolError::new(ErrorCode::Unavailable, "server busy, retry later"),
+            server_busy(),
         );
     }
 
@@ -847,7 +851,7 @@ impl Shard {
                 code,
                 &request.room,
                 request.reference.as_deref(),
-                ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later"),
+                storage_unavailable(),
             );
         }
     }
@@ -990,8 +994,7 @@ impl Shard {
             Some(_) => match self.work.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => {
-                    let error =
-                        ProtocolError::new(ErrorCode::Unavailable, "server busy, retry later");
+                    let error = server_busy();
                     self.reply_error(&conn, Code::Join, &room_id, reference.as_deref(), error);
                     self.maybe_unload(&room_id);
                     return;
@@ -1335,7 +1338,7 @@ impl Shard {
         message_id: String,
     ) {
         let Some(permit) = self.try_work() else {
-            let error = ProtocolError::new(ErrorCode::Unavailable, "server busy, retry later");
+            let error = server_busy();
             return self.reply_error(
                 &conn,
                 Code::ReadReceipt,
@@ -1365,8 +1368,6 @@ impl Shard {
                 }
                 .send(&conn, frame, FrameClass::Durable);
             };
-            let unavailable =
-                || ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later");
             let message = match store.message_by_id(&room_id, &message_id).await {
                 Ok(Some(m)) if m.direction != Direction::Note || conn.claims.role.is_team() => m,
                 Ok(_) => {
@@ -1375,13 +1376,13 @@ impl Shard {
                         "message not found in this room",
                     ))
                 }
-                Err(_) => return fail(unavailable()),
+                Err(_) => return fail(storage_unavailable()),
             };
             let Ok(marker) = store
                 .mark_read(&room_id, &conn.claims.sub, message.seq)
                 .await
             else {
-                return fail(unavailable());
+                return fail(storage_unavailable());
             };
             // The marker has moved: a failure to count what is left unread must not turn the
             // reply into an error, so the count is left out instead.
@@ -1453,7 +1454,7 @@ impl Shard {
             return;
         }
         let Some(permit) = self.try_work() else {
-            let error = ProtocolError::new(ErrorCode::Unavailable, "server busy, retry later");
+            let error = server_busy();
             self.reply_error(&conn, Code::Historic, &room_id, reference.as_deref(), error);
             return self.maybe_unload(&room_id);
         };
@@ -1485,7 +1486,7 @@ impl Shard {
                     Some(&conn.claims.sub),
                     Some(&room_id.room_id),
                     reference,
-                    &ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later"),
+                    &storage_unavailable(),
                 )
             };
             let frame = match store.history(&room_id, query).await {
@@ -1593,6 +1594,16 @@ fn page_json(page: &HistoryPage, budget: usize, keep: PageEnd) -> PageJson {
     }
 }
 
+/// `UNAVAILABLE` for a request that found no helper task to run on.
+fn server_busy() -> ProtocolError {
+    ProtocolError::new(ErrorCode::Unavailable, "server busy, retry later")
+}
+
+/// `UNAVAILABLE` for a request whose store call failed (nothing was changed).
+fn storage_unavailable() -> ProtocolError {
+    ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later")
+}
+
 /// The `UNAVAILABLE` reply to a join whose missed messages could not be read.
 fn join_unavailable(conn: &ConnRef, room_id: &RoomKey, reference: Option<&str>) -> Bytes {
     FrameBuilder::error(
@@ -1600,7 +1611,7 @@ fn join_unavailable(conn: &ConnRef, room_id: &RoomKey, reference: Option<&str>) 
         Some(&conn.claims.sub),
         Some(&room_id.room_id),
         reference,
-        &ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later"),
+        &storage_unavailable(),
     )
 }
 

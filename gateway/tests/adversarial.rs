@@ -360,16 +360,15 @@ async fn a_customer_chat_reusing_a_notes_message_id_is_refused_without_the_note(
     )
     .await;
     let dir = server.stop().await;
-    // No protocol code writes notes yet, so one goes straight into the gateway's store.
-    let store = storage::open(&test_config(dir.path()).store_url()).unwrap();
-    let key = storage::RoomKey::new(TENANT, "conv-n");
-    let mut note =
-        storage::NewMessage::text(&key, "alice", "internal: refund approved, do not tell");
-    note.sender_type = storage::SenderType::Agent;
-    note.direction = storage::Direction::Note;
-    note.message_id = "note-1".into();
-    storage::Store::append(&store, note).await.unwrap();
-    storage::Store::close(&store).await.unwrap();
+    store_note(
+        dir.path(),
+        TENANT,
+        "conv-n",
+        "alice",
+        "internal: refund approved, do not tell",
+        Some("note-1"),
+    )
+    .await;
 
     let server = TestServer::start_in(dir, |_| {}).await;
     let mut cust = server.connect("cust-1", TENANT, Role::Customer).await;

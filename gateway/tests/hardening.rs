@@ -428,15 +428,16 @@ async fn a_read_receipt_on_a_note_is_not_broadcast_to_customers() {
     )
     .await;
     let dir = server.stop().await;
-    // No protocol code writes notes yet, so one goes straight into the gateway's store.
-    let store = storage::open(&test_config(dir.path()).store_url()).unwrap();
-    let key = storage::RoomKey::new(TENANT, "conv-r");
-    let mut note = storage::NewMessage::text(&key, "alice", "refund approved");
-    note.sender_type = storage::SenderType::Agent;
-    note.direction = storage::Direction::Note;
-    let note_id = note.message_id.clone();
-    storage::Store::append(&store, note).await.unwrap();
-    storage::Store::close(&store).await.unwrap();
+    let note_id = store_note(
+        dir.path(),
+        TENANT,
+        "conv-r",
+        "alice",
+        "refund approved",
+        None,
+    )
+    .await
+    .message_id;
 
     let server = TestServer::start_in(dir, |_| {}).await;
     let mut alice = server.connect("alice", TENANT, Role::Agent).await;

@@ -1187,16 +1187,17 @@ async fn customer_never_sees_a_note_in_historic_join_or_read_receipt() {
     assert_eq!(a.chat("conv-notes", "hello there").await["data"]["seq"], 1);
     let dir = server.stop().await;
 
-    // No protocol code writes notes yet, so one goes straight into the gateway's store.
-    let store = storage::open(&test_config(dir.path()).store_url()).unwrap();
-    let room = storage::RoomKey::new(TENANT, "conv-notes");
-    let mut note = storage::NewMessage::text(&room, "alice", "internal refund approved");
-    note.sender_type = storage::SenderType::Agent;
-    note.direction = storage::Direction::Note;
-    let note_id = note.message_id.clone();
-    let stored = storage::Store::append(&store, note).await.unwrap();
-    assert_eq!(stored.message.seq, 2);
-    storage::Store::close(&store).await.unwrap();
+    let stored = store_note(
+        dir.path(),
+        TENANT,
+        "conv-notes",
+        "alice",
+        "internal refund approved",
+        None,
+    )
+    .await;
+    assert_eq!(stored.seq, 2);
+    let note_id = stored.message_id;
 
     let server = TestServer::start_in(dir, |_| {}).await;
     let mut a = agent(&server, "alice").await;

@@ -555,3 +555,25 @@ impl RawClient {
         })
     }
 }
+
+/// Writes a note straight into a stopped gateway's store (no protocol code writes notes yet)
+/// and returns it as stored.
+pub async fn store_note(
+    dir: &std::path::Path,
+    tenant: &str,
+    room: &str,
+    sender: &str,
+    text: &str,
+    message_id: Option<&str>,
+) -> storage::Message {
+    let store = storage::open(&test_config(dir).store_url()).unwrap();
+    let mut note = storage::NewMessage::text(&storage::RoomKey::new(tenant, room), sender, text);
+    note.sender_type = storage::SenderType::Agent;
+    note.direction = storage::Direction::Note;
+    if let Some(id) = message_id {
+        note.message_id = id.to_owned();
+    }
+    let stored = storage::Store::append(&store, note).await.unwrap();
+    storage::Store::close(&store).await.unwrap();
+    stored.message
+}
