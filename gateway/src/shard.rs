@@ -329,7 +329,11 @@ struct Route<'a> {
     here: usize,
 }
 
-impl Route<'_> {
+impl<'a> Route<'a> {
+    fn new(shards: &'a [ShardHandle], here: usize) -> Self {
+        Route { shards, here }
+    }
+
     fn send(&self, conn: &ConnRef, frame: Bytes, class: FrameClass) {
         if conn.home == self.here {
             conn.outbox.push(frame, class);
@@ -426,10 +430,7 @@ impl Shard {
 
     /// Where this shard's frames go (see [`Route`]).
     fn route(&self) -> Route<'_> {
-        Route {
-            shards: &self.shared.shards,
-            here: self.index,
-        }
+        Route::new(&self.shared.shards, self.index)
     }
 
     /// A permit to start a helper task, or `None` when the shard runs as many as it may.
@@ -517,10 +518,7 @@ impl Shard {
                 except,
                 reply,
             } => {
-                let route = Route {
-                    shards: &self.shared.shards,
-                    here: self.index,
-                };
+                let route = Route::new(&self.shared.shards, self.index);
                 let mut out = Vec::new();
                 for room_id in &rooms {
                     let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) else {
@@ -657,10 +655,7 @@ impl Shard {
                 if let (Some(frame), Some(Slot::Ready(state))) =
                     (broadcast, self.rooms.get_mut(&room_id))
                 {
-                    let route = Route {
-                        shards: &self.shared.shards,
-                        here: self.index,
-                    };
+                    let route = Route::new(&self.shared.shards, self.index);
                     let members = state.members.values_mut().filter(|member| {
                         member.conn.id != conn.id
                             && (!team_only || member.conn.claims.role.is_team())
@@ -690,10 +685,7 @@ impl Shard {
             .frames_out(OutCode::Response(Code::Join), 1);
         // The events that waited for the reply follow it, in order (or overflow into a
         // 1013 close), never vanish; after a failed join there are none to send.
-        let route = Route {
-            shards: &self.shared.shards,
-            here: self.index,
-        };
+        let route = Route::new(&self.shared.shards, self.index);
         route.send(&member.conn, frame, FrameClass::Durable);
         if ok {
             for (frame, class) in pending.frames {
@@ -1013,10 +1005,7 @@ impl Shard {
         if first_of_user {
             let status = self.shared.presence.status(&user_key);
             let frame = presence_frame(&conn.claims.sub, Some(&room_id.room_id), status);
-            let route = Route {
-                shards: &self.shared.shards,
-                here: self.index,
-            };
+            let route = Route::new(&self.shared.shards, self.index);
             let members = state.members.values_mut().filter(|member| {
                 member.conn.claims.sub != conn.claims.sub
                     || member.conn.claims.tenant != conn.claims.tenant
@@ -1245,10 +1234,7 @@ impl Shard {
             reference.as_deref(),
             &appended.message,
         );
-        let route = Route {
-            shards: &self.shared.shards,
-            here: self.index,
-        };
+        let route = Route::new(&self.shared.shards, self.index);
         let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
             route.send(&conn, direct, FrameClass::Durable);
             metrics.frames_out(OutCode::Response(Code::Chat), 1);
@@ -1316,10 +1302,7 @@ impl Shard {
                 sender: &conn.claims.sub,
             },
         );
-        let route = Route {
-            shards: &self.shared.shards,
-            here: self.index,
-        };
+        let route = Route::new(&self.shared.shards, self.index);
         let members = state
             .members
             .values_mut()
