@@ -1345,11 +1345,7 @@ impl Shard {
                     reference.as_deref(),
                     &error,
                 );
-                Route {
-                    shards: &shared.shards,
-                    here,
-                }
-                .send(&conn, frame, FrameClass::Durable);
+                Route::new(&shared.shards, here).send(&conn, frame, FrameClass::Durable);
             };
             let message = match store.message_by_id(&room_id, &message_id).await {
                 Ok(Some(m)) if m.direction != Direction::Note || conn.claims.role.is_team() => m,
@@ -1390,11 +1386,7 @@ impl Shard {
                 reference.as_deref(),
                 data,
             );
-            Route {
-                shards: &shared.shards,
-                here,
-            }
-            .send(&conn, direct, FrameClass::Durable);
+            Route::new(&shared.shards, here).send(&conn, direct, FrameClass::Durable);
             // Others hear about it only when the marker moved to this message.
             let broadcast = (marker == message.seq).then(|| {
                 FrameBuilder::success(
@@ -1508,11 +1500,7 @@ impl Shard {
                 }
             };
             metrics.frames_out(OutCode::Response(Code::Historic), 1);
-            Route {
-                shards: &shared.shards,
-                here,
-            }
-            .send(&conn, frame, FrameClass::Durable);
+            Route::new(&shared.shards, here).send(&conn, frame, FrameClass::Durable);
             drop(permit);
         });
     }
