@@ -561,7 +561,8 @@ async fn a_few_searches_from_one_tenant_do_not_starve_other_tenants_history_read
     // A store deadline shorter than the default 5 s keeps the test short; before searches had a
     // time budget, the history read waited behind them until that deadline.
     let server = TestServer::start_with(|c| c.store_timeout_ms = 2000).await;
-    fill_haystack(&server, "haystack", 24).await;
+    // Enough rows that, unbounded, two rounds of these searches outlast the deadline.
+    fill_haystack(&server, "haystack", 96).await;
     let mut other = server.connect("olga", "globex", Role::Admin).await;
     other.join("elsewhere").await;
     other.chat("elsewhere", "hello").await;
