@@ -13,12 +13,12 @@
 //! directory, a keyspace to drop, …). The generated tests need `tokio` with its `macros` and
 //! `rt-multi-thread` features.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::{
     Direction, Error, HistoryPage, HistoryQuery, Message, MessageType, NewMessage, NewRoom,
-    RoomKey, RoomKind, SenderType, Store, Timestamp,
+    ReadState, RoomKey, RoomKind, SearchQuery, SenderType, Store, Timestamp,
 };
 
 /// Generates one `#[tokio::test]` per conformance case. `$make` names an `async fn() -> (S, G)`
@@ -28,9 +28,11 @@ macro_rules! conformance_tests {
     ($make:path) => {
         $crate::conformance_tests!(@cases $make;
             seq_starts_at_one_and_is_gap_free_per_room,
+            an_append_at_any_seq_but_the_next_is_refused,
             duplicate_message_id_returns_the_original,
+            a_retry_after_a_crash_gets_the_original,
             duplicates_within_one_batch_are_stored_once,
-            concurrent_appends_get_every_seq_exactly_once,
+            pipelined_appends_are_applied_in_call_order,
             append_to_a_missing_room_is_invalid,
             invalid_request_does_not_fail_the_rest_of_its_batch,
             create_room_is_idempotent,
@@ -42,11 +44,12 @@ macro_rules! conformance_tests {
             history_stops_at_its_byte_budget,
             history_limit_zero_means_fifty,
             history_hides_notes_unless_asked,
-            history_search_matches_whole_words_case_insensitively,
-            history_search_pages_like_plain_history,
+            search_matches_whole_words_case_insensitively,
+            search_pages_like_plain_history,
             message_by_id_round_trips_every_field,
             mark_read_never_moves_backwards,
             unread_count_skips_own_and_read_messages,
+            unread_counts_match_a_recount_under_interleaving,
             writes_are_visible_once_acknowledged,
             append_after_close_is_closed,
             same_room_id_in_two_tenants_is_two_rooms,
@@ -82,17 +85,33 @@ async fn team_room<S: Store>(store: &S, room_id: &str) {
     assert!(created, "room {room_id} already existed");
 }
 
-async fn say<S: Store>(store: &S, room_id: &str, sender: &str, text: &str) -> Message {
-    let appended = store
-        .append(NewMessage::text(&key(room_id), sender, text))
+/// The seq the room's owner would give the next message: the stored `last_seq` + 1.
+async fn next_seq<S: Store>(store: &S, room: &RoomKey) -> u64 {
+    store
+        .room(room)
         .await
-        .unwrap();
+        .unwrap()
+        .expect("room exists")
+        .last_seq
+        + 1
+}
+
+/// A text message for the next seq of the room.
+async fn next_text<S: Store>(store: &S, room_id: &str, sender: &str, text: &str) -> NewMessage {
+    let room = key(room_id);
+    let seq = next_seq(store, &room).await;
+    NewMessage::text(&room, seq, sender, text)
+}
+
+async fn say<S: Store>(store: &S, room_id: &str, sender: &str, text: &str) -> Message {
+    let message = next_text(store, room_id, sender, text).await;
+    let appended = store.append(message).await.unwrap();
     assert!(!appended.duplicate);
     appended.message
 }
 
 async fn note<S: Store>(store: &S, room_id: &str, sender: &str, text: &str) -> Message {
-    let mut message = NewMessage::text(&key(room_id), sender, text);
+    let mut message = next_text(store, room_id, sender, text).await;
     message.direction = Direction::Note;
     store.append(message).await.unwrap().message
 }
@@ -130,12 +149,13 @@ async fn page<S: Store>(
 }
 
 async fn search<S: Store>(store: &S, room_id: &str, words: &str) -> Vec<u64> {
-    let query = HistoryQuery {
-        search: Some(words.to_owned()),
+    let query = SearchQuery {
+        words: words.to_owned(),
         limit: 100,
-        ..HistoryQuery::default()
+        include_notes: true,
+        ..SearchQuery::default()
     };
-    seqs(&store.history(&key(room_id), query).await.unwrap())
+    seqs(&store.search(&key(room_id), query).await.unwrap())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -157,17 +177,40 @@ pub async fn seq_starts_at_one_and_is_gap_free_per_room<S: Store>(store: S) {
     assert_eq!(store.room(&key("b")).await.unwrap().unwrap().last_seq, 2);
 }
 
+/// The fence: only the room's next seq is stored. A taken seq (a second writer with a stale
+/// counter) and a seq past a gap are both refused, nothing is stored, and the error names the
+/// room's last stored seq so the owner can renumber.
+pub async fn an_append_at_any_seq_but_the_next_is_refused<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    fill(&store, "r", 3).await;
+    for wrong in [0, 1, 3, 5, 100] {
+        let message = NewMessage::text(&key("r"), wrong, "mallory", &format!("at {wrong}"));
+        let error = store.append(message).await.unwrap_err();
+        assert!(
+            matches!(error, Error::SeqConflict { last_seq: 3 }),
+            "seq {wrong}: {error:?}"
+        );
+        assert!(error.is_retryable());
+    }
+    let history = page(&store, "r", Some(0), None, 10).await;
+    assert_eq!(seqs(&history), range(1, 3));
+    assert!(history.messages.iter().all(|m| m.sender == "alice"));
+    assert_eq!(say(&store, "r", "alice", "m4").await.seq, 4);
+}
+
 /// A repeated `message_id` stores nothing and returns the original; ids are scoped per room.
 pub async fn duplicate_message_id_returns_the_original<S: Store>(store: S) {
     team_room(&store, "a").await;
     team_room(&store, "b").await;
-    let mut first = NewMessage::text(&key("a"), "alice", "first");
+    let mut first = NewMessage::text(&key("a"), 1, "alice", "first");
     first.message_id = "msg-1".to_owned();
     first.created_at = Timestamp(1_000);
     let original = store.append(first.clone()).await.unwrap();
     assert!(!original.duplicate);
 
+    // A retry comes with the owner's next seq; the original wins and the seq stays free.
     let mut again = first.clone();
+    again.seq = 2;
     again.message = "second".to_owned();
     again.created_at = Timestamp(2_000);
     let repeated = store.append(again).await.unwrap();
@@ -188,92 +231,119 @@ pub async fn duplicate_message_id_returns_the_original<S: Store>(store: S) {
     assert_eq!(other.message.seq, 1);
 }
 
-/// Concurrent appends sharing ids (likely committed in one batch) store each id once.
-pub async fn duplicates_within_one_batch_are_stored_once<S: Store>(store: S) {
+/// The owner crashed after a write became durable but before it was acknowledged; the client
+/// retries on the restarted owner, whose counter (recovered from `last_seq`) already counts the
+/// message. The retry, whatever seq it comes with, gets the original; the room stays gap-free.
+pub async fn a_retry_after_a_crash_gets_the_original<S: Store>(store: S) {
     team_room(&store, "r").await;
-    let store = Arc::new(store);
-    let tasks: Vec<_> = (0..100)
-        .map(|i| {
-            let store = Arc::clone(&store);
-            let mut message = NewMessage::text(&key("r"), "alice", &format!("copy {i}"));
-            message.message_id = format!("id-{}", i % 90);
-            tokio::spawn(async move { store.append(message).await.unwrap() })
-        })
-        .collect();
-    let mut by_id: BTreeMap<String, Vec<_>> = BTreeMap::new();
-    for task in tasks {
-        let appended = task.await.unwrap();
-        by_id
-            .entry(appended.message.message_id.clone())
-            .or_default()
-            .push(appended);
-    }
-    assert_eq!(by_id.len(), 90);
-    let duplicates = by_id.values().flatten().filter(|a| a.duplicate).count();
-    assert_eq!(duplicates, 10);
-    for results in by_id.values() {
-        assert_eq!(results.iter().filter(|a| !a.duplicate).count(), 1);
-        assert!(results.iter().all(|a| a.message == results[0].message));
-    }
-    let history = page(&*store, "r", Some(0), None, 200).await;
-    assert_eq!(seqs(&history), range(1, 90));
-    assert!(!history.has_more);
-    assert_eq!(store.room(&key("r")).await.unwrap().unwrap().last_seq, 90);
+    fill(&store, "r", 2).await;
+    let mut unacknowledged = next_text(&store, "r", "bob", "did it land?").await;
+    unacknowledged.message_id = "client-7".to_owned();
+    let stored = store.append(unacknowledged.clone()).await.unwrap();
+    assert_eq!(stored.message.seq, 3);
+    // The restarted owner loads the room and numbers the retry after what is stored.
+    let mut retry = unacknowledged;
+    retry.seq = next_seq(&store, &key("r")).await;
+    assert_eq!(retry.seq, 4);
+    let answered = store.append(retry).await.unwrap();
+    assert!(answered.duplicate);
+    assert_eq!(answered.message, stored.message);
+    // The seq the retry carried is still the next one.
+    assert_eq!(say(&store, "r", "alice", "after").await.seq, 4);
+    assert_eq!(
+        seqs(&page(&store, "r", Some(0), None, 10).await),
+        range(1, 4)
+    );
 }
 
-/// 1000 appends from many tasks at once get exactly the seqs 1 … 1000.
-pub async fn concurrent_appends_get_every_seq_exactly_once<S: Store>(store: S) {
+/// Pipelined appends with the same id store it once; the seq of the duplicate stays unused, so
+/// the owner's next append (numbered past it) is refused with the seq to continue from.
+pub async fn duplicates_within_one_batch_are_stored_once<S: Store>(store: S) {
     team_room(&store, "r").await;
+    let room = key("r");
+    let mut first = NewMessage::text(&room, 1, "alice", "one");
+    first.message_id = "same".to_owned();
+    let mut second = first.clone();
+    second.seq = 2;
+    second.message = "two".to_owned();
+    let third = NewMessage::text(&room, 3, "alice", "three");
+    // Called in order without waiting, as a room's owner pipelines them.
+    let pending = [
+        store.append(first),
+        store.append(second),
+        store.append(third),
+    ];
+    let [first, second, third] = pending;
+    let first = first.await.unwrap();
+    let second = second.await.unwrap();
+    assert!(!first.duplicate);
+    assert!(second.duplicate);
+    assert_eq!(second.message, first.message);
+    let error = third.await.unwrap_err();
+    assert!(
+        matches!(error, Error::SeqConflict { last_seq: 1 }),
+        "{error:?}"
+    );
+    assert_eq!(say(&store, "r", "alice", "two").await.seq, 2);
+    assert_eq!(
+        seqs(&page(&store, "r", Some(0), None, 10).await),
+        range(1, 2)
+    );
+}
+
+/// An owner pipelines 1000 appends to one room (each called before the previous is answered)
+/// while other rooms get theirs at the same time: every one is stored, in call order.
+pub async fn pipelined_appends_are_applied_in_call_order<S: Store>(store: S) {
     let store = Arc::new(store);
-    let tasks: Vec<_> = (0..50)
-        .map(|task| {
+    let rooms = ["r0", "r1", "r2", "r3"];
+    for room in rooms {
+        team_room(&*store, room).await;
+    }
+    let tasks: Vec<_> = rooms
+        .iter()
+        .map(|room_id| {
             let store = Arc::clone(&store);
+            let room = key(room_id);
             tokio::spawn(async move {
+                let pending: Vec<_> = (1..=250)
+                    .map(|seq| {
+                        store.append(NewMessage::text(&room, seq, "alice", &format!("m{seq}")))
+                    })
+                    .collect();
                 let mut got = Vec::new();
-                for n in 0..20 {
-                    let text = format!("task {task} message {n}");
-                    got.push(
-                        store
-                            .append(NewMessage::text(&key("r"), "alice", &text))
-                            .await,
-                    );
+                for appended in pending {
+                    got.push(appended.await.unwrap().message.seq);
                 }
                 got
             })
         })
         .collect();
-    let mut all = Vec::new();
     for task in tasks {
-        let got: Vec<u64> = task
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| r.unwrap().message.seq)
-            .collect();
-        assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
-        all.extend(got);
+        assert_eq!(task.await.unwrap(), range(1, 250));
     }
-    all.sort_unstable();
-    assert_eq!(all, range(1, 1000));
-
-    let mut read = Vec::new();
-    let mut after = 0;
-    loop {
-        let history = page(&*store, "r", Some(after), None, 300).await;
-        read.extend(seqs(&history));
-        after = *read.last().unwrap();
-        if !history.has_more {
-            break;
+    for room in rooms {
+        let mut read = Vec::new();
+        let mut after = 0;
+        loop {
+            let history = page(&*store, room, Some(after), None, 200).await;
+            read.extend(seqs(&history));
+            for message in &history.messages {
+                assert_eq!(message.message, format!("m{}", message.seq));
+            }
+            after = *read.last().unwrap();
+            if !history.has_more {
+                break;
+            }
         }
+        assert_eq!(read, range(1, 250));
+        assert_eq!(store.room(&key(room)).await.unwrap().unwrap().last_seq, 250);
     }
-    assert_eq!(read, range(1, 1000));
-    assert_eq!(store.room(&key("r")).await.unwrap().unwrap().last_seq, 1000);
 }
 
 /// Appending to a room that does not exist is refused as invalid.
 pub async fn append_to_a_missing_room_is_invalid<S: Store>(store: S) {
     let error = store
-        .append(NewMessage::text(&key("nowhere"), "alice", "hi"))
+        .append(NewMessage::text(&key("nowhere"), 1, "alice", "hi"))
         .await
         .unwrap_err();
     assert!(matches!(error, Error::Invalid(_)), "{error:?}");
@@ -289,18 +359,15 @@ pub async fn append_to_a_missing_room_is_invalid<S: Store>(store: S) {
 /// Invalid requests mixed into the same moment as valid ones fail alone.
 pub async fn invalid_request_does_not_fail_the_rest_of_its_batch<S: Store>(store: S) {
     team_room(&store, "r").await;
-    let store = Arc::new(store);
-    let tasks: Vec<_> = (0..100)
-        .map(|i| {
-            let store = Arc::clone(&store);
-            let room = if i % 2 == 0 { "r" } else { "missing" };
-            let message = NewMessage::text(&key(room), "alice", &format!("{i}"));
-            tokio::spawn(async move { (room, store.append(message).await) })
-        })
-        .collect();
+    let mut pending = Vec::new();
+    for i in 1..=100u64 {
+        let room = if i % 2 == 0 { "r" } else { "missing" };
+        let message = NewMessage::text(&key(room), i / 2, "alice", &format!("{i}"));
+        pending.push((room, store.append(message)));
+    }
     let mut stored = Vec::new();
-    for task in tasks {
-        match task.await.unwrap() {
+    for (room, result) in pending {
+        match (room, result.await) {
             ("r", result) => stored.push(result.unwrap().message.seq),
             (_, result) => {
                 let error = result.unwrap_err();
@@ -308,10 +375,9 @@ pub async fn invalid_request_does_not_fail_the_rest_of_its_batch<S: Store>(store
             }
         }
     }
-    stored.sort_unstable();
     assert_eq!(stored, range(1, 50));
     assert_eq!(
-        seqs(&page(&*store, "r", Some(0), None, 100).await),
+        seqs(&page(&store, "r", Some(0), None, 100).await),
         range(1, 50)
     );
 }
@@ -541,7 +607,7 @@ pub async fn history_hides_notes_unless_asked<S: Store>(store: S) {
 }
 
 /// Search words match whole words of the text, case-insensitively (Unicode aware), all of them.
-pub async fn history_search_matches_whole_words_case_insensitively<S: Store>(store: S) {
+pub async fn search_matches_whole_words_case_insensitively<S: Store>(store: S) {
     team_room(&store, "r").await;
     for text in [
         "hello world",       // 1
@@ -579,46 +645,46 @@ pub async fn history_search_matches_whole_words_case_insensitively<S: Store>(sto
 }
 
 /// A search pages like plain history: `limit` counts matches, `has_more` looks for more matches.
-pub async fn history_search_pages_like_plain_history<S: Store>(store: S) {
+pub async fn search_pages_like_plain_history<S: Store>(store: S) {
     team_room(&store, "r").await;
     for n in 1..=20 {
         let text = if n % 3 == 0 { "ping" } else { "pong" };
         say(&store, "r", "alice", text).await;
     }
     note(&store, "r", "alice", "ping").await; // 21
-    let query = |after_seq, before_seq, limit, include_notes| HistoryQuery {
+    let query = |after_seq, before_seq, limit, include_notes| SearchQuery {
+        words: "PING".to_owned(),
         after_seq,
         before_seq,
         limit,
         include_notes,
-        search: Some("PING".to_owned()),
         max_bytes: 0,
     };
     let newest = store
-        .history(&key("r"), query(None, None, 2, false))
+        .search(&key("r"), query(None, None, 2, false))
         .await
         .unwrap();
     assert_eq!(seqs(&newest), [15, 18]);
     assert!(newest.has_more);
     let with_notes = store
-        .history(&key("r"), query(None, None, 2, true))
+        .search(&key("r"), query(None, None, 2, true))
         .await
         .unwrap();
     assert_eq!(seqs(&with_notes), [18, 21]);
     let older = store
-        .history(&key("r"), query(None, Some(15), 10, false))
+        .search(&key("r"), query(None, Some(15), 10, false))
         .await
         .unwrap();
     assert_eq!(seqs(&older), [3, 6, 9, 12]);
     assert!(!older.has_more);
     let forwards = store
-        .history(&key("r"), query(Some(3), None, 3, false))
+        .search(&key("r"), query(Some(3), None, 3, false))
         .await
         .unwrap();
     assert_eq!(seqs(&forwards), [6, 9, 12]);
     assert!(forwards.has_more);
     let last = store
-        .history(&key("r"), query(Some(12), Some(18), 3, false))
+        .search(&key("r"), query(Some(12), Some(18), 3, false))
         .await
         .unwrap();
     assert_eq!(seqs(&last), [15]);
@@ -638,6 +704,7 @@ pub async fn message_by_id_round_trips_every_field<S: Store>(store: S) {
     );
     let new = NewMessage {
         message_id: "01HXYZ".into(),
+        seq: 2,
         tenant_id: TENANT.into(),
         room_id: "r".into(),
         sender: "customer-9".into(),
@@ -652,9 +719,9 @@ pub async fn message_by_id_round_trips_every_field<S: Store>(store: S) {
         created_at: Timestamp(1_700_000_000_999),
     };
     let appended = store.append(new.clone()).await.unwrap();
-    assert_eq!(appended.message, new.clone().into_message(2));
+    assert_eq!(appended.message, new.clone().into_message());
     let found = store.message_by_id(&key("r"), "01HXYZ").await.unwrap();
-    assert_eq!(found, Some(new.into_message(2)));
+    assert_eq!(found, Some(new.into_message()));
     assert_eq!(
         store.message_by_id(&key("r"), "unknown").await.unwrap(),
         None
@@ -674,22 +741,47 @@ pub async fn message_by_id_round_trips_every_field<S: Store>(store: S) {
 pub async fn mark_read_never_moves_backwards<S: Store>(store: S) {
     team_room(&store, "r").await;
     fill(&store, "r", 10).await;
-    assert_eq!(store.read_marker(&key("r"), "bob").await.unwrap(), 0);
-    assert_eq!(store.mark_read(&key("r"), "bob", 5).await.unwrap(), 5);
-    assert_eq!(store.mark_read(&key("r"), "bob", 3).await.unwrap(), 5);
-    assert_eq!(store.read_marker(&key("r"), "bob").await.unwrap(), 5);
-    assert_eq!(store.mark_read(&key("r"), "bob", 7).await.unwrap(), 7);
-    assert_eq!(store.read_marker(&key("r"), "bob").await.unwrap(), 7);
-    assert_eq!(store.read_marker(&key("r"), "carol").await.unwrap(), 0);
-    assert_eq!(store.read_marker(&key("nowhere"), "bob").await.unwrap(), 0);
+    let marker = |state: ReadState| state.read_seq;
+    assert_eq!(marker(store.read_state(&key("r"), "bob").await.unwrap()), 0);
+    assert_eq!(
+        marker(store.mark_read(&key("r"), "bob", 5).await.unwrap()),
+        5
+    );
+    assert_eq!(
+        marker(store.mark_read(&key("r"), "bob", 3).await.unwrap()),
+        5
+    );
+    assert_eq!(marker(store.read_state(&key("r"), "bob").await.unwrap()), 5);
+    assert_eq!(
+        marker(store.mark_read(&key("r"), "bob", 7).await.unwrap()),
+        7
+    );
+    assert_eq!(marker(store.read_state(&key("r"), "bob").await.unwrap()), 7);
+    assert_eq!(
+        marker(store.read_state(&key("r"), "carol").await.unwrap()),
+        0
+    );
+    assert_eq!(
+        store.read_state(&key("nowhere"), "bob").await.unwrap(),
+        ReadState::default()
+    );
     let error = store
         .mark_read(&key("nowhere"), "bob", 1)
         .await
         .unwrap_err();
     assert!(matches!(error, Error::Invalid(_)), "{error:?}");
+    let error = store.mark_read(&key("r"), "bob", 11).await.unwrap_err();
+    assert!(matches!(error, Error::Invalid(_)), "{error:?}");
 }
 
-/// Unread counts what others sent after the reader's marker; notes only when asked.
+/// The unread counts a reader gets, with and without notes.
+async fn unread<S: Store>(store: &S, room_id: &str, user_id: &str) -> (u64, u64) {
+    let state = store.read_state(&key(room_id), user_id).await.unwrap();
+    (state.unread, state.unread_with_notes)
+}
+
+/// Unread counts what others sent after the reader's marker; notes only in the count with
+/// notes. The counts come back from `mark_read` too.
 pub async fn unread_count_skips_own_and_read_messages<S: Store>(store: S) {
     team_room(&store, "r").await;
     say(&store, "r", "alice", "a1").await; // 1
@@ -698,41 +790,93 @@ pub async fn unread_count_skips_own_and_read_messages<S: Store>(store: S) {
     note(&store, "r", "alice", "n4").await; // 4
     say(&store, "r", "alice", "a5").await; // 5
     say(&store, "r", "bob", "b6").await; // 6
+    note(&store, "r", "bob", "n7").await; // 7
 
-    assert_eq!(
-        store.unread_count(&key("r"), "bob", false).await.unwrap(),
-        3
-    );
-    assert_eq!(store.unread_count(&key("r"), "bob", true).await.unwrap(), 4);
-    assert_eq!(
-        store.unread_count(&key("r"), "alice", false).await.unwrap(),
-        2
-    );
-    assert_eq!(
-        store.unread_count(&key("r"), "carol", true).await.unwrap(),
-        6
-    );
+    assert_eq!(unread(&store, "r", "bob").await, (3, 4));
+    assert_eq!(unread(&store, "r", "alice").await, (2, 3));
+    assert_eq!(unread(&store, "r", "carol").await, (5, 7));
 
-    store.mark_read(&key("r"), "bob", 3).await.unwrap();
+    let state = store.mark_read(&key("r"), "bob", 3).await.unwrap();
     assert_eq!(
-        store.unread_count(&key("r"), "bob", false).await.unwrap(),
-        1
+        (state.read_seq, state.unread, state.unread_with_notes),
+        (3, 1, 2)
     );
-    assert_eq!(store.unread_count(&key("r"), "bob", true).await.unwrap(), 2);
-    store.mark_read(&key("r"), "bob", 6).await.unwrap();
-    assert_eq!(store.unread_count(&key("r"), "bob", true).await.unwrap(), 0);
-    store.mark_read(&key("r"), "alice", 2).await.unwrap();
-    assert_eq!(
-        store.unread_count(&key("r"), "alice", false).await.unwrap(),
-        1
-    );
-    assert_eq!(
-        store
-            .unread_count(&key("nowhere"), "bob", true)
-            .await
-            .unwrap(),
-        0
-    );
+    assert_eq!(unread(&store, "r", "bob").await, (1, 2));
+    // Past bob's own latest message: nothing of anyone else's is left.
+    let state = store.mark_read(&key("r"), "bob", 7).await.unwrap();
+    assert_eq!((state.unread, state.unread_with_notes), (0, 0));
+    // A marker that stops below the reader's own latest message.
+    let state = store.mark_read(&key("r"), "alice", 2).await.unwrap();
+    assert_eq!((state.unread, state.unread_with_notes), (1, 2));
+    let state = store.mark_read(&key("r"), "alice", 4).await.unwrap();
+    assert_eq!((state.unread, state.unread_with_notes), (1, 2));
+    assert_eq!(unread(&store, "r", "alice").await, (1, 2));
+    // New messages raise the counts of everyone but their sender.
+    say(&store, "r", "carol", "c8").await;
+    note(&store, "r", "alice", "n9").await;
+    assert_eq!(unread(&store, "r", "alice").await, (2, 3));
+    assert_eq!(unread(&store, "r", "bob").await, (1, 2));
+    assert_eq!(unread(&store, "r", "carol").await, (5, 8));
+    assert_eq!(unread(&store, "nowhere", "bob").await, (0, 0));
+}
+
+/// Counts stay exact when appends and markers of many readers interleave (likely within one
+/// batch): each reader's count equals a count over the stored messages.
+pub async fn unread_counts_match_a_recount_under_interleaving<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    let users = ["alice", "bob", "carol"];
+    let room = key("r");
+    let mut markers = [0u64; 3];
+    let mut pending_appends = Vec::new();
+    let mut pending_marks = Vec::new();
+    for seq in 1..=120u64 {
+        let sender = users[(seq % 3) as usize];
+        let mut message = NewMessage::text(&key("r"), seq, sender, &format!("m{seq}"));
+        if seq % 7 == 0 {
+            message.direction = Direction::Note;
+        }
+        pending_appends.push(store.append(message));
+        if seq % 5 == 0 {
+            let reader = ((seq / 5) % 3) as usize;
+            let upto = seq - (seq % 4);
+            markers[reader] = markers[reader].max(upto);
+            pending_marks.push(store.mark_read(&room, users[reader], upto));
+        }
+        if seq % 10 == 0 {
+            for appended in pending_appends.drain(..) {
+                assert!(!appended.await.unwrap().duplicate);
+            }
+            for mark in pending_marks.drain(..) {
+                mark.await.unwrap();
+            }
+        }
+    }
+    let everything = HistoryQuery {
+        after_seq: Some(0),
+        limit: 200,
+        include_notes: true,
+        ..HistoryQuery::default()
+    };
+    let all = store.history(&key("r"), everything).await.unwrap().messages;
+    assert_eq!(all.len(), 120);
+    for (index, user) in users.iter().enumerate() {
+        let state = store.read_state(&key("r"), user).await.unwrap();
+        assert_eq!(state.read_seq, markers[index], "{user}");
+        let after: Vec<_> = all
+            .iter()
+            .filter(|m| m.seq > markers[index] && m.sender != *user)
+            .collect();
+        let with_notes = after.len() as u64;
+        let without = after
+            .iter()
+            .filter(|m| m.direction != Direction::Note)
+            .count() as u64;
+        assert_eq!(
+            (state.unread, state.unread_with_notes),
+            (without, with_notes),
+            "{user}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -752,8 +896,14 @@ pub async fn writes_are_visible_once_acknowledged<S: Store>(store: S) {
             .unwrap();
         assert_eq!(found.as_ref(), Some(&message));
         assert_eq!(store.room(&key("r")).await.unwrap().unwrap().last_seq, n);
-        assert_eq!(store.mark_read(&key("r"), "bob", n).await.unwrap(), n);
-        assert_eq!(store.read_marker(&key("r"), "bob").await.unwrap(), n);
+        assert_eq!(
+            store.mark_read(&key("r"), "bob", n).await.unwrap().read_seq,
+            n
+        );
+        assert_eq!(
+            store.read_state(&key("r"), "bob").await.unwrap().read_seq,
+            n
+        );
         let user = format!("user-{n}");
         let room = store.add_participant(&key("r"), &user).await.unwrap();
         let stored = store.room(&key("r")).await.unwrap().unwrap();
@@ -775,7 +925,7 @@ pub async fn append_after_close_is_closed<S: Store>(store: S) {
     say(&store, "r", "alice", "before").await;
     store.close().await.unwrap();
     let error = store
-        .append(NewMessage::text(&key("r"), "alice", "after"))
+        .append(NewMessage::text(&key("r"), 2, "alice", "after"))
         .await
         .unwrap_err();
     assert!(matches!(error, Error::Closed), "{error:?}");
@@ -815,8 +965,9 @@ pub async fn same_room_id_in_two_tenants_is_two_rooms<S: Store>(store: S) {
     let mut seqs_seen = Vec::new();
     for (room, text) in [(&a, "a1"), (&a, "a2"), (&b, "b1"), (&a, "a3"), (&b, "b2")] {
         let sender = if room == &a { "alice" } else { "bob" };
+        let seq = next_seq(&store, room).await;
         let message = store
-            .append(NewMessage::text(room, sender, text))
+            .append(NewMessage::text(room, seq, sender, text))
             .await
             .unwrap()
             .message;
@@ -833,16 +984,13 @@ pub async fn same_room_id_in_two_tenants_is_two_rooms<S: Store>(store: S) {
     assert_eq!(texts(history_a), ["a1", "a2", "a3"]);
     let history_b = store.history(&b, HistoryQuery::default()).await.unwrap();
     assert_eq!(texts(history_b), ["b1", "b2"]);
-    let search = HistoryQuery {
-        search: Some("b1".to_owned()),
-        ..HistoryQuery::default()
-    };
-    assert!(store.history(&a, search).await.unwrap().messages.is_empty());
+    let search = HistoryQuery::default().search("b1");
+    assert!(store.search(&a, search).await.unwrap().messages.is_empty());
 
     // Message ids are scoped per room, hence per tenant.
-    let mut in_a = NewMessage::text(&a, "alice", "same id in a");
+    let mut in_a = NewMessage::text(&a, 4, "alice", "same id in a");
     in_a.message_id = "shared-id".to_owned();
-    let mut in_b = NewMessage::text(&b, "bob", "same id in b");
+    let mut in_b = NewMessage::text(&b, 3, "bob", "same id in b");
     in_b.message_id = "shared-id".to_owned();
     assert!(!store.append(in_a).await.unwrap().duplicate);
     let stored_b = store.append(in_b).await.unwrap();
@@ -861,10 +1009,10 @@ pub async fn same_room_id_in_two_tenants_is_two_rooms<S: Store>(store: S) {
         ["bob", "carol"]
     );
 
-    assert_eq!(store.mark_read(&a, "carol", 4).await.unwrap(), 4);
-    assert_eq!(store.read_marker(&b, "carol").await.unwrap(), 0);
-    assert_eq!(store.unread_count(&b, "carol", false).await.unwrap(), 3);
-    assert_eq!(store.unread_count(&a, "carol", false).await.unwrap(), 0);
+    assert_eq!(store.mark_read(&a, "carol", 4).await.unwrap().read_seq, 4);
+    let in_b = store.read_state(&b, "carol").await.unwrap();
+    assert_eq!((in_b.read_seq, in_b.unread), (0, 3));
+    assert_eq!(store.read_state(&a, "carol").await.unwrap().unread, 0);
     assert_eq!(store.room(&a).await.unwrap().unwrap().last_seq, 4);
     assert_eq!(store.room(&b).await.unwrap().unwrap().last_seq, 3);
 }
@@ -877,7 +1025,7 @@ pub async fn another_tenants_room_looks_missing<S: Store>(store: S) {
         .create_room(NewRoom::team("secret", "tenant-a", "alice"))
         .await
         .unwrap();
-    let mut message = NewMessage::text(&owner, "alice", "hidden");
+    let mut message = NewMessage::text(&owner, 1, "alice", "hidden");
     message.message_id = "m-1".to_owned();
     store.append(message).await.unwrap();
     store.mark_read(&owner, "alice", 1).await.unwrap();
@@ -889,10 +1037,22 @@ pub async fn another_tenants_room_looks_missing<S: Store>(store: S) {
         .unwrap();
     assert!(page.messages.is_empty() && !page.has_more);
     assert_eq!(store.message_by_id(&stranger, "m-1").await.unwrap(), None);
-    assert_eq!(store.read_marker(&stranger, "alice").await.unwrap(), 0);
-    assert_eq!(store.unread_count(&stranger, "bob", true).await.unwrap(), 0);
+    assert_eq!(
+        store.read_state(&stranger, "alice").await.unwrap(),
+        ReadState::default()
+    );
+    assert_eq!(
+        store.read_state(&stranger, "bob").await.unwrap(),
+        ReadState::default()
+    );
+    assert!(store
+        .search(&stranger, HistoryQuery::default().search("hidden"))
+        .await
+        .unwrap()
+        .messages
+        .is_empty());
     let error = store
-        .append(NewMessage::text(&stranger, "mallory", "hi"))
+        .append(NewMessage::text(&stranger, 1, "mallory", "hi"))
         .await
         .unwrap_err();
     assert!(matches!(error, Error::Invalid(_)), "{error:?}");

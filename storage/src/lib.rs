@@ -10,9 +10,10 @@
 //!   wide-column store partitioned by `(tenant, room_id, bucket)`.
 //! - [`sqlite`]: the embedded default (SQLite in WAL mode, `synchronous=FULL`, one group-commit
 //!   writer thread, a small pool of reader connections).
-//! - [`AnyStore`]: enum dispatch over the compiled-in backends, built from a URL by [`open`]
-//!   (or [`open_with`] to tune the embedded backend).
+//! - [`AnyStore`]: enum dispatch over the compiled-in backends, chosen by the scheme of a URL
+//!   by [`open`] (backend tuning travels in the URL's parameters).
 //! - [`timeout`]: [`TimeoutStore`], a deadline on every call of any [`Store`].
+//! - [`metered`]: [`MeteredStore`], latency and outcome metrics of every call of any [`Store`].
 //! - `conformance` (feature `conformance`): the behaviour suite every backend must pass.
 //!
 //! # Example
@@ -22,9 +23,11 @@
 //! use storage::{open, NewMessage, NewRoom, RoomKey, Store};
 //! let dir = tempfile::tempdir().unwrap();
 //! let store = open(&format!("sqlite://{}", dir.path().join("chat.db").display())).unwrap();
-//! store.create_room(NewRoom::team("room-1", "acme", "alice")).await.unwrap();
+//! let (created, _) = store.create_room(NewRoom::team("room-1", "acme", "alice")).await.unwrap();
 //! let room = RoomKey::new("acme", "room-1");
-//! let appended = store.append(NewMessage::text(&room, "alice", "hello")).await.unwrap();
+//! // The room's owner keeps the seq counter, starting from the stored `last_seq`.
+//! let next = created.last_seq + 1;
+//! let appended = store.append(NewMessage::text(&room, next, "alice", "hello")).await.unwrap();
 //! assert_eq!(appended.message.seq, 1);
 //! assert!(!appended.duplicate);
 //! # });
@@ -35,6 +38,7 @@
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+pub mod metered;
 pub mod model;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
@@ -43,36 +47,51 @@ pub mod timeout;
 use std::future::Future;
 use std::time::Duration;
 
+pub use metered::MeteredStore;
 pub use model::{
     Appended, Direction, HistoryPage, HistoryQuery, Message, MessageType, NewMessage, NewRoom,
-    Room, RoomKey, RoomKind, SenderType, Timestamp,
+    ReadState, Room, RoomKey, RoomKind, SearchQuery, SenderType, Timestamp,
 };
 pub use timeout::TimeoutStore;
 
 /// Result type of every storage operation.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What went wrong in a storage operation.
+/// What went wrong in a storage operation. Every failure of a write says which of three things
+/// happened to it: it was **not applied** ([`Error::NotApplied`], [`Error::SeqConflict`],
+/// [`Error::Closed`]), it was **invalid** ([`Error::Invalid`]; also not applied), or its
+/// **outcome is unknown** ([`Error::OutcomeUnknown`]: a timeout after the request left).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The backend cannot take writes or answer reads right now (disk full, I/O error, the
-    /// writer is gone). Nothing of the failed operation was applied; retrying may succeed.
+    /// The backend cannot take writes or answer reads right now (disk full, I/O error, node
+    /// down, overloaded, a full queue). Nothing of the failed operation was applied; retrying
+    /// may succeed.
     #[error("storage unavailable: {0}")]
-    Unavailable(String),
+    NotApplied(String),
+    /// An append named a `seq` that is not the room's next one (another message has it, or the
+    /// one before it is not stored). Nothing was applied; `last_seq` is the room's highest
+    /// stored seq, from which the owner renumbers.
+    #[error("seq conflict: the room's last stored seq is {last_seq}")]
+    SeqConflict { last_seq: u64 },
     /// The request is invalid for this backend (for example a room that does not exist).
+    /// Nothing was applied.
     #[error("invalid storage request: {0}")]
     Invalid(String),
     /// The store URL could not be understood.
     #[error("bad store url: {0}")]
     BadUrl(String),
+    /// The database schema is missing or older than this build needs (see `gateway migrate`).
+    #[error("storage schema: {0}")]
+    Schema(String),
     /// The store is shutting down and takes no more requests.
     #[error("storage closed")]
     Closed,
     /// A write whose outcome is not known: its commit failed after its statements ran (an I/O
-    /// error while making it durable), or the caller stopped waiting for it. It may or may not
-    /// be durable. Retrying with the same ids is safe: appends are idempotent on the message
-    /// id (a retry returns the original if it was stored) and the other writes are idempotent.
+    /// error while making it durable), a replica did not answer in time, or the caller stopped
+    /// waiting for it. It may or may not be durable. Retrying with the same ids is safe:
+    /// appends are idempotent on the message id (a retry returns the original if it was
+    /// stored) and the other writes are idempotent.
     #[error("storage write outcome unknown: {0}")]
     OutcomeUnknown(String),
 }
@@ -82,32 +101,60 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Error::Unavailable(_) | Error::Closed | Error::OutcomeUnknown(_)
+            Error::NotApplied(_)
+                | Error::Closed
+                | Error::OutcomeUnknown(_)
+                | Error::SeqConflict { .. }
         )
+    }
+
+    /// A short stable name of the kind, for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::NotApplied(_) => "not_applied",
+            Error::SeqConflict { .. } => "seq_conflict",
+            Error::Invalid(_) => "invalid",
+            Error::BadUrl(_) => "bad_url",
+            Error::Schema(_) => "schema",
+            Error::Closed => "closed",
+            Error::OutcomeUnknown(_) => "outcome_unknown",
+        }
     }
 }
 
 /// The storage contract shared by every backend.
 ///
-/// Messages are partitioned by room and ordered by `seq`, which the store assigns: per room it
-/// starts at 1 and grows by exactly one for every stored message, so stored messages never leave
-/// a gap. Appends are idempotent on `(room, message_id)`. A returned future resolves only
-/// once the write is durable.
+/// Messages are partitioned by room and ordered by `seq`. The room's owner (the shard that
+/// holds the room; one owner per room at a time) assigns `seq`: it recovers the counter from
+/// [`Room::last_seq`] when it loads the room and passes the seq it chose with every append. The
+/// store keeps a cheap fence instead of sequencing: an append is applied only when its seq is
+/// the room's next one (`last_seq + 1`), so stored messages start at 1 and never leave a gap,
+/// and a second writer with a stale counter gets [`Error::SeqConflict`] rather than
+/// overwriting. Appends are idempotent on `(room, message_id)`. A returned future resolves
+/// only once the write is durable (at the configured consistency).
 ///
 /// Every room is named by a [`RoomKey`]: room ids are unique within a tenant only, and a room of
 /// another tenant behaves exactly like one that does not exist.
 pub trait Store: Send + Sync + 'static {
-    /// Stores a message, assigning its `seq`. If the room already holds a message with the same
-    /// `message_id`, nothing is written and the original is returned with `duplicate = true`.
-    /// The room must exist.
-    fn append(&self, message: NewMessage) -> impl Future<Output = Result<Appended>> + Send;
+    /// Stores `message` at `message.seq`. The request is queued when this is called, not when
+    /// the future is first polled: appends to one room are applied in the order of the calls,
+    /// so an owner can pipeline seq N+1 behind seq N.
+    ///
+    /// If the room already holds a message with the same `message_id`, nothing is written, the
+    /// original is returned with `duplicate = true`, and the seq passed is left unused. A seq
+    /// other than the room's next one is refused with [`Error::SeqConflict`]. The room must
+    /// exist.
+    fn append(
+        &self,
+        message: NewMessage,
+    ) -> impl Future<Output = Result<Appended>> + Send + 'static;
 
     /// Creates the room (keyed by its tenant and id) if it does not exist; returns the stored
     /// room either way (`true` when this call created it). A room with the same id in another
     /// tenant is another room and is never affected.
     fn create_room(&self, room: NewRoom) -> impl Future<Output = Result<(Room, bool)>> + Send;
 
-    /// Looks a room up by key.
+    /// Looks a room up by key, with its `last_seq` (the owner's counter at load).
     fn room(&self, room: &RoomKey) -> impl Future<Output = Result<Option<Room>>> + Send;
 
     /// Adds a participant to a room (no-op when already present); returns the updated room.
@@ -117,11 +164,24 @@ pub trait Store: Send + Sync + 'static {
         user_id: &str,
     ) -> impl Future<Output = Result<Room>> + Send;
 
-    /// Reads messages of one room, oldest first, as described by the query.
+    /// Reads messages of one room, oldest first, as described by the query. A reader who may
+    /// not see notes never makes the store read an unbounded run of them: the read examines at
+    /// most a budget of rows and hands back a cursor, as a search does.
     fn history(
         &self,
         room: &RoomKey,
         query: HistoryQuery,
+    ) -> impl Future<Output = Result<HistoryPage>> + Send;
+
+    /// Finds the messages of one room holding every word of the query (whole words, case
+    /// insensitive), paging like [`Store::history`]. Each request costs at most a bounded
+    /// amount of work: a backend without a full-text index examines at most its row budget and
+    /// answers with a continuation cursor ([`HistoryPage::next_before_seq`] /
+    /// [`HistoryPage::next_after_seq`]).
+    fn search(
+        &self,
+        room: &RoomKey,
+        query: SearchQuery,
     ) -> impl Future<Output = Result<HistoryPage>> + Send;
 
     /// Looks one message up by its id.
@@ -132,48 +192,51 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Message>>> + Send;
 
     /// Moves the user's read marker in the room to `seq` unless it is already further; returns
-    /// the marker now stored.
+    /// the marker now stored and what is left unread after it.
     fn mark_read(
         &self,
         room: &RoomKey,
         user_id: &str,
         seq: u64,
-    ) -> impl Future<Output = Result<u64>> + Send;
+    ) -> impl Future<Output = Result<ReadState>> + Send;
 
-    /// The user's read marker in the room (0 when the user never read anything).
-    fn read_marker(
+    /// The user's read marker in the room (0 when the user never read anything) and unread
+    /// counts, from maintained counters (no count over the room's messages).
+    fn read_state(
         &self,
         room: &RoomKey,
         user_id: &str,
-    ) -> impl Future<Output = Result<u64>> + Send;
-
-    /// Messages after the user's read marker that someone else sent (notes included only when
-    /// `include_notes`).
-    fn unread_count(
-        &self,
-        room: &RoomKey,
-        user_id: &str,
-        include_notes: bool,
-    ) -> impl Future<Output = Result<u64>> + Send;
+    ) -> impl Future<Output = Result<ReadState>> + Send;
 
     /// Waits until everything accepted so far is durable, then stops taking writes.
     fn close(&self) -> impl Future<Output = Result<()>> + Send;
 }
 
-/// What one group commit did, handed to the backend's commit hook so the caller can turn it into
-/// metrics without this crate depending on a metrics library.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CommitStats {
-    /// How many write requests the batch held.
-    pub batch_size: usize,
-    /// How long the transaction took, from `BEGIN` to the end of `COMMIT` (or the rollback).
-    pub duration: Duration,
-    /// Whether the batch committed; `false` means every request in it failed with
-    /// [`Error::Unavailable`].
-    pub ok: bool,
+/// Backend-neutral options for [`open`]; what is specific to one backend comes in its URL.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Most rows of a room one search (or one history read that skips notes) examines before
+    /// it answers with what it found and a continuation cursor.
+    pub scan_rows: u32,
+    /// Longest one search may run before it answers the same way.
+    pub scan_time: Duration,
 }
 
-/// Every compiled-in backend behind one type, so the gateway needs no generics or boxing.
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            scan_rows: DEFAULT_SCAN_ROWS,
+            scan_time: DEFAULT_SCAN_TIME,
+        }
+    }
+}
+
+/// Default of [`Options::scan_rows`].
+pub const DEFAULT_SCAN_ROWS: u32 = 10_000;
+/// Default of [`Options::scan_time`].
+pub const DEFAULT_SCAN_TIME: Duration = Duration::from_millis(100);
+
+/// Every compiled-in backend behind one type, so the gateway needs no generics.
 #[derive(Clone)]
 #[non_exhaustive]
 pub enum AnyStore {
@@ -182,23 +245,24 @@ pub enum AnyStore {
     Sqlite(sqlite::SqliteStore),
 }
 
-/// Opens a store from a URL: `sqlite://<path>` (the path may be relative, e.g.
-/// `sqlite://./data/gateway.db`), with the default tuning.
+/// Opens a store from a URL with default [`Options`]: `sqlite://<path>` (the path may be
+/// relative, e.g. `sqlite://./data/gateway.db`).
 pub fn open(url: &str) -> Result<AnyStore> {
-    #[cfg(feature = "sqlite")]
-    return open_with(url, sqlite::SqliteConfig::default());
-    #[cfg(not(feature = "sqlite"))]
-    return Err(unsupported_scheme(split_url(url)?.0));
+    open_with(url, &Options::default())
 }
 
-/// Opens a store from a URL like [`open`], tuning the embedded backend with `config`.
-#[cfg(feature = "sqlite")]
-pub fn open_with(url: &str, config: sqlite::SqliteConfig) -> Result<AnyStore> {
+/// Opens a store from a URL, with `options`.
+pub fn open_with(url: &str, options: &Options) -> Result<AnyStore> {
     match split_url(url)? {
-        ("sqlite", path) => Ok(AnyStore::Sqlite(sqlite::SqliteStore::open(
-            std::path::Path::new(path),
-            config,
-        )?)),
+        #[cfg(feature = "sqlite")]
+        ("sqlite", rest) => {
+            let (path, params) = split_params(rest);
+            let config = sqlite::SqliteConfig::from_params(params, options)?;
+            Ok(AnyStore::Sqlite(sqlite::SqliteStore::open(
+                std::path::Path::new(path),
+                config,
+            )?))
+        }
         (other, _) => Err(unsupported_scheme(other)),
     }
 }
@@ -208,9 +272,37 @@ fn split_url(url: &str) -> Result<(&str, &str)> {
         .ok_or_else(|| Error::BadUrl(format!("{url:?} has no scheme")))
 }
 
+/// Splits `rest?k=v&k2=v2` into the part before `?` and its parameters.
+fn split_params(rest: &str) -> (&str, Vec<(&str, &str)>) {
+    match rest.split_once('?') {
+        None => (rest, Vec::new()),
+        Some((head, query)) => (
+            head,
+            query
+                .split('&')
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+                .collect(),
+        ),
+    }
+}
+
+/// Parses one URL parameter's value.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+fn param<T: std::str::FromStr>(name: &str, value: &str) -> Result<T> {
+    value
+        .parse()
+        .map_err(|_| Error::BadUrl(format!("parameter {name}={value:?} is not valid")))
+}
+
 fn unsupported_scheme(scheme: &str) -> Error {
+    let compiled: &[&str] = &[
+        #[cfg(feature = "sqlite")]
+        "sqlite",
+    ];
     Error::BadUrl(format!(
-        "unsupported store scheme {scheme:?} (compiled in: sqlite)"
+        "unsupported store scheme {scheme:?} (compiled in: {})",
+        compiled.join(", ")
     ))
 }
 
@@ -223,9 +315,21 @@ macro_rules! dispatch {
     };
 }
 
+impl AnyStore {
+    /// The backend's own metrics (group commits, batch sizes), for the caller's registry.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        dispatch!(self, s => s.collectors())
+    }
+}
+
 impl Store for AnyStore {
-    async fn append(&self, message: NewMessage) -> Result<Appended> {
-        dispatch!(self, s => s.append(message).await)
+    fn append(
+        &self,
+        message: NewMessage,
+    ) -> impl Future<Output = Result<Appended>> + Send + 'static {
+        let pending: std::pin::Pin<Box<dyn Future<Output = Result<Appended>> + Send>> =
+            dispatch!(self, s => Box::pin(s.append(message)));
+        pending
     }
     async fn create_room(&self, room: NewRoom) -> Result<(Room, bool)> {
         dispatch!(self, s => s.create_room(room).await)
@@ -239,22 +343,17 @@ impl Store for AnyStore {
     async fn history(&self, room: &RoomKey, query: HistoryQuery) -> Result<HistoryPage> {
         dispatch!(self, s => s.history(room, query).await)
     }
+    async fn search(&self, room: &RoomKey, query: SearchQuery) -> Result<HistoryPage> {
+        dispatch!(self, s => s.search(room, query).await)
+    }
     async fn message_by_id(&self, room: &RoomKey, message_id: &str) -> Result<Option<Message>> {
         dispatch!(self, s => s.message_by_id(room, message_id).await)
     }
-    async fn mark_read(&self, room: &RoomKey, user_id: &str, seq: u64) -> Result<u64> {
+    async fn mark_read(&self, room: &RoomKey, user_id: &str, seq: u64) -> Result<ReadState> {
         dispatch!(self, s => s.mark_read(room, user_id, seq).await)
     }
-    async fn read_marker(&self, room: &RoomKey, user_id: &str) -> Result<u64> {
-        dispatch!(self, s => s.read_marker(room, user_id).await)
-    }
-    async fn unread_count(
-        &self,
-        room: &RoomKey,
-        user_id: &str,
-        include_notes: bool,
-    ) -> Result<u64> {
-        dispatch!(self, s => s.unread_count(room, user_id, include_notes).await)
+    async fn read_state(&self, room: &RoomKey, user_id: &str) -> Result<ReadState> {
+        dispatch!(self, s => s.read_state(room, user_id).await)
     }
     async fn close(&self) -> Result<()> {
         dispatch!(self, s => s.close().await)

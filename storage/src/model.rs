@@ -138,10 +138,12 @@ pub struct Message {
     pub created_at: Timestamp,
 }
 
-/// A message to store; the store assigns `seq`.
+/// A message to store at the `seq` its room's owner chose.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewMessage {
     pub message_id: String,
+    /// The room's next seq as its owner counts (see [`crate::Store::append`]).
+    pub seq: u64,
     /// The tenant owning the room (part of the room's key, not of the stored [`Message`]).
     pub tenant_id: String,
     pub room_id: String,
@@ -158,10 +160,12 @@ pub struct NewMessage {
 }
 
 impl NewMessage {
-    /// A plain text message from a team member in a team room, with a fresh ULID as its id.
-    pub fn text(room: &RoomKey, sender: &str, message: &str) -> Self {
+    /// A plain text message from a team member in a team room, with a fresh ULID as its id,
+    /// to be stored at `seq`.
+    pub fn text(room: &RoomKey, seq: u64, sender: &str, message: &str) -> Self {
         NewMessage {
             message_id: ulid::Ulid::new().to_string(),
+            seq,
             tenant_id: room.tenant_id.clone(),
             room_id: room.room_id.clone(),
             sender: sender.to_owned(),
@@ -182,11 +186,11 @@ impl NewMessage {
         RoomKey::new(&self.tenant_id, &self.room_id)
     }
 
-    /// The stored form once `seq` is known.
-    pub fn into_message(self, seq: u64) -> Message {
+    /// The stored form.
+    pub fn into_message(self) -> Message {
         Message {
             message_id: self.message_id,
-            seq,
+            seq: self.seq,
             room_id: self.room_id,
             sender: self.sender,
             sender_type: self.sender_type,
@@ -271,11 +275,8 @@ pub struct HistoryQuery {
     pub before_seq: Option<u64>,
     /// Only messages with `seq > after_seq`.
     pub after_seq: Option<u64>,
-    /// At most this many messages (the caller enforces its own caps; 0 means none).
+    /// At most this many messages (the caller enforces its own caps; 0 means 50).
     pub limit: u32,
-    /// Only messages whose text contains every one of these words, case-insensitively,
-    /// as whole words.
-    pub search: Option<String>,
     /// Whether `NOTE` messages are visible to the reader.
     pub include_notes: bool,
     /// Stop once the page holds about this many bytes of message data (0: no budget). The
@@ -283,6 +284,61 @@ pub struct HistoryQuery {
     /// from (the newest messages when paging backwards, the oldest when paging forwards), so a
     /// read never holds more than the budget plus one message, however large `limit` is.
     pub max_bytes: usize,
+}
+
+/// Which messages of a room to find by their words ([`crate::Store::search`]). Results are
+/// oldest first and page like [`HistoryQuery`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SearchQuery {
+    /// Every one of these words must occur in the message text, case-insensitively, as a whole
+    /// word.
+    pub words: String,
+    /// Only messages with `seq < before_seq`.
+    pub before_seq: Option<u64>,
+    /// Only messages with `seq > after_seq`.
+    pub after_seq: Option<u64>,
+    /// At most this many messages (0 means 50).
+    pub limit: u32,
+    /// Whether `NOTE` messages are visible to the reader.
+    pub include_notes: bool,
+    /// As [`HistoryQuery::max_bytes`].
+    pub max_bytes: usize,
+}
+
+impl HistoryQuery {
+    /// The same window and visibility, as a search for `words`.
+    pub fn search(&self, words: &str) -> SearchQuery {
+        SearchQuery {
+            words: words.to_owned(),
+            before_seq: self.before_seq,
+            after_seq: self.after_seq,
+            limit: self.limit,
+            include_notes: self.include_notes,
+            max_bytes: self.max_bytes,
+        }
+    }
+}
+
+/// A user's read marker in a room and what is left unread after it, from maintained counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReadState {
+    /// The seq of the last message the user has read (0: none).
+    pub read_seq: u64,
+    /// Messages after the marker that someone else sent, notes included (a team member's count).
+    pub unread_with_notes: u64,
+    /// The same without notes (a customer's count: notes are never shown to them).
+    pub unread: u64,
+}
+
+impl ReadState {
+    /// The count a reader sees: with notes when they may see notes.
+    pub fn unread_for(&self, include_notes: bool) -> u64 {
+        if include_notes {
+            self.unread_with_notes
+        } else {
+            self.unread
+        }
+    }
 }
 
 /// One page of history.
@@ -294,7 +350,7 @@ pub struct HistoryPage {
     /// (no cursor or `before_seq` only), newer ones when paging forwards (`after_seq`). A
     /// search that used up its row budget says `true` and sets one of the cursors below.
     pub has_more: bool,
-    /// Set when a search stopped at its row budget while paging backwards: the `before_seq` of
+    /// Set when a search (or a read that skips notes) stopped at its row budget while paging backwards: the `before_seq` of
     /// the next request (rows below it were not examined yet). Not set otherwise; paging then
     /// continues from the oldest returned message as usual.
     pub next_before_seq: Option<u64>,

@@ -11,9 +11,17 @@
 //! - **Group commit.** An fsync costs the same for one message as for a thousand, so one writer
 //!   thread takes the first queued request, drains whatever else is already queued (up to
 //!   [`SqliteConfig::max_batch`]) and commits all of it in one `BEGIN IMMEDIATE … COMMIT`.
-//!   Throughput then grows with load instead of being capped at one fsync per message. Having a
-//!   single writer also makes `seq` assignment trivial: it reads and bumps a cached per-room
-//!   counter inside the transaction, so `seq` never has gaps.
+//!   Throughput then grows with load instead of being capped at one fsync per message. The
+//!   caller chooses each message's `seq`; the single writer keeps the fence cheap: it checks
+//!   the seq against a cached per-room counter inside the transaction, so `seq` never has gaps
+//!   and a stale writer is refused.
+//! - **Idempotency in the same transaction.** The unique index on `(tenant, room, message_id)`
+//!   is read before each insert, inside the batch's transaction, so a retry (also one after a
+//!   crash, with a fresh seq) finds the original and stores nothing.
+//! - **Maintained unread counters.** Each room row keeps `last_seq` and its note count; each
+//!   message keeps the number of notes up to it; each `(room, user)` marker row keeps what the
+//!   user sent and how much of it lies below the marker. An unread count is then arithmetic on
+//!   two rows, never a count over the room's messages (see [`ReadState`]).
 //! - **Checkpoints off the commit path.** SQLite's automatic checkpoint runs inside the commit
 //!   that crosses the threshold, copying pages into the database file and fsyncing it while every
 //!   message of that batch (and those queued behind it) waits: a latency spike of tens of
@@ -26,7 +34,7 @@
 //!   syscall and a copy. The writer's cache is [`WRITER_CACHE_KIB`] (64 MiB at most, grown on
 //!   demand): +30 % durable messages/s in the chat-heavy load test (2,000 rooms × 3 members).
 //! - **All or nothing per batch.** If the transaction fails (disk full, I/O error) it is rolled
-//!   back and every request of the batch fails with [`Error::Unavailable`]; nothing of it was
+//!   back and every request of the batch fails with [`Error::NotApplied`]; nothing of it was
 //!   applied, so callers can retry. When `COMMIT` itself fails (an I/O error while syncing the
 //!   log) the batch may be durable after all: its requests fail with [`Error::OutcomeUnknown`],
 //!   and a retry with the same ids is answered from what was stored. A problem with one request
@@ -35,15 +43,14 @@
 //!   lookups (one index probe each, on the join and read-receipt paths) run on their own reader
 //!   connections; history, search and unread counts, which may read many rows, run on the others.
 //!   A burst of searches then delays other searches, never a join.
-//! - **Bounded search.** A search examines at most [`SqliteConfig::search_scan_rows`] rows of the
-//!   room per request (the row limit is part of the query, so SQLite reads no more) and answers
+//! - **Bounded search.** A search (and a history read that skips notes) examines at most
+//!   [`SqliteConfig::search_scan_rows`] rows of the room per request (the row limit is part of the query, so SQLite reads no more) and answers
 //!   with the hits found and a cursor to continue from: a rare word in a large room costs many
 //!   cheap requests, never one that holds a reader for the whole room.
 //! - **Blocking work off the async threads.** The futures only enqueue work on bounded channels
 //!   and await a [`tokio::sync::oneshot`] reply, so they work on any runtime flavour and never
 //!   block a shard thread.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -56,9 +63,13 @@ use rusqlite::types::{Type, Value};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 use tokio::sync::{oneshot, watch};
 
+use prometheus::core::Collector;
+use prometheus::{Histogram, HistogramOpts, IntCounter};
+
 use crate::{
-    Appended, CommitStats, Direction, Error, HistoryPage, HistoryQuery, Message, MessageType,
-    NewMessage, NewRoom, Result, Room, RoomKey, RoomKind, SenderType, Store, Timestamp,
+    Appended, Direction, Error, HistoryPage, HistoryQuery, Message, MessageType, NewMessage,
+    NewRoom, Options, ReadState, Result, Room, RoomKey, RoomKind, SearchQuery, SenderType, Store,
+    Timestamp,
 };
 
 /// How often the checkpointer copies the write-ahead log into the database.
@@ -71,21 +82,15 @@ pub const WAL_RESTART_FRAMES: i64 = 8_192;
 pub const WRITER_CACHE_KIB: i64 = 64 * 1024;
 
 /// The schema version this code writes and understands (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Default of [`SqliteConfig::queue_capacity`]: eight full batches. Writes queued beyond that
 /// would wait for more than eight commits (fsyncs) and hold their messages in memory meanwhile;
-/// failing them fast with [`Error::Unavailable`] lets callers retry or shed load instead.
+/// failing them fast with [`Error::NotApplied`] lets callers retry or shed load instead.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 8_192;
-
-/// Default of [`SqliteConfig::search_time`].
-pub const DEFAULT_SEARCH_TIME: Duration = Duration::from_millis(100);
 
 /// Longest `LIKE` pattern a search word becomes (ASCII, so bytes).
 const PREFILTER_MAX_LEN: usize = 16;
-
-/// Default of [`SqliteConfig::search_scan_rows`].
-pub const DEFAULT_SEARCH_SCAN_ROWS: u32 = 10_000;
 
 /// Page size of a history query whose `limit` is 0.
 const DEFAULT_HISTORY_LIMIT: u32 = 50;
@@ -93,16 +98,14 @@ const DEFAULT_HISTORY_LIMIT: u32 = 50;
 /// The writer forgets its per-room `last_seq` cache when it grows past this many rooms.
 const MAX_CACHED_ROOMS: usize = 100_000;
 
-/// Called after every group commit (successful or not).
-pub type CommitHook = Arc<dyn Fn(CommitStats) + Send + Sync>;
-
-/// Tuning of the embedded backend.
-#[derive(Clone)]
+/// Tuning of the embedded backend (from the store URL's parameters, see
+/// [`SqliteConfig::from_params`]).
+#[derive(Debug, Clone)]
 pub struct SqliteConfig {
     /// Most write requests committed in one transaction.
     pub max_batch: usize,
     /// Most write requests (and, separately, read requests of each reader pool) waiting in the
-    /// queue; beyond that requests fail fast with [`Error::Unavailable`].
+    /// queue; beyond that requests fail fast with [`Error::NotApplied`].
     pub queue_capacity: usize,
     /// Reader threads for history, search and unread counts, each with its own read-only
     /// connection.
@@ -119,8 +122,6 @@ pub struct SqliteConfig {
     pub search_time: Duration,
     /// How long a connection waits for a lock held by another process before giving up.
     pub busy_timeout: Duration,
-    /// Called on the writer thread after every group commit; keep it cheap (bump counters).
-    pub on_commit: Option<CommitHook>,
 }
 
 impl Default for SqliteConfig {
@@ -130,29 +131,83 @@ impl Default for SqliteConfig {
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             readers: 4,
             lookup_readers: 2,
-            search_scan_rows: DEFAULT_SEARCH_SCAN_ROWS,
-            search_time: DEFAULT_SEARCH_TIME,
+            search_scan_rows: crate::DEFAULT_SCAN_ROWS,
+            search_time: crate::DEFAULT_SCAN_TIME,
             busy_timeout: Duration::from_secs(5),
-            on_commit: None,
         }
     }
 }
 
-impl fmt::Debug for SqliteConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqliteConfig")
-            .field("max_batch", &self.max_batch)
-            .field("queue_capacity", &self.queue_capacity)
-            .field("readers", &self.readers)
-            .field("lookup_readers", &self.lookup_readers)
-            .field("search_scan_rows", &self.search_scan_rows)
-            .field("search_time", &self.search_time)
-            .field("busy_timeout", &self.busy_timeout)
-            .field(
-                "on_commit",
-                &self.on_commit.as_ref().map(|_| "Fn(CommitStats)"),
+impl SqliteConfig {
+    /// The tuning a `sqlite://path?…` URL asks for: `max_batch`, `queue_capacity`, `readers`,
+    /// `lookup_readers`, `busy_timeout_ms`; the scan budgets come from `options`.
+    pub fn from_params(params: Vec<(&str, &str)>, options: &Options) -> Result<SqliteConfig> {
+        let mut config = SqliteConfig {
+            search_scan_rows: options.scan_rows,
+            search_time: options.scan_time,
+            ..SqliteConfig::default()
+        };
+        for (name, value) in params {
+            match name {
+                "max_batch" => config.max_batch = crate::param(name, value)?,
+                "queue_capacity" => config.queue_capacity = crate::param(name, value)?,
+                "readers" => config.readers = crate::param(name, value)?,
+                "lookup_readers" => config.lookup_readers = crate::param(name, value)?,
+                "busy_timeout_ms" => {
+                    config.busy_timeout = Duration::from_millis(crate::param(name, value)?)
+                }
+                other => {
+                    return Err(Error::BadUrl(format!(
+                        "unknown sqlite parameter {other:?} (known: max_batch, queue_capacity, \
+                         readers, lookup_readers, busy_timeout_ms)"
+                    )))
+                }
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// What the group-commit writer reports about itself.
+#[derive(Debug, Clone)]
+struct WriterMetrics {
+    commit_seconds: Histogram,
+    batch_size: Histogram,
+    commit_failures: IntCounter,
+}
+
+impl WriterMetrics {
+    fn new() -> Self {
+        let commit_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_store_commit_seconds",
+                "duration of one group commit of the store",
             )
-            .finish()
+            .buckets(vec![
+                0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )
+        .expect("valid histogram options");
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_store_batch_size",
+                "write requests committed together in one transaction",
+            )
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ]),
+        )
+        .expect("valid histogram options");
+        let commit_failures = IntCounter::new(
+            "gateway_store_commit_failures_total",
+            "group commits that failed (their writes were answered UNAVAILABLE)",
+        )
+        .expect("valid counter options");
+        WriterMetrics {
+            commit_seconds,
+            batch_size,
+            commit_failures,
+        }
     }
 }
 
@@ -177,6 +232,7 @@ struct Inner {
     search_scan_rows: u32,
     /// [`SqliteConfig::search_time`].
     search_time: Duration,
+    metrics: WriterMetrics,
     /// Never written: every worker thread holds the sender, so `changed()` fails once they all
     /// have stopped.
     stopped: watch::Receiver<()>,
@@ -206,11 +262,12 @@ impl SqliteStore {
     pub fn open(path: &Path, config: SqliteConfig) -> Result<SqliteStore> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| {
-                Error::Unavailable(format!("cannot create {}: {e}", parent.display()))
+                Error::NotApplied(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
         let write_conn = open_writer(path, config.busy_timeout)?;
         let checkpoint_conn = open_checkpointer(path, config.busy_timeout)?;
+        let metrics = WriterMetrics::new();
         let readers = config.readers.max(1);
         let lookup_readers = config.lookup_readers.max(1);
         let read_conns = (0..readers + lookup_readers)
@@ -228,12 +285,12 @@ impl SqliteStore {
         let checkpointer = std::thread::Builder::new()
             .name("store-checkpointer".to_owned())
             .spawn(move || run_checkpointer(&checkpoint_conn, &checkpoint_stop))
-            .map_err(|e| Error::Unavailable(format!("cannot start the checkpointer: {e}")))?;
+            .map_err(|e| Error::NotApplied(format!("cannot start the checkpointer: {e}")))?;
         let writer = Writer {
             conn: write_conn,
             cache: HashMap::new(),
             max_batch: config.max_batch.max(1),
-            on_commit: config.on_commit,
+            metrics: metrics.clone(),
             checkpointer: Some((stop_checkpoints, checkpointer)),
         };
         let guard = Arc::clone(&stopped_tx);
@@ -243,7 +300,7 @@ impl SqliteStore {
                 writer.run(&write_rx);
                 drop(guard);
             })
-            .map_err(|e| Error::Unavailable(format!("cannot start the writer thread: {e}")))?;
+            .map_err(|e| Error::NotApplied(format!("cannot start the writer thread: {e}")))?;
         for (index, conn) in read_conns.into_iter().enumerate() {
             let (jobs, name) = if index < readers {
                 (scan_rx.clone(), format!("store-reader-{index}"))
@@ -260,7 +317,7 @@ impl SqliteStore {
                     run_reader(&conn, &jobs);
                     drop(guard);
                 })
-                .map_err(|e| Error::Unavailable(format!("cannot start a reader thread: {e}")))?;
+                .map_err(|e| Error::NotApplied(format!("cannot start a reader thread: {e}")))?;
         }
         tracing::info!(path = %path.display(), readers, lookup_readers, "sqlite store open");
         Ok(SqliteStore {
@@ -272,6 +329,7 @@ impl SqliteStore {
                 })),
                 search_scan_rows: config.search_scan_rows.max(1),
                 search_time: config.search_time,
+                metrics,
                 stopped: stopped_rx,
             }),
         })
@@ -289,7 +347,7 @@ impl SqliteStore {
         let sent = match guard.as_ref() {
             None => Err(Error::Closed),
             Some(tx) => tx.try_send(request).map_err(|e| match e {
-                TrySendError::Full(_) => Error::Unavailable("write queue full".to_owned()),
+                TrySendError::Full(_) => Error::NotApplied("write queue full".to_owned()),
                 TrySendError::Disconnected(_) => Error::Closed,
             }),
         };
@@ -319,11 +377,28 @@ impl SqliteStore {
             }
             .try_send(job)
             .map_err(|e| match e {
-                TrySendError::Full(_) => Error::Unavailable("read queue full".to_owned()),
+                TrySendError::Full(_) => Error::NotApplied("read queue full".to_owned()),
                 TrySendError::Disconnected(_) => Error::Closed,
             }),
         };
         PendingReply { sent, rx }
+    }
+
+    /// The writer's metrics (group commit duration, batch size, failures), for a registry.
+    pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        let metrics = &self.inner.metrics;
+        vec![
+            Box::new(metrics.commit_seconds.clone()),
+            Box::new(metrics.batch_size.clone()),
+            Box::new(metrics.commit_failures.clone()),
+        ]
+    }
+
+    fn scan_budget(&self) -> SearchBudget {
+        SearchBudget {
+            rows: self.inner.search_scan_rows,
+            time: self.inner.search_time,
+        }
     }
 
     fn is_closed(&self) -> bool {
@@ -348,16 +423,24 @@ impl<T> PendingReply<T> {
             Ok(result) => result,
             // The worker dropped the request without answering: it stopped (closed) or panicked.
             Err(_) if store.is_closed() => Err(Error::Closed),
-            Err(_) => Err(Error::Unavailable("storage worker stopped".to_owned())),
+            Err(_) => Err(Error::NotApplied("storage worker stopped".to_owned())),
         }
+    }
+
+    /// As [`PendingReply::wait`], owning what it needs (for `'static` futures).
+    async fn wait_owned(self, store: SqliteStore) -> Result<T> {
+        self.wait(&store).await
     }
 }
 
 impl Store for SqliteStore {
-    async fn append(&self, message: NewMessage) -> Result<Appended> {
-        self.write(|reply| WriteRequest::Append { message, reply })
-            .wait(self)
-            .await
+    fn append(
+        &self,
+        message: NewMessage,
+    ) -> impl std::future::Future<Output = Result<Appended>> + Send + 'static {
+        // Queued here, before the future is polled: appends keep the order of the calls.
+        let pending = self.write(|reply| WriteRequest::Append { message, reply });
+        pending.wait_owned(self.clone())
     }
 
     async fn create_room(&self, room: NewRoom) -> Result<(Room, bool)> {
@@ -389,11 +472,18 @@ impl Store for SqliteStore {
 
     async fn history(&self, room: &RoomKey, query: HistoryQuery) -> Result<HistoryPage> {
         let room = room.clone();
-        let budget = SearchBudget {
-            rows: self.inner.search_scan_rows,
-            time: self.inner.search_time,
-        };
-        self.read(Pool::Scan, move |conn| history(conn, &room, &query, budget))
+        let budget = self.scan_budget();
+        self.read(Pool::Scan, move |conn| {
+            read_history(conn, &room, &query, &[], budget.rows)
+        })
+        .wait(self)
+        .await
+    }
+
+    async fn search(&self, room: &RoomKey, query: SearchQuery) -> Result<HistoryPage> {
+        let room = room.clone();
+        let budget = self.scan_budget();
+        self.read(Pool::Scan, move |conn| search(conn, &room, &query, budget))
             .wait(self)
             .await
     }
@@ -407,7 +497,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn mark_read(&self, room: &RoomKey, user_id: &str, seq: u64) -> Result<u64> {
+    async fn mark_read(&self, room: &RoomKey, user_id: &str, seq: u64) -> Result<ReadState> {
         let (room, user_id) = (room.clone(), user_id.to_owned());
         self.write(|reply| WriteRequest::MarkRead {
             room,
@@ -419,47 +509,14 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn read_marker(&self, room: &RoomKey, user_id: &str) -> Result<u64> {
+    async fn read_state(&self, room: &RoomKey, user_id: &str) -> Result<ReadState> {
         let (room, user_id) = (room.clone(), user_id.to_owned());
         self.read(Pool::Lookup, move |conn| {
-            let seq: Option<i64> = conn
-                .prepare_cached(
-                    "SELECT seq FROM read_markers
-                     WHERE tenant_id = ?1 AND room_id = ?2 AND user_id = ?3",
-                )?
-                .query_row(params![room.tenant_id, room.room_id, user_id], |row| {
-                    row.get(0)
-                })
-                .optional()?;
-            Ok(seq.map_or(0, to_u64))
-        })
-        .wait(self)
-        .await
-    }
-
-    async fn unread_count(
-        &self,
-        room: &RoomKey,
-        user_id: &str,
-        include_notes: bool,
-    ) -> Result<u64> {
-        let (room, user_id) = (room.clone(), user_id.to_owned());
-        self.read(Pool::Scan, move |conn| {
-            let count: i64 = conn
-                .prepare_cached(
-                    "SELECT COUNT(*) FROM messages
-                     WHERE tenant_id = ?1 AND room_id = ?2
-                       AND seq > COALESCE(
-                           (SELECT seq FROM read_markers
-                            WHERE tenant_id = ?1 AND room_id = ?2 AND user_id = ?3), 0)
-                       AND sender <> ?3
-                       AND (?4 OR direction <> 'NOTE')",
-                )?
-                .query_row(
-                    params![room.tenant_id, room.room_id, user_id, include_notes],
-                    |row| row.get(0),
-                )?;
-            Ok(to_u64(count))
+            let tx = conn.unchecked_transaction()?;
+            let Some(counters) = stored_room_counters(&tx, &room)? else {
+                return Ok(ReadState::default());
+            };
+            Ok(marker_row(&tx, &room, &user_id)?.state(counters))
         })
         .wait(self)
         .await
@@ -516,7 +573,7 @@ fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     };
     let mode = setup().map_err(|e| db_error("configure", &e))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(Error::Unavailable(format!(
+        return Err(Error::NotApplied(format!(
             "sqlite journal_mode is {mode}, wanted wal"
         )));
     }
@@ -579,19 +636,76 @@ fn migrate(conn: &Connection) -> Result<()> {
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .map_err(|e| db_error("read schema version", &e))?;
     if version > SCHEMA_VERSION {
-        return Err(Error::Unavailable(format!(
+        return Err(Error::NotApplied(format!(
             "database schema version {version} is newer than this build understands ({SCHEMA_VERSION})"
         )));
     }
     if version < 1 {
-        conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA_V2} COMMIT;"))
-            .map_err(|e| db_error("create schema", &e))?;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA_V2} {SCHEMA_V2_TO_V3} COMMIT;"
+        ))
+        .map_err(|e| db_error("create schema", &e))?;
         tracing::info!(version = SCHEMA_VERSION, "sqlite schema created");
-    } else if version < 2 {
+        return Ok(());
+    }
+    if version < 2 {
         migrate_v1_to_v2(conn)?;
+    }
+    if version < 3 {
+        let result = conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA_V2_TO_V3} COMMIT;"));
+        if result.is_err() && !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        result.map_err(|e| db_error("migrate schema to version 3", &e))?;
+        tracing::info!(version = 3, "sqlite schema migrated");
     }
     Ok(())
 }
+
+/// Version 3 adds the maintained unread counters: each room's note count, each message's notes
+/// up to it, and per `(room, user)` what the user sent and how much of it lies below their
+/// marker. The counters of existing data are computed once, here (a scan of each room's
+/// messages per marker row; later reads never count).
+const SCHEMA_V2_TO_V3: &str = "
+ALTER TABLE rooms ADD COLUMN note_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN notes_upto INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE read_markers ADD COLUMN sent_total INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE read_markers ADD COLUMN sent_notes_total INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE read_markers ADD COLUMN sent_read INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE read_markers ADD COLUMN sent_notes_read INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE read_markers ADD COLUMN last_sent_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE read_markers ADD COLUMN notes_read INTEGER NOT NULL DEFAULT 0;
+UPDATE messages SET notes_upto = w.notes
+    FROM (SELECT tenant_id AS t, room_id AS r, seq AS s,
+                 SUM(direction = 'NOTE') OVER (PARTITION BY tenant_id, room_id ORDER BY seq) AS notes
+          FROM messages) AS w
+    WHERE tenant_id = w.t AND room_id = w.r AND seq = w.s;
+UPDATE rooms SET note_count = COALESCE(
+    (SELECT notes_upto FROM messages m
+     WHERE m.tenant_id = rooms.tenant_id AND m.room_id = rooms.room_id AND m.seq = rooms.last_seq), 0);
+INSERT INTO read_markers (tenant_id, room_id, user_id, seq)
+    SELECT DISTINCT tenant_id, room_id, sender, 0 FROM messages WHERE true
+    ON CONFLICT DO NOTHING;
+UPDATE read_markers SET
+    sent_total = (SELECT COUNT(*) FROM messages m WHERE m.tenant_id = read_markers.tenant_id
+        AND m.room_id = read_markers.room_id AND m.sender = read_markers.user_id),
+    sent_notes_total = (SELECT COUNT(*) FROM messages m WHERE m.tenant_id = read_markers.tenant_id
+        AND m.room_id = read_markers.room_id AND m.sender = read_markers.user_id
+        AND m.direction = 'NOTE'),
+    sent_read = (SELECT COUNT(*) FROM messages m WHERE m.tenant_id = read_markers.tenant_id
+        AND m.room_id = read_markers.room_id AND m.sender = read_markers.user_id
+        AND m.seq <= read_markers.seq),
+    sent_notes_read = (SELECT COUNT(*) FROM messages m WHERE m.tenant_id = read_markers.tenant_id
+        AND m.room_id = read_markers.room_id AND m.sender = read_markers.user_id
+        AND m.direction = 'NOTE' AND m.seq <= read_markers.seq),
+    last_sent_seq = COALESCE((SELECT MAX(seq) FROM messages m
+        WHERE m.tenant_id = read_markers.tenant_id AND m.room_id = read_markers.room_id
+        AND m.sender = read_markers.user_id), 0),
+    notes_read = COALESCE((SELECT notes_upto FROM messages m
+        WHERE m.tenant_id = read_markers.tenant_id AND m.room_id = read_markers.room_id
+        AND m.seq = read_markers.seq), 0);
+PRAGMA user_version = 3;
+";
 
 /// Version 1 keyed rooms by `room_id` alone; version 2 keys every room record by
 /// `(tenant_id, room_id)`. The old tables are renamed aside, the new ones created, every row
@@ -692,7 +806,7 @@ PRAGMA user_version = 2;
 ";
 
 fn db_error(what: &str, error: &rusqlite::Error) -> Error {
-    Error::Unavailable(format!("sqlite {what} failed: {error}"))
+    Error::NotApplied(format!("sqlite {what} failed: {error}"))
 }
 
 fn to_i64(value: u64) -> i64 {
@@ -724,7 +838,7 @@ enum WriteRequest {
         room: RoomKey,
         user_id: String,
         seq: u64,
-        reply: Reply<u64>,
+        reply: Reply<ReadState>,
     },
 }
 
@@ -745,7 +859,7 @@ enum Applied {
     Append(Reply<Appended>, Result<Appended>),
     CreateRoom(Reply<(Room, bool)>, Result<(Room, bool)>),
     AddParticipant(Reply<Room>, Result<Room>),
-    MarkRead(Reply<u64>, Result<u64>),
+    MarkRead(Reply<ReadState>, Result<ReadState>),
 }
 
 impl Applied {
@@ -770,17 +884,67 @@ impl Applied {
 
 struct Writer {
     conn: Connection,
-    /// Committed `last_seq` per room. Only ever holds committed values: a batch works on its
+    /// Committed counters per room. Only ever holds committed values: a batch works on its
     /// own overlay, merged in after `COMMIT`.
-    cache: HashMap<RoomKey, u64>,
+    cache: HashMap<RoomKey, RoomCounters>,
     max_batch: usize,
-    on_commit: Option<CommitHook>,
+    metrics: WriterMetrics,
     /// Dropping the sender stops the checkpointer thread.
     checkpointer: Option<(Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
-/// `last_seq` of the rooms a batch looked at; `dirty` when the batch appended to the room.
-struct Overlay(HashMap<RoomKey, (u64, bool)>);
+/// A room's maintained counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct RoomCounters {
+    last_seq: u64,
+    note_count: u64,
+}
+
+/// What one sender appended to one room in the batch, not yet added to their marker row.
+#[derive(Debug, Default)]
+struct SentInBatch {
+    messages: u64,
+    notes: u64,
+    last_seq: u64,
+}
+
+/// The state a batch works on: the counters of the rooms it looked at (`dirty` when it appended
+/// to the room) and what each sender appended.
+#[derive(Default)]
+struct Overlay {
+    rooms: HashMap<RoomKey, (RoomCounters, bool)>,
+    sent: HashMap<(RoomKey, String), SentInBatch>,
+}
+
+impl Overlay {
+    /// Adds what senders appended in this batch to their marker rows (before a read marker of
+    /// the batch reads one, and at the end of the batch).
+    fn flush_sent(&mut self, tx: &Connection) -> rusqlite::Result<()> {
+        if self.sent.is_empty() {
+            return Ok(());
+        }
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO read_markers (tenant_id, room_id, user_id, seq, sent_total,
+                                       sent_notes_total, last_sent_seq)
+             VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6)
+             ON CONFLICT (tenant_id, room_id, user_id) DO UPDATE SET
+                 sent_total = sent_total + excluded.sent_total,
+                 sent_notes_total = sent_notes_total + excluded.sent_notes_total,
+                 last_sent_seq = excluded.last_sent_seq",
+        )?;
+        for ((room, user_id), sent) in self.sent.drain() {
+            upsert.execute(params![
+                room.tenant_id,
+                room.room_id,
+                user_id,
+                to_i64(sent.messages),
+                to_i64(sent.notes),
+                to_i64(sent.last_seq),
+            ])?;
+        }
+        Ok(())
+    }
+}
 
 impl Writer {
     fn run(mut self, requests: &Receiver<WriteRequest>) {
@@ -806,12 +970,12 @@ impl Writer {
                     false
                 }
             };
-            if let Some(hook) = &self.on_commit {
-                hook(CommitStats {
-                    batch_size: size,
-                    duration: started.elapsed(),
-                    ok,
-                });
+            self.metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics.batch_size.observe(size as f64);
+            if !ok {
+                self.metrics.commit_failures.inc();
             }
         }
         if let Some((stop, thread)) = self.checkpointer.take() {
@@ -834,7 +998,7 @@ impl Writer {
     /// batch committed.
     fn commit_batch(&mut self, batch: &mut Vec<WriteRequest>) -> bool {
         let size = batch.len();
-        let mut overlay = Overlay(HashMap::new());
+        let mut overlay = Overlay::default();
         let mut applied = Vec::with_capacity(size);
         let mut requests = batch.drain(..);
         let mut committing = false;
@@ -849,12 +1013,19 @@ impl Writer {
                     return Err(error);
                 }
             }
+            overlay.flush_sent(&tx)?;
             let mut update = tx.prepare_cached(
-                "UPDATE rooms SET last_seq = ?3 WHERE tenant_id = ?1 AND room_id = ?2",
+                "UPDATE rooms SET last_seq = ?3, note_count = ?4
+                 WHERE tenant_id = ?1 AND room_id = ?2",
             )?;
-            for (room, (seq, dirty)) in &overlay.0 {
+            for (room, (counters, dirty)) in &overlay.rooms {
                 if *dirty {
-                    update.execute(params![room.tenant_id, room.room_id, to_i64(*seq)])?;
+                    update.execute(params![
+                        room.tenant_id,
+                        room.room_id,
+                        to_i64(counters.last_seq),
+                        to_i64(counters.note_count)
+                    ])?;
                 }
             }
             drop(update);
@@ -863,8 +1034,8 @@ impl Writer {
         })();
         match outcome {
             Ok(()) => {
-                for (room, (seq, _)) in overlay.0 {
-                    self.cache.insert(room, seq);
+                for (room, (counters, _)) in overlay.rooms {
+                    self.cache.insert(room, counters);
                 }
                 if self.cache.len() > MAX_CACHED_ROOMS {
                     self.cache.clear();
@@ -899,7 +1070,7 @@ fn batch_error(error: &rusqlite::Error, committing: bool) -> Error {
     if committing {
         Error::OutcomeUnknown(format!("sqlite commit failed: {error}"))
     } else {
-        Error::Unavailable(format!("sqlite write failed: {error}"))
+        Error::NotApplied(format!("sqlite write failed: {error}"))
     }
 }
 
@@ -907,14 +1078,14 @@ fn batch_error(error: &rusqlite::Error, committing: bool) -> Error {
 /// (it is returned next to the answer slot); request-level problems are answered in the result.
 fn apply(
     tx: &Connection,
-    cache: &HashMap<RoomKey, u64>,
+    cache: &HashMap<RoomKey, RoomCounters>,
     overlay: &mut Overlay,
     request: WriteRequest,
 ) -> (Applied, Option<rusqlite::Error>) {
     fn split<T>(result: rusqlite::Result<Result<T>>) -> (Result<T>, Option<rusqlite::Error>) {
         match result {
             Ok(answer) => (answer, None),
-            Err(error) => (Err(Error::Unavailable(error.to_string())), Some(error)),
+            Err(error) => (Err(Error::NotApplied(error.to_string())), Some(error)),
         }
     }
     match request {
@@ -946,28 +1117,94 @@ fn apply(
     }
 }
 
-/// The room's `last_seq` as this batch sees it, or `None` when the room does not exist.
-fn last_seq(
+/// The room's counters as this batch sees them, or `None` when the room does not exist.
+fn room_counters(
     tx: &Connection,
-    cache: &HashMap<RoomKey, u64>,
+    cache: &HashMap<RoomKey, RoomCounters>,
     overlay: &mut Overlay,
     room: &RoomKey,
-) -> rusqlite::Result<Option<u64>> {
-    if let Some((seq, _)) = overlay.0.get(room) {
-        return Ok(Some(*seq));
+) -> rusqlite::Result<Option<RoomCounters>> {
+    if let Some((counters, _)) = overlay.rooms.get(room) {
+        return Ok(Some(*counters));
     }
-    if let Some(seq) = cache.get(room) {
-        return Ok(Some(*seq));
+    if let Some(counters) = cache.get(room) {
+        return Ok(Some(*counters));
     }
-    let stored: Option<i64> = tx
-        .prepare_cached("SELECT last_seq FROM rooms WHERE tenant_id = ?1 AND room_id = ?2")?
-        .query_row([&room.tenant_id, &room.room_id], |row| row.get(0))
+    let stored = stored_room_counters(tx, room)?;
+    if let Some(counters) = stored {
+        overlay.rooms.insert(room.clone(), (counters, false));
+    }
+    Ok(stored)
+}
+
+/// The room's counters as committed.
+fn stored_room_counters(
+    conn: &Connection,
+    room: &RoomKey,
+) -> rusqlite::Result<Option<RoomCounters>> {
+    conn.prepare_cached(
+        "SELECT last_seq, note_count FROM rooms WHERE tenant_id = ?1 AND room_id = ?2",
+    )?
+    .query_row([&room.tenant_id, &room.room_id], |row| {
+        Ok(RoomCounters {
+            last_seq: to_u64(row.get(0)?),
+            note_count: to_u64(row.get(1)?),
+        })
+    })
+    .optional()
+}
+
+/// A user's marker row: the marker and the counters kept beside it.
+#[derive(Debug, Clone, Copy, Default)]
+struct MarkerRow {
+    read_seq: u64,
+    sent_total: u64,
+    sent_notes_total: u64,
+    sent_read: u64,
+    sent_notes_read: u64,
+    last_sent_seq: u64,
+    notes_read: u64,
+}
+
+impl MarkerRow {
+    /// What is unread after the marker, from the room's counters: every message above the
+    /// marker, less the user's own, less the notes (for the count without notes; the user's own
+    /// notes are already among their own).
+    fn state(&self, room: RoomCounters) -> ReadState {
+        let above = room.last_seq.saturating_sub(self.read_seq);
+        let own_above = self.sent_total.saturating_sub(self.sent_read);
+        let own_notes_above = self.sent_notes_total.saturating_sub(self.sent_notes_read);
+        let notes_above = room.note_count.saturating_sub(self.notes_read);
+        let unread_with_notes = above.saturating_sub(own_above);
+        let others_notes_above = notes_above.saturating_sub(own_notes_above);
+        ReadState {
+            read_seq: self.read_seq,
+            unread_with_notes,
+            unread: unread_with_notes.saturating_sub(others_notes_above),
+        }
+    }
+}
+
+fn marker_row(conn: &Connection, room: &RoomKey, user_id: &str) -> rusqlite::Result<MarkerRow> {
+    let row = conn
+        .prepare_cached(
+            "SELECT seq, sent_total, sent_notes_total, sent_read, sent_notes_read, last_sent_seq,
+                    notes_read
+             FROM read_markers WHERE tenant_id = ?1 AND room_id = ?2 AND user_id = ?3",
+        )?
+        .query_row(params![room.tenant_id, room.room_id, user_id], |row| {
+            Ok(MarkerRow {
+                read_seq: to_u64(row.get(0)?),
+                sent_total: to_u64(row.get(1)?),
+                sent_notes_total: to_u64(row.get(2)?),
+                sent_read: to_u64(row.get(3)?),
+                sent_notes_read: to_u64(row.get(4)?),
+                last_sent_seq: to_u64(row.get(5)?),
+                notes_read: to_u64(row.get(6)?),
+            })
+        })
         .optional()?;
-    Ok(stored.map(|seq| {
-        let seq = to_u64(seq);
-        overlay.0.insert(room.clone(), (seq, false));
-        seq
-    }))
+    Ok(row.unwrap_or_default())
 }
 
 fn missing_room(room: &RoomKey) -> Error {
@@ -976,7 +1213,7 @@ fn missing_room(room: &RoomKey) -> Error {
 
 fn append(
     tx: &Connection,
-    cache: &HashMap<RoomKey, u64>,
+    cache: &HashMap<RoomKey, RoomCounters>,
     overlay: &mut Overlay,
     message: NewMessage,
 ) -> rusqlite::Result<Result<Appended>> {
@@ -984,27 +1221,37 @@ fn append(
         return Ok(Err(Error::Invalid("empty message_id".to_owned())));
     }
     let room = message.room_key();
-    // Earlier requests of the same batch are visible here: they ran in this transaction.
+    // Earlier requests of the same batch are visible here: they ran in this transaction. The id
+    // is checked before the seq, so a retry that comes with a newer seq (after a crash, say) is
+    // still answered with the original.
     if let Some(original) = message_by_id(tx, &room, &message.message_id)? {
         return Ok(Ok(Appended {
             message: original,
             duplicate: true,
         }));
     }
-    let Some(last) = last_seq(tx, cache, overlay, &room)? else {
+    let Some(counters) = room_counters(tx, cache, overlay, &room)? else {
         return Ok(Err(missing_room(&room)));
     };
-    let seq = last + 1;
+    // The fence: only the room's next seq is stored, so a stale or second writer cannot leave
+    // a gap or overwrite.
+    if message.seq != counters.last_seq + 1 {
+        return Ok(Err(Error::SeqConflict {
+            last_seq: counters.last_seq,
+        }));
+    }
+    let is_note = message.direction == Direction::Note;
+    let notes_upto = counters.note_count + u64::from(is_note);
     tx.prepare_cached(
         "INSERT INTO messages (tenant_id, room_id, seq, message_id, sender, sender_type,
                                direction, type, message, attached_files, reply_to, mentions,
-                               metadata, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                               metadata, created_at, notes_upto)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )?
     .execute(params![
         message.tenant_id,
         message.room_id,
-        to_i64(seq),
+        to_i64(message.seq),
         message.message_id,
         message.sender,
         message.sender_type.as_str(),
@@ -1016,17 +1263,34 @@ fn append(
         json_text(&message.mentions),
         json_text(&message.metadata),
         message.created_at.0,
+        to_i64(notes_upto),
     ])?;
-    overlay.0.insert(room, (seq, true));
+    let sent = overlay
+        .sent
+        .entry((room.clone(), message.sender.clone()))
+        .or_default();
+    sent.messages += 1;
+    sent.notes += u64::from(is_note);
+    sent.last_seq = message.seq;
+    overlay.rooms.insert(
+        room,
+        (
+            RoomCounters {
+                last_seq: message.seq,
+                note_count: notes_upto,
+            },
+            true,
+        ),
+    );
     Ok(Ok(Appended {
-        message: message.into_message(seq),
+        message: message.into_message(),
         duplicate: false,
     }))
 }
 
 fn create_room(
     tx: &Connection,
-    cache: &HashMap<RoomKey, u64>,
+    cache: &HashMap<RoomKey, RoomCounters>,
     overlay: &mut Overlay,
     room: NewRoom,
 ) -> rusqlite::Result<Result<(Room, bool)>> {
@@ -1064,7 +1328,7 @@ fn create_room(
             participants.push(user_id);
         }
     }
-    overlay.0.insert(key, (0, false));
+    overlay.rooms.insert(key, (RoomCounters::default(), false));
     Ok(Ok((
         Room {
             room_id: room.room_id,
@@ -1083,33 +1347,27 @@ fn create_room(
 /// Loads a room inside the batch, with the `last_seq` the batch has assigned so far.
 fn room_in_batch(
     tx: &Connection,
-    cache: &HashMap<RoomKey, u64>,
+    cache: &HashMap<RoomKey, RoomCounters>,
     overlay: &mut Overlay,
     key: &RoomKey,
 ) -> rusqlite::Result<Option<Room>> {
     let Some(mut room) = load_room(tx, key)? else {
         return Ok(None);
     };
-    match overlay.0.entry(key.clone()) {
-        Entry::Occupied(entry) => room.last_seq = entry.get().0,
-        Entry::Vacant(entry) => {
-            if let Some(seq) = cache.get(key) {
-                room.last_seq = *seq;
-            }
-            entry.insert((room.last_seq, false));
-        }
+    if let Some(counters) = room_counters(tx, cache, overlay, key)? {
+        room.last_seq = counters.last_seq;
     }
     Ok(Some(room))
 }
 
 fn add_participant(
     tx: &Connection,
-    cache: &HashMap<RoomKey, u64>,
+    cache: &HashMap<RoomKey, RoomCounters>,
     overlay: &mut Overlay,
     room: &RoomKey,
     user_id: &str,
 ) -> rusqlite::Result<Result<Room>> {
-    if last_seq(tx, cache, overlay, room)?.is_none() {
+    if room_counters(tx, cache, overlay, room)?.is_none() {
         return Ok(Err(missing_room(room)));
     }
     tx.prepare_cached(
@@ -1123,26 +1381,86 @@ fn add_participant(
 
 fn mark_read(
     tx: &Connection,
-    cache: &HashMap<RoomKey, u64>,
+    cache: &HashMap<RoomKey, RoomCounters>,
     overlay: &mut Overlay,
     room: &RoomKey,
     user_id: &str,
     seq: u64,
-) -> rusqlite::Result<Result<u64>> {
-    if last_seq(tx, cache, overlay, room)?.is_none() {
+) -> rusqlite::Result<Result<ReadState>> {
+    let Some(counters) = room_counters(tx, cache, overlay, room)? else {
         return Ok(Err(missing_room(room)));
+    };
+    if seq > counters.last_seq {
+        return Ok(Err(Error::Invalid(format!(
+            "seq {seq} is beyond the room's last message ({})",
+            counters.last_seq
+        ))));
     }
-    let stored: i64 = tx
-        .prepare_cached(
-            "INSERT INTO read_markers (tenant_id, room_id, user_id, seq) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (tenant_id, room_id, user_id) DO UPDATE SET seq = max(seq, excluded.seq)
-             RETURNING seq",
+    // The marker row must hold what the user sent earlier in this batch.
+    overlay.flush_sent(tx)?;
+    let mut row = marker_row(tx, room, user_id)?;
+    if seq <= row.read_seq {
+        return Ok(Ok(row.state(counters)));
+    }
+    if seq >= row.last_sent_seq {
+        row.sent_read = row.sent_total;
+        row.sent_notes_read = row.sent_notes_total;
+    } else {
+        // The marker stops below the user's own latest message: count their messages between
+        // the old marker and the new one (a range of the room's index, never the whole room).
+        let (own, own_notes): (i64, i64) = tx
+            .prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(direction = 'NOTE'), 0) FROM messages
+                 WHERE tenant_id = ?1 AND room_id = ?2 AND seq > ?3 AND seq <= ?4
+                   AND sender = ?5",
+            )?
+            .query_row(
+                params![
+                    room.tenant_id,
+                    room.room_id,
+                    to_i64(row.read_seq),
+                    to_i64(seq),
+                    user_id
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+        row.sent_read += to_u64(own);
+        row.sent_notes_read += to_u64(own_notes);
+    }
+    row.notes_read = if seq == counters.last_seq {
+        counters.note_count
+    } else {
+        tx.prepare_cached(
+            "SELECT notes_upto FROM messages WHERE tenant_id = ?1 AND room_id = ?2 AND seq = ?3",
         )?
-        .query_row(
-            params![room.tenant_id, room.room_id, user_id, to_i64(seq)],
-            |row| row.get(0),
-        )?;
-    Ok(Ok(to_u64(stored)))
+        .query_row(params![room.tenant_id, room.room_id, to_i64(seq)], |r| {
+            r.get::<_, i64>(0)
+        })
+        .optional()?
+        .map_or(0, to_u64)
+    };
+    row.read_seq = seq;
+    tx.prepare_cached(
+        "INSERT INTO read_markers (tenant_id, room_id, user_id, seq, sent_total, sent_notes_total,
+                                   sent_read, sent_notes_read, last_sent_seq, notes_read)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT (tenant_id, room_id, user_id) DO UPDATE SET
+             seq = excluded.seq, sent_read = excluded.sent_read,
+             sent_notes_read = excluded.sent_notes_read, notes_read = excluded.notes_read",
+    )?
+    .execute(params![
+        room.tenant_id,
+        room.room_id,
+        user_id,
+        to_i64(row.read_seq),
+        to_i64(row.sent_total),
+        to_i64(row.sent_notes_total),
+        to_i64(row.sent_read),
+        to_i64(row.sent_notes_read),
+        to_i64(row.last_sent_seq),
+        to_i64(row.notes_read),
+    ])?;
+    Ok(Ok(row.state(counters)))
 }
 
 fn json_text<T: serde::Serialize>(value: &T) -> String {
@@ -1261,53 +1579,60 @@ struct SearchBudget {
     time: Duration,
 }
 
-fn history(
+/// A search: the whole-word filter over a bounded scan, with a time budget on top.
+fn search(
     conn: &Connection,
     room: &RoomKey,
-    query: &HistoryQuery,
+    query: &SearchQuery,
     budget: SearchBudget,
 ) -> rusqlite::Result<HistoryPage> {
-    let searching = query
-        .search
-        .as_deref()
-        .is_some_and(|s| !words(s).is_empty());
-    if searching {
-        // SQLite checks in every few thousand steps and stops the statement once the time is
-        // spent; the page then ends where the search got to.
-        let deadline = std::time::Instant::now() + budget.time;
-        conn.progress_handler(4_000, Some(move || std::time::Instant::now() > deadline));
+    let wanted = words(&query.words);
+    let window = HistoryQuery {
+        before_seq: query.before_seq,
+        after_seq: query.after_seq,
+        limit: query.limit,
+        include_notes: query.include_notes,
+        max_bytes: query.max_bytes,
+    };
+    if wanted.is_empty() {
+        return read_history(conn, room, &window, &[], budget.rows);
     }
-    let page = read_history(conn, room, query, budget.rows);
-    if searching {
-        conn.progress_handler(0, None::<fn() -> bool>);
-    }
+    // SQLite checks in every few thousand steps and stops the statement once the time is
+    // spent; the page then ends where the search got to.
+    let deadline = std::time::Instant::now() + budget.time;
+    conn.progress_handler(4_000, Some(move || std::time::Instant::now() > deadline));
+    let page = read_history(conn, room, &window, &wanted, budget.rows);
+    conn.progress_handler(0, None::<fn() -> bool>);
     page
 }
 
+/// Reads a page of the room. Plain history reads `limit + 1` rows. A filtered read (a search,
+/// or a reader who may not see notes) reads the room in seq order, at most `scan_budget` rows
+/// (+ 1 to learn whether more follow), with a column telling whether a row may match; the
+/// whole-word check runs here on those rows only. When the budget runs out first, the page says
+/// where to continue.
 fn read_history(
     conn: &Connection,
     room: &RoomKey,
     query: &HistoryQuery,
-    search_budget: u32,
+    search: &[String],
+    scan_budget: u32,
 ) -> rusqlite::Result<HistoryPage> {
     let limit = match query.limit {
         0 => DEFAULT_HISTORY_LIMIT,
         limit => limit,
     } as usize;
-    let search = query.search.as_deref().map(words).unwrap_or_default();
+    let filtered = !search.is_empty() || !query.include_notes;
     // Forwards from `after_seq` (also when both cursors are given), else backwards from the
     // newest message below `before_seq`.
     let forwards = query.after_seq.is_some();
 
-    // Plain history filters in SQL and reads `limit + 1` rows. A search reads the room in seq
-    // order, at most `search_budget` rows (+ 1 to learn whether more follow), with a column
-    // telling whether a row may match; the whole-word check runs here on those rows only.
     let mut filter = String::new();
     let mut filter_args = Vec::new();
     if !query.include_notes {
         filter.push_str(" AND direction <> 'NOTE'");
     }
-    for word in &search {
+    for word in search {
         if let Some(prefilter) = like_prefilter(word) {
             filter.push_str(" AND (message LIKE ? ESCAPE '\\'");
             filter_args.push(Value::Text(prefilter.pattern));
@@ -1321,11 +1646,11 @@ fn read_history(
         }
     }
     let mut args = Vec::new();
-    let mut sql = if search.is_empty() {
-        format!("SELECT {MESSAGE_COLUMNS}, 1 FROM messages")
-    } else {
+    let mut sql = if filtered {
         args.append(&mut filter_args);
         format!("SELECT {MESSAGE_COLUMNS}, (1{filter}) FROM messages")
+    } else {
+        format!("SELECT {MESSAGE_COLUMNS}, 1 FROM messages")
     };
     sql.push_str(" WHERE tenant_id = ? AND room_id = ?");
     args.push(Value::Text(room.tenant_id.clone()));
@@ -1338,12 +1663,10 @@ fn read_history(
         sql.push_str(" AND seq < ?");
         args.push(Value::Integer(to_i64(before)));
     }
-    let rows_wanted = if search.is_empty() {
-        sql.push_str(&filter);
-        args.append(&mut filter_args);
-        limit + 1
+    let rows_wanted = if filtered {
+        scan_budget.max(1) as usize + 1
     } else {
-        search_budget as usize + 1
+        limit + 1
     };
     sql.push_str(if forwards {
         " ORDER BY seq ASC LIMIT ?"
@@ -1369,7 +1692,7 @@ fn read_history(
             // The search's time ran out: what it found so far, and where to go on from.
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::OperationInterrupted
-                    && !search.is_empty()
+                    && filtered
                     && last_examined.is_some() =>
             {
                 budget_spent = true;
@@ -1377,15 +1700,17 @@ fn read_history(
             }
             Err(e) => return Err(e),
         };
-        if !search.is_empty() {
-            if examined == u64::from(search_budget) {
+        if filtered {
+            if examined == u64::from(scan_budget.max(1)) {
                 budget_spent = true;
                 break;
             }
             examined += 1;
             last_examined = Some(to_u64(row.get(1)?));
             let candidate: bool = row.get(MESSAGE_COLUMN_COUNT)?;
-            if !candidate || !contains_words(&row.get::<_, String>(7)?, &search) {
+            if !candidate
+                || (!search.is_empty() && !contains_words(&row.get::<_, String>(7)?, search))
+            {
                 continue;
             }
         } else {
@@ -1413,8 +1738,8 @@ fn read_history(
         examined,
         ..HistoryPage::default()
     };
-    if cut && !search.is_empty() {
-        // A search continues after the last row it read, which is the last message kept.
+    if cut && filtered {
+        // A filtered read continues after the last row it read, which is the last message kept.
         let last = messages.last().map(|m| m.seq);
         if forwards {
             page.next_after_seq = last;
@@ -1518,7 +1843,6 @@ fn like_prefilter(word: &str) -> Option<Prefilter> {
 mod tests {
     use super::*;
     use crate::conformance_tests;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     async fn fresh_store() -> (SqliteStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -1530,6 +1854,19 @@ mod tests {
     conformance_tests!(fresh_store);
 
     /// Room `room_id` of tenant `t`, the tenant these tests create their rooms in.
+    /// Appends a text message at the room's next seq, as the room's owner would.
+    async fn say(
+        store: &SqliteStore,
+        room: &RoomKey,
+        sender: &str,
+        text: &str,
+    ) -> Result<Appended> {
+        let seq = store.room(room).await?.map_or(1, |r| r.last_seq + 1);
+        store
+            .append(NewMessage::text(room, seq, sender, text))
+            .await
+    }
+
     fn key(room_id: &str) -> RoomKey {
         RoomKey::new("t", room_id)
     }
@@ -1562,18 +1899,11 @@ mod tests {
             .create_room(NewRoom::team("r", "t", "alice"))
             .await
             .unwrap();
-        store
-            .append(NewMessage::text(&key("r"), "alice", "\u{212a}ELVIN scale"))
+        say(&store, &key("r"), "alice", "\u{212a}ELVIN scale")
             .await
             .unwrap();
         let page = store
-            .history(
-                &key("r"),
-                HistoryQuery {
-                    search: Some("kelvin".into()),
-                    ..HistoryQuery::default()
-                },
-            )
+            .search(&key("r"), HistoryQuery::default().search("kelvin"))
             .await
             .unwrap();
         assert_eq!(page.messages.len(), 1);
@@ -1590,8 +1920,7 @@ mod tests {
             .unwrap();
         store.add_participant(&key("r"), "bob").await.unwrap();
         for i in 0..10 {
-            store
-                .append(NewMessage::text(&key("r"), "alice", &format!("m{i}")))
+            say(&store, &key("r"), "alice", &format!("m{i}"))
                 .await
                 .unwrap();
         }
@@ -1602,11 +1931,11 @@ mod tests {
         let room = store.room(&key("r")).await.unwrap().unwrap();
         assert_eq!(room.last_seq, 10);
         assert_eq!(room.participants, ["alice", "bob"]);
-        assert_eq!(store.read_marker(&key("r"), "bob").await.unwrap(), 4);
-        let next = store
-            .append(NewMessage::text(&key("r"), "alice", "after"))
-            .await
-            .unwrap();
+        assert_eq!(
+            store.read_state(&key("r"), "bob").await.unwrap().read_seq,
+            4
+        );
+        let next = say(&store, &key("r"), "alice", "after").await.unwrap();
         assert_eq!(next.message.seq, 11);
         let page = store
             .history(&key("r"), HistoryQuery::default())
@@ -1631,10 +1960,7 @@ mod tests {
         let before = db_size();
         let text = "x".repeat(2000);
         for _ in 0..200 {
-            store
-                .append(NewMessage::text(&key("r"), "alice", &text))
-                .await
-                .unwrap();
+            say(&store, &key("r"), "alice", &text).await.unwrap();
         }
         // 400 KB of messages went into the log, below the size at which a commit would
         // checkpoint by itself; only the checkpointer copies them into the database file.
@@ -1676,7 +2002,7 @@ mod tests {
         conn.pragma_update(None, "user_version", 99).unwrap();
         drop(conn);
         let error = SqliteStore::open(&path, SqliteConfig::default()).unwrap_err();
-        assert!(matches!(error, Error::Unavailable(_)), "{error:?}");
+        assert!(matches!(error, Error::NotApplied(_)), "{error:?}");
     }
 
     /// The version 1 schema, as earlier releases created it: rooms keyed by `room_id` alone.
@@ -1804,25 +2130,21 @@ mod tests {
         assert_eq!(got, ["c1", "c2"]);
         assert_eq!(page.messages[0].sender_type, SenderType::Customer);
 
-        assert_eq!(store.read_marker(&general, "bob").await.unwrap(), 2);
-        assert_eq!(store.read_marker(&conv, "agent-7").await.unwrap(), 1);
-        assert_eq!(store.unread_count(&conv, "agent-7", true).await.unwrap(), 0);
+        // The counters of version 3 are computed from the migrated rows.
+        let bob = store.read_state(&general, "bob").await.unwrap();
+        assert_eq!((bob.read_seq, bob.unread, bob.unread_with_notes), (2, 0, 1));
+        let agent = store.read_state(&conv, "agent-7").await.unwrap();
+        assert_eq!((agent.read_seq, agent.unread_with_notes), (1, 0));
 
         // Appends continue at the right seq, and old ids still deduplicate.
-        let next = store
-            .append(NewMessage::text(&general, "alice", "after"))
-            .await
-            .unwrap();
+        let next = say(&store, &general, "alice", "after").await.unwrap();
         assert_eq!(next.message.seq, 4);
-        let mut again = NewMessage::text(&conv, "agent-7", "retry");
+        let mut again = NewMessage::text(&conv, 3, "agent-7", "retry");
         again.message_id = "c2".to_owned();
         let again = store.append(again).await.unwrap();
         assert!(again.duplicate);
         assert_eq!(again.message.seq, 2);
-        let next = store
-            .append(NewMessage::text(&conv, "agent-7", "later"))
-            .await
-            .unwrap();
+        let next = say(&store, &conv, "agent-7", "later").await.unwrap();
         assert_eq!(next.message.seq, 3);
         store.close().await.unwrap();
 
@@ -1889,12 +2211,12 @@ mod tests {
         tx.commit().unwrap();
     }
 
-    fn search_query(words: &str, after_seq: Option<u64>, before_seq: Option<u64>) -> HistoryQuery {
-        HistoryQuery {
+    fn search_query(words: &str, after_seq: Option<u64>, before_seq: Option<u64>) -> SearchQuery {
+        SearchQuery {
+            words: words.to_owned(),
             after_seq,
             before_seq,
             limit: 10,
-            search: Some(words.to_owned()),
             include_notes: false,
             max_bytes: 0,
         }
@@ -1905,7 +2227,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chat.db");
         let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
-        let budget = u64::from(DEFAULT_SEARCH_SCAN_ROWS);
+        let budget = u64::from(crate::DEFAULT_SCAN_ROWS);
         let rare = [(5, "a rare Zebra"), (195_000, "zebra again")];
         big_room(&store, &path, "big", 200_000, &rare).await;
         let room = key("big");
@@ -1913,7 +2235,7 @@ mod tests {
         // Backwards from the newest: the first request reads the newest `budget` rows only,
         // finds the recent hit and says where to go on.
         let page = store
-            .history(&room, search_query("zebra", None, None))
+            .search(&room, search_query("zebra", None, None))
             .await
             .unwrap();
         let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
@@ -1929,7 +2251,7 @@ mod tests {
         let mut requests = 1;
         while let Some(before) = cursor {
             let page = store
-                .history(&room, search_query("zebra", None, Some(before)))
+                .search(&room, search_query("zebra", None, Some(before)))
                 .await
                 .unwrap();
             requests += 1;
@@ -1943,7 +2265,7 @@ mod tests {
 
         // Forwards the same way, with `next_after_seq`.
         let page = store
-            .history(&room, search_query("ZEBRA", Some(0), None))
+            .search(&room, search_query("ZEBRA", Some(0), None))
             .await
             .unwrap();
         let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
@@ -1955,7 +2277,7 @@ mod tests {
 
         // A page that fills up before the budget runs out pages as before, without a cursor.
         let page = store
-            .history(&room, search_query("filler", None, None))
+            .search(&room, search_query("filler", None, None))
             .await
             .unwrap();
         assert_eq!(page.messages.len(), 10);
@@ -1990,7 +2312,7 @@ mod tests {
                 let store = store.clone();
                 tokio::spawn(async move {
                     store
-                        .history(&key("big"), search_query("fill", None, None))
+                        .search(&key("big"), search_query("fill", None, None))
                         .await
                         .unwrap()
                 })
@@ -2028,7 +2350,7 @@ mod tests {
         let started = Instant::now();
         // Every row passes the prefilter and fails the whole-word check: the slowest search.
         let page = store
-            .history(&key("big"), search_query("fill", None, None))
+            .search(&key("big"), search_query("fill", None, None))
             .await
             .unwrap();
         assert!(
@@ -2066,10 +2388,7 @@ mod tests {
                             .await
                             .unwrap();
                         for n in 1..=20 {
-                            let appended = store
-                                .append(NewMessage::text(&key(&room), "alice", "hi"))
-                                .await
-                                .unwrap();
+                            let appended = say(&store, &key(&room), "alice", "hi").await.unwrap();
                             assert_eq!(appended.message.seq, n);
                         }
                         store
@@ -2091,22 +2410,13 @@ mod tests {
     async fn failed_batch_applies_nothing_and_later_writes_continue_gap_free() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chat.db");
-        let batches = Arc::new(std::sync::Mutex::new(Vec::<CommitStats>::new()));
-        let seen = Arc::clone(&batches);
-        let config = SqliteConfig {
-            on_commit: Some(Arc::new(move |stats| seen.lock().unwrap().push(stats))),
-            ..SqliteConfig::default()
-        };
-        let store = SqliteStore::open(&path, config).unwrap();
+        let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
         store
             .create_room(NewRoom::team("r", "t", "alice"))
             .await
             .unwrap();
         for text in ["one", "two"] {
-            store
-                .append(NewMessage::text(&key("r"), "alice", text))
-                .await
-                .unwrap();
+            say(&store, &key("r"), "alice", text).await.unwrap();
         }
 
         // Another connection takes the write lock and, inside it, installs a trigger that makes
@@ -2119,28 +2429,24 @@ mod tests {
                  BEGIN SELECT RAISE(ABORT, 'simulated write failure'); END;",
             )
             .unwrap();
-        let spawn = |text: &str| {
-            let store = store.clone();
-            let message = NewMessage::text(&key("r"), "alice", text);
-            tokio::spawn(async move { store.append(message).await })
+        // Queued in call order, as the room's owner pipelines them.
+        let spawn = |seq: u64, text: &str| {
+            tokio::spawn(store.append(NewMessage::text(&key("r"), seq, "alice", text)))
         };
         // The writer takes "stall" alone and blocks on the lock; the next three queue up behind
         // it and are committed together.
-        let stall = spawn("stall");
+        let stall = spawn(3, "stall");
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let batch = [spawn("x"), spawn("boom"), spawn("y")];
+        let batch = [spawn(4, "x"), spawn(5, "boom"), spawn(6, "y")];
         tokio::time::sleep(Duration::from_millis(200)).await;
         blocker.execute_batch("COMMIT").unwrap();
 
         assert_eq!(stall.await.unwrap().unwrap().message.seq, 3);
         for handle in batch {
             let error = handle.await.unwrap().unwrap_err();
-            assert!(matches!(error, Error::Unavailable(_)), "{error:?}");
+            assert!(matches!(error, Error::NotApplied(_)), "{error:?}");
         }
-        let after = store
-            .append(NewMessage::text(&key("r"), "alice", "after"))
-            .await
-            .unwrap();
+        let after = say(&store, &key("r"), "alice", "after").await.unwrap();
         assert_eq!(after.message.seq, 4);
         let page = store
             .history(&key("r"), HistoryQuery::default())
@@ -2150,28 +2456,17 @@ mod tests {
         assert_eq!(texts, ["one", "two", "stall", "after"]);
         assert_eq!(store.room(&key("r")).await.unwrap().unwrap().last_seq, 4);
 
-        let stats = batches.lock().unwrap().clone();
-        let failed: Vec<_> = stats.iter().filter(|s| !s.ok).collect();
-        assert_eq!(failed.len(), 1, "{stats:?}");
-        assert_eq!(failed[0].batch_size, 3);
+        assert_eq!(store.inner.metrics.commit_failures.get(), 1);
         store.close().await.unwrap();
     }
 
     /// Holds the write lock from another connection while 500 appends queue up, so they are
     /// certainly waiting together when the writer gets the lock back.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn commit_hook_sees_grouped_batches() {
+    async fn writer_metrics_see_grouped_batches() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chat.db");
-        let committed = Arc::new(AtomicUsize::new(0));
-        let batches = Arc::new(AtomicUsize::new(0));
-        let (c, b) = (Arc::clone(&committed), Arc::clone(&batches));
         let config = SqliteConfig {
-            on_commit: Some(Arc::new(move |stats: CommitStats| {
-                assert!(stats.ok);
-                c.fetch_add(stats.batch_size, Ordering::Relaxed);
-                b.fetch_add(1, Ordering::Relaxed);
-            })),
             busy_timeout: Duration::from_secs(10),
             ..SqliteConfig::default()
         };
@@ -2182,35 +2477,28 @@ mod tests {
             .unwrap();
         let blocker = Connection::open(&path).unwrap();
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-        let tasks: Vec<_> = (0..500)
-            .map(|i| {
-                let store = store.clone();
-                tokio::spawn(async move {
-                    store
-                        .append(NewMessage::text(&key("r"), "alice", &format!("{i}")))
-                        .await
-                        .unwrap()
-                })
-            })
+        let metrics = store.inner.metrics.clone();
+        let tasks: Vec<_> = (1..=500)
+            .map(|seq| tokio::spawn(store.append(NewMessage::text(&key("r"), seq, "alice", "m"))))
             .collect();
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
-            committed.load(Ordering::Relaxed),
-            1,
+            metrics.batch_size.get_sample_sum(),
+            1.0,
             "only the room is committed"
         );
         blocker.execute_batch("COMMIT").unwrap();
         let mut seqs: Vec<u64> = Vec::new();
         for task in tasks {
-            seqs.push(task.await.unwrap().message.seq);
+            seqs.push(task.await.unwrap().unwrap().message.seq);
         }
         store.close().await.unwrap();
-        seqs.sort_unstable();
         assert_eq!(seqs, (1..=500).collect::<Vec<_>>());
-        assert_eq!(committed.load(Ordering::Relaxed), 501);
+        assert_eq!(metrics.batch_size.get_sample_sum(), 501.0);
+        assert_eq!(metrics.commit_failures.get(), 0);
         // The room's batch, the append the writer took before it stalled, and the rest
         // together (max_batch is 1024).
-        let batches = batches.load(Ordering::Relaxed);
+        let batches = metrics.batch_size.get_sample_count();
         assert!(batches <= 3, "{batches} batches for 501 writes");
     }
 
@@ -2232,13 +2520,8 @@ mod tests {
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
         let mut pending = Vec::new();
         let mut full = None;
-        for i in 0..10 {
-            let store = store.clone();
-            let handle = tokio::spawn(async move {
-                store
-                    .append(NewMessage::text(&key("r"), "alice", &format!("{i}")))
-                    .await
-            });
+        for seq in 1..=10 {
+            let handle = tokio::spawn(store.append(NewMessage::text(&key("r"), seq, "alice", "m")));
             tokio::time::sleep(Duration::from_millis(20)).await;
             if handle.is_finished() {
                 full = Some(handle.await.unwrap().unwrap_err());
@@ -2249,7 +2532,7 @@ mod tests {
         blocker.execute_batch("COMMIT").unwrap();
         let full = full.expect("the queue never filled");
         assert!(
-            matches!(&full, Error::Unavailable(m) if m.contains("queue full")),
+            matches!(&full, Error::NotApplied(m) if m.contains("queue full")),
             "{full:?}"
         );
         for handle in pending {
@@ -2268,7 +2551,7 @@ mod tests {
         assert!(matches!(&error, Error::OutcomeUnknown(m) if m.contains("commit failed")));
         assert!(error.is_retryable());
         let error = batch_error(&io, false);
-        assert!(matches!(error, Error::Unavailable(_)), "{error:?}");
+        assert!(matches!(error, Error::NotApplied(_)), "{error:?}");
     }
 
     #[test]
@@ -2279,13 +2562,22 @@ mod tests {
     }
 
     #[test]
-    fn config_debug_hides_the_hook() {
-        let config = SqliteConfig {
-            on_commit: Some(Arc::new(|_| {})),
-            ..SqliteConfig::default()
+    fn url_parameters_tune_the_backend_and_unknown_ones_are_refused() {
+        let options = Options {
+            scan_rows: 77,
+            ..Options::default()
         };
-        let text = format!("{config:?}");
-        assert!(text.contains("max_batch: 1024"), "{text}");
-        assert!(text.contains("Fn(CommitStats)"), "{text}");
+        let config =
+            SqliteConfig::from_params(vec![("max_batch", "64"), ("readers", "2")], &options)
+                .unwrap();
+        assert_eq!((config.max_batch, config.readers), (64, 2));
+        assert_eq!(config.search_scan_rows, 77);
+        let error = SqliteConfig::from_params(vec![("max_btach", "64")], &options).unwrap_err();
+        assert!(
+            matches!(&error, Error::BadUrl(m) if m.contains("max_btach")),
+            "{error:?}"
+        );
+        let error = SqliteConfig::from_params(vec![("readers", "many")], &options).unwrap_err();
+        assert!(matches!(error, Error::BadUrl(_)), "{error:?}");
     }
 }

@@ -1,7 +1,7 @@
 //! A deadline on every store call, as a wrapper that implements [`Store`] itself (in the manner
 //! of quickwit's `timeout_and_retry_storage`), so callers need no timeout code of their own.
 //!
-//! A read that misses its deadline fails with [`Error::Unavailable`]: nothing changed. A write
+//! A read that misses its deadline fails with [`Error::NotApplied`]: nothing changed. A write
 //! that misses it fails with [`Error::OutcomeUnknown`]: the backend may still apply it after the
 //! caller gave up, so a retry must reuse the same ids (appends are idempotent on the message id,
 //! the other writes are idempotent by nature). [`Store::close`] has no deadline: it waits for
@@ -11,8 +11,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::{
-    Appended, Error, HistoryPage, HistoryQuery, Message, NewMessage, NewRoom, Result, Room,
-    RoomKey, Store,
+    Appended, Error, HistoryPage, HistoryQuery, Message, NewMessage, NewRoom, ReadState, Result,
+    Room, RoomKey, SearchQuery, Store,
 };
 
 /// Wraps a store so that every call but `close` fails once `limit` has passed.
@@ -39,7 +39,7 @@ impl<S: Store> TimeoutStore<S> {
         tokio::time::timeout(self.limit, call)
             .await
             .unwrap_or_else(|_| {
-                Err(Error::Unavailable(format!(
+                Err(Error::NotApplied(format!(
                     "storage {what} timed out after {:?}",
                     self.limit
                 )))
@@ -59,8 +59,22 @@ impl<S: Store> TimeoutStore<S> {
 }
 
 impl<S: Store> Store for TimeoutStore<S> {
-    async fn append(&self, message: NewMessage) -> Result<Appended> {
-        self.write("append", self.inner.append(message)).await
+    fn append(
+        &self,
+        message: NewMessage,
+    ) -> impl Future<Output = Result<Appended>> + Send + 'static {
+        // Queued now, so appends keep the order of the calls; the deadline covers the wait.
+        let pending = self.inner.append(message);
+        let limit = self.limit;
+        async move {
+            tokio::time::timeout(limit, pending)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::OutcomeUnknown(format!(
+                        "storage append timed out after {limit:?}"
+                    )))
+                })
+        }
     }
 
     async fn create_room(&self, room: NewRoom) -> Result<(Room, bool)> {
@@ -81,32 +95,23 @@ impl<S: Store> Store for TimeoutStore<S> {
         self.read("history", self.inner.history(room, query)).await
     }
 
+    async fn search(&self, room: &RoomKey, query: SearchQuery) -> Result<HistoryPage> {
+        self.read("search", self.inner.search(room, query)).await
+    }
+
     async fn message_by_id(&self, room: &RoomKey, message_id: &str) -> Result<Option<Message>> {
         self.read("message_by_id", self.inner.message_by_id(room, message_id))
             .await
     }
 
-    async fn mark_read(&self, room: &RoomKey, user_id: &str, seq: u64) -> Result<u64> {
+    async fn mark_read(&self, room: &RoomKey, user_id: &str, seq: u64) -> Result<ReadState> {
         self.write("mark_read", self.inner.mark_read(room, user_id, seq))
             .await
     }
 
-    async fn read_marker(&self, room: &RoomKey, user_id: &str) -> Result<u64> {
-        self.read("read_marker", self.inner.read_marker(room, user_id))
+    async fn read_state(&self, room: &RoomKey, user_id: &str) -> Result<ReadState> {
+        self.read("read_state", self.inner.read_state(room, user_id))
             .await
-    }
-
-    async fn unread_count(
-        &self,
-        room: &RoomKey,
-        user_id: &str,
-        include_notes: bool,
-    ) -> Result<u64> {
-        self.read(
-            "unread_count",
-            self.inner.unread_count(room, user_id, include_notes),
-        )
-        .await
     }
 
     async fn close(&self) -> Result<()> {
@@ -122,8 +127,8 @@ mod tests {
     struct Stalled;
 
     impl Store for Stalled {
-        async fn append(&self, _: NewMessage) -> Result<Appended> {
-            std::future::pending().await
+        fn append(&self, _: NewMessage) -> impl Future<Output = Result<Appended>> + Send + 'static {
+            std::future::pending()
         }
         async fn create_room(&self, _: NewRoom) -> Result<(Room, bool)> {
             std::future::pending().await
@@ -140,13 +145,13 @@ mod tests {
         async fn message_by_id(&self, _: &RoomKey, _: &str) -> Result<Option<Message>> {
             std::future::pending().await
         }
-        async fn mark_read(&self, _: &RoomKey, _: &str, _: u64) -> Result<u64> {
+        async fn search(&self, _: &RoomKey, _: SearchQuery) -> Result<HistoryPage> {
             std::future::pending().await
         }
-        async fn read_marker(&self, _: &RoomKey, _: &str) -> Result<u64> {
+        async fn mark_read(&self, _: &RoomKey, _: &str, _: u64) -> Result<ReadState> {
             std::future::pending().await
         }
-        async fn unread_count(&self, _: &RoomKey, _: &str, _: bool) -> Result<u64> {
+        async fn read_state(&self, _: &RoomKey, _: &str) -> Result<ReadState> {
             std::future::pending().await
         }
         async fn close(&self) -> Result<()> {
@@ -160,7 +165,7 @@ mod tests {
         let room = RoomKey::new("t", "r");
         let started = std::time::Instant::now();
         let error = store
-            .append(NewMessage::text(&room, "alice", "hi"))
+            .append(NewMessage::text(&room, 1, "alice", "hi"))
             .await
             .unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(5));
@@ -185,12 +190,15 @@ mod tests {
                 .await
                 .map(|_| ()),
             store.message_by_id(&room, "m").await.map(|_| ()),
-            store.read_marker(&room, "bob").await.map(|_| ()),
-            store.unread_count(&room, "bob", true).await.map(|_| ()),
+            store
+                .search(&room, HistoryQuery::default().search("hi"))
+                .await
+                .map(|_| ()),
+            store.read_state(&room, "bob").await.map(|_| ()),
         ];
         for result in reads {
             let error = result.unwrap_err();
-            assert!(matches!(error, Error::Unavailable(_)), "{error:?}");
+            assert!(matches!(error, Error::NotApplied(_)), "{error:?}");
             assert!(error.is_retryable());
         }
         store.close().await.unwrap();
