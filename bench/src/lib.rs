@@ -75,10 +75,15 @@ pub fn chat_frame(len: usize) -> Vec<u8> {
 
 /// A stored message with a [`MESSAGE_TEXT_LEN`]-byte text, as a `chat_response` carries it.
 pub fn chat_message() -> Message {
-    let mut message = NewMessage::text(&RoomKey::new(TENANT, ROOM), USER, &text(MESSAGE_TEXT_LEN));
+    let mut message = NewMessage::text(
+        &RoomKey::new(TENANT, ROOM),
+        17,
+        USER,
+        &text(MESSAGE_TEXT_LEN),
+    );
     message.message_id = "01HZX3J8Q6S9V2C4T7W0Y5B1ND".to_owned();
     message.created_at = Timestamp(1_700_000_000_000);
-    message.into_message(17)
+    message.into_message()
 }
 
 /// Counters shared by every outbox, not registered anywhere.

@@ -194,7 +194,7 @@ pub struct Config {
     #[arg(
         long,
         env = "GATEWAY_SEARCH_SCAN_ROWS",
-        default_value_t = storage::sqlite::DEFAULT_SEARCH_SCAN_ROWS
+        default_value_t = storage::DEFAULT_SCAN_ROWS
     )]
     pub search_scan_rows: u32,
 

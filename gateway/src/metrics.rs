@@ -42,9 +42,8 @@ pub struct Metrics {
     errors: Vec<IntCounter>,
     pub deliveries: IntCounter,
     pub fanout_latency: Histogram,
-    pub store_commit_latency: Histogram,
-    pub store_batch_size: Histogram,
-    pub store_commit_failures: IntCounter,
+    /// Chats sent to the store again under a new seq after a seq conflict (see the shard).
+    pub renumbered_appends: IntCounter,
     pub outbound_drops: IntCounter,
     pub slow_consumer_closes: IntCounter,
     pub handshake_rejects: IntCounterVec,
@@ -56,6 +55,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Adds metrics kept elsewhere (the store's) to what `/metrics` shows.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        self.registry
+            .register(collector)
+            .expect("metric names are unique");
+    }
+
     pub fn new(shards: usize) -> Metrics {
         let registry = Registry::new();
         let connections_vec = IntGaugeVec::new(
@@ -105,29 +111,9 @@ impl Metrics {
             ]),
         )
         .unwrap();
-        let store_commit_latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "gateway_store_commit_seconds",
-                "duration of one group commit of the store",
-            )
-            .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-            ]),
-        )
-        .unwrap();
-        let store_batch_size = Histogram::with_opts(
-            HistogramOpts::new(
-                "gateway_store_batch_size",
-                "write requests committed together in one transaction",
-            )
-            .buckets(vec![
-                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
-            ]),
-        )
-        .unwrap();
-        let store_commit_failures = IntCounter::new(
-            "gateway_store_commit_failures_total",
-            "group commits that failed (their writes were answered UNAVAILABLE)",
+        let renumbered_appends = IntCounter::new(
+            "gateway_renumbered_appends_total",
+            "chats renumbered and sent to the store again because their seq was taken (after an earlier chat of the room failed or was a duplicate)",
         )
         .unwrap();
         let outbound_drops = IntCounter::new(
@@ -175,9 +161,7 @@ impl Metrics {
             Box::new(errors_vec.clone()),
             Box::new(deliveries.clone()),
             Box::new(fanout_latency.clone()),
-            Box::new(store_commit_latency.clone()),
-            Box::new(store_batch_size.clone()),
-            Box::new(store_commit_failures.clone()),
+            Box::new(renumbered_appends.clone()),
             Box::new(outbound_drops.clone()),
             Box::new(slow_consumer_closes.clone()),
             Box::new(handshake_rejects.clone()),
@@ -227,9 +211,7 @@ impl Metrics {
             registry,
             deliveries,
             fanout_latency,
-            store_commit_latency,
-            store_batch_size,
-            store_commit_failures,
+            renumbered_appends,
             outbound_drops,
             slow_consumer_closes,
             handshake_rejects,

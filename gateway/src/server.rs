@@ -16,7 +16,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
-use storage::{AnyStore, NewRoom, RoomKind, Store, TimeoutStore, Timestamp};
+use storage::{AnyStore, MeteredStore, NewRoom, RoomKind, Store, TimeoutStore, Timestamp};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -41,7 +41,7 @@ pub struct Shared {
     pub config: Config,
     /// Every call has a deadline (`--store-timeout-ms`): a wedged disk fails requests instead
     /// of parking them, and the shards' queues, forever.
-    pub store: TimeoutStore<AnyStore>,
+    pub store: TimeoutStore<MeteredStore<AnyStore>>,
     pub metrics: Arc<Metrics>,
     /// The counters every connection's outbox shares.
     pub outbox_metrics: Arc<OutboxMetrics>,
@@ -154,28 +154,26 @@ impl Gateway {
     ) -> Result<Gateway, StartError> {
         let shard_count = config.shard_count();
         let metrics = Arc::new(Metrics::new(shard_count));
-        let commit_metrics = metrics.clone();
-        let store_config = storage::sqlite::SqliteConfig {
-            on_commit: Some(Arc::new(move |stats: storage::CommitStats| {
-                commit_metrics
-                    .store_commit_latency
-                    .observe(stats.duration.as_secs_f64());
-                commit_metrics
-                    .store_batch_size
-                    .observe(stats.batch_size as f64);
-                if !stats.ok {
-                    commit_metrics.store_commit_failures.inc();
-                }
-            })),
-            search_scan_rows: config.search_scan_rows,
-            search_time: std::time::Duration::from_millis(config.search_time_ms),
-            ..Default::default()
+        let options = storage::Options {
+            scan_rows: config.search_scan_rows,
+            scan_time: Duration::from_millis(config.search_time_ms),
         };
         let url = config.store_url();
-        let store = tokio::task::spawn_blocking(move || storage::open_with(&url, store_config))
+        let store = tokio::task::spawn_blocking(move || storage::open_with(&url, &options))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;
-        let store = TimeoutStore::new(store, Duration::from_millis(config.store_timeout_ms));
+        let store_metrics = storage::metered::StoreMetrics::new();
+        for collector in store
+            .collectors()
+            .into_iter()
+            .chain(store_metrics.collectors())
+        {
+            metrics.register(collector);
+        }
+        let store = TimeoutStore::new(
+            MeteredStore::new(store, store_metrics),
+            Duration::from_millis(config.store_timeout_ms),
+        );
 
         let mut shards = Vec::with_capacity(shard_count);
         let mut shard_threads = Vec::with_capacity(shard_count);

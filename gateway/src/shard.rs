@@ -45,6 +45,8 @@ const MAILBOX_BYTES: usize = 64 * 1024 * 1024;
 /// (back-pressure): the embedded store's write queue, so that overload slows clients down
 /// rather than filling the queue and getting writes refused.
 const APPENDS_IN_FLIGHT: usize = storage::sqlite::DEFAULT_QUEUE_CAPACITY;
+/// Sends of one chat to the store: the first, and renumberings after seq conflicts.
+const MAX_APPEND_ATTEMPTS: u8 = 4;
 /// Chat ids with an unknown write outcome remembered per room.
 const MAX_UNKNOWN_OUTCOMES: usize = 64;
 /// Most requests queued for one room while it loads; more are answered UNAVAILABLE.
@@ -276,6 +278,13 @@ struct RoomState {
     /// Ids of recent chats whose write had an unknown outcome (bounded), so that a retry that
     /// finds one stored announces it to the room.
     unknown_outcomes: VecDeque<String>,
+    /// The seq the next chat gets: this shard is the room's only writer, so it numbers the
+    /// room's messages itself (recovered from the stored `last_seq` when the room loads) and
+    /// the store only fences (see [`Shard::on_appended`]).
+    next_seq: u64,
+    /// The stored `last_seq` the last renumbering started from, so that every chat refused
+    /// with the same one is renumbered after the previous instead of onto the same seq.
+    renumbered_from: Option<u64>,
 }
 
 // Most rooms are `Ready`, and every request reads one: boxing it would add a pointer chase
@@ -287,8 +296,18 @@ enum Slot {
     Ready(RoomState),
 }
 
-/// Room, sender, `ref`, when the frame was read, and the message's id.
-type AppendContext = (RoomKey, ConnRef, Option<String>, Instant, String);
+/// What answering a chat's append needs.
+struct AppendContext {
+    room_id: RoomKey,
+    conn: ConnRef,
+    reference: Option<String>,
+    /// When the frame was read.
+    received: Instant,
+    /// A copy of what went to the store, renumbered and sent again when its seq was taken.
+    message: NewMessage,
+    /// Sends so far (renumbering after a seq conflict sends again).
+    attempts: u8,
+}
 type AppendFuture = std::pin::Pin<
     Box<dyn std::future::Future<Output = (AppendContext, storage::Result<Appended>)> + Send>,
 >;
@@ -709,10 +728,12 @@ impl Shard {
         let queued = match self.rooms.insert(
             room_id.clone(),
             Slot::Ready(RoomState {
-                room,
                 members: HashMap::new(),
                 inflight: 0,
                 unknown_outcomes: VecDeque::new(),
+                next_seq: room.last_seq + 1,
+                renumbered_from: None,
+                room,
             }),
         ) {
             Some(Slot::Loading(queued)) => queued,
@@ -810,7 +831,7 @@ impl Shard {
         let Some(permit) = self.try_work() else {
             return self.room_failed(
                 &room_id,
-                storage::Error::Unavailable("no task budget to create the room".into()),
+                storage::Error::NotApplied("no task budget to create the room".into()),
             );
         };
         let store = self.shared.store.clone();
@@ -1084,7 +1105,6 @@ impl Shard {
             after_seq: Some(since),
             before_seq: Some(last_seq + 1),
             limit: join.limit,
-            search: None,
             include_notes: conn.claims.role.is_team(),
             max_bytes: budget,
         };
@@ -1156,8 +1176,11 @@ impl Shard {
         let message_id = chat
             .message_id
             .unwrap_or_else(|| ulid::Ulid::new().to_string());
+        let seq = state.next_seq;
+        state.next_seq += 1;
         let message = NewMessage {
-            message_id: message_id.clone(),
+            message_id,
+            seq,
             tenant_id: room_id.tenant_id.clone(),
             room_id: room_id.room_id.clone(),
             sender: conn.claims.sub.clone(),
@@ -1173,20 +1196,71 @@ impl Shard {
         };
         state.inflight += 1;
         self.appends_started += 1;
-        let store = self.shared.store.clone();
-        self.appends.push_back(Box::pin(async move {
-            let result = store.append(message).await;
-            ((room_id, conn, reference, received, message_id), result)
-        }));
+        self.send_append(AppendContext {
+            room_id,
+            conn,
+            reference,
+            received,
+            message,
+            attempts: 0,
+        });
     }
 
-    fn on_appended(
-        &mut self,
-        (room_id, conn, reference, received, message_id): AppendContext,
-        result: storage::Result<Appended>,
-    ) {
+    /// Hands the message to the store now (appends to a room are applied in call order) and
+    /// answers it when the store has.
+    fn send_append(&mut self, mut context: AppendContext) {
+        context.attempts += 1;
+        let pending = self.shared.store.append(context.message.clone());
+        self.appends
+            .push_back(Box::pin(async move { (context, pending.await) }));
+    }
+
+    /// Answers a chat once the store has. The shard numbers the room's messages; the store
+    /// refuses a seq that is not the room's next one. That happens only after an earlier
+    /// append of the room did not take its seq (it failed, or was a duplicate) while later
+    /// ones were already on their way: those are renumbered from the stored `last_seq` the
+    /// store names, all after one another, and sent again, so nothing is lost, no seq is
+    /// skipped and the client sees one answer.
+    fn on_appended(&mut self, context: AppendContext, result: storage::Result<Appended>) {
+        if let (Err(storage::Error::SeqConflict { last_seq }), Some(Slot::Ready(state))) =
+            (&result, self.rooms.get_mut(&context.room_id))
+        {
+            if context.attempts < MAX_APPEND_ATTEMPTS {
+                if state.renumbered_from != Some(*last_seq) {
+                    state.renumbered_from = Some(*last_seq);
+                    state.next_seq = last_seq + 1;
+                }
+                let mut context = context;
+                context.message.seq = state.next_seq;
+                state.next_seq += 1;
+                self.shared.metrics.renumbered_appends.inc();
+                return self.send_append(context);
+            }
+        }
+        let AppendContext {
+            room_id,
+            conn,
+            reference,
+            received,
+            message,
+            ..
+        } = context;
+        let (message_id, sent_seq) = (message.message_id, message.seq);
         if let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) {
             state.inflight = state.inflight.saturating_sub(1);
+            let seq_unused = match &result {
+                Ok(appended) => appended.duplicate,
+                Err(storage::Error::OutcomeUnknown(_)) => false,
+                Err(_) => true,
+            };
+            if seq_unused {
+                // Nothing took the seq: when no later chat has one either, the next chat
+                // takes it (else the store's fence renumbers the later ones).
+                if state.next_seq == sent_seq + 1 {
+                    state.next_seq = sent_seq;
+                }
+                state.renumbered_from = None;
+            }
             if matches!(result, Err(storage::Error::OutcomeUnknown(_))) {
                 // It may be stored after all: when a retry finds it, the room has not heard
                 // of it yet.
@@ -1202,6 +1276,11 @@ impl Shard {
                 tracing::warn!(room_id = %room_id.room_id, error = %e, "storing a chat message failed");
                 let error = match e {
                     storage::Error::Invalid(m) => ProtocolError::new(ErrorCode::BadRequest, m),
+                    storage::Error::OutcomeUnknown(_) => ProtocolError::new(
+                        ErrorCode::Unavailable,
+                        "message outcome unknown: storage did not confirm it in time, retry with the same message_id",
+                    )
+                    .with_message_id(Some(message_id)),
                     _ => ProtocolError::new(
                         ErrorCode::Unavailable,
                         "message not accepted: storage unavailable, retry with the same message_id",
@@ -1357,18 +1436,14 @@ impl Shard {
                 }
                 Err(_) => return fail(storage_unavailable()),
             };
-            let Ok(marker) = store
+            let Ok(state) = store
                 .mark_read(&room_id, &conn.claims.sub, message.seq)
                 .await
             else {
                 return fail(storage_unavailable());
             };
-            // The marker has moved: a failure to count what is left unread must not turn the
-            // reply into an error, so the count is left out instead.
-            let unread = store
-                .unread_count(&room_id, &conn.claims.sub, conn.claims.role.is_team())
-                .await
-                .ok();
+            let marker = state.read_seq;
+            let unread = Some(state.unread_for(conn.claims.role.is_team()));
             let read_at = Timestamp::now();
             let data = ReceiptData {
                 message_id: &message.message_id,
@@ -1448,10 +1523,10 @@ impl Shard {
             before_seq: historic.before_seq,
             after_seq: historic.after_seq,
             limit: historic.limit,
-            search: historic.search,
             include_notes: conn.claims.role.is_team(),
             max_bytes: budget,
         };
+        let search = historic.search.map(|words| query.search(&words));
         self.maybe_unload(&room_id);
         tokio::spawn(async move {
             let unavailable = |conn: &ConnRef, room_id: &RoomKey, reference: Option<&str>| {
@@ -1464,7 +1539,11 @@ impl Shard {
                     &storage_unavailable(),
                 )
             };
-            let frame = match store.history(&room_id, query).await {
+            let page = match search {
+                Some(search) => store.search(&room_id, search).await,
+                None => store.history(&room_id, query).await,
+            };
+            let frame = match page {
                 Ok(page) => {
                     let (user_id, room) = (conn.claims.sub.clone(), room_id.clone());
                     let reference = reference.clone();

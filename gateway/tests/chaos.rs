@@ -430,7 +430,7 @@ async fn seed_notes(dir: &std::path::Path) {
             new_room.participants = vec![format!("cust-{i}"), "admin-0".to_owned()];
             let (created, _) = storage::Store::create_room(&store, new_room).await.unwrap();
             let mut note =
-                storage::NewMessage::text(&created.key(), "admin-0", "internal: refund ok");
+                storage::NewMessage::text(&created.key(), 1, "admin-0", "internal: refund ok");
             note.sender_type = storage::SenderType::Agent;
             note.direction = storage::Direction::Note;
             storage::Store::append(&store, note).await.unwrap();

@@ -566,14 +566,24 @@ pub async fn store_note(
     text: &str,
     message_id: Option<&str>,
 ) -> storage::Message {
+    use storage::Store;
     let store = storage::open(&test_config(dir).store_url()).unwrap();
-    let mut note = storage::NewMessage::text(&storage::RoomKey::new(tenant, room), sender, text);
+    let key = storage::RoomKey::new(tenant, room);
+    // Numbered after what is stored, as the room's owner does when it loads the room.
+    let seq = store
+        .room(&key)
+        .await
+        .unwrap()
+        .expect("room exists")
+        .last_seq
+        + 1;
+    let mut note = storage::NewMessage::text(&key, seq, sender, text);
     note.sender_type = storage::SenderType::Agent;
     note.direction = storage::Direction::Note;
     if let Some(id) = message_id {
         note.message_id = id.to_owned();
     }
-    let stored = storage::Store::append(&store, note).await.unwrap();
-    storage::Store::close(&store).await.unwrap();
+    let stored = store.append(note).await.unwrap();
+    store.close().await.unwrap();
     stored.message
 }
