@@ -1,0 +1,116 @@
+//! The shard numbers each room's messages and the store only fences: when a seq goes unused
+//! (a duplicate, a failed write) while later chats are already on their way, the store refuses
+//! those and the shard renumbers them. Clients see one answer per chat and a gap-free room.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use gateway::auth::Role;
+use serde_json::{json, Value};
+
+const TENANT: &str = "acme";
+
+fn chat_frame(room: &str, text: &str, message_id: &str, reference: &str) -> String {
+    json!({
+        "code": "chat", "user_id": "alice", "room_id": room, "ref": reference,
+        "data": {"message": text, "sender": "alice", "message_id": message_id}
+    })
+    .to_string()
+}
+
+/// Reads frames until every `ref` in `refs` has its direct reply.
+async fn replies(client: &mut RawClient, refs: &[&str]) -> HashMap<String, Value> {
+    let mut got = HashMap::new();
+    while got.len() < refs.len() {
+        let v = client
+            .recv_json(Duration::from_secs(10))
+            .await
+            .expect("a reply for every pipelined chat");
+        if let Some(reference) = v["ref"].as_str() {
+            got.insert(reference.to_owned(), v);
+        }
+    }
+    got
+}
+
+async fn renumbered(server: &TestServer) -> u64 {
+    let text = server.metrics().await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("gateway_renumbered_appends_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A retried chat (its id already stored) pipelined ahead of new chats leaves its seq unused;
+/// the chats behind it are renumbered, not refused, and the room stays gap-free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chats_pipelined_behind_a_duplicate_are_renumbered_not_refused() {
+    let server = TestServer::start_with(|c| c.shards = 1).await;
+    let mut alice = RawClient::connect(server.addr, &token("alice", TENANT, Role::Agent)).await;
+    alice
+        .send_text(
+            &json!({"code": "join", "user_id": "alice", "room_id": "r", "data": {}}).to_string(),
+        )
+        .await;
+    let joined = alice.recv_json(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(joined["status"], "success", "{joined}");
+    alice
+        .send_text(&chat_frame("r", "first", "id-1", "c0"))
+        .await;
+    let first = replies(&mut alice, &["c0"]).await.remove("c0").unwrap();
+    assert_eq!(first["data"]["seq"], 1, "{first}");
+
+    // One write: the retry of id-1 and three new chats reach the shard together, so the new
+    // ones are numbered 3, 4, 5 while the retry holds 2 and then gives it back.
+    let frames = [
+        chat_frame("r", "first again", "id-1", "dup"),
+        chat_frame("r", "a", "id-a", "a"),
+        chat_frame("r", "b", "id-b", "b"),
+        chat_frame("r", "c", "id-c", "c"),
+    ];
+    alice.send_texts(&frames).await;
+    let got = replies(&mut alice, &["dup", "a", "b", "c"]).await;
+    for (reference, v) in &got {
+        assert_eq!(v["status"], "success", "{reference}: {v}");
+    }
+    assert_eq!(got["dup"]["data"]["seq"], 1);
+    assert_eq!(got["dup"]["data"]["message"], "first");
+    let seqs: Vec<u64> = ["a", "b", "c"]
+        .iter()
+        .map(|r| got[*r]["data"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        [2, 3, 4],
+        "in the order they were sent, after the original"
+    );
+    assert!(renumbered(&server).await >= 2);
+
+    // The stored room: 1 … 4, each once, and the next chat continues at 5.
+    alice
+        .send_text(&json!({"code": "historic", "user_id": "alice", "room_id": "r", "ref": "h", "data": {}}).to_string())
+        .await;
+    let page = replies(&mut alice, &["h"]).await.remove("h").unwrap();
+    let stored: Vec<(u64, String)> = page["data"]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["seq"].as_u64().unwrap(),
+                m["message"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        stored,
+        [(1, "first"), (2, "a"), (3, "b"), (4, "c")].map(|(s, t)| (s, t.to_owned()))
+    );
+    alice.send_text(&chat_frame("r", "d", "id-d", "d")).await;
+    let next = replies(&mut alice, &["d"]).await.remove("d").unwrap();
+    assert_eq!(next["data"]["seq"], 5, "{next}");
+    server.stop().await;
+}
