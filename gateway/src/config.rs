@@ -37,6 +37,35 @@ pub enum CliCommand {
     Serve(Config),
     /// Mint a token signed with --jwt-secret and print it.
     Token(TokenArgs),
+    /// Create the store's schema, or bring it up to the version this build needs, and exit.
+    /// The gateway refuses to start on an older schema of a database server (`scylla://`);
+    /// the embedded store migrates itself when it opens.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Directory of the embedded store.
+    #[arg(long, env = "GATEWAY_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Store URL; overrides --data-dir (`sqlite://<path>`, `scylla://host:port,…/keyspace?…`).
+    #[arg(long, env = "GATEWAY_STORE")]
+    pub store: Option<String>,
+}
+
+impl MigrateArgs {
+    /// The store URL in effect.
+    pub fn store_url(&self) -> String {
+        store_url(self.store.as_deref(), &self.data_dir)
+    }
+}
+
+/// `store`, or the embedded store in `data_dir`.
+fn store_url(store: Option<&str>, data_dir: &std::path::Path) -> String {
+    store.map_or_else(
+        || format!("sqlite://{}", data_dir.join("gateway.db").display()),
+        str::to_owned,
+    )
 }
 
 #[derive(Debug, Args)]
@@ -78,7 +107,9 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
-    /// Store URL; overrides --data-dir. `sqlite://<path>`.
+    /// Store URL; overrides --data-dir: `sqlite://<path>`, or
+    /// `scylla://host1:9042,host2:9042/keyspace?dc=dc1&consistency=local_quorum` (run
+    /// `gateway migrate` with the same URL first).
     #[arg(long, env = "GATEWAY_STORE")]
     pub store: Option<String>,
 
@@ -216,9 +247,7 @@ pub struct Config {
 impl Config {
     /// The store URL in effect.
     pub fn store_url(&self) -> String {
-        self.store
-            .clone()
-            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("gateway.db").display()))
+        store_url(self.store.as_deref(), &self.data_dir)
     }
 
     /// The number of shards in effect.

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 
 use clap::Parser;
 use gateway::auth::{now_secs, Audience, Claims, KeySource, Role, Verifier};
-use gateway::config::{Cli, CliCommand, Config, TokenArgs};
+use gateway::config::{Cli, CliCommand, Config, MigrateArgs, TokenArgs};
 use gateway::server::Gateway;
 use storage::{NewRoom, RoomKind, Store, Timestamp};
 
@@ -17,6 +17,7 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().into_command() {
         CliCommand::Token(args) => mint(args),
         CliCommand::Serve(config) => serve(config),
+        CliCommand::Migrate(args) => migrate(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -25,6 +26,19 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn migrate(args: MigrateArgs) -> Result<(), String> {
+    let url = args.store_url();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let version = runtime
+        .block_on(storage::migrate(&url))
+        .map_err(|e| e.to_string())?;
+    println!("store schema is at version {version}");
+    Ok(())
 }
 
 fn mint(args: TokenArgs) -> Result<(), String> {

@@ -575,3 +575,31 @@ async fn development_mode_restarted_on_the_same_data_keeps_both_users_in_the_lob
         child.wait().unwrap();
     }
 }
+
+/// `gateway migrate` creates the embedded store's schema (and is a no-op the second time); a
+/// URL it cannot use fails naming the problem.
+#[test]
+fn migrate_creates_the_schema_and_reports_its_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    for _ in 0..2 {
+        let output = gateway_command()
+            .args(["migrate", "--data-dir"])
+            .arg(&data_dir)
+            .output()
+            .expect("running gateway migrate");
+        assert!(output.status.success(), "{output:?}");
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        assert_eq!(stdout.trim(), "store schema is at version 3");
+    }
+    assert!(data_dir.join("gateway.db").exists());
+    let output = gateway_command()
+        .args(["migrate", "--store", "postgres://db/chat"])
+        .output()
+        .unwrap();
+    let stderr = failure(&output);
+    assert!(
+        stderr.contains("unsupported store scheme \"postgres\""),
+        "{stderr}"
+    );
+}

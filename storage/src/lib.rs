@@ -267,6 +267,22 @@ pub fn open_with(url: &str, options: &Options) -> Result<AnyStore> {
     }
 }
 
+/// Creates the store's schema or brings it to the version this build needs; returns that
+/// version. The embedded store migrates itself when it opens, so for it this opens and closes
+/// the database; a database server's schema is changed only here (the gateway refuses to start
+/// on an older one, naming `gateway migrate`).
+pub async fn migrate(url: &str) -> Result<u32> {
+    match split_url(url)? {
+        #[cfg(feature = "sqlite")]
+        ("sqlite", _) => {
+            let store = open(url)?;
+            store.close().await?;
+            Ok(sqlite::SCHEMA_VERSION)
+        }
+        (other, _) => Err(unsupported_scheme(other)),
+    }
+}
+
 fn split_url(url: &str) -> Result<(&str, &str)> {
     url.split_once("://")
         .ok_or_else(|| Error::BadUrl(format!("{url:?} has no scheme")))

@@ -82,7 +82,7 @@ pub const WAL_RESTART_FRAMES: i64 = 8_192;
 pub const WRITER_CACHE_KIB: i64 = 64 * 1024;
 
 /// The schema version this code writes and understands (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Default of [`SqliteConfig::queue_capacity`]: eight full batches. Writes queued beyond that
 /// would wait for more than eight commits (fsyncs) and hold their messages in memory meanwhile;
@@ -635,8 +635,8 @@ fn migrate(conn: &Connection) -> Result<()> {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .map_err(|e| db_error("read schema version", &e))?;
-    if version > SCHEMA_VERSION {
-        return Err(Error::NotApplied(format!(
+    if version > i64::from(SCHEMA_VERSION) {
+        return Err(Error::Schema(format!(
             "database schema version {version} is newer than this build understands ({SCHEMA_VERSION})"
         )));
     }
@@ -1994,7 +1994,7 @@ mod tests {
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(version, i64::from(SCHEMA_VERSION));
         let mode: String = conn
             .pragma_query_value(None, "journal_mode", |row| row.get(0))
             .unwrap();
@@ -2002,7 +2002,7 @@ mod tests {
         conn.pragma_update(None, "user_version", 99).unwrap();
         drop(conn);
         let error = SqliteStore::open(&path, SqliteConfig::default()).unwrap_err();
-        assert!(matches!(error, Error::NotApplied(_)), "{error:?}");
+        assert!(matches!(error, Error::Schema(_)), "{error:?}");
     }
 
     /// The version 1 schema, as earlier releases created it: rooms keyed by `room_id` alone.
@@ -2152,7 +2152,7 @@ mod tests {
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(version, i64::from(SCHEMA_VERSION));
         let leftovers: i64 = conn
             .query_row(
                 "SELECT COUNT(*) FROM sqlite_schema WHERE name LIKE '%_v1'",
