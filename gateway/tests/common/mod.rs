@@ -29,11 +29,36 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
 }
 
+/// The store a test's gateway runs on: the embedded one in the test's directory, or, when
+/// `GATEWAY_TEST_STORE` holds a URL template such as
+/// `scylla://127.0.0.1:9042/{keyspace}?consistency=one`, a keyspace of its own on that node,
+/// named after the test's directory (so a restart on the same directory finds the same data).
+pub fn test_store_url(dir: &std::path::Path) -> Option<String> {
+    let template = std::env::var("GATEWAY_TEST_STORE").ok()?;
+    let name: String = dir
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .collect();
+    Some(template.replace("{keyspace}", &format!("t{name}")))
+}
+
+/// Creates the schema of the test's store, when it is a database server's.
+pub async fn prepare_test_store(dir: &std::path::Path) {
+    if let Some(url) = test_store_url(dir) {
+        storage::migrate(&url)
+            .await
+            .unwrap_or_else(|e| panic!("migrating {url}: {e}"));
+    }
+}
+
 pub fn test_config(dir: &std::path::Path) -> Config {
     let mut config = Config::defaults();
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.data_dir = dir.to_path_buf();
-    config.store = None;
+    config.store = test_store_url(dir);
     config.shards = 2;
     config.jwt_secret = Some(SECRET.to_owned());
     config
@@ -50,6 +75,7 @@ impl TestServer {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        prepare_test_store(dir.path()).await;
         let mut config = test_config(dir.path());
         tweak(&mut config);
         // As the binary does: the key, algorithm, audience and issuer all come from the config.

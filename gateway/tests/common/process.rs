@@ -69,6 +69,10 @@ impl GatewayProcess {
 
     /// As [`GatewayProcess::spawn`], with extra arguments.
     pub async fn spawn_with(dir: &Path, extra: &[&str]) -> GatewayProcess {
+        super::prepare_test_store(dir).await;
+        let store: Vec<String> = super::test_store_url(dir)
+            .map(|url| vec!["--store".to_owned(), url])
+            .unwrap_or_default();
         for _ in 0..5 {
             let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
             let child = gateway_command()
@@ -76,6 +80,7 @@ impl GatewayProcess {
                 .arg(addr.to_string())
                 .arg("--data-dir")
                 .arg(dir)
+                .args(&store)
                 .args(["--jwt-secret", SECRET, "--shards", "2"])
                 .args(["--rate-limit", "1000000", "--rate-burst", "1000000"])
                 .args(["--log", "warn"])
