@@ -10,6 +10,8 @@
 //!   wide-column store partitioned by `(tenant, room_id, bucket)`.
 //! - [`sqlite`]: the embedded default (SQLite in WAL mode, `synchronous=FULL`, one group-commit
 //!   writer thread, a small pool of reader connections).
+//! - [`cql`] (feature `scylla`): ScyllaDB / Cassandra over CQL, messages partitioned by
+//!   `(tenant, room_id, bucket)`, schema applied by [`migrate`].
 //! - [`AnyStore`]: enum dispatch over the compiled-in backends, chosen by the scheme of a URL
 //!   by [`open`] (backend tuning travels in the URL's parameters).
 //! - [`timeout`]: [`TimeoutStore`], a deadline on every call of any [`Store`].
@@ -34,10 +36,15 @@
 //! ```
 
 // Without a backend `AnyStore` has no variants and its methods ignore their arguments.
-#![cfg_attr(not(feature = "sqlite"), allow(unused_variables))]
+#![cfg_attr(
+    not(any(feature = "sqlite", feature = "scylla")),
+    allow(unused_variables)
+)]
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+#[cfg(feature = "scylla")]
+pub mod cql;
 pub mod metered;
 pub mod model;
 #[cfg(feature = "sqlite")]
@@ -243,10 +250,14 @@ pub enum AnyStore {
     /// The embedded SQLite backend.
     #[cfg(feature = "sqlite")]
     Sqlite(sqlite::SqliteStore),
+    /// The ScyllaDB / Cassandra backend.
+    #[cfg(feature = "scylla")]
+    Cql(cql::CqlStore),
 }
 
 /// Opens a store from a URL with default [`Options`]: `sqlite://<path>` (the path may be
-/// relative, e.g. `sqlite://./data/gateway.db`).
+/// relative, e.g. `sqlite://./data/gateway.db`) or
+/// `scylla://host1:9042,host2:9042/keyspace?dc=dc1&consistency=local_quorum` (see [`cql`]).
 pub fn open(url: &str) -> Result<AnyStore> {
     open_with(url, &Options::default())
 }
@@ -263,6 +274,8 @@ pub fn open_with(url: &str, options: &Options) -> Result<AnyStore> {
                 config,
             )?))
         }
+        #[cfg(feature = "scylla")]
+        ("scylla", _) => Ok(AnyStore::Cql(cql::CqlStore::open(url, options)?)),
         (other, _) => Err(unsupported_scheme(other)),
     }
 }
@@ -279,6 +292,8 @@ pub async fn migrate(url: &str) -> Result<u32> {
             store.close().await?;
             Ok(sqlite::SCHEMA_VERSION)
         }
+        #[cfg(feature = "scylla")]
+        ("scylla", _) => cql::migrate(url).await,
         (other, _) => Err(unsupported_scheme(other)),
     }
 }
@@ -289,6 +304,7 @@ fn split_url(url: &str) -> Result<(&str, &str)> {
 }
 
 /// Splits `rest?k=v&k2=v2` into the part before `?` and its parameters.
+#[cfg_attr(not(any(feature = "sqlite", feature = "scylla")), allow(dead_code))]
 fn split_params(rest: &str) -> (&str, Vec<(&str, &str)>) {
     match rest.split_once('?') {
         None => (rest, Vec::new()),
@@ -304,7 +320,7 @@ fn split_params(rest: &str) -> (&str, Vec<(&str, &str)>) {
 }
 
 /// Parses one URL parameter's value.
-#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "sqlite", feature = "scylla")), allow(dead_code))]
 fn param<T: std::str::FromStr>(name: &str, value: &str) -> Result<T> {
     value
         .parse()
@@ -315,6 +331,8 @@ fn unsupported_scheme(scheme: &str) -> Error {
     let compiled: &[&str] = &[
         #[cfg(feature = "sqlite")]
         "sqlite",
+        #[cfg(feature = "scylla")]
+        "scylla",
     ];
     Error::BadUrl(format!(
         "unsupported store scheme {scheme:?} (compiled in: {})",
@@ -327,6 +345,8 @@ macro_rules! dispatch {
         match *$self {
             #[cfg(feature = "sqlite")]
             AnyStore::Sqlite(ref $store) => $call,
+            #[cfg(feature = "scylla")]
+            AnyStore::Cql(ref $store) => $call,
         }
     };
 }
