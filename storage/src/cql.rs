@@ -76,6 +76,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
+use crate::words::{contains_words, words};
 use crate::{
     split_params, Appended, Direction, Error, HistoryPage, HistoryQuery, Message, MessageType,
     NewMessage, NewRoom, Options, ReadState, Result, Room, RoomKey, RoomKind, SearchQuery,
@@ -2317,32 +2318,6 @@ fn clone_error(error: &Error) -> Error {
         Error::Closed => Error::Closed,
         Error::OutcomeUnknown(s) => Error::OutcomeUnknown(s.clone()),
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Search words (the same rules as the embedded backend's)
-
-/// The words of `text`: runs of alphanumeric characters, lowercased.
-fn words(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut current = String::new();
-    for c in text.chars() {
-        if c.is_alphanumeric() {
-            current.extend(c.to_lowercase());
-        } else if !current.is_empty() {
-            out.push(std::mem::take(&mut current));
-        }
-    }
-    if !current.is_empty() {
-        out.push(current);
-    }
-    out
-}
-
-/// Whether every one of `wanted` (already lowercased words) is a word of `text`.
-fn contains_words(text: &str, wanted: &[String]) -> bool {
-    let present = words(text);
-    wanted.iter().all(|w| present.contains(w))
 }
 
 // ---------------------------------------------------------------------------------------------

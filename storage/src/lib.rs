@@ -50,6 +50,8 @@ pub mod model;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub mod timeout;
+#[cfg(any(feature = "sqlite", feature = "scylla"))]
+mod words;
 
 use std::future::Future;
 use std::time::Duration;
