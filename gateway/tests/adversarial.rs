@@ -434,6 +434,9 @@ async fn a_presence_change_reaches_a_joining_connection_after_its_join_response(
     let server = TestServer::start_with(|c| {
         c.shards = 1;
         c.max_reply_bytes = 16 << 20;
+        // The filler's 300 chats come faster than the default per-connection rate.
+        c.rate_limit = 100_000;
+        c.rate_burst = 100_000;
     })
     .await;
     // Bob's join reads 5 MB of missed messages: its reply takes a while to prepare.

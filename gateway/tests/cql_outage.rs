@@ -88,7 +88,8 @@ async fn a_node_outage_gives_errors_loses_nothing_acknowledged_and_writing_resum
                     break;
                 }
                 let id = format!("{room}-{n}");
-                let data = json!({"message": format!("m{n}"), "sender": client.user, "message_id": id});
+                let data =
+                    json!({"message": format!("m{n}"), "sender": client.user, "message_id": id});
                 let started = Instant::now();
                 let answer =
                     tokio::time::timeout(ANSWER_WITHIN, client.request("chat", Some(room), data))
@@ -144,7 +145,11 @@ async fn a_node_outage_gives_errors_loses_nothing_acknowledged_and_writing_resum
         let mut after = 0;
         loop {
             let page = client
-                .request("historic", Some(room), json!({"after_seq": after, "limit": 200}))
+                .request(
+                    "historic",
+                    Some(room),
+                    json!({"after_seq": after, "limit": 200}),
+                )
                 .await;
             assert_eq!(page["status"], "success", "{page}");
             let messages = page["data"]["messages"].as_array().unwrap().clone();
@@ -164,11 +169,20 @@ async fn a_node_outage_gives_errors_loses_nothing_acknowledged_and_writing_resum
         );
         let by_id: HashMap<&str, u64> = stored
             .iter()
-            .map(|m| (m["message_id"].as_str().unwrap(), m["seq"].as_u64().unwrap()))
+            .map(|m| {
+                (
+                    m["message_id"].as_str().unwrap(),
+                    m["seq"].as_u64().unwrap(),
+                )
+            })
             .collect();
         assert_eq!(by_id.len(), stored.len(), "{room}: an id stored twice");
         for (id, seq) in &seen.acked {
-            assert_eq!(by_id.get(id.as_str()), Some(seq), "{room}: acknowledged {id} lost");
+            assert_eq!(
+                by_id.get(id.as_str()),
+                Some(seq),
+                "{room}: acknowledged {id} lost"
+            );
         }
         // What was refused may or may not be stored (an unknown outcome), never twice.
         let unique: HashSet<u64> = seqs.iter().copied().collect();

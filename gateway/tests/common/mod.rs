@@ -40,7 +40,13 @@ pub fn test_store_url(dir: &std::path::Path) -> Option<String> {
         .unwrap_or_default()
         .to_string_lossy()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     Some(template.replace("{keyspace}", &format!("t{name}")))
 }
