@@ -31,6 +31,8 @@ impl Cli {
     }
 }
 
+// Parsed once at start: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum CliCommand {
     /// Run the gateway (the default when no subcommand is given).
@@ -51,6 +53,30 @@ pub struct MigrateArgs {
     /// Store URL; overrides --data-dir (`sqlite://<path>`, `scylla://host:port,…/keyspace?…`).
     #[arg(long, env = "GATEWAY_STORE")]
     pub store: Option<String>,
+    #[command(flatten)]
+    pub credentials: StoreCredentials,
+}
+
+/// Credentials of a database server store, kept out of its URL.
+#[derive(Debug, Clone, Default, Args)]
+pub struct StoreCredentials {
+    /// User name for the store (`scylla://`), when its URL names none.
+    #[arg(long, env = "GATEWAY_STORE_USER")]
+    pub store_user: Option<String>,
+    /// Password for the store (`scylla://`), when its URL names none.
+    #[arg(long, env = "GATEWAY_STORE_PASSWORD", hide_env_values = true)]
+    pub store_password: Option<String>,
+}
+
+impl StoreCredentials {
+    /// The store options these credentials give, with the default scan budgets.
+    pub fn options(&self) -> storage::Options {
+        storage::Options {
+            user: self.store_user.clone(),
+            password: self.store_password.clone(),
+            ..storage::Options::default()
+        }
+    }
 }
 
 impl MigrateArgs {
@@ -112,6 +138,9 @@ pub struct Config {
     /// `gateway migrate` with the same URL first).
     #[arg(long, env = "GATEWAY_STORE")]
     pub store: Option<String>,
+
+    #[command(flatten)]
+    pub store_credentials: StoreCredentials,
 
     /// Room shards (threads); 0 = one per CPU core.
     #[arg(long, env = "GATEWAY_SHARDS", default_value_t = 0)]

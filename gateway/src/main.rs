@@ -35,7 +35,7 @@ fn migrate(args: MigrateArgs) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     let version = runtime
-        .block_on(storage::migrate(&url))
+        .block_on(storage::migrate(&url, &args.credentials.options()))
         .map_err(|e| e.to_string())?;
     println!("store schema is at version {version}");
     Ok(())

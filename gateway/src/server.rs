@@ -157,6 +157,7 @@ impl Gateway {
         let options = storage::Options {
             scan_rows: config.search_scan_rows,
             scan_time: Duration::from_millis(config.search_time_ms),
+            ..config.store_credentials.options()
         };
         let url = config.store_url();
         let store = tokio::task::spawn_blocking(move || storage::open_with(&url, &options))

@@ -229,6 +229,14 @@ impl CqlConfig {
                 }
             }
         }
+        // The URL's credentials win; else those the caller passes (flags, environment).
+        let (user, password) = match user {
+            Some(user) => (Some(user), password),
+            None => (
+                options.user.clone(),
+                password.or_else(|| options.password.clone()),
+            ),
+        };
         config.credentials = match (user, password) {
             (None, None) => None,
             (Some(user), password) => Some((user, password.unwrap_or_default())),
@@ -776,8 +784,8 @@ fn version_from(result: QueryResult) -> Result<Option<u32>> {
 
 /// Creates the URL's keyspace if it is missing and applies the schema files it lacks, in order;
 /// returns the schema version now recorded. Safe to run again and on an up-to-date keyspace.
-pub async fn migrate(url: &str) -> Result<u32> {
-    let config = CqlConfig::from_url(url, &Options::default())?;
+pub async fn migrate(url: &str, options: &Options) -> Result<u32> {
+    let config = CqlConfig::from_url(url, options)?;
     let runtime = DriverRuntime::start()?;
     runtime
         .run(async move {
@@ -2486,7 +2494,10 @@ mod tests {
     async fn fresh_store_with(options: &Options) -> Option<(CqlStore, KeyspaceGuard, String)> {
         let url = node_url()?;
         let (url, keyspace) = unique_keyspace_url(&url);
-        assert_eq!(migrate(&url).await.expect("migrate"), SCHEMA_VERSION);
+        assert_eq!(
+            migrate(&url, &Options::default()).await.expect("migrate"),
+            SCHEMA_VERSION
+        );
         let store = CqlStore::connect(&url, options).await.expect("connect");
         let guard = KeyspaceGuard {
             store: store.clone(),
@@ -2750,7 +2761,10 @@ mod tests {
             return;
         };
         // Migrating again changes nothing.
-        assert_eq!(migrate(&url).await.unwrap(), SCHEMA_VERSION);
+        assert_eq!(
+            migrate(&url, &Options::default()).await.unwrap(),
+            SCHEMA_VERSION
+        );
         drop(store);
     }
 
@@ -2836,6 +2850,16 @@ mod tests {
             redact("scylla://h/chat?user=u&password=secret"),
             "scylla://h/chat?user=u&password=***"
         );
+        // Credentials from flags or the environment, when the URL names none.
+        let from_flags = Options {
+            user: Some("gw".into()),
+            password: Some("pw".into()),
+            ..Options::default()
+        };
+        let config = CqlConfig::from_url("scylla://h/chat", &from_flags).unwrap();
+        assert_eq!(config.credentials, Some(("gw".into(), "pw".into())));
+        let config = CqlConfig::from_url("scylla://h/chat?user=u&password=p", &from_flags).unwrap();
+        assert_eq!(config.credentials, Some(("u".into(), "p".into())));
     }
 
     #[test]

@@ -229,6 +229,10 @@ pub struct Options {
     pub scan_rows: u32,
     /// Longest one search may run before it answers the same way.
     pub scan_time: Duration,
+    /// Credentials of a database server, when its URL names none (`user=`, `password=`): kept
+    /// out of the URL so that they need not appear in a process list or a log line.
+    pub user: Option<String>,
+    pub password: Option<String>,
 }
 
 impl Default for Options {
@@ -236,6 +240,8 @@ impl Default for Options {
         Options {
             scan_rows: DEFAULT_SCAN_ROWS,
             scan_time: DEFAULT_SCAN_TIME,
+            user: None,
+            password: None,
         }
     }
 }
@@ -286,16 +292,16 @@ pub fn open_with(url: &str, options: &Options) -> Result<AnyStore> {
 /// version. The embedded store migrates itself when it opens, so for it this opens and closes
 /// the database; a database server's schema is changed only here (the gateway refuses to start
 /// on an older one, naming `gateway migrate`).
-pub async fn migrate(url: &str) -> Result<u32> {
+pub async fn migrate(url: &str, options: &Options) -> Result<u32> {
     match split_url(url)? {
         #[cfg(feature = "sqlite")]
         ("sqlite", _) => {
-            let store = open(url)?;
+            let store = open_with(url, options)?;
             store.close().await?;
             Ok(sqlite::SCHEMA_VERSION)
         }
         #[cfg(feature = "scylla")]
-        ("scylla", _) => cql::migrate(url).await,
+        ("scylla", _) => cql::migrate(url, options).await,
         (other, _) => Err(unsupported_scheme(other)),
     }
 }

@@ -54,7 +54,7 @@ pub fn test_store_url(dir: &std::path::Path) -> Option<String> {
 /// Creates the schema of the test's store, when it is a database server's.
 pub async fn prepare_test_store(dir: &std::path::Path) {
     if let Some(url) = test_store_url(dir) {
-        storage::migrate(&url)
+        storage::migrate(&url, &storage::Options::default())
             .await
             .unwrap_or_else(|e| panic!("migrating {url}: {e}"));
     }
