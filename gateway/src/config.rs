@@ -57,7 +57,7 @@ pub struct MigrateArgs {
     pub credentials: StoreCredentials,
 }
 
-/// Credentials of a database server store, kept out of its URL.
+/// Credentials and TLS files of a database server store, kept out of its URL.
 #[derive(Debug, Clone, Default, Args)]
 pub struct StoreCredentials {
     /// User name for the store (`scylla://`), when its URL names none.
@@ -66,6 +66,17 @@ pub struct StoreCredentials {
     /// Password for the store (`scylla://`), when its URL names none.
     #[arg(long, env = "GATEWAY_STORE_PASSWORD", hide_env_values = true)]
     pub store_password: Option<String>,
+    /// PEM file of the CA certificates the store's nodes must present a certificate from
+    /// (`scylla://`); turns TLS on. Without it, `tls=true` in the URL trusts the public roots.
+    #[arg(long, env = "GATEWAY_STORE_TLS_CA")]
+    pub store_tls_ca: Option<PathBuf>,
+    /// PEM client certificate (and chain) for nodes that require one (mutual TLS); needs
+    /// --store-tls-key, turns TLS on.
+    #[arg(long, env = "GATEWAY_STORE_TLS_CERT", requires = "store_tls_key")]
+    pub store_tls_cert: Option<PathBuf>,
+    /// PEM private key of --store-tls-cert.
+    #[arg(long, env = "GATEWAY_STORE_TLS_KEY", requires = "store_tls_cert")]
+    pub store_tls_key: Option<PathBuf>,
 }
 
 impl StoreCredentials {
@@ -74,6 +85,9 @@ impl StoreCredentials {
         storage::Options {
             user: self.store_user.clone(),
             password: self.store_password.clone(),
+            tls_ca: self.store_tls_ca.clone(),
+            tls_cert: self.store_tls_cert.clone(),
+            tls_key: self.store_tls_key.clone(),
             ..storage::Options::default()
         }
     }

@@ -1258,8 +1258,9 @@ impl Shard {
                 // takes it (else the store's fence renumbers the later ones).
                 if state.next_seq == sent_seq + 1 {
                     state.next_seq = sent_seq;
+                    // Numbering starts over from here; a later conflict renumbers afresh.
+                    state.renumbered_from = None;
                 }
-                state.renumbered_from = None;
             }
             if matches!(result, Err(storage::Error::OutcomeUnknown(_))) {
                 // It may be stored after all: when a retry finds it, the room has not heard

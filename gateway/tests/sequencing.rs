@@ -114,3 +114,53 @@ async fn chats_pipelined_behind_a_duplicate_are_renumbered_not_refused() {
     assert_eq!(next["data"]["seq"], 5, "{next}");
     server.stop().await;
 }
+
+/// A client that keeps retrying a stored id between other chats leaves a seq unused each time;
+/// the chats between them are still renumbered into place, never refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_duplicates_never_starve_the_chats_between_them() {
+    let server = TestServer::start_with(|c| c.shards = 1).await;
+    let mut alice = RawClient::connect(server.addr, &token("alice", TENANT, Role::Agent)).await;
+    alice
+        .send_text(
+            &json!({"code": "join", "user_id": "alice", "room_id": "r", "data": {}}).to_string(),
+        )
+        .await;
+    let joined = alice.recv_json(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(joined["status"], "success", "{joined}");
+    alice
+        .send_text(&chat_frame("r", "first", "id-1", "c0"))
+        .await;
+    replies(&mut alice, &["c0"]).await;
+
+    let mut frames = Vec::new();
+    let mut refs = Vec::new();
+    for n in 0..12 {
+        frames.push(chat_frame("r", "again", "id-1", &format!("dup{n}")));
+        frames.push(chat_frame(
+            "r",
+            &format!("new {n}"),
+            &format!("id-n{n}"),
+            &format!("n{n}"),
+        ));
+        refs.push(format!("dup{n}"));
+        refs.push(format!("n{n}"));
+    }
+    alice.send_texts(&frames).await;
+    let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+    let got = replies(&mut alice, &refs).await;
+    for (reference, v) in &got {
+        assert_eq!(v["status"], "success", "{reference}: {v}");
+    }
+    let seqs: Vec<u64> = (0..12)
+        .map(|n| got[&format!("n{n}")]["data"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (2..=13).collect::<Vec<_>>());
+    // Renumbering converges: a chat is sent again at most twice, never in a loop.
+    let renumbered = renumbered(&server).await;
+    assert!(
+        renumbered <= 2 * 12,
+        "{renumbered} renumberings for 12 chats"
+    );
+    server.stop().await;
+}

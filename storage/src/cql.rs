@@ -52,11 +52,14 @@
 //! them write absolute values), client-side monotonic timestamps, a request timeout, and a bound
 //! on admitted operations (`max_pending`): a full store answers [`Error::NotApplied`] at once
 //! instead of queueing without end. The driver runs on a runtime of its own, so the store works
-//! from any runtime (the gateway's shards are single-threaded runtimes).
+//! from any runtime (the gateway's shards are single-threaded runtimes). TLS (rustls, ring) when
+//! the URL says `tls=true` or [`Options::tls_ca`] names the CAs to trust; a client certificate
+//! ([`Options::tls_cert`], [`Options::tls_key`]) for nodes that require one.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -64,6 +67,8 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use prometheus::core::Collector;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -144,6 +149,9 @@ pub struct CqlConfig {
     pub scan_rows: u32,
     /// Longest one search runs ([`Options::scan_time`]).
     pub scan_time: Duration,
+    /// TLS to the nodes (`tls=true`, or [`Options::tls_ca`] / [`Options::tls_cert`]): the
+    /// rustls client configuration every connection uses, made when the URL is parsed.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl fmt::Debug for CqlConfig {
@@ -159,12 +167,15 @@ impl fmt::Debug for CqlConfig {
             .field("max_pending", &self.max_pending)
             .field("scan_rows", &self.scan_rows)
             .field("scan_time", &self.scan_time)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
 
 impl CqlConfig {
     /// Parses `scylla://host1:9042,host2/keyspace?dc=dc1&consistency=local_quorum&user=u&password=p`.
+    /// With TLS on (`tls=true`, or a CA or client certificate in `options`) it reads the PEM
+    /// files it names, so a missing or unusable one fails here, at start.
     pub fn from_url(url: &str, options: &Options) -> Result<CqlConfig> {
         let rest = url
             .strip_prefix("scylla://")
@@ -204,9 +215,11 @@ impl CqlConfig {
             max_pending: DEFAULT_MAX_PENDING,
             scan_rows: options.scan_rows.max(1),
             scan_time: options.scan_time,
+            tls: None,
         };
         let mut user = None;
         let mut password = None;
+        let mut tls = None;
         for (name, value) in params {
             match name {
                 "dc" => config.datacenter = Some(value.to_owned()),
@@ -214,6 +227,7 @@ impl CqlConfig {
                 "user" => user = Some(value.to_owned()),
                 "password" => password = Some(value.to_owned()),
                 "replication" => config.replication = Some(value.to_owned()),
+                "tls" => tls = Some(crate::param::<bool>(name, value)?),
                 "timeout_ms" => {
                     config.request_timeout =
                         Duration::from_millis(crate::param::<u64>(name, value)?.max(1));
@@ -224,7 +238,7 @@ impl CqlConfig {
                 other => {
                     return Err(Error::BadUrl(format!(
                         "unknown scylla:// parameter {other:?} (known: dc, consistency, user, \
-                         password, replication, timeout_ms, max_pending)"
+                         password, replication, tls, timeout_ms, max_pending)"
                     )))
                 }
             }
@@ -244,6 +258,19 @@ impl CqlConfig {
                 return Err(Error::BadUrl("password= needs user=".into()));
             }
         };
+        let files_given =
+            options.tls_ca.is_some() || options.tls_cert.is_some() || options.tls_key.is_some();
+        config.tls =
+            match tls {
+                Some(false) if files_given => return Err(Error::BadUrl(
+                    "tls=false, but --store-tls-ca, --store-tls-cert or --store-tls-key asks for \
+                     TLS"
+                    .into(),
+                )),
+                Some(true) => Some(tls_config(options)?),
+                None if files_given => Some(tls_config(options)?),
+                _ => None,
+            };
         Ok(config)
     }
 
@@ -313,6 +340,79 @@ fn check_keyspace_name(keyspace: &str) -> Result<()> {
             "keyspace {keyspace:?}: use 1-48 letters, digits or _ starting with a letter"
         )))
     }
+}
+
+/// The rustls client configuration of [`Options`]' TLS files: the server's certificate must
+/// chain to a CA of `tls_ca` (without it, to one of Mozilla's public roots, from
+/// `webpki-roots`), and `tls_cert`/`tls_key` are the client certificate shown to a server that
+/// asks for one. Any file that cannot be read or holds nothing usable is a [`Error::BadUrl`]
+/// naming it and its flag.
+fn tls_config(options: &Options) -> Result<Arc<rustls::ClientConfig>> {
+    fn unusable(what: &str, path: &Path, flag: &str, error: impl fmt::Display) -> Error {
+        Error::BadUrl(format!(
+            "TLS {what} {} ({flag}) is not usable: {error}",
+            path.display()
+        ))
+    }
+    fn certificates(what: &str, path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>> {
+        let certificates = CertificateDer::pem_file_iter(path)
+            .and_then(|certificates| certificates.collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(|e| unusable(what, path, flag, e))?;
+        if certificates.is_empty() {
+            return Err(unusable(what, path, flag, "it holds no PEM CERTIFICATE"));
+        }
+        Ok(certificates)
+    }
+
+    let mut roots = rustls::RootCertStore::empty();
+    match &options.tls_ca {
+        Some(path) => {
+            for certificate in certificates("CA file", path, "--store-tls-ca")? {
+                roots
+                    .add(certificate)
+                    .map_err(|e| unusable("CA file", path, "--store-tls-ca", e))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    // The provider is named: scylla's rustls dependency also compiles in aws-lc-rs, and with two
+    // providers rustls would not pick one by itself.
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Error::BadUrl(format!("TLS setup failed: {e}")))?
+    .with_root_certificates(roots);
+    let config = match (&options.tls_cert, &options.tls_key) {
+        (None, None) => builder.with_no_client_auth(),
+        (Some(cert), Some(key)) => {
+            let chain = certificates("client certificate file", cert, "--store-tls-cert")?;
+            let private_key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| unusable("private key file", key, "--store-tls-key", e))?;
+            builder
+                .with_client_auth_cert(chain, private_key)
+                .map_err(|e| {
+                    Error::BadUrl(format!(
+                        "TLS client certificate {} and key {} (--store-tls-cert, \
+                         --store-tls-key) do not go together: {e}",
+                        cert.display(),
+                        key.display()
+                    ))
+                })?
+        }
+        (Some(_), None) => {
+            return Err(Error::BadUrl(
+                "--store-tls-cert needs --store-tls-key (the client certificate's private key)"
+                    .into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(Error::BadUrl(
+                "--store-tls-key needs --store-tls-cert (the client certificate)".into(),
+            ))
+        }
+    };
+    Ok(Arc::new(config))
 }
 
 /// The URL without its password, for messages.
@@ -443,8 +543,13 @@ fn session_error(config: &CqlConfig, error: NewSessionError) -> Error {
             config.keyspace
         )),
         other => Error::NotApplied(format!(
-            "cannot connect to {}: {other}",
-            config.nodes.join(",")
+            "cannot connect to {}{}: {other}",
+            config.nodes.join(","),
+            if config.tls.is_some() {
+                " over TLS"
+            } else {
+                ""
+            }
         )),
     }
 }
@@ -727,6 +832,9 @@ async fn open_session(config: &CqlConfig, keyspace: Option<&str>) -> Result<Sess
     }
     if let Some((user, password)) = &config.credentials {
         builder = builder.user(user.clone(), password.clone());
+    }
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_context(Some(Arc::clone(tls)));
     }
     if let Some(keyspace) = keyspace {
         builder = builder.use_keyspace(keyspace, false);
@@ -2423,6 +2531,7 @@ impl Store for CqlStore {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
     use std::sync::atomic::AtomicU32;
 
     use super::*;
@@ -2860,6 +2969,188 @@ mod tests {
         assert_eq!(config.credentials, Some(("gw".into(), "pw".into())));
         let config = CqlConfig::from_url("scylla://h/chat?user=u&password=p", &from_flags).unwrap();
         assert_eq!(config.credentials, Some(("u".into(), "p".into())));
+    }
+
+    /// The node under test and its directory (`CQL_NODE_DIR`, as `scripts/cassandra start`
+    /// made it: its CA is `tls/ca.pem`, a client certificate `tls/client.pem`), or a skip.
+    fn tls_node() -> Option<(String, PathBuf)> {
+        let url = node_url()?;
+        match std::env::var_os("CQL_NODE_DIR") {
+            Some(dir) if !dir.is_empty() => Some((url, PathBuf::from(dir))),
+            _ if std::env::var("CI").as_deref() == Ok("true") => {
+                panic!("CQL_NODE_DIR is not set: CI runs the CQL TLS tests (scripts/test sets it)")
+            }
+            _ => {
+                eprintln!(
+                    "SKIPPED: CQL_NODE_DIR is not set, so the CQL TLS tests did not run. Set it \
+                     to the directory of the node CQL_URL names (scripts/cassandra start <dir>)"
+                );
+                None
+            }
+        }
+    }
+
+    /// `url` with `tls=true` added.
+    fn with_tls(url: &str) -> String {
+        let separator = if url.contains('?') { "&" } else { "?" };
+        format!("{url}{separator}tls=true")
+    }
+
+    /// Over TLS, trusting the node's CA and showing a client certificate: the schema migrates,
+    /// a message is stored and read back, and the node counts the session's connections as TLS.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_with_the_node_ca_migrates_stores_and_reads() {
+        let Some((url, node)) = tls_node() else {
+            return;
+        };
+        let (url, keyspace) = unique_keyspace_url(&url);
+        let url = with_tls(&url);
+        let options = Options {
+            tls_ca: Some(node.join("tls/ca.pem")),
+            tls_cert: Some(node.join("tls/client.pem")),
+            tls_key: Some(node.join("tls/client.key")),
+            ..Options::default()
+        };
+        assert_eq!(
+            migrate(&url, &options).await.expect("migrate over TLS"),
+            SCHEMA_VERSION
+        );
+        let store = CqlStore::connect(&url, &options)
+            .await
+            .expect("connect over TLS");
+        let _guard = KeyspaceGuard {
+            store: store.clone(),
+            keyspace,
+        };
+        assert!(store.config().tls.is_some());
+        room_with_messages(&store, "tls", 3).await;
+        let page = store
+            .history(&key("tls"), HistoryQuery::default())
+            .await
+            .unwrap();
+        let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        assert_eq!(page.messages[0].message, "m1");
+
+        // The node's own view: some client connection (this session's) is encrypted.
+        let inner = Arc::clone(&store.inner);
+        let encrypted = store
+            .inner
+            .runtime
+            .handle
+            .spawn(async move {
+                let result = inner
+                    .session
+                    .query_unpaged("SELECT ssl_enabled FROM system_views.clients", ())
+                    .await
+                    .expect("system_views.clients");
+                let rows = result.into_rows_result().expect("rows");
+                let flags: Vec<Option<bool>> = rows
+                    .rows::<(Option<bool>,)>()
+                    .expect("ssl_enabled")
+                    .map(|row| row.expect("row").0)
+                    .collect();
+                flags
+            })
+            .await
+            .unwrap();
+        assert!(encrypted.contains(&Some(true)), "{encrypted:?}");
+    }
+
+    /// A CA that did not sign the node's certificate: the connection is refused before any
+    /// request, so the error is not applied, and it says why.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_with_another_ca_is_refused_as_not_applied() {
+        let Some((url, _)) = tls_node() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("other-ca.pem");
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=not the node's CA", "-keyout"])
+            .arg(dir.path().join("other-ca.key"))
+            .arg("-out")
+            .arg(&ca)
+            .output()
+            .expect("openssl");
+        assert!(made.status.success(), "{made:?}");
+        let (url, _) = unique_keyspace_url(&url);
+        let options = Options {
+            tls_ca: Some(ca),
+            ..Options::default()
+        };
+        let error = migrate(&with_tls(&format!("{url}&timeout_ms=5000")), &options)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, Error::NotApplied(text)
+                if text.contains("TLS") && text.contains("certificate")),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn tls_settings_are_parsed_and_their_files_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        // tls=true alone trusts the public roots.
+        let config = CqlConfig::from_url("scylla://h/chat?tls=true", &Options::default()).unwrap();
+        assert!(config.tls.is_some());
+        assert!(format!("{config:?}").contains("tls: true"));
+        let plain = CqlConfig::from_url("scylla://h/chat?tls=false", &Options::default()).unwrap();
+        assert!(plain.tls.is_none());
+        let missing = dir.path().join("missing-ca.pem");
+        let with = |tls_ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>| Options {
+            tls_ca: tls_ca.map(Path::to_path_buf),
+            tls_cert: cert.map(Path::to_path_buf),
+            tls_key: key.map(Path::to_path_buf),
+            ..Options::default()
+        };
+        // A CA file turns TLS on, and must be there.
+        let error =
+            CqlConfig::from_url("scylla://h/chat", &with(Some(&missing), None, None)).unwrap_err();
+        assert!(
+            matches!(&error, Error::BadUrl(text)
+                if text.contains("missing-ca.pem") && text.contains("--store-tls-ca")),
+            "{error:?}"
+        );
+        let not_pem = dir.path().join("not-pem.txt");
+        std::fs::write(&not_pem, "no certificate here\n").unwrap();
+        let error = CqlConfig::from_url(
+            "scylla://h/chat?tls=true",
+            &with(Some(&not_pem), None, None),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&error, Error::BadUrl(text) if text.contains("not-pem.txt")),
+            "{error:?}"
+        );
+        for (url, options, says) in [
+            ("scylla://h/chat?tls=maybe", Options::default(), "tls"),
+            (
+                "scylla://h/chat?tls=false",
+                with(Some(&missing), None, None),
+                "tls=false",
+            ),
+            (
+                "scylla://h/chat?tls=true",
+                with(None, Some(&missing), None),
+                "--store-tls-key",
+            ),
+            (
+                "scylla://h/chat?tls=true",
+                with(None, None, Some(&missing)),
+                "--store-tls-cert",
+            ),
+        ] {
+            let error = CqlConfig::from_url(url, &options).unwrap_err();
+            assert!(
+                matches!(&error, Error::BadUrl(text) if text.contains(says)),
+                "{url}: {error:?}"
+            );
+        }
     }
 
     #[test]

@@ -233,6 +233,14 @@ pub struct Options {
     /// out of the URL so that they need not appear in a process list or a log line.
     pub user: Option<String>,
     pub password: Option<String>,
+    /// PEM file of the CA certificates a database server's certificate must chain to (for
+    /// `scylla://`: implies TLS, as `tls=true` does, which otherwise trusts the usual public
+    /// roots).
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// PEM files of a client certificate (with its chain) and its private key, for servers that
+    /// ask for one (mutual TLS); both or neither. They imply TLS.
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -242,6 +250,9 @@ impl Default for Options {
             scan_time: DEFAULT_SCAN_TIME,
             user: None,
             password: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
