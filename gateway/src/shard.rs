@@ -1307,12 +1307,17 @@ impl Shard {
             return self.maybe_unload(&room_id);
         }
         let metrics = &self.shared.metrics;
+        // The reply and the room's event carry the same message: it is serialized once and
+        // copied into both frames (they differ only in `ref`).
+        // (Serializing a stored message cannot fail: its maps have string keys.)
+        let message_json: Box<RawValue> =
+            serde_json::value::to_raw_value(&appended.message).unwrap_or_default();
         let direct = FrameBuilder::success(
             Code::Chat.response(),
             &conn.claims.sub,
             Some(&room_id.room_id),
             reference.as_deref(),
-            &appended.message,
+            &*message_json,
         );
         let route = Route::new(&self.shared.shards, self.index);
         let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
@@ -1344,7 +1349,7 @@ impl Shard {
                 &conn.claims.sub,
                 Some(&room_id.room_id),
                 None,
-                &appended.message,
+                &*message_json,
             );
             let customer_hidden = appended.message.direction == Direction::Note;
             let members = state.members.values_mut().filter(|member| {
