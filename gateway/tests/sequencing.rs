@@ -36,6 +36,21 @@ async fn replies(client: &mut RawClient, refs: &[&str]) -> HashMap<String, Value
     got
 }
 
+/// Alice, joined to room `r`, which holds her message `id-1` ("first") at seq 1.
+async fn alice_with_one_message(server: &TestServer) -> RawClient {
+    let mut alice = RawClient::connect(server.addr, &token("alice", TENANT, Role::Agent)).await;
+    let join = json!({"code": "join", "user_id": "alice", "room_id": "r", "data": {}});
+    alice.send_text(&join.to_string()).await;
+    let joined = alice.recv_json(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(joined["status"], "success", "{joined}");
+    alice
+        .send_text(&chat_frame("r", "first", "id-1", "c0"))
+        .await;
+    let first = replies(&mut alice, &["c0"]).await.remove("c0").unwrap();
+    assert_eq!(first["data"]["seq"], 1, "{first}");
+    alice
+}
+
 async fn renumbered(server: &TestServer) -> u64 {
     let text = server.metrics().await;
     text.lines()
@@ -49,19 +64,7 @@ async fn renumbered(server: &TestServer) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chats_pipelined_behind_a_duplicate_are_renumbered_not_refused() {
     let server = TestServer::start_with(|c| c.shards = 1).await;
-    let mut alice = RawClient::connect(server.addr, &token("alice", TENANT, Role::Agent)).await;
-    alice
-        .send_text(
-            &json!({"code": "join", "user_id": "alice", "room_id": "r", "data": {}}).to_string(),
-        )
-        .await;
-    let joined = alice.recv_json(Duration::from_secs(10)).await.unwrap();
-    assert_eq!(joined["status"], "success", "{joined}");
-    alice
-        .send_text(&chat_frame("r", "first", "id-1", "c0"))
-        .await;
-    let first = replies(&mut alice, &["c0"]).await.remove("c0").unwrap();
-    assert_eq!(first["data"]["seq"], 1, "{first}");
+    let mut alice = alice_with_one_message(&server).await;
 
     // One write: the retry of id-1 and three new chats reach the shard together, so the new
     // ones are numbered 3, 4, 5 while the retry holds 2 and then gives it back.
@@ -120,18 +123,7 @@ async fn chats_pipelined_behind_a_duplicate_are_renumbered_not_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interleaved_duplicates_never_starve_the_chats_between_them() {
     let server = TestServer::start_with(|c| c.shards = 1).await;
-    let mut alice = RawClient::connect(server.addr, &token("alice", TENANT, Role::Agent)).await;
-    alice
-        .send_text(
-            &json!({"code": "join", "user_id": "alice", "room_id": "r", "data": {}}).to_string(),
-        )
-        .await;
-    let joined = alice.recv_json(Duration::from_secs(10)).await.unwrap();
-    assert_eq!(joined["status"], "success", "{joined}");
-    alice
-        .send_text(&chat_frame("r", "first", "id-1", "c0"))
-        .await;
-    replies(&mut alice, &["c0"]).await;
+    let mut alice = alice_with_one_message(&server).await;
 
     let mut frames = Vec::new();
     let mut refs = Vec::new();

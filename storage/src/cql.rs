@@ -81,6 +81,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
+use crate::model::ScanOutcome;
 use crate::words::{contains_words, words};
 use crate::{
     split_params, Appended, Direction, Error, HistoryPage, HistoryQuery, Message, MessageType,
@@ -2322,34 +2323,17 @@ impl Inner {
             }
         }
 
-        let mut result = HistoryPage {
-            has_more: messages.len() > limit || cut,
+        Ok(ScanOutcome {
+            messages,
+            limit,
+            forwards,
+            filtered,
+            cut,
+            budget_spent,
             examined,
-            ..HistoryPage::default()
-        };
-        if cut && filtered {
-            // A filtered read continues after the last row it read, the last message kept.
-            let last = messages.last().map(|m| m.seq);
-            if forwards {
-                result.next_after_seq = last;
-            } else {
-                result.next_before_seq = last;
-            }
+            last_examined,
         }
-        if !result.has_more && budget_spent {
-            result.has_more = true;
-            if forwards {
-                result.next_after_seq = last_examined;
-            } else {
-                result.next_before_seq = last_examined;
-            }
-        }
-        messages.truncate(limit);
-        if !forwards {
-            messages.reverse();
-        }
-        result.messages = messages;
-        Ok(result)
+        .into_page())
     }
 }
 
@@ -2621,71 +2605,11 @@ mod tests {
             .map(|(store, guard, _)| (store, guard))
     }
 
-    /// [`crate::conformance_tests!`] with a skip when there is no node.
-    macro_rules! cql_conformance_tests {
-        ($($case:ident),+ $(,)?) => {
-            const CONFORMANCE_CASES: &[&str] = &[$(stringify!($case)),+];
-            mod conformance {
-                use super::*;
-                $(
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                    async fn $case() {
-                        let Some((store, _guard)) = fresh_cql_store().await else {
-                            return;
-                        };
-                        crate::conformance::$case(store).await;
-                    }
-                )+
-            }
-        };
-    }
+    /// The whole backend suite, each case on a keyspace of its own (skipped without a node).
+    mod conformance {
+        use super::*;
 
-    cql_conformance_tests!(
-        seq_starts_at_one_and_is_gap_free_per_room,
-        an_append_at_any_seq_but_the_next_is_refused,
-        duplicate_message_id_returns_the_original,
-        a_retry_after_a_crash_gets_the_original,
-        duplicates_within_one_batch_are_stored_once,
-        pipelined_appends_are_applied_in_call_order,
-        append_to_a_missing_room_is_invalid,
-        invalid_request_does_not_fail_the_rest_of_its_batch,
-        create_room_is_idempotent,
-        room_lookup_returns_the_stored_room,
-        add_participant_keeps_insertion_order_and_ignores_repeats,
-        history_pages_backwards_from_the_newest,
-        history_pages_forwards_after_a_cursor,
-        history_between_two_cursors_reads_forwards,
-        history_stops_at_its_byte_budget,
-        history_limit_zero_means_fifty,
-        history_hides_notes_unless_asked,
-        search_matches_whole_words_case_insensitively,
-        search_pages_like_plain_history,
-        message_by_id_round_trips_every_field,
-        mark_read_never_moves_backwards,
-        unread_count_skips_own_and_read_messages,
-        unread_counts_match_a_recount_under_interleaving,
-        writes_are_visible_once_acknowledged,
-        append_after_close_is_closed,
-        same_room_id_in_two_tenants_is_two_rooms,
-        another_tenants_room_looks_missing,
-    );
-
-    /// The list above is the suite's list: a case added to `conformance_tests!` fails here
-    /// until it runs against CQL too.
-    #[test]
-    fn every_conformance_case_runs_against_cql() {
-        let suite = include_str!("conformance.rs");
-        let start = suite
-            .find("@cases $make;")
-            .expect("conformance_tests! lists its cases after `@cases $make;`");
-        let list = &suite[start + "@cases $make;".len()..];
-        let list = &list[..list.find(");").expect("the case list ends with `);`")];
-        let cases: Vec<&str> = list
-            .split(',')
-            .map(str::trim)
-            .filter(|case| !case.is_empty())
-            .collect();
-        assert_eq!(cases, CONFORMANCE_CASES);
+        crate::conformance_tests!(optional fresh_cql_store);
     }
 
     fn key(room_id: &str) -> RoomKey {

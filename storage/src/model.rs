@@ -359,3 +359,67 @@ pub struct HistoryPage {
     /// Rows of the room this request read (a search stops at its budget).
     pub examined: u64,
 }
+
+/// What one read of a room found, in the order it read (newest first when paging backwards),
+/// and why it stopped; [`ScanOutcome::into_page`] turns it into the page the caller gets. Both
+/// backends page the same way through it.
+#[derive(Debug, Default)]
+pub(crate) struct ScanOutcome {
+    /// The messages kept, up to `limit + 1` (one more tells that more follow).
+    pub(crate) messages: Vec<Message>,
+    pub(crate) limit: usize,
+    /// Reading forwards (from `after_seq`) rather than backwards.
+    pub(crate) forwards: bool,
+    /// A search or a read that hides notes: not every row read was kept.
+    pub(crate) filtered: bool,
+    /// The byte budget cut the page with messages left.
+    pub(crate) cut: bool,
+    /// The row or time budget ran out with rows left unexamined.
+    pub(crate) budget_spent: bool,
+    pub(crate) examined: u64,
+    /// The seq of the last row read.
+    pub(crate) last_examined: Option<u64>,
+}
+
+impl ScanOutcome {
+    /// The page: oldest first, `has_more`, and where a filtered read goes on from.
+    #[cfg_attr(not(any(feature = "sqlite", feature = "scylla")), allow(dead_code))]
+    pub(crate) fn into_page(self) -> HistoryPage {
+        let ScanOutcome {
+            mut messages,
+            limit,
+            forwards,
+            filtered,
+            cut,
+            budget_spent,
+            examined,
+            last_examined,
+        } = self;
+        let more_kept = messages.len() > limit || cut;
+        let continue_from = if !more_kept && budget_spent {
+            // Rows remain unexamined: the caller continues from the last row this request read.
+            last_examined
+        } else if cut && filtered {
+            // A filtered read continues after the last row it read, the last message kept.
+            messages.last().map(|m| m.seq)
+        } else {
+            None
+        };
+        let mut page = HistoryPage {
+            has_more: more_kept || budget_spent,
+            examined,
+            ..HistoryPage::default()
+        };
+        if forwards {
+            page.next_after_seq = continue_from;
+        } else {
+            page.next_before_seq = continue_from;
+        }
+        messages.truncate(limit);
+        if !forwards {
+            messages.reverse();
+        }
+        page.messages = messages;
+        page
+    }
+}

@@ -78,6 +78,7 @@ use tokio::sync::{oneshot, watch};
 use prometheus::core::Collector;
 use prometheus::{Histogram, HistogramOpts, IntCounter};
 
+use crate::model::ScanOutcome;
 use crate::words::{contains_words, words};
 use crate::{
     Appended, Direction, Error, HistoryPage, HistoryQuery, Message, MessageType, NewMessage,
@@ -1860,35 +1861,17 @@ fn read_history(
             break;
         }
     }
-    let mut page = HistoryPage {
-        has_more: messages.len() > limit || cut,
+    Ok(ScanOutcome {
+        messages,
+        limit,
+        forwards,
+        filtered,
+        cut,
+        budget_spent,
         examined,
-        ..HistoryPage::default()
-    };
-    if cut && filtered {
-        // A filtered read continues after the last row it read, which is the last message kept.
-        let last = messages.last().map(|m| m.seq);
-        if forwards {
-            page.next_after_seq = last;
-        } else {
-            page.next_before_seq = last;
-        }
+        last_examined,
     }
-    if !page.has_more && budget_spent {
-        // Rows remain unexamined: the caller continues from the last row this request read.
-        page.has_more = true;
-        if forwards {
-            page.next_after_seq = last_examined;
-        } else {
-            page.next_before_seq = last_examined;
-        }
-    }
-    messages.truncate(limit);
-    if !forwards {
-        messages.reverse();
-    }
-    page.messages = messages;
-    Ok(page)
+    .into_page())
 }
 
 /// Bytes of text and blobs in a message (its room id and the row as read): what a page holds
