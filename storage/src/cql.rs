@@ -72,6 +72,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::deserialize::row::DeserializeRow;
 use scylla::errors::{DbError, ExecutionError, NewSessionError, PrepareError, RequestAttemptError};
 use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::policies::timestamp_generator::MonotonicTimestampGenerator;
@@ -555,6 +556,15 @@ fn session_error(config: &CqlConfig, error: NewSessionError) -> Error {
     }
 }
 
+/// The first row of a read's answer, if any (every read here is a point read or `LIMIT 1`).
+fn first_row<R>(result: QueryResult, table: &str) -> Result<Option<R>>
+where
+    R: for<'frame> DeserializeRow<'frame, 'frame>,
+{
+    let rows = result.into_rows_result().map_err(|e| bad_row(table, e))?;
+    rows.maybe_first_row::<R>().map_err(|e| bad_row(table, e))
+}
+
 fn bad_row(what: &str, error: impl fmt::Display) -> Error {
     Error::Schema(format!("unexpected rows from {what}: {error}"))
 }
@@ -881,13 +891,8 @@ async fn recorded_version(session: &Session) -> Result<u32> {
 }
 
 fn version_from(result: QueryResult) -> Result<Option<u32>> {
-    let rows = result
-        .into_rows_result()
-        .map_err(|e| bad_row("schema_version", e))?;
-    let version = rows
-        .maybe_first_row::<(Option<i32>,)>()
-        .map_err(|e| bad_row("schema_version", e))?
-        .and_then(|(version,)| version);
+    let version =
+        first_row::<(Option<i32>,)>(result, "schema_version")?.and_then(|(version,)| version);
     Ok(version.map(|v| u32::try_from(v).unwrap_or(0)))
 }
 
@@ -1369,16 +1374,13 @@ impl Inner {
             .execute_unpaged(&self.statements.room, (&room.tenant_id, &room.room_id))
             .await
             .map_err(|e| request_error(Access::Read, "reading a room", &e))?;
-        let rows = result.into_rows_result().map_err(|e| bad_row("rooms", e))?;
-        let row = rows
-            .maybe_first_row::<(
-                Option<String>,
-                Option<String>,
-                Option<String>,
-                Option<i64>,
-                Option<i64>,
-            )>()
-            .map_err(|e| bad_row("rooms", e))?;
+        let row = first_row::<(
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+        )>(result, "rooms")?;
         let Some((kind, title, status, created_at, last_bucket)) = row else {
             return Ok(None);
         };
@@ -1413,13 +1415,7 @@ impl Inner {
                 )
                 .await
                 .map_err(|e| request_error(Access::Read, "reading a room's last message", &e))?;
-            let rows = result
-                .into_rows_result()
-                .map_err(|e| bad_row("messages", e))?;
-            if let Some((seq, notes_upto)) = rows
-                .maybe_first_row::<(i64, Option<i64>)>()
-                .map_err(|e| bad_row("messages", e))?
-            {
+            if let Some((seq, notes_upto)) = first_row::<(i64, Option<i64>)>(result, "messages")? {
                 return Ok((to_u64(seq), notes_upto.map_or(0, to_u64)));
             }
             if bucket == 0 {
@@ -1794,12 +1790,7 @@ impl Inner {
                 )
                 .await
                 .map_err(|e| request_error(Access::Read, "reading a message id claim", &e))?;
-            let rows = result
-                .into_rows_result()
-                .map_err(|e| bad_row("message_ids", e))?;
-            let claimed = rows
-                .maybe_first_row::<(Option<i64>,)>()
-                .map_err(|e| bad_row("message_ids", e))?
+            let claimed = first_row::<(Option<i64>,)>(result, "message_ids")?
                 .and_then(|(seq,)| seq)
                 .map(to_u64);
             let original = match claimed {
@@ -1963,12 +1954,7 @@ impl Inner {
             )
             .await
             .map_err(|e| request_error(Access::Read, "reading a read marker", &e))?;
-        let rows = result
-            .into_rows_result()
-            .map_err(|e| bad_row("read_markers", e))?;
-        Ok(rows
-            .maybe_first_row::<MarkerColumns>()
-            .map_err(|e| bad_row("read_markers", e))?
+        Ok(first_row::<MarkerColumns>(result, "read_markers")?
             .map(MarkerRow::from_row)
             .unwrap_or_default())
     }
@@ -2126,12 +2112,7 @@ impl Inner {
             )
             .await
             .map_err(|e| request_error(Access::Read, "reading a message's note count", &e))?;
-        let rows = result
-            .into_rows_result()
-            .map_err(|e| bad_row("messages", e))?;
-        Ok(rows
-            .maybe_first_row::<(Option<i64>,)>()
-            .map_err(|e| bad_row("messages", e))?
+        Ok(first_row::<(Option<i64>,)>(result, "messages")?
             .and_then(|(n,)| n)
             .map_or(0, to_u64))
     }
@@ -2153,11 +2134,7 @@ impl Inner {
             )
             .await
             .map_err(|e| request_error(Access::Read, "reading a message", &e))?;
-        let rows = result
-            .into_rows_result()
-            .map_err(|e| bad_row("messages", e))?;
-        rows.maybe_first_row::<MessageRow>()
-            .map_err(|e| bad_row("messages", e))?
+        first_row::<MessageRow>(result, "messages")?
             .map(|row| message_from_row(room, row))
             .transpose()
     }
@@ -2171,13 +2148,7 @@ impl Inner {
             )
             .await
             .map_err(|e| request_error(Access::Read, "reading a message id claim", &e))?;
-        let rows = result
-            .into_rows_result()
-            .map_err(|e| bad_row("message_ids", e))?;
-        let Some(seq) = rows
-            .maybe_first_row::<(Option<i64>,)>()
-            .map_err(|e| bad_row("message_ids", e))?
-            .and_then(|(seq,)| seq)
+        let Some(seq) = first_row::<(Option<i64>,)>(result, "message_ids")?.and_then(|(seq,)| seq)
         else {
             return Ok(None);
         };

@@ -2093,6 +2093,25 @@ mod tests {
         assert!(matches!(error, Error::Schema(_)), "{error:?}");
     }
 
+    /// After a migration from version `old`: none of its tables is left aside, and every foreign
+    /// key holds.
+    fn assert_migrated_cleanly(conn: &Connection, old: &str) {
+        let leftovers: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_schema WHERE name LIKE '%\\_' || ?1 ESCAPE '\\'",
+                [old],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(leftovers, 0, "tables of version {old} are left");
+        let violations: i64 = conn
+            .query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(violations, 0);
+    }
+
     /// The version 1 schema, as earlier releases created it: rooms keyed by `room_id` alone.
     const SCHEMA_V1: &str = "
         BEGIN IMMEDIATE;
@@ -2241,20 +2260,7 @@ mod tests {
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .unwrap();
         assert_eq!(version, i64::from(SCHEMA_VERSION));
-        let leftovers: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM sqlite_schema WHERE name LIKE '%_v1'",
-                [],
-                |row| row.get(0),
-            )
-            .unwrap();
-        assert_eq!(leftovers, 0);
-        let violations: i64 = conn
-            .query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |row| {
-                row.get(0)
-            })
-            .unwrap();
-        assert_eq!(violations, 0);
+        assert_migrated_cleanly(&conn, "v1");
     }
 
     #[tokio::test]
@@ -2391,20 +2397,7 @@ mod tests {
             .collect::<rusqlite::Result<_>>()
             .unwrap();
         assert_eq!(notes, [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]);
-        let leftovers: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM sqlite_schema WHERE name LIKE '%_v2'",
-                [],
-                |row| row.get(0),
-            )
-            .unwrap();
-        assert_eq!(leftovers, 0);
-        let violations: i64 = conn
-            .query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |row| {
-                row.get(0)
-            })
-            .unwrap();
-        assert_eq!(violations, 0);
+        assert_migrated_cleanly(&conn, "v2");
         let integrity: String = conn
             .query_row("PRAGMA integrity_check", [], |row| row.get(0))
             .unwrap();
