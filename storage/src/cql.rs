@@ -2422,17 +2422,8 @@ impl Store for CqlStore {
     }
 
     async fn history(&self, room: &RoomKey, query: HistoryQuery) -> Result<HistoryPage> {
-        let room = room.clone();
-        let page = Page {
-            before_seq: query.before_seq,
-            after_seq: query.after_seq,
-            limit: query.limit,
-            include_notes: query.include_notes,
-            max_bytes: query.max_bytes,
-            words: Vec::new(),
-        };
-        self.run(|inner| async move { inner.read_page(&room, page).await })
-            .await
+        // A search without words is the plain read: one scan for both.
+        self.search(room, query.search("")).await
     }
 
     async fn search(&self, room: &RoomKey, query: SearchQuery) -> Result<HistoryPage> {
