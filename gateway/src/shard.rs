@@ -285,6 +285,15 @@ struct RoomState {
     /// The stored `last_seq` the last renumbering started from, so that every chat refused
     /// with the same one is renumbered after the previous instead of onto the same seq.
     renumbered_from: Option<u64>,
+    /// Appends of this room at the store now (first sends and renumbered ones).
+    sending: u32,
+    /// Set while chats already numbered are being refused and renumbered: a chat that arrives
+    /// then waits in `held` until the room's sends are all answered, because a number handed
+    /// out now could be stored ahead of an earlier chat still to be renumbered.
+    renumbering: bool,
+    /// Chats that arrived while renumbering, in arrival order, not numbered yet. Bounded with
+    /// the shard's appends (see [`Shard::held_appends`]).
+    held: VecDeque<AppendContext>,
 }
 
 // Most rooms are `Ready`, and every request reads one: boxing it would add a pointer chase
@@ -333,8 +342,10 @@ struct Shard {
     inbound: Vec<Delivery>,
     /// Scratch member lists, one per shard, for broadcasts.
     lists: Vec<Vec<Arc<Outbox>>>,
-    /// This shard's share of [`APPENDS_IN_FLIGHT`].
+    /// This shard's share of [`APPENDS_IN_FLIGHT`]; chats held back while their room renumbers
+    /// count against it too.
     max_appends: usize,
+    held_appends: usize,
     /// Join replies being prepared by helper tasks.
     joins_in_flight: usize,
 }
@@ -442,6 +453,7 @@ impl Shard {
             inbound: Vec::new(),
             lists: vec![Vec::new(); shared.shards.len()],
             max_appends: (APPENDS_IN_FLIGHT / shared.shards.len()).max(64),
+            held_appends: 0,
             joins_in_flight: 0,
             shared,
         }
@@ -489,7 +501,7 @@ impl Shard {
                 // requests being read only to be refused.
                 command = commands.recv(),
                     if !stopping
-                        && self.appends.len() < self.max_appends
+                        && self.appends.len() + self.held_appends < self.max_appends
                         && self.work.available_permits() > 0 => match command {
                     Some(ShardCommand::Shutdown) | None => stopping = true,
                     Some(command) => self.on_command(command),
@@ -733,6 +745,9 @@ impl Shard {
                 unknown_outcomes: VecDeque::new(),
                 next_seq: room.last_seq + 1,
                 renumbered_from: None,
+                sending: 0,
+                renumbering: false,
+                held: VecDeque::new(),
                 room,
             }),
         ) {
@@ -1176,11 +1191,10 @@ impl Shard {
         let message_id = chat
             .message_id
             .unwrap_or_else(|| ulid::Ulid::new().to_string());
-        let seq = state.next_seq;
-        state.next_seq += 1;
         let message = NewMessage {
             message_id,
-            seq,
+            // Numbered when it is sent (below, or when held, once the room has renumbered).
+            seq: 0,
             tenant_id: room_id.tenant_id.clone(),
             room_id: room_id.room_id.clone(),
             sender: conn.claims.sub.clone(),
@@ -1196,18 +1210,52 @@ impl Shard {
         };
         state.inflight += 1;
         self.appends_started += 1;
-        self.send_append(AppendContext {
+        let context = AppendContext {
             room_id,
             conn,
             reference,
             received,
             message,
             attempts: 0,
-        });
+        };
+        if state.renumbering {
+            state.held.push_back(context);
+            self.held_appends += 1;
+            return;
+        }
+        let mut context = context;
+        context.message.seq = state.next_seq;
+        state.next_seq += 1;
+        state.sending += 1;
+        self.send_append(context);
+    }
+
+    /// Numbers and sends the chats held while the room renumbered, once all of the room's
+    /// earlier sends are answered (each renumbered one is then at the store, in order).
+    fn release_held(&mut self, room_id: &RoomKey) {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        if !state.renumbering || state.sending > 0 {
+            return;
+        }
+        state.renumbering = false;
+        state.renumbered_from = None;
+        let held = std::mem::take(&mut state.held);
+        self.held_appends -= held.len();
+        for mut context in held {
+            let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) else {
+                return;
+            };
+            context.message.seq = state.next_seq;
+            state.next_seq += 1;
+            state.sending += 1;
+            self.send_append(context);
+        }
     }
 
     /// Hands the message to the store now (appends to a room are applied in call order) and
-    /// answers it when the store has.
+    /// answers it when the store has. The caller has numbered it and counted it in `sending`.
     fn send_append(&mut self, mut context: AppendContext) {
         context.attempts += 1;
         let pending = self.shared.store.append(context.message.clone());
@@ -1221,20 +1269,26 @@ impl Shard {
     /// ones were already on their way: those are renumbered from the stored `last_seq` the
     /// store names, all after one another, and sent again, so nothing is lost, no seq is
     /// skipped and the client sees one answer.
+    ///
+    /// Chats that arrive while this goes on wait (see [`RoomState::held`]) so that the room
+    /// stores chats in the order they arrived.
     fn on_appended(&mut self, context: AppendContext, result: storage::Result<Appended>) {
-        if let (Err(storage::Error::SeqConflict { last_seq }), Some(Slot::Ready(state))) =
-            (&result, self.rooms.get_mut(&context.room_id))
-        {
-            if context.attempts < MAX_APPEND_ATTEMPTS {
-                if state.renumbered_from != Some(*last_seq) {
-                    state.renumbered_from = Some(*last_seq);
-                    state.next_seq = last_seq + 1;
+        if let Some(Slot::Ready(state)) = self.rooms.get_mut(&context.room_id) {
+            state.sending = state.sending.saturating_sub(1);
+            if let Err(storage::Error::SeqConflict { last_seq }) = &result {
+                if context.attempts < MAX_APPEND_ATTEMPTS {
+                    state.renumbering = true;
+                    if state.renumbered_from != Some(*last_seq) {
+                        state.renumbered_from = Some(*last_seq);
+                        state.next_seq = last_seq + 1;
+                    }
+                    let mut context = context;
+                    context.message.seq = state.next_seq;
+                    state.next_seq += 1;
+                    state.sending += 1;
+                    self.shared.metrics.renumbered_appends.inc();
+                    return self.send_append(context);
                 }
-                let mut context = context;
-                context.message.seq = state.next_seq;
-                state.next_seq += 1;
-                self.shared.metrics.renumbered_appends.inc();
-                return self.send_append(context);
             }
         }
         let AppendContext {
@@ -1255,11 +1309,14 @@ impl Shard {
             };
             if seq_unused {
                 // Nothing took the seq: when no later chat has one either, the next chat
-                // takes it (else the store's fence renumbers the later ones).
+                // takes it; else the store's fence refuses the later ones, which are
+                // renumbered, and chats arriving meanwhile wait for that.
                 if state.next_seq == sent_seq + 1 {
                     state.next_seq = sent_seq;
                     // Numbering starts over from here; a later conflict renumbers afresh.
                     state.renumbered_from = None;
+                } else {
+                    state.renumbering = true;
                 }
             }
             if matches!(result, Err(storage::Error::OutcomeUnknown(_))) {
@@ -1271,6 +1328,7 @@ impl Shard {
                 state.unknown_outcomes.push_back(message_id.clone());
             }
         }
+        self.release_held(&room_id);
         let appended = match result {
             Ok(appended) => appended,
             Err(e) => {

@@ -51,6 +51,27 @@ async fn alice_with_one_message(server: &TestServer) -> RawClient {
     alice
 }
 
+/// An open write transaction on the gateway's embedded database: the store's writer waits
+/// (within its busy timeout) until it is dropped. `None` when the test runs on a database server.
+struct EmbeddedWriteLock(rusqlite::Connection);
+
+impl EmbeddedWriteLock {
+    fn take(server: &TestServer) -> Option<EmbeddedWriteLock> {
+        if test_store_url(server.dir.path()).is_some() {
+            return None;
+        }
+        let conn = rusqlite::Connection::open(server.dir.path().join("gateway.db")).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        Some(EmbeddedWriteLock(conn))
+    }
+}
+
+impl Drop for EmbeddedWriteLock {
+    fn drop(&mut self) {
+        self.0.execute_batch("ROLLBACK").unwrap();
+    }
+}
+
 async fn renumbered(server: &TestServer) -> u64 {
     let text = server.metrics().await;
     text.lines()
@@ -66,15 +87,30 @@ async fn chats_pipelined_behind_a_duplicate_are_renumbered_not_refused() {
     let server = TestServer::start_with(|c| c.shards = 1).await;
     let mut alice = alice_with_one_message(&server).await;
 
-    // One write: the retry of id-1 and three new chats reach the shard together, so the new
-    // ones are numbered 3, 4, 5 while the retry holds 2 and then gives it back.
+    // The retry of id-1 and three new chats, all numbered by the shard before the store answers
+    // any of them: the new ones get 3, 4, 5 while the retry holds 2 and then gives it back.
+    // On the embedded store the test holds the database's write lock until the shard has
+    // numbered all four, so the store cannot answer the retry before the others are numbered.
+    let write_lock = EmbeddedWriteLock::take(&server);
     let frames = [
         chat_frame("r", "first again", "id-1", "dup"),
         chat_frame("r", "a", "id-a", "a"),
         chat_frame("r", "b", "id-b", "b"),
         chat_frame("r", "c", "id-c", "c"),
+        // Answered by the same shard after it has handled (and numbered) the four chats; a
+        // read, so the write lock does not hold it up.
+        json!({"code": "historic", "user_id": "alice", "room_id": "elsewhere", "ref": "fence", "data": {}})
+            .to_string(),
     ];
     alice.send_texts(&frames).await;
+    if let Some(lock) = write_lock {
+        let fence = replies(&mut alice, &["fence"])
+            .await
+            .remove("fence")
+            .unwrap();
+        assert_eq!(fence["data"]["error_code"], "NOT_FOUND", "{fence}");
+        drop(lock);
+    }
     let got = replies(&mut alice, &["dup", "a", "b", "c"]).await;
     for (reference, v) in &got {
         assert_eq!(v["status"], "success", "{reference}: {v}");
@@ -90,7 +126,10 @@ async fn chats_pipelined_behind_a_duplicate_are_renumbered_not_refused() {
         [2, 3, 4],
         "in the order they were sent, after the original"
     );
-    assert!(renumbered(&server).await >= 2);
+    if test_store_url(server.dir.path()).is_none() {
+        // All three new chats were numbered behind the retry, so all three were renumbered.
+        assert_eq!(renumbered(&server).await, 3);
+    }
 
     // The stored room: 1 … 4, each once, and the next chat continues at 5.
     alice
@@ -154,5 +193,49 @@ async fn interleaved_duplicates_never_starve_the_chats_between_them() {
         renumbered <= 2 * 12,
         "{renumbered} renumberings for 12 chats"
     );
+    server.stop().await;
+}
+
+/// Chats that arrive while earlier ones are being renumbered are stored after them: the room
+/// keeps the order in which its chats arrived, however the writes are split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chats_arriving_while_the_room_renumbers_keep_their_order() {
+    let server = TestServer::start_with(|c| {
+        c.shards = 1;
+        c.rate_burst = 1000;
+    })
+    .await;
+    let mut alice = alice_with_one_message(&server).await;
+
+    let mut refs = Vec::new();
+    const WAVES: usize = 40;
+    for wave in 0..WAVES {
+        let mut frames = Vec::new();
+        for n in wave * 4..wave * 4 + 4 {
+            frames.push(chat_frame("r", "again", "id-1", &format!("dup{n}")));
+            frames.push(chat_frame(
+                "r",
+                &format!("new {n}"),
+                &format!("id-n{n}"),
+                &format!("n{n}"),
+            ));
+            refs.push(format!("dup{n}"));
+            refs.push(format!("n{n}"));
+        }
+        // Separate writes at uneven intervals, so that some arrive while the store answers
+        // (and the shard renumbers) earlier ones.
+        alice.send_texts(&frames).await;
+        tokio::time::sleep(Duration::from_micros([0, 50, 150, 400, 1000][wave % 5])).await;
+    }
+    let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+    let got = replies(&mut alice, &refs).await;
+    for (reference, v) in &got {
+        assert_eq!(v["status"], "success", "{reference}: {v}");
+    }
+    let seqs: Vec<u64> = (0..WAVES as u64 * 4)
+        .map(|n| got[&format!("n{n}")]["data"]["seq"].as_u64().unwrap())
+        .collect();
+    let expected: Vec<u64> = (2..2 + WAVES as u64 * 4).collect();
+    assert_eq!(seqs, expected, "stored in arrival order");
     server.stop().await;
 }
