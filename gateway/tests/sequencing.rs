@@ -157,6 +157,19 @@ async fn chats_pipelined_behind_a_duplicate_are_renumbered_not_refused() {
     server.stop().await;
 }
 
+/// Adds a retry of `id-1` (ref `dup<n>`) and a new chat `new <n>` (ref `n<n>`).
+fn retry_then_new(n: usize, frames: &mut Vec<String>, refs: &mut Vec<String>) {
+    frames.push(chat_frame("r", "again", "id-1", &format!("dup{n}")));
+    frames.push(chat_frame(
+        "r",
+        &format!("new {n}"),
+        &format!("id-n{n}"),
+        &format!("n{n}"),
+    ));
+    refs.push(format!("dup{n}"));
+    refs.push(format!("n{n}"));
+}
+
 /// A client that keeps retrying a stored id between other chats leaves a seq unused each time;
 /// the chats between them are still renumbered into place, never refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,15 +180,7 @@ async fn interleaved_duplicates_never_starve_the_chats_between_them() {
     let mut frames = Vec::new();
     let mut refs = Vec::new();
     for n in 0..12 {
-        frames.push(chat_frame("r", "again", "id-1", &format!("dup{n}")));
-        frames.push(chat_frame(
-            "r",
-            &format!("new {n}"),
-            &format!("id-n{n}"),
-            &format!("n{n}"),
-        ));
-        refs.push(format!("dup{n}"));
-        refs.push(format!("n{n}"));
+        retry_then_new(n, &mut frames, &mut refs);
     }
     alice.send_texts(&frames).await;
     let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
@@ -212,15 +217,7 @@ async fn chats_arriving_while_the_room_renumbers_keep_their_order() {
     for wave in 0..WAVES {
         let mut frames = Vec::new();
         for n in wave * 4..wave * 4 + 4 {
-            frames.push(chat_frame("r", "again", "id-1", &format!("dup{n}")));
-            frames.push(chat_frame(
-                "r",
-                &format!("new {n}"),
-                &format!("id-n{n}"),
-                &format!("n{n}"),
-            ));
-            refs.push(format!("dup{n}"));
-            refs.push(format!("n{n}"));
+            retry_then_new(n, &mut frames, &mut refs);
         }
         // Separate writes at uneven intervals, so that some arrive while the store answers
         // (and the shard renumbers) earlier ones.
