@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
 use crate::auth::Claims;
+use crate::cmd::presence::presence_frame;
 use crate::cmd::{Code, Command};
 use crate::codec::reply::response_code;
 use crate::codec::ws::{self, CloseWith, OpCode};
@@ -38,7 +39,7 @@ use crate::liveness::{self, LiveConn};
 use crate::metrics::OutCode;
 use crate::outbox::{clock_ms, Bound, FrameClass, Frames, Outbox, Taken, Written};
 use crate::server::{ConnectionGuard, Shared};
-use crate::shard::{self, presence_frame, ConnRef, RoomAction, RoomRequest, ShardCommand};
+use crate::shard::{self, ConnRef, RoomAction, RoomRequest, ShardCommand};
 
 /// How long a closing connection may take to get its close frame written before the socket is
 /// dropped.
@@ -458,14 +459,12 @@ impl Session {
                     self.error(code.response(), room_id, reference, &error);
                     return None;
                 }
-                RoomAction::Typing(typing.status)
+                RoomAction::Typing(typing)
             }
             Command::Join(join) => RoomAction::Join(join),
             Command::Leave => RoomAction::Leave,
             Command::Chat(chat) => RoomAction::Chat(chat),
-            Command::ReadReceipt(receipt) => RoomAction::ReadReceipt {
-                message_id: receipt.message_id,
-            },
+            Command::ReadReceipt(receipt) => RoomAction::ReadReceipt(receipt),
             Command::Historic(historic) => RoomAction::Historic(historic),
         };
         let room_id = room_owned

@@ -1,7 +1,12 @@
 //! Room shards: one thread per core, each running its own single-threaded runtime and owning
-//! its rooms outright (members, sequencing of commits, read-receipt and typing fan-out). Frames
-//! for a room reach its shard over a bounded channel; nothing on the message path takes a lock
-//! shared with another shard. The same runtime also runs the connections accepted onto it.
+//! its rooms outright. Frames for a room reach its shard over a bounded channel; nothing on the
+//! message path takes a lock shared with another shard. The same runtime also runs the
+//! connections accepted onto it.
+//!
+//! This module keeps what every code shares: room ownership (loading, creating, queueing
+//! requests while a room loads, unloading), membership bookkeeping, the numbering and storing
+//! of messages (sequencing, renumbering after a refused seq), and fan-out ([`Route`]). What
+//! each code does to a room lives in its own module under [`crate::cmd`].
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
@@ -12,21 +17,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use serde::Serialize;
-use serde_json::value::RawValue;
-use storage::{
-    Appended, Direction, HistoryPage, HistoryQuery, NewMessage, Room, RoomKey, RoomKind, Store,
-    Timestamp,
-};
+use storage::{Appended, NewMessage, Room, RoomKey, Store};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::auth::{may_join, Access, Claims, Role};
-use crate::cmd::chat::Chat;
-use crate::cmd::historic::Historic;
-use crate::cmd::join::Join;
-use crate::cmd::presence::PresenceStatus;
-use crate::cmd::typing::TypingStatus;
-use crate::cmd::Code;
+use crate::auth::{Access, Claims, Role};
+pub use crate::cmd::RoomAction;
+use crate::cmd::{Code, RoomCall};
 use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
 use crate::liveness::{self, Registry};
 use crate::mailbox::{Delivery, Mailbox};
@@ -90,28 +86,6 @@ pub struct RoomRequest {
     pub action: RoomAction,
 }
 
-pub enum RoomAction {
-    Join(Join),
-    Leave,
-    Chat(Chat),
-    Typing(TypingStatus),
-    ReadReceipt { message_id: String },
-    Historic(Historic),
-}
-
-impl RoomAction {
-    fn code(&self) -> Code {
-        match self {
-            RoomAction::Join(_) => Code::Join,
-            RoomAction::Leave => Code::Leave,
-            RoomAction::Chat(_) => Code::Chat,
-            RoomAction::Typing(_) => Code::Typing,
-            RoomAction::ReadReceipt { .. } => Code::ReadReceipt,
-            RoomAction::Historic(_) => Code::Historic,
-        }
-    }
-}
-
 /// Everything a shard can be asked.
 // `Room` is nearly every command sent; boxing it would cost an allocation per frame to shrink
 // the rare ones.
@@ -140,7 +114,7 @@ pub enum ShardCommand {
 }
 
 /// Completions of work the shard handed to helper tasks.
-enum ShardEvent {
+pub(crate) enum ShardEvent {
     RoomLoaded {
         room_id: RoomKey,
         result: storage::Result<Option<Room>>,
@@ -250,121 +224,121 @@ fn exit_after_panic(shard: usize) -> ! {
 
 /// Frames for a member that wait for its join reply, bounded like its outbox.
 #[derive(Default)]
-struct Pending {
-    frames: Vec<(Bytes, FrameClass)>,
-    bytes: usize,
+pub(crate) struct Pending {
+    pub(crate) frames: Vec<(Bytes, FrameClass)>,
+    pub(crate) bytes: usize,
 }
 
-struct Member {
-    conn: ConnRef,
+pub(crate) struct Member {
+    pub(crate) conn: ConnRef,
     /// While a join reply is being prepared, frames for this member wait here so the client
     /// sees the join reply first and then every later event, in order.
-    pending: Option<Pending>,
+    pub(crate) pending: Option<Pending>,
     /// The room's `last_seq` when this connection joined: it has everything up to there (in
     /// `missed`, or before the point it chose to start from), and hears of later messages live.
-    joined_at_seq: u64,
+    pub(crate) joined_at_seq: u64,
     /// Later requests of this connection for this room, held while the join reply is being
     /// prepared and replayed in order once it is out (so a pipelined `leave` cannot drop the
     /// join reply, nor a `chat` overtake it).
-    held: Vec<RoomRequest>,
+    pub(crate) held: Vec<RoomRequest>,
 }
 
-struct RoomState {
-    room: Room,
-    members: HashMap<ConnId, Member>,
+pub(crate) struct RoomState {
+    pub(crate) room: Room,
+    pub(crate) members: HashMap<ConnId, Member>,
     /// What keeps the room loaded besides its members: chat commits on their way through the
     /// store, and requests being replayed into it.
-    inflight: u32,
+    pub(crate) inflight: u32,
     /// Ids of recent chats whose write had an unknown outcome (bounded), so that a retry that
     /// finds one stored announces it to the room.
-    unknown_outcomes: VecDeque<String>,
+    pub(crate) unknown_outcomes: VecDeque<String>,
     /// The seq the next chat gets: this shard is the room's only writer, so it numbers the
     /// room's messages itself (recovered from the stored `last_seq` when the room loads) and
     /// the store only fences (see [`Shard::on_appended`]).
-    next_seq: u64,
+    pub(crate) next_seq: u64,
     /// The stored `last_seq` the last renumbering started from, so that every chat refused
     /// with the same one is renumbered after the previous instead of onto the same seq.
-    renumbered_from: Option<u64>,
+    pub(crate) renumbered_from: Option<u64>,
     /// Appends of this room at the store now (first sends and renumbered ones).
-    sending: u32,
+    pub(crate) sending: u32,
     /// Set while chats already numbered are being refused and renumbered: a chat that arrives
     /// then waits in `held` until the room's sends are all answered, because a number handed
     /// out now could be stored ahead of an earlier chat still to be renumbered.
-    renumbering: bool,
+    pub(crate) renumbering: bool,
     /// Chats that arrived while renumbering, in arrival order, not numbered yet. Bounded with
     /// the shard's appends (see [`Shard::held_appends`]).
-    held: VecDeque<AppendContext>,
+    pub(crate) held: VecDeque<AppendContext>,
 }
 
 // Most rooms are `Ready`, and every request reads one: boxing it would add a pointer chase
 // to every request to shrink the brief `Loading` state.
 #[allow(clippy::large_enum_variant)]
-enum Slot {
+pub(crate) enum Slot {
     /// Waiting for the store; requests queue up here in arrival order.
     Loading(Vec<RoomRequest>),
     Ready(RoomState),
 }
 
 /// What answering a chat's append needs.
-struct AppendContext {
-    room_id: RoomKey,
-    conn: ConnRef,
-    reference: Option<String>,
+pub(crate) struct AppendContext {
+    pub(crate) room_id: RoomKey,
+    pub(crate) conn: ConnRef,
+    pub(crate) reference: Option<String>,
     /// When the frame was read.
-    received: Instant,
+    pub(crate) received: Instant,
     /// A copy of what went to the store, renumbered and sent again when its seq was taken.
-    message: NewMessage,
+    pub(crate) message: NewMessage,
     /// Sends so far (renumbering after a seq conflict sends again).
-    attempts: u8,
+    pub(crate) attempts: u8,
 }
 type AppendFuture = std::pin::Pin<
     Box<dyn std::future::Future<Output = (AppendContext, storage::Result<Appended>)> + Send>,
 >;
 
-struct Shard {
-    index: usize,
-    shared: Arc<Shared>,
-    rooms: HashMap<RoomKey, Slot>,
-    appends: FuturesOrdered<AppendFuture>,
+pub(crate) struct Shard {
+    pub(crate) index: usize,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) rooms: HashMap<RoomKey, Slot>,
+    pub(crate) appends: FuturesOrdered<AppendFuture>,
     /// Chat commits started and finished so far (they finish in order).
-    appends_started: u64,
-    appends_finished: u64,
+    pub(crate) appends_started: u64,
+    pub(crate) appends_finished: u64,
     /// `Drain` requests with the number of commits each waits for.
-    drains: Vec<(u64, oneshot::Sender<()>)>,
+    pub(crate) drains: Vec<(u64, oneshot::Sender<()>)>,
     /// Completions of helper tasks; bounded, as the tasks are (`work`).
-    events_tx: mpsc::Sender<ShardEvent>,
-    events_rx: mpsc::Receiver<ShardEvent>,
+    pub(crate) events_tx: mpsc::Sender<ShardEvent>,
+    pub(crate) events_rx: mpsc::Receiver<ShardEvent>,
     /// Permits for helper tasks: at most `MAX_SHARD_TASKS` run at once.
-    work: Arc<Semaphore>,
+    pub(crate) work: Arc<Semaphore>,
     /// Deliveries from other shards for connections running here, and the buffer they are
     /// taken into.
-    mailbox: Arc<Mailbox>,
-    inbound: Vec<Delivery>,
+    pub(crate) mailbox: Arc<Mailbox>,
+    pub(crate) inbound: Vec<Delivery>,
     /// Scratch member lists, one per shard, for broadcasts.
-    lists: Vec<Vec<Arc<Outbox>>>,
+    pub(crate) lists: Vec<Vec<Arc<Outbox>>>,
     /// This shard's share of [`APPENDS_IN_FLIGHT`]; chats held back while their room renumbers
     /// count against it too.
-    max_appends: usize,
-    held_appends: usize,
+    pub(crate) max_appends: usize,
+    pub(crate) held_appends: usize,
     /// Join replies being prepared by helper tasks.
-    joins_in_flight: usize,
+    pub(crate) joins_in_flight: usize,
 }
 
 /// How frames leave a shard: straight into the outboxes of connections running on its own
 /// thread, through the mailbox of the shard a connection runs on otherwise. Everything one shard
 /// sends one connection takes the same way, so it arrives in order.
 #[derive(Clone, Copy)]
-struct Route<'a> {
+pub(crate) struct Route<'a> {
     shards: &'a [ShardHandle],
     here: usize,
 }
 
 impl<'a> Route<'a> {
-    fn new(shards: &'a [ShardHandle], here: usize) -> Self {
+    pub(crate) fn new(shards: &'a [ShardHandle], here: usize) -> Self {
         Route { shards, here }
     }
 
-    fn send(&self, conn: &ConnRef, frame: Bytes, class: FrameClass) {
+    pub(crate) fn send(&self, conn: &ConnRef, frame: Bytes, class: FrameClass) {
         if conn.home == self.here {
             conn.outbox.push(frame, class);
         } else {
@@ -379,7 +353,7 @@ impl<'a> Route<'a> {
     /// Sends one frame to each of `members`: local outboxes directly, and one delivery per
     /// other shard that has any, carrying its list (`lists` is scratch space, one list per
     /// shard, kept between broadcasts). Returns how many members it went to.
-    fn broadcast<'m>(
+    pub(crate) fn broadcast<'m>(
         &self,
         lists: &mut [Vec<Arc<Outbox>>],
         members: impl Iterator<Item = &'m mut Member>,
@@ -412,7 +386,7 @@ impl<'a> Route<'a> {
     /// Queues a frame for a member: sent on, or held behind its join reply while that is being
     /// prepared. Frames held there count against the same bound as the outbox: past it,
     /// ephemeral frames are dropped and a durable one closes the connection with 1013.
-    fn deliver(&self, member: &mut Member, frame: Bytes, class: FrameClass) {
+    pub(crate) fn deliver(&self, member: &mut Member, frame: Bytes, class: FrameClass) {
         let Some(pending) = &mut member.pending else {
             return self.send(&member.conn, frame, class);
         };
@@ -460,12 +434,12 @@ impl Shard {
     }
 
     /// Where this shard's frames go (see [`Route`]).
-    fn route(&self) -> Route<'_> {
+    pub(crate) fn route(&self) -> Route<'_> {
         Route::new(&self.shared.shards, self.index)
     }
 
     /// A permit to start a helper task, or `None` when the shard runs as many as it may.
-    fn try_work(&self) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn try_work(&self) -> Option<OwnedSemaphorePermit> {
         self.work.clone().try_acquire_owned().ok()
     }
 
@@ -515,7 +489,7 @@ impl Shard {
         tracing::debug!(shard = self.index, "shard stopped");
     }
 
-    fn reply_error(
+    pub(crate) fn reply_error(
         &self,
         conn: &ConnRef,
         code: Code,
@@ -613,8 +587,10 @@ impl Shard {
             }
             Some(Slot::Loading(_)) => self.reply_busy(&request),
             None => match &request.action {
-                RoomAction::Join(_) | RoomAction::Historic(_) => self.start_loading(request),
-                RoomAction::Leave => self.reply_leave(&request),
+                action if action.loads_room() => self.start_loading(request),
+                RoomAction::Leave => {
+                    self.reply_leave(&request.conn, &request.room, request.reference.as_deref())
+                }
                 _ => {
                     let code = request.action.code();
                     self.reply_error(
@@ -682,21 +658,7 @@ impl Shard {
                 conn,
                 broadcast,
                 team_only,
-            } => {
-                if let (Some(frame), Some(Slot::Ready(state))) =
-                    (broadcast, self.rooms.get_mut(&room_id))
-                {
-                    let route = Route::new(&self.shared.shards, self.index);
-                    let members = state.members.values_mut().filter(|member| {
-                        member.conn.id != conn.id
-                            && (!team_only || member.conn.claims.role.is_team())
-                    });
-                    let n = route.broadcast(&mut self.lists, members, &frame, FrameClass::Durable);
-                    self.shared
-                        .metrics
-                        .frames_out(OutCode::Response(Code::ReadReceipt), n);
-                }
-            }
+            } => self.receipt_stored(room_id, conn, broadcast, team_only),
         }
     }
 
@@ -801,7 +763,7 @@ impl Shard {
             let error = match request.action {
                 // Leaving a room one is not in succeeds, whether the room exists or not.
                 RoomAction::Leave => {
-                    self.reply_leave(&request);
+                    self.reply_leave(&request.conn, &request.room, request.reference.as_deref());
                     continue;
                 }
                 RoomAction::Join(_) if request.conn.claims.role != Role::Customer => {
@@ -870,7 +832,7 @@ impl Shard {
         self.update_room_gauge();
         for request in queued {
             if matches!(request.action, RoomAction::Leave) {
-                self.reply_leave(&request);
+                self.reply_leave(&request.conn, &request.room, request.reference.as_deref());
                 continue;
             }
             let code = request.action.code();
@@ -885,7 +847,7 @@ impl Shard {
     }
 
     /// Drops a room from memory once nobody is joined and nothing is in flight.
-    fn maybe_unload(&mut self, room_id: &RoomKey) {
+    pub(crate) fn maybe_unload(&mut self, room_id: &RoomKey) {
         if let Some(Slot::Ready(state)) = self.rooms.get(room_id) {
             if state.members.is_empty() && state.inflight == 0 {
                 self.rooms.remove(room_id);
@@ -894,7 +856,7 @@ impl Shard {
         }
     }
 
-    fn remove_member(&mut self, room_id: &RoomKey, conn: ConnId) {
+    pub(crate) fn remove_member(&mut self, room_id: &RoomKey, conn: ConnId) {
         match self.rooms.get_mut(room_id) {
             Some(Slot::Ready(state)) => {
                 if let Some(member) = state.members.remove(&conn) {
@@ -909,20 +871,6 @@ impl Shard {
             None => {}
         }
         self.maybe_unload(room_id);
-    }
-
-    fn reply_leave(&self, request: &RoomRequest) {
-        self.shared
-            .metrics
-            .frames_out(OutCode::Response(Code::Leave), 1);
-        let frame = FrameBuilder::success(
-            Code::Leave.response(),
-            &request.conn.claims.sub,
-            Some(&request.room.room_id),
-            request.reference.as_deref(),
-            serde_json::Map::new(),
-        );
-        self.route().send(&request.conn, frame, FrameClass::Durable);
     }
 
     /// Handles a request for a loaded room (`on_room_request` routes here).
@@ -957,267 +905,41 @@ impl Shard {
             }
         }
         let code = request.action.code();
-        let joined = state.members.contains_key(&request.conn.id);
-        let needs_membership = matches!(
-            request.action,
-            RoomAction::Chat(_) | RoomAction::Typing(_) | RoomAction::ReadReceipt { .. }
-        );
-        if needs_membership && !joined {
-            self.reply_error(
+        if request.action.members_only() && !state.members.contains_key(&request.conn.id) {
+            return self.reply_error(
                 &request.conn,
                 code,
                 &request.room,
                 request.reference.as_deref(),
                 ProtocolError::new(ErrorCode::NotJoined, "join the room first"),
             );
-            return;
         }
-        match request.action {
-            RoomAction::Join(join) => {
-                self.join(request.conn, request.room, request.reference, join)
-            }
-            RoomAction::Leave => {
-                self.reply_leave(&request);
-                self.remove_member(&request.room, request.conn.id);
-            }
-            RoomAction::Chat(chat) => self.chat(
-                request.conn,
-                request.room,
-                request.reference,
-                request.received,
-                chat,
-            ),
-            RoomAction::Typing(status) => self.typing(&request.conn, &request.room, status),
-            RoomAction::ReadReceipt { message_id } => {
-                self.read_receipt(request.conn, request.room, request.reference, message_id)
-            }
-            RoomAction::Historic(historic) => {
-                self.historic(request.conn, request.room, request.reference, historic)
-            }
-        }
-    }
-
-    fn access_error(access: Access) -> Option<ProtocolError> {
-        match access {
-            Access::Allowed => None,
-            Access::NotFound => Some(ProtocolError::new(ErrorCode::NotFound, "room not found")),
-            Access::Forbidden => Some(ProtocolError::new(
-                ErrorCode::Forbidden,
-                "not a participant of this room",
-            )),
-        }
-    }
-
-    fn join(&mut self, conn: ConnRef, room_id: RoomKey, reference: Option<String>, join: Join) {
-        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
-            return;
-        };
-        if let Some(error) = Self::access_error(may_join(&conn.claims, &state.room)) {
-            self.reply_error(&conn, Code::Join, &room_id, reference.as_deref(), error);
-            self.maybe_unload(&room_id);
-            return;
-        }
-        // A join with `since_seq` reads the store in a helper task: it needs a permit.
-        let permit = match join.since_seq {
-            Some(_) => match self.work.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => {
-                    let error = server_busy();
-                    self.reply_error(&conn, Code::Join, &room_id, reference.as_deref(), error);
-                    self.maybe_unload(&room_id);
-                    return;
-                }
-            },
-            None => None,
-        };
-        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
-            return;
-        };
-        let user_key = conn.user_key();
-        let already_member = state.members.contains_key(&conn.id);
-        let first_of_user =
-            !already_member && self.shared.presence.joined(&user_key, &room_id.room_id);
-        // Tell the others this user is here, with its current status (once per user and room).
-        if first_of_user {
-            let status = self.shared.presence.status(&user_key);
-            let frame = presence_frame(&conn.claims.sub, Some(&room_id.room_id), status);
-            let route = Route::new(&self.shared.shards, self.index);
-            let members = state.members.values_mut().filter(|member| {
-                member.conn.claims.sub != conn.claims.sub
-                    || member.conn.claims.tenant != conn.claims.tenant
-            });
-            let n = route.broadcast(&mut self.lists, members, &frame, FrameClass::Ephemeral);
-            self.shared
-                .metrics
-                .frames_out(OutCode::Response(Code::Presence), n);
-        }
-        let mut users: Vec<&str> = state.room.participants.iter().map(String::as_str).collect();
-        for member in state.members.values() {
-            if member.conn.claims.tenant == state.room.tenant_id {
-                users.push(&member.conn.claims.sub);
-            }
-        }
-        users.push(&conn.claims.sub);
-        users.sort_unstable();
-        users.dedup();
-        users.truncate(500);
-        let presence: Vec<PresenceEntry> = users
-            .into_iter()
-            .map(|user_id| PresenceEntry {
-                status: self.shared.presence.status(&UserKey {
-                    tenant: state.room.tenant_id.clone(),
-                    user_id: user_id.to_owned(),
-                }),
-                user_id: user_id.to_owned(),
-            })
-            .collect();
-        let last_seq = state.room.last_seq;
-        let room_summary = RoomSummary::of(&state.room, last_seq);
-        let (Some(since), Some(permit)) = (join.since_seq, permit) else {
-            // Nothing to read: the reply goes out at once.
-            state.members.insert(
-                conn.id,
-                Member {
-                    conn: conn.clone(),
-                    pending: None,
-                    joined_at_seq: last_seq,
-                    held: Vec::new(),
-                },
-            );
-            self.shared
-                .metrics
-                .frames_out(OutCode::Response(Code::Join), 1);
-            let frame = FrameBuilder::success(
-                Code::Join.response(),
-                &conn.claims.sub,
-                Some(&room_id.room_id),
-                reference.as_deref(),
-                JoinData {
-                    room: room_summary,
-                    presence,
-                    missed: None,
-                    has_more: None,
-                },
-            );
-            self.route().send(&conn, frame, FrameClass::Durable);
-            return;
-        };
-        state.members.insert(
-            conn.id,
-            Member {
-                conn: conn.clone(),
-                pending: Some(Pending::default()),
-                joined_at_seq: last_seq,
-                held: Vec::new(),
+        let RoomRequest {
+            conn,
+            room,
+            reference,
+            received,
+            action,
+        } = request;
+        action.apply(
+            self,
+            RoomCall {
+                conn,
+                room,
+                reference,
+                received,
             },
         );
-        self.joins_in_flight += 1;
-
-        let store = self.shared.store.clone();
-        let events = self.events_tx.clone();
-        let budget = self.shared.config.max_reply_bytes;
-        let query = HistoryQuery {
-            after_seq: Some(since),
-            before_seq: Some(last_seq + 1),
-            limit: join.limit,
-            include_notes: conn.claims.role.is_team(),
-            max_bytes: budget,
-        };
-        tokio::spawn(async move {
-            let (frame, ok) = match store.history(&room_id, query).await {
-                Ok(page) => {
-                    let user_id = conn.claims.sub.clone();
-                    let room = room_id.clone();
-                    // A page may be large: it is serialized off the shard's thread.
-                    let built = tokio::task::spawn_blocking(move || {
-                        let missed = page_json(&page, budget, PageEnd::Oldest);
-                        FrameBuilder::success(
-                            Code::Join.response(),
-                            &user_id,
-                            Some(&room.room_id),
-                            reference.as_deref(),
-                            JoinData {
-                                room: room_summary,
-                                presence,
-                                missed: Some(missed.messages),
-                                has_more: Some(missed.has_more),
-                            },
-                        )
-                    })
-                    .await;
-                    match built {
-                        Ok(frame) => (frame, true),
-                        Err(_) => (join_unavailable(&conn, &room_id, None), false),
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(room_id = %room_id.room_id, error = %e, "reading missed messages failed");
-                    (
-                        join_unavailable(&conn, &room_id, reference.as_deref()),
-                        false,
-                    )
-                }
-            };
-            let _ = events
-                .send(ShardEvent::JoinReady {
-                    room_id,
-                    conn: conn.id,
-                    frame,
-                    ok,
-                })
-                .await;
-            drop(permit);
-        });
     }
 
-    fn chat(
-        &mut self,
-        conn: ConnRef,
-        room_id: RoomKey,
-        reference: Option<String>,
-        received: Instant,
-        chat: Chat,
-    ) {
-        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
+    /// Starts storing a chat: numbered and sent now, or held while the room renumbers (see
+    /// [`RoomState::held`]).
+    pub(crate) fn start_append(&mut self, context: AppendContext) {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&context.room_id) else {
             return;
-        };
-        let direction = match (state.room.kind, conn.claims.role) {
-            (RoomKind::Team, _) => Direction::Internal,
-            (_, Role::Customer) => Direction::Incoming,
-            _ => Direction::Outgoing,
-        };
-        // The id goes back in an error reply, so the client can retry with it (and the shard
-        // can recognise a retry of a write whose outcome was unknown).
-        let message_id = chat
-            .message_id
-            .unwrap_or_else(|| ulid::Ulid::new().to_string());
-        let message = NewMessage {
-            message_id,
-            // Numbered when it is sent (below, or when held, once the room has renumbered).
-            seq: 0,
-            tenant_id: room_id.tenant_id.clone(),
-            room_id: room_id.room_id.clone(),
-            sender: conn.claims.sub.clone(),
-            sender_type: conn.claims.role.sender_type(),
-            direction,
-            kind: chat.kind,
-            message: chat.message,
-            attached_files: chat.attached_files,
-            reply_to: chat.reply_to,
-            mentions: Vec::new(),
-            metadata: chat.metadata,
-            created_at: Timestamp::now(),
         };
         state.inflight += 1;
         self.appends_started += 1;
-        let context = AppendContext {
-            room_id,
-            conn,
-            reference,
-            received,
-            message,
-            attempts: 0,
-        };
         if state.renumbering {
             state.held.push_back(context);
             self.held_appends += 1;
@@ -1329,491 +1051,31 @@ impl Shard {
             }
         }
         self.release_held(&room_id);
-        let appended = match result {
-            Ok(appended) => appended,
-            Err(e) => {
-                tracing::warn!(room_id = %room_id.room_id, error = %e, "storing a chat message failed");
-                let error = match e {
-                    storage::Error::Invalid(m) => ProtocolError::new(ErrorCode::BadRequest, m),
-                    storage::Error::OutcomeUnknown(_) => ProtocolError::new(
-                        ErrorCode::Unavailable,
-                        "message outcome unknown: storage did not confirm it in time, retry with the same message_id",
-                    )
-                    .with_message_id(Some(message_id)),
-                    _ => ProtocolError::new(
-                        ErrorCode::Unavailable,
-                        "message not accepted: storage unavailable, retry with the same message_id",
-                    )
-                    .with_message_id(Some(message_id)),
-                };
-                self.reply_error(&conn, Code::Chat, &room_id, reference.as_deref(), error);
-                self.maybe_unload(&room_id);
-                return;
-            }
-        };
-        // A duplicate from someone else (or of a message the sender may not see) is not a
-        // retry: answering with the stored message would hand out another user's message.
-        if appended.duplicate
-            && (appended.message.sender != conn.claims.sub
-                || (appended.message.direction == Direction::Note && !conn.claims.role.is_team()))
-        {
-            let error = ProtocolError::new(
-                ErrorCode::BadRequest,
-                "message_id is already used by another message in this room",
-            );
-            self.reply_error(&conn, Code::Chat, &room_id, reference.as_deref(), error);
-            return self.maybe_unload(&room_id);
-        }
-        let metrics = &self.shared.metrics;
-        // The reply and the room's event carry the same message: it is serialized once and
-        // copied into both frames (they differ only in `ref`).
-        // (Serializing a stored message cannot fail: its maps have string keys.)
-        let message_json: Box<RawValue> =
-            serde_json::value::to_raw_value(&appended.message).unwrap_or_default();
-        let direct = FrameBuilder::success(
-            Code::Chat.response(),
-            &conn.claims.sub,
-            Some(&room_id.room_id),
-            reference.as_deref(),
-            &*message_json,
-        );
-        let route = Route::new(&self.shared.shards, self.index);
-        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
-            route.send(&conn, direct, FrameClass::Durable);
-            metrics.frames_out(OutCode::Response(Code::Chat), 1);
-            return;
-        };
-        // Once stored, the id's outcome is known, duplicate or not.
-        let was_unknown = match state
-            .unknown_outcomes
-            .iter()
-            .position(|id| *id == message_id)
-        {
-            Some(at) => {
-                state.unknown_outcomes.remove(at);
-                true
-            }
-            None => false,
-        };
-        // A duplicate is news to the room only when it is the retry of a write whose outcome
-        // was unknown: the original was never announced. Members that joined after it was
-        // stored have it already (in `missed`, or behind their starting point).
-        let seq = appended.message.seq;
-        let announce = !appended.duplicate || was_unknown;
-        if announce {
-            state.room.last_seq = state.room.last_seq.max(appended.message.seq);
-            let event = FrameBuilder::success(
-                Code::Chat.response(),
-                &conn.claims.sub,
-                Some(&room_id.room_id),
-                None,
-                &*message_json,
-            );
-            let customer_hidden = appended.message.direction == Direction::Note;
-            let members = state.members.values_mut().filter(|member| {
-                member.conn.id != conn.id
-                    && (!customer_hidden || member.conn.claims.role.is_team())
-                    && (!appended.duplicate || member.joined_at_seq < seq)
-            });
-            let n = route.broadcast(&mut self.lists, members, &event, FrameClass::Durable);
-            metrics.frames_out(OutCode::Response(Code::Chat), n + 1);
-            metrics.deliveries.inc_by(n);
-        } else {
-            metrics.frames_out(OutCode::Response(Code::Chat), 1);
-        }
-        // The direct reply answers a request read before any join still being prepared for this
-        // connection, so it goes out now rather than behind that join's reply (and is never
-        // dropped with it when that join fails).
-        route.send(&conn, direct, FrameClass::Durable);
-        metrics
-            .fanout_latency
-            .observe(received.elapsed().as_secs_f64());
-        self.maybe_unload(&room_id);
-    }
-
-    fn typing(&mut self, conn: &ConnRef, room_id: &RoomKey, status: TypingStatus) {
-        let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) else {
-            return;
-        };
-        let frame = FrameBuilder::success(
-            Code::Typing.response(),
-            &conn.claims.sub,
-            Some(&room_id.room_id),
-            None,
-            TypingData {
-                status,
-                sender: &conn.claims.sub,
-            },
-        );
-        let route = Route::new(&self.shared.shards, self.index);
-        let members = state
-            .members
-            .values_mut()
-            .filter(|member| member.conn.id != conn.id);
-        let n = route.broadcast(&mut self.lists, members, &frame, FrameClass::Ephemeral);
-        self.shared
-            .metrics
-            .frames_out(OutCode::Response(Code::Typing), n);
-    }
-
-    fn read_receipt(
-        &mut self,
-        conn: ConnRef,
-        room_id: RoomKey,
-        reference: Option<String>,
-        message_id: String,
-    ) {
-        let Some(permit) = self.try_work() else {
-            let error = server_busy();
-            return self.reply_error(
-                &conn,
-                Code::ReadReceipt,
-                &room_id,
-                reference.as_deref(),
-                error,
-            );
-        };
-        let store = self.shared.store.clone();
-        let events = self.events_tx.clone();
-        let (shared, here) = (self.shared.clone(), self.index);
-        let metrics = self.shared.metrics.clone();
-        tokio::spawn(async move {
-            let fail = |error: ProtocolError| {
-                metrics.error(error.code);
-                metrics.frames_out(OutCode::Response(Code::ReadReceipt), 1);
-                let frame = FrameBuilder::error(
-                    Code::ReadReceipt.response(),
-                    Some(&conn.claims.sub),
-                    Some(&room_id.room_id),
-                    reference.as_deref(),
-                    &error,
-                );
-                Route::new(&shared.shards, here).send(&conn, frame, FrameClass::Durable);
-            };
-            let message = match store.message_by_id(&room_id, &message_id).await {
-                Ok(Some(m)) if m.direction != Direction::Note || conn.claims.role.is_team() => m,
-                Ok(_) => {
-                    return fail(ProtocolError::new(
-                        ErrorCode::NotFound,
-                        "message not found in this room",
-                    ))
-                }
-                Err(_) => return fail(storage_unavailable()),
-            };
-            let Ok(state) = store
-                .mark_read(&room_id, &conn.claims.sub, message.seq)
-                .await
-            else {
-                return fail(storage_unavailable());
-            };
-            let marker = state.read_seq;
-            let unread = Some(state.unread_for(conn.claims.role.is_team()));
-            let read_at = Timestamp::now();
-            let data = ReceiptData {
-                message_id: &message.message_id,
-                seq: message.seq,
-                sender: &conn.claims.sub,
-                read_at,
-                read_seq: Some(marker),
-                unread_count: unread,
-            };
-            metrics.frames_out(OutCode::Response(Code::ReadReceipt), 1);
-            let direct = FrameBuilder::success(
-                Code::ReadReceipt.response(),
-                &conn.claims.sub,
-                Some(&room_id.room_id),
-                reference.as_deref(),
-                data,
-            );
-            Route::new(&shared.shards, here).send(&conn, direct, FrameClass::Durable);
-            // Others hear about it only when the marker moved to this message.
-            let broadcast = (marker == message.seq).then(|| {
-                FrameBuilder::success(
-                    Code::ReadReceipt.response(),
-                    &conn.claims.sub,
-                    Some(&room_id.room_id),
-                    None,
-                    ReceiptData {
-                        read_seq: None,
-                        unread_count: None,
-                        ..data
-                    },
-                )
-            });
-            let _ = events
-                .send(ShardEvent::ReceiptStored {
-                    room_id,
-                    conn,
-                    broadcast,
-                    team_only: message.direction == Direction::Note,
-                })
-                .await;
-            drop(permit);
-        });
-    }
-
-    fn historic(
-        &mut self,
-        conn: ConnRef,
-        room_id: RoomKey,
-        reference: Option<String>,
-        historic: Historic,
-    ) {
-        let Some(Slot::Ready(state)) = self.rooms.get(&room_id) else {
-            return;
-        };
-        if let Some(error) = Self::access_error(may_join(&conn.claims, &state.room)) {
-            self.reply_error(&conn, Code::Historic, &room_id, reference.as_deref(), error);
-            self.maybe_unload(&room_id);
-            return;
-        }
-        let Some(permit) = self.try_work() else {
-            let error = server_busy();
-            self.reply_error(&conn, Code::Historic, &room_id, reference.as_deref(), error);
-            return self.maybe_unload(&room_id);
-        };
-        let store = self.shared.store.clone();
-        let (shared, here) = (self.shared.clone(), self.index);
-        let metrics = self.shared.metrics.clone();
-        let budget = self.shared.config.max_reply_bytes;
-        // Paging forward keeps the oldest messages of a page cut to the budget, paging back
-        // the newest, so the next page continues where this one stops.
-        let keep = if historic.after_seq.is_some() {
-            PageEnd::Oldest
-        } else {
-            PageEnd::Newest
-        };
-        let query = HistoryQuery {
-            before_seq: historic.before_seq,
-            after_seq: historic.after_seq,
-            limit: historic.limit,
-            include_notes: conn.claims.role.is_team(),
-            max_bytes: budget,
-        };
-        let search = historic.search.map(|words| query.search(&words));
-        self.maybe_unload(&room_id);
-        tokio::spawn(async move {
-            let unavailable = |conn: &ConnRef, room_id: &RoomKey, reference: Option<&str>| {
-                metrics.error(ErrorCode::Unavailable);
-                FrameBuilder::error(
-                    Code::Historic.response(),
-                    Some(&conn.claims.sub),
-                    Some(&room_id.room_id),
-                    reference,
-                    &storage_unavailable(),
-                )
-            };
-            let page = match search {
-                Some(search) => store.search(&room_id, search).await,
-                None => store.history(&room_id, query).await,
-            };
-            let frame = match page {
-                Ok(page) => {
-                    let (user_id, room) = (conn.claims.sub.clone(), room_id.clone());
-                    let reference = reference.clone();
-                    // A page may be large: it is serialized off the shard's thread.
-                    let built = tokio::task::spawn_blocking(move || {
-                        let json = page_json(&page, budget, keep);
-                        // A page cut to the budget continues where it was cut; otherwise from
-                        // where a search stopped at its row budget, if it did.
-                        let (next_before_seq, next_after_seq) = match (json.cut_at, keep) {
-                            (Some(seq), PageEnd::Newest) => (Some(seq), None),
-                            (Some(seq), PageEnd::Oldest) => (None, Some(seq)),
-                            (None, _) => (page.next_before_seq, page.next_after_seq),
-                        };
-                        FrameBuilder::success(
-                            Code::Historic.response(),
-                            &user_id,
-                            Some(&room.room_id),
-                            reference.as_deref(),
-                            HistoricData {
-                                messages: &json.messages,
-                                has_more: json.has_more,
-                                next_before_seq,
-                                next_after_seq,
-                            },
-                        )
-                    })
-                    .await;
-                    built.unwrap_or_else(|_| unavailable(&conn, &room_id, None))
-                }
-                Err(e) => {
-                    tracing::warn!(room_id = %room_id.room_id, error = %e, "reading history failed");
-                    unavailable(&conn, &room_id, reference.as_deref())
-                }
-            };
-            metrics.frames_out(OutCode::Response(Code::Historic), 1);
-            Route::new(&shared.shards, here).send(&conn, frame, FrameClass::Durable);
-            drop(permit);
-        });
+        self.answer_chat(room_id, conn, reference, received, message_id, result);
     }
 }
 
-/// Which messages a page cut to its byte budget keeps.
-#[derive(Clone, Copy)]
-enum PageEnd {
-    Oldest,
-    Newest,
-}
-
-/// A page's messages as one JSON array of at most `budget` bytes (at least one message, however
-/// big), cut at the end `keep` does not name.
-struct PageJson {
-    messages: Box<RawValue>,
-    /// More messages follow the page: the store said so, or the budget cut it.
-    has_more: bool,
-    /// Where the budget cut the page: the `seq` of the last message kept at the cut end.
-    cut_at: Option<u64>,
-}
-
-fn page_json(page: &HistoryPage, budget: usize, keep: PageEnd) -> PageJson {
-    let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(page.messages.len());
-    let mut total = 2;
-    let mut push = |message: &storage::Message| -> bool {
-        let json = serde_json::to_vec(message).expect("serializing a message cannot fail");
-        if !encoded.is_empty() && total + json.len() + 1 > budget {
-            return false;
-        }
-        total += json.len() + 1;
-        encoded.push(json);
-        true
-    };
-    let fitted = match keep {
-        PageEnd::Oldest => page.messages.iter().take_while(|m| push(m)).count(),
-        PageEnd::Newest => page.messages.iter().rev().take_while(|m| push(m)).count(),
-    };
-    if matches!(keep, PageEnd::Newest) {
-        encoded.reverse();
-    }
-    let mut out = Vec::with_capacity(total);
-    out.push(b'[');
-    for (i, json) in encoded.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(json);
-    }
-    out.push(b']');
-    let array = String::from_utf8(out).expect("serde_json writes utf-8");
-    let messages = RawValue::from_string(array).expect("an array of serialized messages is json");
-    let cut = fitted < page.messages.len();
-    let cut_at = cut.then(|| match keep {
-        PageEnd::Oldest => page.messages[fitted - 1].seq,
-        PageEnd::Newest => page.messages[page.messages.len() - fitted].seq,
-    });
-    PageJson {
-        messages,
-        has_more: page.has_more || cut,
-        cut_at,
+/// The error reply for a room the caller may not see (`NOT_FOUND`, so that its existence does
+/// not leak) or may not enter.
+pub(crate) fn access_error(access: Access) -> Option<ProtocolError> {
+    match access {
+        Access::Allowed => None,
+        Access::NotFound => Some(ProtocolError::new(ErrorCode::NotFound, "room not found")),
+        Access::Forbidden => Some(ProtocolError::new(
+            ErrorCode::Forbidden,
+            "not a participant of this room",
+        )),
     }
 }
 
 /// `UNAVAILABLE` for a request that found no helper task to run on.
-fn server_busy() -> ProtocolError {
+pub(crate) fn server_busy() -> ProtocolError {
     ProtocolError::new(ErrorCode::Unavailable, "server busy, retry later")
 }
 
 /// `UNAVAILABLE` for a request whose store call failed (nothing was changed).
-fn storage_unavailable() -> ProtocolError {
+pub(crate) fn storage_unavailable() -> ProtocolError {
     ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later")
-}
-
-/// The `UNAVAILABLE` reply to a join whose missed messages could not be read.
-fn join_unavailable(conn: &ConnRef, room_id: &RoomKey, reference: Option<&str>) -> Bytes {
-    FrameBuilder::error(
-        Code::Join.response(),
-        Some(&conn.claims.sub),
-        Some(&room_id.room_id),
-        reference,
-        &storage_unavailable(),
-    )
-}
-
-/// A `presence_response` event about `user_id`.
-pub fn presence_frame(user_id: &str, room_id: Option<&str>, status: PresenceStatus) -> Bytes {
-    FrameBuilder::success(
-        Code::Presence.response(),
-        user_id,
-        room_id,
-        None,
-        PresenceData {
-            status,
-            sender: user_id,
-        },
-    )
-}
-
-#[derive(Serialize)]
-struct PresenceData<'a> {
-    status: PresenceStatus,
-    sender: &'a str,
-}
-
-#[derive(Serialize)]
-struct PresenceEntry {
-    user_id: String,
-    status: PresenceStatus,
-}
-
-#[derive(Serialize)]
-struct RoomSummary {
-    room_id: String,
-    kind: &'static str,
-    title: String,
-    status: String,
-    last_seq: u64,
-}
-
-impl RoomSummary {
-    fn of(room: &Room, last_seq: u64) -> RoomSummary {
-        RoomSummary {
-            room_id: room.room_id.clone(),
-            kind: room.kind.as_str(),
-            title: room.title.clone(),
-            status: room.status.clone(),
-            last_seq,
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct JoinData {
-    room: RoomSummary,
-    presence: Vec<PresenceEntry>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    missed: Option<Box<RawValue>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    has_more: Option<bool>,
-}
-
-#[derive(Serialize)]
-struct TypingData<'a> {
-    status: TypingStatus,
-    sender: &'a str,
-}
-
-#[derive(Serialize, Clone, Copy)]
-struct ReceiptData<'a> {
-    message_id: &'a str,
-    seq: u64,
-    sender: &'a str,
-    read_at: Timestamp,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    read_seq: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    unread_count: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct HistoricData<'a> {
-    messages: &'a RawValue,
-    has_more: bool,
-    /// Where the next page starts when this one stopped early: cut to the reply budget, or a
-    /// search that used up its row budget (see `docs/protocol.md`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    next_before_seq: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    next_after_seq: Option<u64>,
 }
 
 #[cfg(test)]

@@ -1,11 +1,17 @@
 //! `chat`: a message to store durably and fan out to the room.
 
+use std::time::Instant;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use storage::MessageType;
+use storage::{Appended, Direction, MessageType, NewMessage, RoomKey, RoomKind, Timestamp};
 
-use super::{check_sender, parse_data};
-use crate::codec::{ErrorCode, ProtocolError};
+use super::{check_sender, parse_data, Code, RoomCall};
+use crate::auth::Role;
+use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
+use crate::metrics::OutCode;
+use crate::outbox::FrameClass;
+use crate::shard::{AppendContext, ConnRef, Route, Shard, Slot};
 
 /// Longest client-chosen `message_id`, in bytes.
 pub const MAX_MESSAGE_ID_BYTES: usize = 64;
@@ -94,6 +100,171 @@ impl Chat {
             kind,
             metadata,
         })
+    }
+}
+
+impl Shard {
+    /// `chat`: builds the message and hands it to the room's sequencing
+    /// ([`Shard::start_append`]), which numbers it and stores it; [`Shard::answer_chat`]
+    /// answers it then.
+    pub(crate) fn chat(&mut self, call: RoomCall, chat: Chat) {
+        let RoomCall {
+            conn,
+            room: room_id,
+            reference,
+            received,
+        } = call;
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
+            return;
+        };
+        let direction = match (state.room.kind, conn.claims.role) {
+            (RoomKind::Team, _) => Direction::Internal,
+            (_, Role::Customer) => Direction::Incoming,
+            _ => Direction::Outgoing,
+        };
+        // The id goes back in an error reply, so the client can retry with it (and the shard
+        // can recognise a retry of a write whose outcome was unknown).
+        let message_id = chat
+            .message_id
+            .unwrap_or_else(|| ulid::Ulid::new().to_string());
+        let message = NewMessage {
+            message_id,
+            // Numbered when it is sent (below, or when held, once the room has renumbered).
+            seq: 0,
+            tenant_id: room_id.tenant_id.clone(),
+            room_id: room_id.room_id.clone(),
+            sender: conn.claims.sub.clone(),
+            sender_type: conn.claims.role.sender_type(),
+            direction,
+            kind: chat.kind,
+            message: chat.message,
+            attached_files: chat.attached_files,
+            reply_to: chat.reply_to,
+            mentions: Vec::new(),
+            metadata: chat.metadata,
+            created_at: Timestamp::now(),
+        };
+        self.start_append(AppendContext {
+            room_id,
+            conn,
+            reference,
+            received,
+            message,
+            attempts: 0,
+        });
+    }
+
+    /// Answers a chat the store has answered (after any renumbering): the reply to the sender
+    /// and, for a new message, the event to the room's other members.
+    pub(crate) fn answer_chat(
+        &mut self,
+        room_id: RoomKey,
+        conn: ConnRef,
+        reference: Option<String>,
+        received: Instant,
+        message_id: String,
+        result: storage::Result<Appended>,
+    ) {
+        let appended = match result {
+            Ok(appended) => appended,
+            Err(e) => {
+                tracing::warn!(room_id = %room_id.room_id, error = %e, "storing a chat message failed");
+                let error = match e {
+                    storage::Error::Invalid(m) => ProtocolError::new(ErrorCode::BadRequest, m),
+                    storage::Error::OutcomeUnknown(_) => ProtocolError::new(
+                        ErrorCode::Unavailable,
+                        "message outcome unknown: storage did not confirm it in time, retry with the same message_id",
+                    )
+                    .with_message_id(Some(message_id)),
+                    _ => ProtocolError::new(
+                        ErrorCode::Unavailable,
+                        "message not accepted: storage unavailable, retry with the same message_id",
+                    )
+                    .with_message_id(Some(message_id)),
+                };
+                self.reply_error(&conn, Code::Chat, &room_id, reference.as_deref(), error);
+                self.maybe_unload(&room_id);
+                return;
+            }
+        };
+        // A duplicate from someone else (or of a message the sender may not see) is not a
+        // retry: answering with the stored message would hand out another user's message.
+        if appended.duplicate
+            && (appended.message.sender != conn.claims.sub
+                || (appended.message.direction == Direction::Note && !conn.claims.role.is_team()))
+        {
+            let error = ProtocolError::new(
+                ErrorCode::BadRequest,
+                "message_id is already used by another message in this room",
+            );
+            self.reply_error(&conn, Code::Chat, &room_id, reference.as_deref(), error);
+            return self.maybe_unload(&room_id);
+        }
+        let metrics = &self.shared.metrics;
+        // The reply and the room's event carry the same message: it is serialized once and
+        // copied into both frames (they differ only in `ref`).
+        // (Serializing a stored message cannot fail: its maps have string keys.)
+        let message_json: Box<RawValue> =
+            serde_json::value::to_raw_value(&appended.message).unwrap_or_default();
+        let direct = FrameBuilder::success(
+            Code::Chat.response(),
+            &conn.claims.sub,
+            Some(&room_id.room_id),
+            reference.as_deref(),
+            &*message_json,
+        );
+        let route = Route::new(&self.shared.shards, self.index);
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
+            route.send(&conn, direct, FrameClass::Durable);
+            metrics.frames_out(OutCode::Response(Code::Chat), 1);
+            return;
+        };
+        // Once stored, the id's outcome is known, duplicate or not.
+        let was_unknown = match state
+            .unknown_outcomes
+            .iter()
+            .position(|id| *id == message_id)
+        {
+            Some(at) => {
+                state.unknown_outcomes.remove(at);
+                true
+            }
+            None => false,
+        };
+        // A duplicate is news to the room only when it is the retry of a write whose outcome
+        // was unknown: the original was never announced. Members that joined after it was
+        // stored have it already (in `missed`, or behind their starting point).
+        let seq = appended.message.seq;
+        let announce = !appended.duplicate || was_unknown;
+        if announce {
+            state.room.last_seq = state.room.last_seq.max(appended.message.seq);
+            let event = FrameBuilder::success(
+                Code::Chat.response(),
+                &conn.claims.sub,
+                Some(&room_id.room_id),
+                None,
+                &*message_json,
+            );
+            let customer_hidden = appended.message.direction == Direction::Note;
+            let members = state.members.values_mut().filter(|member| {
+                member.conn.id != conn.id
+                    && (!customer_hidden || member.conn.claims.role.is_team())
+                    && (!appended.duplicate || member.joined_at_seq < seq)
+            });
+            let n = route.broadcast(&mut self.lists, members, &event, FrameClass::Durable);
+            metrics.frames_out(OutCode::Response(Code::Chat), n + 1);
+            metrics.deliveries.inc_by(n);
+        } else {
+            metrics.frames_out(OutCode::Response(Code::Chat), 1);
+        }
+        // The direct reply answers a request read before any join still being prepared for this
+        // connection, so it goes out now rather than behind that join's reply (and is never
+        // dropped with it when that join fails).
+        route.send(&conn, direct, FrameClass::Durable);
+        metrics
+            .fanout_latency
+            .observe(received.elapsed().as_secs_f64());
+        self.maybe_unload(&room_id);
     }
 }
 

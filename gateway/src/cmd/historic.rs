@@ -1,10 +1,15 @@
 //! `historic`: page through a room's stored messages.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use storage::{HistoryPage, HistoryQuery, RoomKey, Store};
 
-use super::parse_data;
-use crate::codec::ProtocolError;
+use super::{parse_data, Code, RoomCall};
+use crate::auth::may_join;
+use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
+use crate::metrics::OutCode;
+use crate::outbox::FrameClass;
+use crate::shard::{access_error, server_busy, storage_unavailable, ConnRef, Route, Shard, Slot};
 
 pub const DEFAULT_LIMIT: u32 = 50;
 pub const MAX_LIMIT: u32 = 200;
@@ -45,5 +50,176 @@ impl Historic {
             limit: d.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT),
             search: d.search.filter(|s| !s.trim().is_empty()),
         })
+    }
+}
+
+impl Shard {
+    /// `historic`: a page of the room's history (or of a search in it), read and serialized
+    /// in helper tasks, cut to the reply budget.
+    pub(crate) fn historic(&mut self, call: RoomCall, historic: Historic) {
+        let RoomCall {
+            conn,
+            room: room_id,
+            reference,
+            ..
+        } = call;
+        let Some(Slot::Ready(state)) = self.rooms.get(&room_id) else {
+            return;
+        };
+        if let Some(error) = access_error(may_join(&conn.claims, &state.room)) {
+            self.reply_error(&conn, Code::Historic, &room_id, reference.as_deref(), error);
+            self.maybe_unload(&room_id);
+            return;
+        }
+        let Some(permit) = self.try_work() else {
+            let error = server_busy();
+            self.reply_error(&conn, Code::Historic, &room_id, reference.as_deref(), error);
+            return self.maybe_unload(&room_id);
+        };
+        let store = self.shared.store.clone();
+        let (shared, here) = (self.shared.clone(), self.index);
+        let metrics = self.shared.metrics.clone();
+        let budget = self.shared.config.max_reply_bytes;
+        // Paging forward keeps the oldest messages of a page cut to the budget, paging back
+        // the newest, so the next page continues where this one stops.
+        let keep = if historic.after_seq.is_some() {
+            PageEnd::Oldest
+        } else {
+            PageEnd::Newest
+        };
+        let query = HistoryQuery {
+            before_seq: historic.before_seq,
+            after_seq: historic.after_seq,
+            limit: historic.limit,
+            include_notes: conn.claims.role.is_team(),
+            max_bytes: budget,
+        };
+        let search = historic.search.map(|words| query.search(&words));
+        self.maybe_unload(&room_id);
+        tokio::spawn(async move {
+            let unavailable = |conn: &ConnRef, room_id: &RoomKey, reference: Option<&str>| {
+                metrics.error(ErrorCode::Unavailable);
+                FrameBuilder::error(
+                    Code::Historic.response(),
+                    Some(&conn.claims.sub),
+                    Some(&room_id.room_id),
+                    reference,
+                    &storage_unavailable(),
+                )
+            };
+            let page = match search {
+                Some(search) => store.search(&room_id, search).await,
+                None => store.history(&room_id, query).await,
+            };
+            let frame = match page {
+                Ok(page) => {
+                    let (user_id, room) = (conn.claims.sub.clone(), room_id.clone());
+                    let reference = reference.clone();
+                    // A page may be large: it is serialized off the shard's thread.
+                    let built = tokio::task::spawn_blocking(move || {
+                        let json = page_json(&page, budget, keep);
+                        // A page cut to the budget continues where it was cut; otherwise from
+                        // where a search stopped at its row budget, if it did.
+                        let (next_before_seq, next_after_seq) = match (json.cut_at, keep) {
+                            (Some(seq), PageEnd::Newest) => (Some(seq), None),
+                            (Some(seq), PageEnd::Oldest) => (None, Some(seq)),
+                            (None, _) => (page.next_before_seq, page.next_after_seq),
+                        };
+                        FrameBuilder::success(
+                            Code::Historic.response(),
+                            &user_id,
+                            Some(&room.room_id),
+                            reference.as_deref(),
+                            HistoricReply {
+                                messages: &json.messages,
+                                has_more: json.has_more,
+                                next_before_seq,
+                                next_after_seq,
+                            },
+                        )
+                    })
+                    .await;
+                    built.unwrap_or_else(|_| unavailable(&conn, &room_id, None))
+                }
+                Err(e) => {
+                    tracing::warn!(room_id = %room_id.room_id, error = %e, "reading history failed");
+                    unavailable(&conn, &room_id, reference.as_deref())
+                }
+            };
+            metrics.frames_out(OutCode::Response(Code::Historic), 1);
+            Route::new(&shared.shards, here).send(&conn, frame, FrameClass::Durable);
+            drop(permit);
+        });
+    }
+}
+
+#[derive(Serialize)]
+struct HistoricReply<'a> {
+    messages: &'a RawValue,
+    has_more: bool,
+    /// Where the next page starts when this one stopped early: cut to the reply budget, or a
+    /// search that used up its row budget (see `docs/protocol.md`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_before_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_after_seq: Option<u64>,
+}
+
+/// Which messages a page cut to its byte budget keeps.
+#[derive(Clone, Copy)]
+pub(crate) enum PageEnd {
+    Oldest,
+    Newest,
+}
+
+/// A page's messages as one JSON array of at most `budget` bytes (at least one message, however
+/// big), cut at the end `keep` does not name.
+pub(crate) struct PageJson {
+    pub messages: Box<RawValue>,
+    /// More messages follow the page: the store said so, or the budget cut it.
+    pub has_more: bool,
+    /// Where the budget cut the page: the `seq` of the last message kept at the cut end.
+    pub cut_at: Option<u64>,
+}
+
+pub(crate) fn page_json(page: &HistoryPage, budget: usize, keep: PageEnd) -> PageJson {
+    let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(page.messages.len());
+    let mut total = 2;
+    let mut push = |message: &storage::Message| -> bool {
+        let json = serde_json::to_vec(message).expect("serializing a message cannot fail");
+        if !encoded.is_empty() && total + json.len() + 1 > budget {
+            return false;
+        }
+        total += json.len() + 1;
+        encoded.push(json);
+        true
+    };
+    let fitted = match keep {
+        PageEnd::Oldest => page.messages.iter().take_while(|m| push(m)).count(),
+        PageEnd::Newest => page.messages.iter().rev().take_while(|m| push(m)).count(),
+    };
+    if matches!(keep, PageEnd::Newest) {
+        encoded.reverse();
+    }
+    let mut out = Vec::with_capacity(total);
+    out.push(b'[');
+    for (i, json) in encoded.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(json);
+    }
+    out.push(b']');
+    let array = String::from_utf8(out).expect("serde_json writes utf-8");
+    let messages = RawValue::from_string(array).expect("an array of serialized messages is json");
+    let cut = fitted < page.messages.len();
+    let cut_at = cut.then(|| match keep {
+        PageEnd::Oldest => page.messages[fitted - 1].seq,
+        PageEnd::Newest => page.messages[page.messages.len() - fitted].seq,
+    });
+    PageJson {
+        messages,
+        has_more: page.has_more || cut,
+        cut_at,
     }
 }

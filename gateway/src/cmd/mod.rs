@@ -1,17 +1,26 @@
-//! One module per protocol code (PROTOCOL.md §3): each parses and validates its `data`.
-//! [`Command::parse`] is the single dispatch point; it rejects unknown codes.
+//! One module per protocol code (PROTOCOL.md §3), each the code's one home: parsing and
+//! validation of its `data`, its access rule, and its effect on a room, as an `impl Shard`
+//! block run on the room's shard. `crate::shard` keeps what every code shares: room ownership
+//! and loading, sequencing of stored messages, and fan-out. [`Command::parse`] is the single
+//! dispatch point for frames (it rejects unknown codes), [`RoomAction::apply`] the one for
+//! room requests.
 
 pub mod chat;
 pub mod historic;
 pub mod join;
+pub mod leave;
 pub mod presence;
 pub mod read_receipt;
 pub mod typing;
 
+use std::time::Instant;
+
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
+use storage::RoomKey;
 
 use crate::codec::{ErrorCode, ProtocolError};
+use crate::shard::{ConnRef, Shard};
 
 /// The request codes a client may send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -144,5 +153,68 @@ pub(crate) fn check_sender(sender: &str, user_id: &str) -> Result<(), ProtocolEr
             ErrorCode::Forbidden,
             "data.sender must equal the authenticated user",
         ))
+    }
+}
+
+/// A room request as its code's handler gets it: who asked, about which room, and how to
+/// answer (the code's own data comes separately).
+pub(crate) struct RoomCall {
+    pub conn: ConnRef,
+    /// The room in the caller's tenant.
+    pub room: RoomKey,
+    pub reference: Option<String>,
+    /// When the connection read the frame (fan-out latency starts here).
+    pub received: Instant,
+}
+
+/// A request about one room, as the connection hands it to the room's shard. Each variant's
+/// handler, access rule and effect live in the code's module; the shard only routes.
+pub enum RoomAction {
+    Join(join::Join),
+    Leave,
+    Chat(chat::Chat),
+    Typing(typing::Typing),
+    ReadReceipt(read_receipt::ReadReceipt),
+    Historic(historic::Historic),
+}
+
+impl RoomAction {
+    pub fn code(&self) -> Code {
+        match self {
+            RoomAction::Join(_) => Code::Join,
+            RoomAction::Leave => Code::Leave,
+            RoomAction::Chat(_) => Code::Chat,
+            RoomAction::Typing(_) => Code::Typing,
+            RoomAction::ReadReceipt(_) => Code::ReadReceipt,
+            RoomAction::Historic(_) => Code::Historic,
+        }
+    }
+
+    /// The access rule every code shares: only a connection joined to the room may send it
+    /// (`NOT_JOINED` otherwise). The codes that are not members-only check access
+    /// themselves.
+    pub fn members_only(&self) -> bool {
+        matches!(
+            self,
+            RoomAction::Chat(_) | RoomAction::Typing(_) | RoomAction::ReadReceipt(_)
+        )
+    }
+
+    /// Whether the request may load a room that is not in memory; any other request for such
+    /// a room is answered without reading the store.
+    pub fn loads_room(&self) -> bool {
+        matches!(self, RoomAction::Join(_) | RoomAction::Historic(_))
+    }
+
+    /// Runs the code's handler on a loaded room the caller passed the shared access rule for.
+    pub(crate) fn apply(self, shard: &mut Shard, call: RoomCall) {
+        match self {
+            RoomAction::Join(join) => shard.join(call, join),
+            RoomAction::Leave => shard.leave(call),
+            RoomAction::Chat(chat) => shard.chat(call, chat),
+            RoomAction::Typing(typing) => shard.typing(call, typing),
+            RoomAction::ReadReceipt(receipt) => shard.read_receipt(call, receipt),
+            RoomAction::Historic(historic) => shard.historic(call, historic),
+        }
     }
 }
