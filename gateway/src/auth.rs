@@ -51,9 +51,11 @@ impl Role {
         }
     }
 
-    /// Whether this role belongs to the team side (as opposed to a customer).
-    pub fn is_team(self) -> bool {
-        !matches!(self, Role::Customer)
+    /// Whether this role writes and sees internal notes: agents and admins only, never a
+    /// customer or contact, nor an integration service (notes never leave the team) or a
+    /// plain team-room user.
+    pub fn sees_notes(self) -> bool {
+        matches!(self, Role::Admin | Role::Agent)
     }
 }
 

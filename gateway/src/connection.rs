@@ -466,6 +466,7 @@ impl Session {
             Command::Chat(chat) => RoomAction::Chat(chat),
             Command::ReadReceipt(receipt) => RoomAction::ReadReceipt(receipt),
             Command::Historic(historic) => RoomAction::Historic(historic),
+            Command::Note(note) => RoomAction::Note(note),
         };
         let room_id = room_owned
             .clone()
@@ -505,7 +506,10 @@ impl Session {
         // Take the user's rooms before the shards forget this connection's memberships (each
         // `Disconnect` also drops the room from the user's presence entry), or a shard thread
         // that runs first leaves nobody to tell that the user went offline.
-        let offline_rooms = self.shared.presence.disconnect(&self.conn.user_key());
+        let offline_rooms = self
+            .shared
+            .presence
+            .disconnect(&self.conn.user_key(), self.conn.id);
         let mut by_shard: HashMap<usize, Vec<RoomKey>> = HashMap::new();
         for (room, shard) in self.joined {
             let room = RoomKey::new(&self.conn.claims.tenant, &room);
@@ -675,7 +679,7 @@ pub fn run(
                 outbox: outbox.clone(),
                 claims,
             };
-            shared.presence.connect(&conn.user_key());
+            shared.presence.connect(&conn);
             let session_id = ulid::Ulid::new().to_string();
             let frame = FrameBuilder::encode(&crate::codec::Reply {
                 success: true,

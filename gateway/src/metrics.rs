@@ -21,6 +21,8 @@ pub enum OutCode {
     Response(Code),
     Connected,
     Error,
+    /// `notification_response`: pushed to a user, not a reply to a request.
+    Notification,
 }
 
 impl OutCode {
@@ -29,6 +31,7 @@ impl OutCode {
             OutCode::Response(code) => code.index(),
             OutCode::Connected => Code::ALL.len(),
             OutCode::Error => Code::ALL.len() + 1,
+            OutCode::Notification => Code::ALL.len() + 2,
         }
     }
 }
@@ -186,6 +189,8 @@ impl Metrics {
             .collect();
         frames_out.push(frames_out_vec.with_label_values(&["connected"]));
         frames_out.push(frames_out_vec.with_label_values(&["error"]));
+        frames_out
+            .push(frames_out_vec.with_label_values(&[crate::cmd::note::NOTIFICATION_RESPONSE]));
         for reason in ["unauthorized", "forbidden_origin", "bad_request", "timeout"] {
             handshake_rejects.with_label_values(&[reason]);
         }

@@ -1,5 +1,6 @@
-//! Who is online: per user (tenant + id), across rooms and connections. Striped by user so no
-//! lock is shared by everyone; never touched on the chat path.
+//! Who is online: per user (tenant + id), across rooms and connections, and how to reach each
+//! of a user's connections from any shard (notifications to a user rather than a room).
+//! Striped by user so no lock is shared by everyone; never touched on the chat path.
 
 use std::collections::hash_map::{DefaultHasher, Entry};
 use std::collections::HashMap;
@@ -7,6 +8,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 
 use crate::cmd::presence::PresenceStatus;
+use crate::shard::{ConnId, ConnRef};
 
 const STRIPES: usize = 64;
 
@@ -16,9 +18,9 @@ pub struct UserKey {
     pub user_id: String,
 }
 
-#[derive(Debug)]
 struct UserPresence {
-    connections: u32,
+    /// The user's open connections (bounded by the server's connection limit).
+    connections: Vec<ConnRef>,
     status: PresenceStatus,
     /// Rooms joined by any of the user's connections, with how many of them joined each.
     rooms: HashMap<String, u32>,
@@ -45,26 +47,37 @@ impl PresenceRegistry {
     }
 
     /// A connection opened; true when it is the user's first (the user comes online).
-    pub fn connect(&self, key: &UserKey) -> bool {
-        let mut map = self.stripe(key).lock().expect("presence lock poisoned");
-        let entry = map.entry(key.clone()).or_insert_with(|| UserPresence {
-            connections: 0,
+    pub fn connect(&self, conn: &ConnRef) -> bool {
+        let key = conn.user_key();
+        let mut map = self.stripe(&key).lock().expect("presence lock poisoned");
+        let entry = map.entry(key).or_insert_with(|| UserPresence {
+            connections: Vec::new(),
             status: PresenceStatus::Online,
             rooms: HashMap::new(),
         });
-        entry.connections += 1;
-        entry.connections == 1
+        entry.connections.push(conn.clone());
+        entry.connections.len() == 1
+    }
+
+    /// The user's open connections, wherever they run.
+    pub fn connections(&self, key: &UserKey) -> Vec<ConnRef> {
+        self.stripe(key)
+            .lock()
+            .expect("presence lock poisoned")
+            .get(key)
+            .map(|user| user.connections.clone())
+            .unwrap_or_default()
     }
 
     /// A connection closed; when it was the user's last and the user was not already shown as
     /// offline, returns the rooms the user had joined (the user goes offline: a change to tell).
-    pub fn disconnect(&self, key: &UserKey) -> Option<Vec<String>> {
+    pub fn disconnect(&self, key: &UserKey, conn: ConnId) -> Option<Vec<String>> {
         let mut map = self.stripe(key).lock().expect("presence lock poisoned");
         let Entry::Occupied(mut entry) = map.entry(key.clone()) else {
             return None;
         };
-        entry.get_mut().connections -= 1;
-        if entry.get().connections > 0 {
+        entry.get_mut().connections.retain(|c| c.id != conn);
+        if !entry.get().connections.is_empty() {
             return None;
         }
         let user = entry.remove();
@@ -120,6 +133,35 @@ impl PresenceRegistry {
 mod tests {
     use super::*;
 
+    use std::sync::Arc;
+
+    use crate::auth::{Claims, Role};
+    use crate::outbox::{Bound, Outbox, OutboxMetrics};
+
+    fn conn(id: ConnId) -> ConnRef {
+        let claims = Claims {
+            sub: "u".into(),
+            tenant: "t".into(),
+            role: Role::Agent,
+            exp: 0,
+            name: None,
+            aud: None,
+            iss: None,
+        };
+        ConnRef {
+            id,
+            home: 0,
+            outbox: Arc::new(Outbox::new(
+                Bound {
+                    frames: 16,
+                    bytes: 1 << 20,
+                },
+                OutboxMetrics::unregistered(),
+            )),
+            claims: Arc::new(claims),
+        }
+    }
+
     #[test]
     fn first_and_last_connection_change_presence() {
         let reg = PresenceRegistry::default();
@@ -127,8 +169,10 @@ mod tests {
             tenant: "t".into(),
             user_id: "u".into(),
         };
-        assert!(reg.connect(&k));
-        assert!(!reg.connect(&k));
+        assert!(reg.connect(&conn(1)));
+        assert!(!reg.connect(&conn(2)));
+        let ids: Vec<ConnId> = reg.connections(&k).iter().map(|c| c.id).collect();
+        assert_eq!(ids, [1, 2]);
         assert!(reg.joined(&k, "r1"));
         assert!(!reg.joined(&k, "r1"));
         assert_eq!(
@@ -136,8 +180,10 @@ mod tests {
             Some(vec!["r1".into()])
         );
         assert_eq!(reg.set_status(&k, PresenceStatus::Away), None);
-        assert_eq!(reg.disconnect(&k), None);
-        assert_eq!(reg.disconnect(&k), Some(vec!["r1".into()]));
+        assert_eq!(reg.disconnect(&k, 1), None);
+        assert_eq!(reg.connections(&k).len(), 1);
+        assert_eq!(reg.disconnect(&k, 2), Some(vec!["r1".into()]));
         assert_eq!(reg.status(&k), PresenceStatus::Offline);
+        assert!(reg.connections(&k).is_empty());
     }
 }

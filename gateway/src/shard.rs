@@ -281,6 +281,8 @@ pub(crate) enum Slot {
 
 /// What answering a chat's append needs.
 pub(crate) struct AppendContext {
+    /// The code that stores a message: `chat` or `note`.
+    pub(crate) code: Code,
     pub(crate) room_id: RoomKey,
     pub(crate) conn: ConnRef,
     pub(crate) reference: Option<String>,
@@ -1014,6 +1016,7 @@ impl Shard {
             }
         }
         let AppendContext {
+            code,
             room_id,
             conn,
             reference,
@@ -1051,7 +1054,7 @@ impl Shard {
             }
         }
         self.release_held(&room_id);
-        self.answer_chat(room_id, conn, reference, received, message_id, result);
+        self.answer_stored(code, room_id, conn, reference, received, message_id, result);
     }
 }
 

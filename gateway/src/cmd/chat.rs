@@ -145,6 +145,7 @@ impl Shard {
             created_at: Timestamp::now(),
         };
         self.start_append(AppendContext {
+            code: Code::Chat,
             room_id,
             conn,
             reference,
@@ -154,10 +155,13 @@ impl Shard {
         });
     }
 
-    /// Answers a chat the store has answered (after any renumbering): the reply to the sender
-    /// and, for a new message, the event to the room's other members.
-    pub(crate) fn answer_chat(
+    /// Answers a stored message (a `chat`, or a `note`: `code`) once the store has (after any
+    /// renumbering): the reply to the sender and, for a new message, the event to the room's
+    /// other members (team members only for a note), then a note's mentions.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn answer_stored(
         &mut self,
+        code: Code,
         room_id: RoomKey,
         conn: ConnRef,
         reference: Option<String>,
@@ -182,7 +186,7 @@ impl Shard {
                     )
                     .with_message_id(Some(message_id)),
                 };
-                self.reply_error(&conn, Code::Chat, &room_id, reference.as_deref(), error);
+                self.reply_error(&conn, code, &room_id, reference.as_deref(), error);
                 self.maybe_unload(&room_id);
                 return;
             }
@@ -191,13 +195,14 @@ impl Shard {
         // retry: answering with the stored message would hand out another user's message.
         if appended.duplicate
             && (appended.message.sender != conn.claims.sub
-                || (appended.message.direction == Direction::Note && !conn.claims.role.is_team()))
+                || (appended.message.direction == Direction::Note
+                    && !conn.claims.role.sees_notes()))
         {
             let error = ProtocolError::new(
                 ErrorCode::BadRequest,
                 "message_id is already used by another message in this room",
             );
-            self.reply_error(&conn, Code::Chat, &room_id, reference.as_deref(), error);
+            self.reply_error(&conn, code, &room_id, reference.as_deref(), error);
             return self.maybe_unload(&room_id);
         }
         let metrics = &self.shared.metrics;
@@ -207,7 +212,7 @@ impl Shard {
         let message_json: Box<RawValue> =
             serde_json::value::to_raw_value(&appended.message).unwrap_or_default();
         let direct = FrameBuilder::success(
-            Code::Chat.response(),
+            code.response(),
             &conn.claims.sub,
             Some(&room_id.room_id),
             reference.as_deref(),
@@ -216,7 +221,7 @@ impl Shard {
         let route = Route::new(&self.shared.shards, self.index);
         let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
             route.send(&conn, direct, FrameClass::Durable);
-            metrics.frames_out(OutCode::Response(Code::Chat), 1);
+            metrics.frames_out(OutCode::Response(code), 1);
             return;
         };
         // Once stored, the id's outcome is known, duplicate or not.
@@ -239,7 +244,7 @@ impl Shard {
         if announce {
             state.room.last_seq = state.room.last_seq.max(appended.message.seq);
             let event = FrameBuilder::success(
-                Code::Chat.response(),
+                code.response(),
                 &conn.claims.sub,
                 Some(&room_id.room_id),
                 None,
@@ -248,14 +253,14 @@ impl Shard {
             let customer_hidden = appended.message.direction == Direction::Note;
             let members = state.members.values_mut().filter(|member| {
                 member.conn.id != conn.id
-                    && (!customer_hidden || member.conn.claims.role.is_team())
+                    && (!customer_hidden || member.conn.claims.role.sees_notes())
                     && (!appended.duplicate || member.joined_at_seq < seq)
             });
             let n = route.broadcast(&mut self.lists, members, &event, FrameClass::Durable);
-            metrics.frames_out(OutCode::Response(Code::Chat), n + 1);
+            metrics.frames_out(OutCode::Response(code), n + 1);
             metrics.deliveries.inc_by(n);
         } else {
-            metrics.frames_out(OutCode::Response(Code::Chat), 1);
+            metrics.frames_out(OutCode::Response(code), 1);
         }
         // The direct reply answers a request read before any join still being prepared for this
         // connection, so it goes out now rather than behind that join's reply (and is never
@@ -264,6 +269,9 @@ impl Shard {
         metrics
             .fanout_latency
             .observe(received.elapsed().as_secs_f64());
+        if announce && !appended.message.mentions.is_empty() {
+            self.notify_mentions(&room_id, &appended.message);
+        }
         self.maybe_unload(&room_id);
     }
 }

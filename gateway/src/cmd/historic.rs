@@ -91,7 +91,7 @@ impl Shard {
             before_seq: historic.before_seq,
             after_seq: historic.after_seq,
             limit: historic.limit,
-            include_notes: conn.claims.role.is_team(),
+            include_notes: conn.claims.role.sees_notes(),
             max_bytes: budget,
         };
         let search = historic.search.map(|words| query.search(&words));

@@ -170,7 +170,7 @@ impl Shard {
             after_seq: Some(since),
             before_seq: Some(last_seq + 1),
             limit: join.limit,
-            include_notes: conn.claims.role.is_team(),
+            include_notes: conn.claims.role.sees_notes(),
             max_bytes: budget,
         };
         tokio::spawn(async move {

@@ -9,6 +9,7 @@ pub mod chat;
 pub mod historic;
 pub mod join;
 pub mod leave;
+pub mod note;
 pub mod presence;
 pub mod read_receipt;
 pub mod typing;
@@ -33,11 +34,12 @@ pub enum Code {
     Presence,
     Historic,
     Ping,
+    Note,
 }
 
 impl Code {
     /// Every code, for metric label pre-registration.
-    pub const ALL: [Code; 8] = [
+    pub const ALL: [Code; 9] = [
         Code::Join,
         Code::Leave,
         Code::Chat,
@@ -46,6 +48,7 @@ impl Code {
         Code::Presence,
         Code::Historic,
         Code::Ping,
+        Code::Note,
     ];
 
     pub fn parse(code: &str) -> Option<Code> {
@@ -58,6 +61,7 @@ impl Code {
             "presence" => Code::Presence,
             "historic" => Code::Historic,
             "ping" => Code::Ping,
+            "note" => Code::Note,
             _ => return None,
         })
     }
@@ -72,6 +76,7 @@ impl Code {
             Code::Presence => "presence",
             Code::Historic => "historic",
             Code::Ping => "ping",
+            Code::Note => "note",
         }
     }
 
@@ -86,6 +91,7 @@ impl Code {
             Code::Presence => "presence_response",
             Code::Historic => "historic_response",
             Code::Ping => "ping_response",
+            Code::Note => "note_response",
         }
     }
 
@@ -111,6 +117,7 @@ pub enum Command {
     Presence(presence::Presence),
     Historic(historic::Historic),
     Ping,
+    Note(note::Note),
 }
 
 impl Command {
@@ -130,6 +137,7 @@ impl Command {
             }
             Code::Presence => Command::Presence(presence::Presence::parse(data, user_id)?),
             Code::Historic => Command::Historic(historic::Historic::parse(data)?),
+            Code::Note => Command::Note(note::Note::parse(data, user_id)?),
             Code::Ping => {
                 parse_data::<serde::de::IgnoredAny>(data)?;
                 Command::Ping
@@ -138,10 +146,19 @@ impl Command {
     }
 }
 
-/// Deserializes `data` into a typed struct; any mismatch is `BAD_REQUEST` naming the field.
+/// Deserializes `data` into a typed struct; any mismatch is `BAD_REQUEST` naming the field
+/// (`data.mentions[1]: invalid type: …`).
 pub(crate) fn parse_data<T: DeserializeOwned>(data: &RawValue) -> Result<T, ProtocolError> {
-    serde_json::from_str(data.get())
-        .map_err(|e| ProtocolError::bad_request(format!("invalid data: {e}")))
+    let mut json = serde_json::Deserializer::from_str(data.get());
+    serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let path = e.path().to_string();
+        let error = e.into_inner();
+        if path == "." {
+            ProtocolError::bad_request(format!("invalid data: {error}"))
+        } else {
+            ProtocolError::bad_request(format!("invalid data.{path}: {error}"))
+        }
+    })
 }
 
 /// `sender` must name the authenticated user.
@@ -176,6 +193,7 @@ pub enum RoomAction {
     Typing(typing::Typing),
     ReadReceipt(read_receipt::ReadReceipt),
     Historic(historic::Historic),
+    Note(note::Note),
 }
 
 impl RoomAction {
@@ -187,6 +205,7 @@ impl RoomAction {
             RoomAction::Typing(_) => Code::Typing,
             RoomAction::ReadReceipt(_) => Code::ReadReceipt,
             RoomAction::Historic(_) => Code::Historic,
+            RoomAction::Note(_) => Code::Note,
         }
     }
 
@@ -196,7 +215,10 @@ impl RoomAction {
     pub fn members_only(&self) -> bool {
         matches!(
             self,
-            RoomAction::Chat(_) | RoomAction::Typing(_) | RoomAction::ReadReceipt(_)
+            RoomAction::Chat(_)
+                | RoomAction::Note(_)
+                | RoomAction::Typing(_)
+                | RoomAction::ReadReceipt(_)
         )
     }
 
@@ -215,6 +237,7 @@ impl RoomAction {
             RoomAction::Typing(typing) => shard.typing(call, typing),
             RoomAction::ReadReceipt(receipt) => shard.read_receipt(call, receipt),
             RoomAction::Historic(historic) => shard.historic(call, historic),
+            RoomAction::Note(note) => shard.note(call, note),
         }
     }
 }

@@ -77,7 +77,7 @@ impl Shard {
                 Route::new(&shared.shards, here).send(&conn, frame, FrameClass::Durable);
             };
             let message = match store.message_by_id(&room_id, &message_id).await {
-                Ok(Some(m)) if m.direction != Direction::Note || conn.claims.role.is_team() => m,
+                Ok(Some(m)) if m.direction != Direction::Note || conn.claims.role.sees_notes() => m,
                 Ok(_) => {
                     return fail(ProtocolError::new(
                         ErrorCode::NotFound,
@@ -93,7 +93,7 @@ impl Shard {
                 return fail(storage_unavailable());
             };
             let marker = state.read_seq;
-            let unread = Some(state.unread_for(conn.claims.role.is_team()));
+            let unread = Some(state.unread_for(conn.claims.role.sees_notes()));
             let read_at = Timestamp::now();
             let data = ReceiptReply {
                 message_id: &message.message_id,
@@ -150,7 +150,7 @@ impl Shard {
         if let (Some(frame), Some(Slot::Ready(state))) = (broadcast, self.rooms.get_mut(&room_id)) {
             let route = Route::new(&self.shared.shards, self.index);
             let members = state.members.values_mut().filter(|member| {
-                member.conn.id != conn.id && (!team_only || member.conn.claims.role.is_team())
+                member.conn.id != conn.id && (!team_only || member.conn.claims.role.sees_notes())
             });
             let n = route.broadcast(&mut self.lists, members, &frame, FrameClass::Durable);
             self.shared

@@ -588,7 +588,7 @@ impl RawClient {
     }
 }
 
-/// Writes a note straight into a stopped gateway's store (no protocol code writes notes yet)
+/// Writes a note straight into a stopped gateway's store (as the `note` code would)
 /// and returns it as stored.
 pub async fn store_note(
     dir: &std::path::Path,
