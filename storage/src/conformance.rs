@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 use crate::{
     Direction, Error, HistoryPage, HistoryQuery, Message, MessageType, NewMessage, NewRoom,
-    ReadState, RoomKey, RoomKind, SearchQuery, SenderType, Store, Timestamp,
+    ReadState, Record, RecordKey, RecordKind, RoomKey, RoomKind, SearchQuery, SenderType, Store,
+    Timestamp,
 };
 
 /// Generates one `#[tokio::test]` per conformance case. `$make` names an `async fn() -> (S, G)`
@@ -62,6 +63,12 @@ macro_rules! conformance_tests {
             append_after_close_is_closed,
             same_room_id_in_two_tenants_is_two_rooms,
             another_tenants_room_looks_missing,
+            a_record_is_created_once_and_then_written_only_over_its_version,
+            records_of_another_tenant_or_kind_are_other_records,
+            racing_record_writes_have_exactly_one_winner,
+            typed_records_round_trip_every_field,
+            an_update_reads_again_after_losing_a_race,
+            an_oversized_record_is_invalid_and_changes_nothing,
         );
     };
     (@cases $make:path, required; $($case:ident),+ $(,)?) => {
@@ -1085,4 +1092,376 @@ pub async fn another_tenants_room_looks_missing<S: Store>(store: S) {
     let owned = store.room(&owner).await.unwrap().unwrap();
     assert_eq!(owned.participants, ["alice"]);
     assert_eq!(owned.last_seq, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Records (contacts, inboxes, conversations)
+
+fn record(tenant: &str, kind: RecordKind, id: &str, version: u64, body: &str) -> Record {
+    Record {
+        key: RecordKey::new(tenant, kind, id),
+        version,
+        body: body.to_owned(),
+        updated_at: Timestamp::now(),
+    }
+}
+
+fn version_conflict(error: Error) -> u64 {
+    match error {
+        Error::VersionConflict { stored } => stored,
+        other => panic!("expected a version conflict, got {other:?}"),
+    }
+}
+
+pub async fn a_record_is_created_once_and_then_written_only_over_its_version<S: Store>(store: S) {
+    let key = RecordKey::new(TENANT, RecordKind::Contact, "c-1");
+    assert_eq!(store.record(&key).await.unwrap(), None);
+    // Version 0 does not exist: a write must name version 1 to create.
+    let error = store
+        .put_record(record(TENANT, RecordKind::Contact, "c-1", 2, r#"{"v":2}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(version_conflict(error), 0);
+    let first = store
+        .put_record(record(TENANT, RecordKind::Contact, "c-1", 1, r#"{"v":1}"#))
+        .await
+        .unwrap();
+    assert_eq!(first.version, 1);
+    let read = store.record(&key).await.unwrap().unwrap();
+    assert_eq!((read.version, read.body.as_str()), (1, r#"{"v":1}"#));
+    assert_eq!(read.key, key);
+    // Creating again, or skipping a version, is refused and changes nothing.
+    for version in [1, 3] {
+        let error = store
+            .put_record(record(TENANT, RecordKind::Contact, "c-1", version, "{}"))
+            .await
+            .unwrap_err();
+        assert_eq!(version_conflict(error), 1);
+    }
+    store
+        .put_record(record(TENANT, RecordKind::Contact, "c-1", 2, r#"{"v":2}"#))
+        .await
+        .unwrap();
+    let read = store.record(&key).await.unwrap().unwrap();
+    assert_eq!((read.version, read.body.as_str()), (2, r#"{"v":2}"#));
+}
+
+pub async fn records_of_another_tenant_or_kind_are_other_records<S: Store>(store: S) {
+    store
+        .put_record(record("tenant-a", RecordKind::Inbox, "x", 1, r#""a""#))
+        .await
+        .unwrap();
+    store
+        .put_record(record("tenant-b", RecordKind::Inbox, "x", 1, r#""b""#))
+        .await
+        .unwrap();
+    store
+        .put_record(record("tenant-a", RecordKind::Contact, "x", 1, r#""c""#))
+        .await
+        .unwrap();
+    for (tenant, kind, body) in [
+        ("tenant-a", RecordKind::Inbox, r#""a""#),
+        ("tenant-b", RecordKind::Inbox, r#""b""#),
+        ("tenant-a", RecordKind::Contact, r#""c""#),
+    ] {
+        let read = store
+            .record(&RecordKey::new(tenant, kind, "x"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(read.body, body);
+    }
+    assert_eq!(
+        store
+            .record(&RecordKey::new("tenant-b", RecordKind::Contact, "x"))
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+pub async fn racing_record_writes_have_exactly_one_winner<S: Store>(store: S) {
+    let store = Arc::new(store);
+    store
+        .put_record(record(TENANT, RecordKind::Conversation, "r", 1, "0"))
+        .await
+        .unwrap();
+    let writers: Vec<_> = (0..8)
+        .map(|n| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .put_record(record(
+                        TENANT,
+                        RecordKind::Conversation,
+                        "r",
+                        2,
+                        &n.to_string(),
+                    ))
+                    .await
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for (n, writer) in writers.into_iter().enumerate() {
+        match writer.await.unwrap() {
+            Ok(_) => winners.push(n.to_string()),
+            Err(error) => assert_eq!(version_conflict(error), 2),
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let read = store
+        .record(&RecordKey::new(TENANT, RecordKind::Conversation, "r"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((read.version, &read.body), (2, &winners[0]));
+}
+
+pub async fn typed_records_round_trip_every_field<S: Store>(store: S) {
+    use crate::records::*;
+    let contact = Contact {
+        contact_id: "c-1".into(),
+        name: "Ada Lovelace".into(),
+        email: Some("ada@example.com".into()),
+        phone: Some("+15550100".into()),
+        avatar_url: Some("https://example.com/ada.png".into()),
+        external_ids: [("crm".to_owned(), "42".to_owned())].into(),
+        custom_attributes: serde_json::json!({"plan": "pro", "seats": 3})
+            .as_object()
+            .cloned()
+            .unwrap(),
+        created_at: Timestamp(1_700_000_000_123),
+    };
+    let saved = save(
+        &store,
+        TENANT,
+        "c-1",
+        Versioned {
+            value: contact.clone(),
+            version: 0,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(saved.version, 1);
+    let read = load::<Contact, _>(&store, TENANT, "c-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        read,
+        Versioned {
+            value: contact.clone(),
+            version: 1
+        }
+    );
+
+    for (id, channel) in [
+        (
+            "web",
+            Channel::WebWidget {
+                widget_key: "wk-1".into(),
+                brand_color: Some("#1f93ff".into()),
+                authorized_domains: vec!["example.com".into()],
+            },
+        ),
+        (
+            "sms",
+            Channel::Sms {
+                phone_number: "+15550101".into(),
+            },
+        ),
+        (
+            "wa",
+            Channel::Whatsapp {
+                phone_number: "+15550102".into(),
+            },
+        ),
+        (
+            "mail",
+            Channel::Email {
+                address: "help@example.com".into(),
+            },
+        ),
+    ] {
+        let inbox = Inbox {
+            inbox_id: id.into(),
+            name: format!("{id} inbox"),
+            channel,
+            created_at: Timestamp(1_700_000_000_000),
+        };
+        save(
+            &store,
+            TENANT,
+            id,
+            Versioned {
+                value: inbox.clone(),
+                version: 0,
+            },
+        )
+        .await
+        .unwrap();
+        let read = load::<Inbox, _>(&store, TENANT, id).await.unwrap().unwrap();
+        assert_eq!(read.value, inbox);
+    }
+
+    let room = RoomKey::new(TENANT, "conv-1");
+    let mut conversation = Conversation::new(&room, RoomKind::Prospect, Some(&contact));
+    assert_eq!(conversation.title, "Ada Lovelace");
+    assert_eq!(
+        conversation.image_url.as_deref(),
+        Some("https://example.com/ada.png")
+    );
+    conversation.inbox_id = Some("sms".into());
+    conversation.assignee = Some("alice".into());
+    conversation.status = ConversationStatus::Queued;
+    conversation.snoozed_until = Some(Timestamp(1_800_000_000_000));
+    conversation.show_on_top = true;
+    conversation.archived = true;
+    conversation.priority = Some(Priority::Urgent);
+    conversation.labels = vec!["vip".into(), "billing".into()];
+    conversation.last_message = Some(LastMessage {
+        seq: 7,
+        message_id: "m-7".into(),
+        sender: "c-1".into(),
+        sender_type: SenderType::Contact,
+        direction: Direction::Incoming,
+        preview: "hello ✓".into(),
+        created_at: Timestamp(1_700_000_001_000),
+    });
+    conversation.contact_last_seen_at = Some(Timestamp(1_700_000_002_000));
+    conversation.agent_last_seen_at = Some(Timestamp(1_700_000_003_000));
+    conversation.waiting_since = Some(Timestamp(1_700_000_001_000));
+    conversation.rating = Some(Rating {
+        score: RatingScore::Good,
+        comment: Some("quick".into()),
+        rated_at: Timestamp(1_700_000_004_000),
+    });
+    conversation.metrics.messages.insert("contact".into(), 3);
+    conversation.metrics.notes = 1;
+    conversation.metrics.first_reply_at = Some(Timestamp(1_700_000_005_000));
+    conversation.metrics.end_reason = Some("resolved".into());
+    save(
+        &store,
+        TENANT,
+        "conv-1",
+        Versioned {
+            value: conversation.clone(),
+            version: 0,
+        },
+    )
+    .await
+    .unwrap();
+    let read = load::<Conversation, _>(&store, TENANT, "conv-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.value, conversation);
+    let pointer = ContactConversation::id("c-1", RoomKind::Prospect);
+    save(
+        &store,
+        TENANT,
+        &pointer,
+        Versioned {
+            value: ContactConversation {
+                room_id: "conv-1".into(),
+            },
+            version: 0,
+        },
+    )
+    .await
+    .unwrap();
+    let found = load::<ContactConversation, _>(&store, TENANT, &pointer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.value.room_id, "conv-1");
+    // Typed reads of another tenant find nothing.
+    assert_eq!(
+        load::<Contact, _>(&store, "other", "c-1").await.unwrap(),
+        None
+    );
+}
+
+pub async fn an_update_reads_again_after_losing_a_race<S: Store>(store: S) {
+    use crate::records::*;
+    let contact = |name: &str| Contact {
+        contact_id: "c-2".into(),
+        name: name.into(),
+        email: None,
+        phone: None,
+        avatar_url: None,
+        external_ids: Default::default(),
+        custom_attributes: Default::default(),
+        created_at: Timestamp(1),
+    };
+    save(
+        &store,
+        TENANT,
+        "c-2",
+        Versioned {
+            value: contact("first"),
+            version: 0,
+        },
+    )
+    .await
+    .unwrap();
+    let mut rounds = 0;
+    let updated = update::<Contact, _, _>(&store, TENANT, "c-2", |current| {
+        rounds += 1;
+        let mut next = current.cloned().expect("exists");
+        if rounds == 1 {
+            // Another writer gets in between this read and this write.
+            // (The cases run on a multi-threaded runtime, where this may block one worker.)
+            let write = save(
+                &store,
+                TENANT,
+                "c-2",
+                Versioned {
+                    value: contact("other writer"),
+                    version: 1,
+                },
+            );
+            tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(write))
+                .unwrap();
+        }
+        next.email = Some(format!("{}@example.com", next.name.replace(' ', ".")));
+        Ok(Some(next))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(rounds, 2);
+    assert_eq!(updated.version, 3);
+    assert_eq!(
+        updated.value.name, "other writer",
+        "built on the other writer's record"
+    );
+    assert_eq!(
+        updated.value.email.as_deref(),
+        Some("other.writer@example.com")
+    );
+    // A change that writes nothing leaves the record as it is.
+    let same = update::<Contact, _, _>(&store, TENANT, "c-2", |_| Ok(None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(same.version, 3);
+}
+
+pub async fn an_oversized_record_is_invalid_and_changes_nothing<S: Store>(store: S) {
+    let big = format!("\"{}\"", "x".repeat(crate::records::MAX_RECORD_BYTES));
+    let error = store
+        .put_record(record(TENANT, RecordKind::Contact, "big", 1, &big))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Invalid(_)), "{error:?}");
+    assert_eq!(
+        store
+            .record(&RecordKey::new(TENANT, RecordKind::Contact, "big"))
+            .await
+            .unwrap(),
+        None
+    );
 }

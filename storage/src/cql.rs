@@ -86,8 +86,8 @@ use crate::model::ScanOutcome;
 use crate::words::{contains_words, words};
 use crate::{
     split_params, Appended, Direction, Error, HistoryPage, HistoryQuery, Message, MessageType,
-    NewMessage, NewRoom, Options, ReadState, Result, Room, RoomKey, RoomKind, SearchQuery,
-    SenderType, Store, Timestamp,
+    NewMessage, NewRoom, Options, ReadState, Record, RecordKey, Result, Room, RoomKey, RoomKind,
+    SearchQuery, SenderType, Store, Timestamp,
 };
 
 /// Messages per partition: `bucket = seq / BUCKET_SIZE`. Part of the schema: changing it needs a
@@ -2388,6 +2388,7 @@ fn clone_error(error: &Error) -> Error {
         Error::Schema(s) => Error::Schema(s.clone()),
         Error::Closed => Error::Closed,
         Error::OutcomeUnknown(s) => Error::OutcomeUnknown(s.clone()),
+        Error::VersionConflict { stored } => Error::VersionConflict { stored: *stored },
     }
 }
 
@@ -2457,6 +2458,18 @@ impl Store for CqlStore {
         let user = user_id.to_owned();
         self.enqueue(room.clone(), |reply| RoomOp::ReadState(user, reply))
             .await
+    }
+
+    async fn record(&self, _key: &RecordKey) -> Result<Option<Record>> {
+        Err(Error::Schema(
+            "PLACEHOLDER: records are not implemented on CQL yet".into(),
+        ))
+    }
+
+    async fn put_record(&self, _record: Record) -> Result<Record> {
+        Err(Error::Schema(
+            "PLACEHOLDER: records are not implemented on CQL yet".into(),
+        ))
     }
 
     async fn close(&self) -> Result<()> {

@@ -46,7 +46,9 @@ pub mod conformance;
 #[cfg(feature = "scylla")]
 pub mod cql;
 pub mod metered;
+#[macro_use]
 pub mod model;
+pub mod records;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub mod timeout;
@@ -61,6 +63,7 @@ pub use model::{
     Appended, Direction, HistoryPage, HistoryQuery, Message, MessageType, NewMessage, NewRoom,
     ReadState, Room, RoomKey, RoomKind, SearchQuery, SenderType, Timestamp,
 };
+pub use records::{Record, RecordKey, RecordKind};
 pub use timeout::TimeoutStore;
 
 /// Result type of every storage operation.
@@ -103,6 +106,11 @@ pub enum Error {
     /// stored) and the other writes are idempotent.
     #[error("storage write outcome unknown: {0}")]
     OutcomeUnknown(String),
+    /// A record write named a version the record no longer has (someone else wrote it since it
+    /// was read, or it exists already / does not exist yet). Nothing was applied; `stored` is
+    /// the version there now (0: none), from which the writer reads again.
+    #[error("version conflict: the stored version is {stored}")]
+    VersionConflict { stored: u64 },
 }
 
 impl Error {
@@ -127,6 +135,7 @@ impl Error {
             Error::Schema(_) => "schema",
             Error::Closed => "closed",
             Error::OutcomeUnknown(_) => "outcome_unknown",
+            Error::VersionConflict { .. } => "version_conflict",
         }
     }
 }
@@ -216,6 +225,15 @@ pub trait Store: Send + Sync + 'static {
         room: &RoomKey,
         user_id: &str,
     ) -> impl Future<Output = Result<ReadState>> + Send;
+
+    /// Reads one record (contacts, inboxes, conversations: see [`records`]).
+    fn record(&self, key: &RecordKey) -> impl Future<Output = Result<Option<Record>>> + Send;
+
+    /// Writes `record` if the stored version is `record.version - 1` (0: no record with this
+    /// key exists), atomically; otherwise writes nothing and fails with
+    /// [`Error::VersionConflict`]. Returns the record as stored. A body over
+    /// [`records::MAX_RECORD_BYTES`] is [`Error::Invalid`].
+    fn put_record(&self, record: Record) -> impl Future<Output = Result<Record>> + Send;
 
     /// Waits until everything accepted so far is durable, then stops taking writes.
     fn close(&self) -> impl Future<Output = Result<()>> + Send;
@@ -409,6 +427,12 @@ impl Store for AnyStore {
     }
     async fn read_state(&self, room: &RoomKey, user_id: &str) -> Result<ReadState> {
         dispatch!(self, s => s.read_state(room, user_id).await)
+    }
+    async fn record(&self, key: &RecordKey) -> Result<Option<Record>> {
+        dispatch!(self, s => s.record(key).await)
+    }
+    async fn put_record(&self, record: Record) -> Result<Record> {
+        dispatch!(self, s => s.put_record(record).await)
     }
     async fn close(&self) -> Result<()> {
         dispatch!(self, s => s.close().await)

@@ -10,8 +10,8 @@ use prometheus::core::Collector;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 
 use crate::{
-    Appended, HistoryPage, HistoryQuery, Message, NewMessage, NewRoom, ReadState, Result, Room,
-    RoomKey, SearchQuery, Store,
+    Appended, HistoryPage, HistoryQuery, Message, NewMessage, NewRoom, ReadState, Record,
+    RecordKey, Result, Room, RoomKey, SearchQuery, Store,
 };
 
 /// The metrics [`MeteredStore`] records, shared by its clones.
@@ -153,6 +153,15 @@ impl<S: Store> Store for MeteredStore<S> {
 
     async fn read_state(&self, room: &RoomKey, user_id: &str) -> Result<ReadState> {
         self.timed("read_state", self.inner.read_state(room, user_id))
+            .await
+    }
+
+    async fn record(&self, key: &RecordKey) -> Result<Option<Record>> {
+        self.timed("record", self.inner.record(key)).await
+    }
+
+    async fn put_record(&self, record: Record) -> Result<Record> {
+        self.timed("put_record", self.inner.put_record(record))
             .await
     }
 

@@ -41,6 +41,28 @@ impl Timestamp {
         self.write_rfc3339(&mut out);
         out
     }
+
+    /// Parses an RFC 3339 time (any offset; kept to the millisecond).
+    pub fn parse_rfc3339(text: &str) -> Option<Timestamp> {
+        let dt = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+            .ok()?;
+        i64::try_from(dt.unix_timestamp_nanos() / 1_000_000)
+            .ok()
+            .map(Timestamp)
+    }
+
+    /// This time plus `millis` (saturating).
+    pub fn plus_millis(self, millis: i64) -> Timestamp {
+        Timestamp(self.0.saturating_add(millis))
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        Timestamp::parse_rfc3339(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not an RFC 3339 time")))
+    }
 }
 
 impl Serialize for Timestamp {

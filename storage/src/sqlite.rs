@@ -82,8 +82,8 @@ use crate::model::ScanOutcome;
 use crate::words::{contains_words, words};
 use crate::{
     Appended, Direction, Error, HistoryPage, HistoryQuery, Message, MessageType, NewMessage,
-    NewRoom, Options, ReadState, Result, Room, RoomKey, RoomKind, SearchQuery, SenderType, Store,
-    Timestamp,
+    NewRoom, Options, ReadState, Record, RecordKey, Result, Room, RoomKey, RoomKind, SearchQuery,
+    SenderType, Store, Timestamp,
 };
 
 /// How often the checkpointer copies the write-ahead log into the database.
@@ -96,7 +96,7 @@ pub const WAL_RESTART_FRAMES: i64 = 8_192;
 pub const WRITER_CACHE_KIB: i64 = 64 * 1024;
 
 /// The schema version this code writes and understands (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Default of [`SqliteConfig::queue_capacity`]: eight full batches. Writes queued beyond that
 /// would wait for more than eight commits (fsyncs) and hold their messages in memory meanwhile;
@@ -537,6 +537,19 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn record(&self, key: &RecordKey) -> Result<Option<Record>> {
+        let key = key.clone();
+        self.read(Pool::Lookup, move |conn| read_record(conn, &key))
+            .wait(self)
+            .await
+    }
+
+    async fn put_record(&self, record: Record) -> Result<Record> {
+        self.write(|reply| WriteRequest::PutRecord { record, reply })
+            .wait(self)
+            .await
+    }
+
     async fn close(&self) -> Result<()> {
         // Dropping the senders disconnects the queues: the workers finish what was queued before
         // (the writer commits it), then stop.
@@ -656,8 +669,10 @@ fn migrate(conn: &Connection) -> Result<()> {
         )));
     }
     if version < 1 {
-        conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA_V3} COMMIT;"))
-            .map_err(|e| db_error("create schema", &e))?;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA_V3} {SCHEMA_V4_RECORDS} COMMIT;"
+        ))
+        .map_err(|e| db_error("create schema", &e))?;
         tracing::info!(version = SCHEMA_VERSION, "sqlite schema created");
         return Ok(());
     }
@@ -668,6 +683,11 @@ fn migrate(conn: &Connection) -> Result<()> {
         let sql =
             format!("BEGIN IMMEDIATE; {SCHEMA_V2_ASIDE} {SCHEMA_V3} {SCHEMA_V2_TO_V3} COMMIT;");
         rebuild(conn, &sql, 3)?;
+    }
+    if version < 4 {
+        conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA_V4_RECORDS} COMMIT;"))
+            .map_err(|e| db_error("migrate schema to version 4", &e))?;
+        tracing::info!(version = 4, "sqlite schema migrated");
     }
     Ok(())
 }
@@ -892,6 +912,21 @@ CREATE TABLE read_markers (
 PRAGMA user_version = 3;
 ";
 
+/// Version 4 adds the records (contacts, inboxes, conversations: see [`crate::records`]), one
+/// JSON document per key with its version.
+const SCHEMA_V4_RECORDS: &str = "
+CREATE TABLE records (
+    tenant_id  TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    body       TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, kind, id)
+) WITHOUT ROWID;
+PRAGMA user_version = 4;
+";
+
 fn db_error(what: &str, error: &rusqlite::Error) -> Error {
     Error::NotApplied(format!("sqlite {what} failed: {error}"))
 }
@@ -927,6 +962,10 @@ enum WriteRequest {
         seq: u64,
         reply: Reply<ReadState>,
     },
+    PutRecord {
+        record: Record,
+        reply: Reply<Record>,
+    },
 }
 
 impl WriteRequest {
@@ -937,6 +976,7 @@ impl WriteRequest {
             WriteRequest::CreateRoom { reply, .. } => drop(reply.send(Err(error))),
             WriteRequest::AddParticipant { reply, .. } => drop(reply.send(Err(error))),
             WriteRequest::MarkRead { reply, .. } => drop(reply.send(Err(error))),
+            WriteRequest::PutRecord { reply, .. } => drop(reply.send(Err(error))),
         }
     }
 }
@@ -947,6 +987,7 @@ enum Applied {
     CreateRoom(Reply<(Room, bool)>, Result<(Room, bool)>),
     AddParticipant(Reply<Room>, Result<Room>),
     MarkRead(Reply<ReadState>, Result<ReadState>),
+    PutRecord(Reply<Record>, Result<Record>),
 }
 
 impl Applied {
@@ -956,6 +997,7 @@ impl Applied {
             Applied::CreateRoom(reply, result) => drop(reply.send(result)),
             Applied::AddParticipant(reply, result) => drop(reply.send(result)),
             Applied::MarkRead(reply, result) => drop(reply.send(result)),
+            Applied::PutRecord(reply, result) => drop(reply.send(result)),
         }
     }
 
@@ -965,6 +1007,7 @@ impl Applied {
             Applied::CreateRoom(reply, _) => drop(reply.send(Err(error))),
             Applied::AddParticipant(reply, _) => drop(reply.send(Err(error))),
             Applied::MarkRead(reply, _) => drop(reply.send(Err(error))),
+            Applied::PutRecord(reply, _) => drop(reply.send(Err(error))),
         }
     }
 }
@@ -1191,7 +1234,58 @@ fn apply(
             let (result, failure) = split(mark_read(tx, cache, overlay, &room, &user_id, seq));
             (Applied::MarkRead(reply, result), failure)
         }
+        WriteRequest::PutRecord { record, reply } => {
+            let (result, failure) = split(put_record(tx, record));
+            (Applied::PutRecord(reply, result), failure)
+        }
     }
+}
+
+const RECORD_SQL: &str =
+    "SELECT version, body, updated_at FROM records WHERE tenant_id = ?1 AND kind = ?2 AND id = ?3";
+
+fn read_record(conn: &Connection, key: &RecordKey) -> rusqlite::Result<Option<Record>> {
+    conn.prepare_cached(RECORD_SQL)?
+        .query_row(params![key.tenant_id, key.kind.as_str(), key.id], |row| {
+            Ok(Record {
+                key: key.clone(),
+                version: to_u64(row.get(0)?),
+                body: row.get(1)?,
+                updated_at: Timestamp(row.get(2)?),
+            })
+        })
+        .optional()
+}
+
+/// Compare-and-set inside the batch's transaction: earlier writes of the batch are visible.
+fn put_record(tx: &Connection, record: Record) -> rusqlite::Result<Result<Record>> {
+    if record.body.len() > crate::records::MAX_RECORD_BYTES {
+        return Ok(Err(Error::Invalid(format!(
+            "record body of {} bytes is over the limit of {}",
+            record.body.len(),
+            crate::records::MAX_RECORD_BYTES
+        ))));
+    }
+    let stored = read_record(tx, &record.key)?.map_or(0, |r| r.version);
+    if record.version == 0 || stored != record.version - 1 {
+        return Ok(Err(Error::VersionConflict { stored }));
+    }
+    let key = &record.key;
+    tx.prepare_cached(
+        "INSERT INTO records (tenant_id, kind, id, version, body, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (tenant_id, kind, id) DO UPDATE
+         SET version = excluded.version, body = excluded.body, updated_at = excluded.updated_at",
+    )?
+    .execute(params![
+        key.tenant_id,
+        key.kind.as_str(),
+        key.id,
+        to_i64(record.version),
+        record.body,
+        record.updated_at.0
+    ])?;
+    Ok(Ok(record))
 }
 
 /// The room's state as this batch sees it, or `None` when the room does not exist.
@@ -2383,7 +2477,7 @@ mod tests {
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(version, i64::from(SCHEMA_VERSION));
         let notes: Vec<(i64, i64)> = conn
             .prepare(
                 "SELECT seq, notes_upto FROM messages

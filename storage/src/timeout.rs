@@ -11,8 +11,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::{
-    Appended, Error, HistoryPage, HistoryQuery, Message, NewMessage, NewRoom, ReadState, Result,
-    Room, RoomKey, SearchQuery, Store,
+    Appended, Error, HistoryPage, HistoryQuery, Message, NewMessage, NewRoom, ReadState, Record,
+    RecordKey, Result, Room, RoomKey, SearchQuery, Store,
 };
 
 /// Wraps a store so that every call but `close` fails once `limit` has passed.
@@ -114,6 +114,15 @@ impl<S: Store> Store for TimeoutStore<S> {
             .await
     }
 
+    async fn record(&self, key: &RecordKey) -> Result<Option<Record>> {
+        self.read("record", self.inner.record(key)).await
+    }
+
+    async fn put_record(&self, record: Record) -> Result<Record> {
+        self.write("put_record", self.inner.put_record(record))
+            .await
+    }
+
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }
@@ -152,6 +161,12 @@ mod tests {
             std::future::pending().await
         }
         async fn read_state(&self, _: &RoomKey, _: &str) -> Result<ReadState> {
+            std::future::pending().await
+        }
+        async fn record(&self, _: &RecordKey) -> Result<Option<Record>> {
+            std::future::pending().await
+        }
+        async fn put_record(&self, _: Record) -> Result<Record> {
             std::future::pending().await
         }
         async fn close(&self) -> Result<()> {

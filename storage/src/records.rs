@@ -1,0 +1,402 @@
+//! The inbox domain's records — contacts, inboxes with their channel, conversations — kept as
+//! versioned JSON documents.
+//!
+//! A backend stores any record through two primitives of [`Store`]: [`Store::record`] reads one
+//! and [`Store::put_record`] writes one if nobody wrote it since it was read (compare-and-set on
+//! [`Record::version`]). Everything typed lives here, once for every backend: [`Versioned`]
+//! wraps a record's body with its version, and [`load`] / [`save`] / [`update`] move typed
+//! records through the primitives. Management writes are rare next to messages, so one
+//! document per record (read, change, write back) is the simple shape that fits both the
+//! embedded engine and a wide-column store; nothing here runs per chat message of a team
+//! room.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{RoomKind, SenderType, Timestamp};
+use crate::{Direction, Error, Result, RoomKey, Store};
+
+string_enum!(
+/// What a record is; part of its key. `contact_conversation`: the conversation of a
+/// contact and kind (`<contact_id>/<kind>` → its room id), how a second prospect
+/// conversation for the same contact finds the first.
+RecordKind {
+    Contact => "contact",
+    Inbox => "inbox",
+    Conversation => "conversation",
+    ContactConversation => "contact_conversation",
+});
+
+/// Where a record is stored: records of one tenant never meet another tenant's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RecordKey {
+    pub tenant_id: String,
+    pub kind: RecordKind,
+    pub id: String,
+}
+
+impl RecordKey {
+    pub fn new(tenant_id: &str, kind: RecordKind, id: &str) -> Self {
+        RecordKey {
+            tenant_id: tenant_id.to_owned(),
+            kind,
+            id: id.to_owned(),
+        }
+    }
+}
+
+/// A stored record: its body is a JSON document the typed layer (de)serializes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub key: RecordKey,
+    /// 1 for the first write, one more for each later one. [`Store::put_record`] writes a record
+    /// only over the version before it (`version - 1`; 0: the record must not exist yet).
+    pub version: u64,
+    /// The document, serialized JSON.
+    pub body: String,
+    pub updated_at: Timestamp,
+}
+
+/// Largest record body a backend takes, in bytes.
+pub const MAX_RECORD_BYTES: usize = 256 * 1024;
+
+/// A typed record body.
+pub trait RecordBody: Serialize + DeserializeOwned {
+    const KIND: RecordKind;
+}
+
+/// A typed record with the version it was read at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned<T> {
+    pub value: T,
+    /// The stored version (0: not stored yet).
+    pub version: u64,
+}
+
+/// Reads a typed record.
+pub async fn load<T: RecordBody, S: Store>(
+    store: &S,
+    tenant_id: &str,
+    id: &str,
+) -> Result<Option<Versioned<T>>> {
+    let key = RecordKey::new(tenant_id, T::KIND, id);
+    let Some(record) = store.record(&key).await? else {
+        return Ok(None);
+    };
+    let value = serde_json::from_str(&record.body).map_err(|e| {
+        Error::Schema(format!(
+            "stored {} {id:?} is not readable: {e}",
+            T::KIND.as_str()
+        ))
+    })?;
+    Ok(Some(Versioned {
+        value,
+        version: record.version,
+    }))
+}
+
+/// Writes a typed record over the version it was read at (0: a new record); returns it with
+/// its new version, or [`Error::VersionConflict`] when someone else wrote it since.
+pub async fn save<T: RecordBody, S: Store>(
+    store: &S,
+    tenant_id: &str,
+    id: &str,
+    record: Versioned<T>,
+) -> Result<Versioned<T>> {
+    let body = serde_json::to_string(&record.value)
+        .map_err(|e| Error::Invalid(format!("{} is not serializable: {e}", T::KIND.as_str())))?;
+    let stored = store
+        .put_record(Record {
+            key: RecordKey::new(tenant_id, T::KIND, id),
+            version: record.version + 1,
+            body,
+            updated_at: Timestamp::now(),
+        })
+        .await?;
+    Ok(Versioned {
+        value: record.value,
+        version: stored.version,
+    })
+}
+
+/// Most read-change-write rounds [`update`] tries before it gives up on a record others keep
+/// writing.
+pub const MAX_UPDATE_ROUNDS: usize = 8;
+
+/// Reads a record, applies `change` and writes it back, again from a fresh read when another
+/// writer got there first. `change` sees `None` for a record that does not exist; it returns
+/// the record to write, or `None` to write nothing (the result is then the record as read).
+pub async fn update<T, S, F>(
+    store: &S,
+    tenant_id: &str,
+    id: &str,
+    mut change: F,
+) -> Result<Option<Versioned<T>>>
+where
+    T: RecordBody + Clone,
+    S: Store,
+    F: FnMut(Option<&T>) -> Result<Option<T>>,
+{
+    for _ in 0..MAX_UPDATE_ROUNDS {
+        let current = load::<T, S>(store, tenant_id, id).await?;
+        let version = current.as_ref().map_or(0, |c| c.version);
+        let Some(next) = change(current.as_ref().map(|c| &c.value))? else {
+            return Ok(current);
+        };
+        match save(
+            store,
+            tenant_id,
+            id,
+            Versioned {
+                value: next,
+                version,
+            },
+        )
+        .await
+        {
+            Ok(saved) => return Ok(Some(saved)),
+            Err(Error::VersionConflict { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::NotApplied(format!(
+        "{} {id:?} changed under every one of {MAX_UPDATE_ROUNDS} attempts",
+        T::KIND.as_str()
+    )))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Contacts
+
+/// A customer or prospect the team talks to (over the web widget, SMS, email, …).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Contact {
+    pub contact_id: String,
+    pub name: String,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub phone: Option<String>,
+    #[serde(default)]
+    pub avatar_url: Option<String>,
+    /// Ids of the contact in other systems (`{"crm": "42"}`).
+    #[serde(default)]
+    pub external_ids: BTreeMap<String, String>,
+    #[serde(default)]
+    pub custom_attributes: serde_json::Map<String, serde_json::Value>,
+    pub created_at: Timestamp,
+}
+
+impl RecordBody for Contact {
+    const KIND: RecordKind = RecordKind::Contact;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inboxes
+
+/// How an inbox reaches its contacts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Channel {
+    WebWidget {
+        widget_key: String,
+        #[serde(default)]
+        brand_color: Option<String>,
+        /// Origins the widget may be embedded on.
+        #[serde(default)]
+        authorized_domains: Vec<String>,
+    },
+    Sms {
+        /// The Twilio number messages are sent from.
+        phone_number: String,
+    },
+    Whatsapp {
+        phone_number: String,
+    },
+    Email {
+        address: String,
+    },
+}
+
+/// A team inbox: where conversations of one channel arrive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Inbox {
+    pub inbox_id: String,
+    pub name: String,
+    pub channel: Channel,
+    pub created_at: Timestamp,
+}
+
+impl RecordBody for Inbox {
+    const KIND: RecordKind = RecordKind::Inbox;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversations
+
+string_enum!(
+/// Where a conversation is in its life cycle.
+ConversationStatus {
+    New => "new",
+    Active => "active",
+    Ai => "ai",
+    Queued => "queued",
+    Agent => "agent",
+    Escalated => "escalated",
+    Ended => "ended",
+    Closed => "closed",
+});
+
+string_enum!(
+Priority {
+    Low => "low",
+    Medium => "medium",
+    High => "high",
+    Urgent => "urgent",
+});
+
+string_enum!(
+RatingScore {
+    Good => "good",
+    Bad => "bad",
+});
+
+/// The latest message of a conversation, as an inbox list shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastMessage {
+    pub seq: u64,
+    pub message_id: String,
+    pub sender: String,
+    pub sender_type: SenderType,
+    pub direction: Direction,
+    /// The first characters of the text.
+    pub preview: String,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rating {
+    pub score: RatingScore,
+    #[serde(default)]
+    pub comment: Option<String>,
+    pub rated_at: Timestamp,
+}
+
+/// Counters and milestones of a conversation (its metrics).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConversationMetrics {
+    /// Messages by sender type (`customer`, `agent`, …), notes not included.
+    #[serde(default)]
+    pub messages: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub notes: u64,
+    #[serde(default)]
+    pub queued_at: Option<Timestamp>,
+    #[serde(default)]
+    pub agent_joined_at: Option<Timestamp>,
+    #[serde(default)]
+    pub first_reply_at: Option<Timestamp>,
+    #[serde(default)]
+    pub ended_at: Option<Timestamp>,
+    #[serde(default)]
+    pub end_reason: Option<String>,
+}
+
+/// A conversation's inbox state; the conversation's messages and participants are its room's
+/// (same tenant and id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    pub room_id: String,
+    /// `support` or `prospect`.
+    pub kind: RoomKind,
+    #[serde(default)]
+    pub contact_id: Option<String>,
+    #[serde(default)]
+    pub inbox_id: Option<String>,
+    pub title: String,
+    #[serde(default)]
+    pub image_url: Option<String>,
+    #[serde(default)]
+    pub assignee: Option<String>,
+    pub status: ConversationStatus,
+    pub is_open: bool,
+    #[serde(default)]
+    pub snoozed_until: Option<Timestamp>,
+    #[serde(default)]
+    pub show_on_top: bool,
+    #[serde(default)]
+    pub archived: bool,
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    pub last_activity_at: Timestamp,
+    #[serde(default)]
+    pub last_message: Option<LastMessage>,
+    #[serde(default)]
+    pub contact_last_seen_at: Option<Timestamp>,
+    #[serde(default)]
+    pub agent_last_seen_at: Option<Timestamp>,
+    /// Since when the contact has been waiting for an answer (unset once the team replied).
+    #[serde(default)]
+    pub waiting_since: Option<Timestamp>,
+    #[serde(default)]
+    pub rating: Option<Rating>,
+    #[serde(default)]
+    pub metrics: ConversationMetrics,
+    pub created_at: Timestamp,
+}
+
+impl RecordBody for Conversation {
+    const KIND: RecordKind = RecordKind::Conversation;
+}
+
+impl Conversation {
+    /// A new open conversation in `room`, titled and pictured after its contact when it has one.
+    pub fn new(room: &RoomKey, kind: RoomKind, contact: Option<&Contact>) -> Conversation {
+        let now = Timestamp::now();
+        Conversation {
+            room_id: room.room_id.clone(),
+            kind,
+            contact_id: contact.map(|c| c.contact_id.clone()),
+            inbox_id: None,
+            title: contact.map_or_else(|| room.room_id.clone(), |c| c.name.clone()),
+            image_url: contact.and_then(|c| c.avatar_url.clone()),
+            assignee: None,
+            status: ConversationStatus::New,
+            is_open: true,
+            snoozed_until: None,
+            show_on_top: false,
+            archived: false,
+            priority: None,
+            labels: Vec::new(),
+            last_activity_at: now,
+            last_message: None,
+            contact_last_seen_at: None,
+            agent_last_seen_at: None,
+            waiting_since: None,
+            rating: None,
+            metrics: ConversationMetrics::default(),
+            created_at: now,
+        }
+    }
+}
+
+/// The pointer from a contact to its conversation of one kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContactConversation {
+    pub room_id: String,
+}
+
+impl RecordBody for ContactConversation {
+    const KIND: RecordKind = RecordKind::ContactConversation;
+}
+
+impl ContactConversation {
+    /// The record id of `contact_id`'s conversation of `kind`.
+    pub fn id(contact_id: &str, kind: RoomKind) -> String {
+        format!("{contact_id}/{}", kind.as_str())
+    }
+}
