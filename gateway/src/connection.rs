@@ -467,6 +467,20 @@ impl Session {
             Command::ReadReceipt(receipt) => RoomAction::ReadReceipt(receipt),
             Command::Historic(historic) => RoomAction::Historic(historic),
             Command::Note(note) => RoomAction::Note(note),
+            Command::ConversationGet(get) => RoomAction::ConversationGet(get),
+            Command::ConversationUpdate(update) => RoomAction::ConversationUpdate(update),
+            Command::SubscribeInbox(subscribe) => {
+                let frame = subscribe
+                    .apply(&self.shared, &self.conn, reference_owned.as_deref())
+                    .map_err(|error| self.error(code.response(), room_id, reference, &error));
+                if let Ok(frame) = frame {
+                    self.shared
+                        .metrics
+                        .frames_out(OutCode::Response(Code::SubscribeInbox), 1);
+                    self.conn.outbox.push(frame, FrameClass::Durable);
+                }
+                return None;
+            }
         };
         let room_id = room_owned
             .clone()
@@ -506,6 +520,9 @@ impl Session {
         // Take the user's rooms before the shards forget this connection's memberships (each
         // `Disconnect` also drops the room from the user's presence entry), or a shard thread
         // that runs first leaves nobody to tell that the user went offline.
+        self.shared
+            .inbox
+            .unsubscribe(&self.conn.claims.tenant, self.conn.id);
         let offline_rooms = self
             .shared
             .presence

@@ -4,14 +4,17 @@
 //! # Layout
 //!
 //! - [`codec`]: envelope parsing and frame encoding; no I/O.
-//! - [`cmd`]: one module per protocol code, each validating its `data`.
+//! - [`cmd`]: one module per protocol code: its parsing, access rule and effect.
 //! - [`connection`]: one WebSocket in one task: frames in, batched writes out, limits.
 //! - [`outbox`]: a connection's bounded outbound queue and the slow-consumer policy.
 //! - [`liveness`]: each shard's connections and its heartbeat, expiry and shutdown sweep.
 //! - [`shard`]: room shards, each a thread that owns its rooms outright.
-//! - [`presence`]: who is online, across rooms.
+//! - [`presence`]: who is online, across rooms, and how to reach a user's connections.
+//! - [`inbox`]: conversations as the team's inbox sees them: subscriptions, views, changes
+//!   and the activity messages cause.
 //! - [`auth`]: JWT verification, claims, access rules, token minting.
 //! - [`server`]: the HTTP front, start-up and graceful shutdown.
+//! - [`api`]: the HTTP API's inbox resources (contacts, inboxes, conversations).
 //! - [`metrics`], [`config`].
 //!
 //! # Example
@@ -28,11 +31,13 @@
 //! # Ok(()) }
 //! ```
 
+pub mod api;
 pub mod auth;
 pub mod cmd;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod inbox;
 pub mod limits;
 pub mod liveness;
 pub mod mailbox;

@@ -23,6 +23,8 @@ pub enum OutCode {
     Error,
     /// `notification_response`: pushed to a user, not a reply to a request.
     Notification,
+    /// `conversation_response`: a conversation changed (to its members and the inbox).
+    Conversation,
 }
 
 impl OutCode {
@@ -32,6 +34,7 @@ impl OutCode {
             OutCode::Connected => Code::ALL.len(),
             OutCode::Error => Code::ALL.len() + 1,
             OutCode::Notification => Code::ALL.len() + 2,
+            OutCode::Conversation => Code::ALL.len() + 3,
         }
     }
 }
@@ -189,8 +192,12 @@ impl Metrics {
             .collect();
         frames_out.push(frames_out_vec.with_label_values(&["connected"]));
         frames_out.push(frames_out_vec.with_label_values(&["error"]));
-        frames_out
-            .push(frames_out_vec.with_label_values(&[crate::cmd::note::NOTIFICATION_RESPONSE]));
+        for pushed in [
+            crate::cmd::note::NOTIFICATION_RESPONSE,
+            crate::inbox::CONVERSATION_RESPONSE,
+        ] {
+            frames_out.push(frames_out_vec.with_label_values(&[pushed]));
+        }
         for reason in ["unauthorized", "forbidden_origin", "bad_request", "timeout"] {
             handshake_rejects.with_label_values(&[reason]);
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -20,7 +20,7 @@ use storage::{AnyStore, MeteredStore, NewRoom, RoomKind, Store, TimeoutStore, Ti
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Notify};
 
-use crate::auth::{token_from_request, Claims, Role, Verifier};
+use crate::auth::{token_from_request, Claims, Verifier};
 use crate::config::Config;
 use crate::connection::{self, Mode};
 use crate::limits::TenantRoomCreations;
@@ -29,9 +29,6 @@ use crate::metrics::Metrics;
 use crate::outbox::OutboxMetrics;
 use crate::presence::PresenceRegistry;
 use crate::shard::{self, ConnId, ShardCommand, ShardHandle};
-
-/// Largest accepted HTTP API request body.
-const MAX_API_BODY: usize = 64 * 1024;
 
 /// State shared by the accept loop, the shards and every connection.
 /// Most presence broadcasts in flight across the process.
@@ -46,6 +43,8 @@ pub struct Shared {
     /// The counters every connection's outbox shares.
     pub outbox_metrics: Arc<OutboxMetrics>,
     pub presence: PresenceRegistry,
+    /// Connections following their tenant's inbox.
+    pub inbox: crate::inbox::InboxSubscribers,
     /// How fast each tenant's joins may create rooms.
     pub room_creations: TenantRoomCreations,
     /// Permits for presence broadcasts (each a task collecting members from the shards): at
@@ -201,6 +200,7 @@ impl Gateway {
             metrics,
             outbox_metrics,
             presence: PresenceRegistry::default(),
+            inbox: Default::default(),
             room_creations,
             presence_tasks: Arc::new(tokio::sync::Semaphore::new(PRESENCE_TASKS)),
             shards,
@@ -366,9 +366,9 @@ async fn serve_http(shared: Arc<Shared>, stream: tokio::net::TcpStream, shard_in
     }
 }
 
-type Body = Full<Bytes>;
+pub(crate) type Body = Full<Bytes>;
 
-fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body> {
+pub(crate) fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body> {
     let bytes = serde_json::to_vec(body).expect("serializing a response cannot fail");
     let mut response = Response::new(Full::new(Bytes::from(bytes)));
     *response.status_mut() = status;
@@ -384,7 +384,11 @@ struct ApiError<'a> {
     message: String,
 }
 
-fn api_error(status: StatusCode, error: &str, message: impl Into<String>) -> Response<Body> {
+pub(crate) fn api_error(
+    status: StatusCode,
+    error: &str,
+    message: impl Into<String>,
+) -> Response<Body> {
     json_response(
         status,
         &ApiError {
@@ -423,7 +427,14 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>, shard_index: usize) 
             response
         }
         (&Method::POST, "/api/rooms") => create_room(shared, req).await,
-        (_, "/ws" | "/healthz" | "/readyz" | "/metrics" | "/api/rooms") => api_error(
+        (&Method::POST, "/api/contacts") => crate::api::put_contact(shared, req).await,
+        (&Method::POST, "/api/inboxes") => crate::api::put_inbox(shared, req).await,
+        (&Method::POST, "/api/conversations") => crate::api::open_conversation(shared, req).await,
+        (
+            _,
+            "/ws" | "/healthz" | "/readyz" | "/metrics" | "/api/rooms" | "/api/contacts"
+            | "/api/inboxes" | "/api/conversations",
+        ) => api_error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "method not allowed",
@@ -433,7 +444,10 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>, shard_index: usize) 
 }
 
 /// Verifies the request's token; on failure the `401` response to send.
-fn authenticate(shared: &Shared, req: &Request<Incoming>) -> Result<Claims, Box<Response<Body>>> {
+pub(crate) fn authenticate(
+    shared: &Shared,
+    req: &Request<Incoming>,
+) -> Result<Claims, Box<Response<Body>>> {
     let reject = |message: String| {
         shared
             .metrics
@@ -566,37 +580,11 @@ struct RoomBody<'a> {
 
 /// `POST /api/rooms`: creates a room or conversation of the caller's tenant (team roles only).
 async fn create_room(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
-    let claims = match authenticate(&shared, &req) {
-        Ok(claims) => claims,
-        Err(response) => return *response,
-    };
-    if !matches!(claims.role, Role::Admin | Role::Agent | Role::Service) {
-        return api_error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "only admin, agent or service tokens may create rooms",
-        );
-    }
-    let body = match Limited::new(req.into_body(), MAX_API_BODY).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(_) => {
-            return api_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                "body larger than 64 KiB",
-            )
-        }
-    };
-    let body: CreateRoomBody = match serde_json::from_slice(&body) {
-        Ok(body) => body,
-        Err(e) => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("invalid body: {e}"),
-            )
-        }
-    };
+    let (claims, body) =
+        match crate::api::team_request::<CreateRoomBody>(&shared, req, "rooms").await {
+            Ok(request) => request,
+            Err(response) => return response,
+        };
     let Some(kind) = RoomKind::parse(&body.kind) else {
         return api_error(
             StatusCode::BAD_REQUEST,

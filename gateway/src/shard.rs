@@ -111,6 +111,9 @@ pub enum ShardCommand {
     Drain(oneshot::Sender<()>),
     /// Finish in-flight commits, then stop.
     Shutdown,
+    /// Work from outside the shard's thread (an HTTP request, say) that must run where the
+    /// room lives: it changes the room's state or reaches its members.
+    Run(Box<dyn FnOnce(&mut Shard) + Send>),
 }
 
 /// Completions of work the shard handed to helper tasks.
@@ -137,6 +140,8 @@ pub(crate) enum ShardEvent {
         /// The message is a note: customers must not learn of it.
         team_only: bool,
     },
+    /// A helper task's result, applied on the shard's thread (a code's continuation).
+    Continue(Box<dyn FnOnce(&mut Shard) + Send>),
 }
 
 /// The handle other threads use to reach a shard.
@@ -268,6 +273,10 @@ pub(crate) struct RoomState {
     /// Chats that arrived while renumbering, in arrival order, not numbered yet. Bounded with
     /// the shard's appends (see [`Shard::held_appends`]).
     pub(crate) held: VecDeque<AppendContext>,
+    /// A conversation's activity from messages stored since its last save, and whether a save
+    /// is in flight (one at a time per room; see [`crate::inbox::ActivityDelta`]).
+    pub(crate) activity: crate::inbox::ActivityDelta,
+    pub(crate) saving_activity: bool,
 }
 
 // Most rooms are `Ready`, and every request reads one: boxing it would add a pointer chase
@@ -297,7 +306,8 @@ type AppendFuture = std::pin::Pin<
     Box<dyn std::future::Future<Output = (AppendContext, storage::Result<Appended>)> + Send>,
 >;
 
-pub(crate) struct Shard {
+/// One shard's state, owned by its thread (see the module doc).
+pub struct Shard {
     pub(crate) index: usize,
     pub(crate) shared: Arc<Shared>,
     pub(crate) rooms: HashMap<RoomKey, Slot>,
@@ -550,6 +560,7 @@ impl Shard {
                 self.answer_drains();
             }
             ShardCommand::Shutdown => {}
+            ShardCommand::Run(work) => work(self),
         }
     }
 
@@ -661,6 +672,7 @@ impl Shard {
                 broadcast,
                 team_only,
             } => self.receipt_stored(room_id, conn, broadcast, team_only),
+            ShardEvent::Continue(then) => then(self),
         }
     }
 
@@ -712,6 +724,8 @@ impl Shard {
                 sending: 0,
                 renumbering: false,
                 held: VecDeque::new(),
+                activity: Default::default(),
+                saving_activity: false,
                 room,
             }),
         ) {

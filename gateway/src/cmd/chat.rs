@@ -269,8 +269,11 @@ impl Shard {
         metrics
             .fanout_latency
             .observe(received.elapsed().as_secs_f64());
-        if announce && !appended.message.mentions.is_empty() {
-            self.notify_mentions(&room_id, &appended.message);
+        if announce {
+            if !appended.message.mentions.is_empty() {
+                self.notify_mentions(&room_id, &appended.message);
+            }
+            self.conversation_activity(&room_id, &appended.message);
         }
         self.maybe_unload(&room_id);
     }

@@ -6,12 +6,15 @@
 //! room requests.
 
 pub mod chat;
+pub mod conversation_get;
+pub mod conversation_update;
 pub mod historic;
 pub mod join;
 pub mod leave;
 pub mod note;
 pub mod presence;
 pub mod read_receipt;
+pub mod subscribe_inbox;
 pub mod typing;
 
 use std::time::Instant;
@@ -35,11 +38,14 @@ pub enum Code {
     Historic,
     Ping,
     Note,
+    ConversationGet,
+    ConversationUpdate,
+    SubscribeInbox,
 }
 
 impl Code {
     /// Every code, for metric label pre-registration.
-    pub const ALL: [Code; 9] = [
+    pub const ALL: [Code; 12] = [
         Code::Join,
         Code::Leave,
         Code::Chat,
@@ -49,6 +55,9 @@ impl Code {
         Code::Historic,
         Code::Ping,
         Code::Note,
+        Code::ConversationGet,
+        Code::ConversationUpdate,
+        Code::SubscribeInbox,
     ];
 
     pub fn parse(code: &str) -> Option<Code> {
@@ -62,6 +71,9 @@ impl Code {
             "historic" => Code::Historic,
             "ping" => Code::Ping,
             "note" => Code::Note,
+            "conversation_get" => Code::ConversationGet,
+            "conversation_update" => Code::ConversationUpdate,
+            "subscribe_inbox" => Code::SubscribeInbox,
             _ => return None,
         })
     }
@@ -77,6 +89,9 @@ impl Code {
             Code::Historic => "historic",
             Code::Ping => "ping",
             Code::Note => "note",
+            Code::ConversationGet => "conversation_get",
+            Code::ConversationUpdate => "conversation_update",
+            Code::SubscribeInbox => "subscribe_inbox",
         }
     }
 
@@ -92,12 +107,15 @@ impl Code {
             Code::Historic => "historic_response",
             Code::Ping => "ping_response",
             Code::Note => "note_response",
+            Code::ConversationGet => "conversation_get_response",
+            Code::ConversationUpdate => "conversation_update_response",
+            Code::SubscribeInbox => "subscribe_inbox_response",
         }
     }
 
     /// Whether the envelope must carry a `room_id`.
     pub fn needs_room(self) -> bool {
-        !matches!(self, Code::Presence | Code::Ping)
+        !matches!(self, Code::Presence | Code::Ping | Code::SubscribeInbox)
     }
 
     /// Position in [`Code::ALL`].
@@ -118,6 +136,9 @@ pub enum Command {
     Historic(historic::Historic),
     Ping,
     Note(note::Note),
+    ConversationGet(conversation_get::ConversationGet),
+    ConversationUpdate(conversation_update::ConversationUpdate),
+    SubscribeInbox(subscribe_inbox::SubscribeInbox),
 }
 
 impl Command {
@@ -138,6 +159,15 @@ impl Command {
             Code::Presence => Command::Presence(presence::Presence::parse(data, user_id)?),
             Code::Historic => Command::Historic(historic::Historic::parse(data)?),
             Code::Note => Command::Note(note::Note::parse(data, user_id)?),
+            Code::ConversationGet => {
+                Command::ConversationGet(conversation_get::ConversationGet::parse(data)?)
+            }
+            Code::ConversationUpdate => {
+                Command::ConversationUpdate(conversation_update::ConversationUpdate::parse(data)?)
+            }
+            Code::SubscribeInbox => {
+                Command::SubscribeInbox(subscribe_inbox::SubscribeInbox::parse(data)?)
+            }
             Code::Ping => {
                 parse_data::<serde::de::IgnoredAny>(data)?;
                 Command::Ping
@@ -194,6 +224,8 @@ pub enum RoomAction {
     ReadReceipt(read_receipt::ReadReceipt),
     Historic(historic::Historic),
     Note(note::Note),
+    ConversationGet(conversation_get::ConversationGet),
+    ConversationUpdate(conversation_update::ConversationUpdate),
 }
 
 impl RoomAction {
@@ -206,6 +238,8 @@ impl RoomAction {
             RoomAction::ReadReceipt(_) => Code::ReadReceipt,
             RoomAction::Historic(_) => Code::Historic,
             RoomAction::Note(_) => Code::Note,
+            RoomAction::ConversationGet(_) => Code::ConversationGet,
+            RoomAction::ConversationUpdate(_) => Code::ConversationUpdate,
         }
     }
 
@@ -225,7 +259,13 @@ impl RoomAction {
     /// Whether the request may load a room that is not in memory; any other request for such
     /// a room is answered without reading the store.
     pub fn loads_room(&self) -> bool {
-        matches!(self, RoomAction::Join(_) | RoomAction::Historic(_))
+        matches!(
+            self,
+            RoomAction::Join(_)
+                | RoomAction::Historic(_)
+                | RoomAction::ConversationGet(_)
+                | RoomAction::ConversationUpdate(_)
+        )
     }
 
     /// Runs the code's handler on a loaded room the caller passed the shared access rule for.
@@ -238,6 +278,8 @@ impl RoomAction {
             RoomAction::ReadReceipt(receipt) => shard.read_receipt(call, receipt),
             RoomAction::Historic(historic) => shard.historic(call, historic),
             RoomAction::Note(note) => shard.note(call, note),
+            RoomAction::ConversationGet(get) => shard.conversation_get(call, get),
+            RoomAction::ConversationUpdate(update) => shard.conversation_update(call, update),
         }
     }
 }

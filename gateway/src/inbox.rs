@@ -1,0 +1,646 @@
+//! The inbox side of conversations: who follows a tenant's inbox live (`subscribe_inbox`), how a
+//! conversation is shown to the team and to its customer, how its management changes are
+//! applied, and how the messages of a conversation move its activity (last message, waiting
+//! time, first reply, counters). The records themselves are the store's
+//! ([`storage::records`]); the room's shard applies changes and fans the events out.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use storage::records::{
+    self, Conversation, ConversationStatus, LastMessage, Priority, Rating, Versioned,
+};
+use storage::{Direction, Message, RoomKey, RoomKind, Store, Timestamp};
+
+use crate::codec::{FrameBuilder, ProtocolError};
+use crate::metrics::OutCode;
+use crate::outbox::FrameClass;
+use crate::shard::{ConnId, ConnRef, Route, Shard, ShardEvent, Slot};
+
+const STRIPES: usize = 16;
+/// Characters of a message a conversation's preview keeps.
+pub const PREVIEW_CHARS: usize = 140;
+/// Bounds of what `conversation_update` may set.
+pub const MAX_LABELS: usize = 32;
+pub const MAX_LABEL_BYTES: usize = 64;
+pub const MAX_TITLE_BYTES: usize = 256;
+pub const MAX_ADDED_PARTICIPANTS: usize = 50;
+pub const MAX_USER_ID_BYTES: usize = 256;
+
+/// The connections following each tenant's inbox (agents and admins that sent
+/// `subscribe_inbox`). Striped by tenant; touched when a conversation changes, never per chat
+/// of a team room.
+pub struct InboxSubscribers {
+    stripes: Vec<Mutex<HashMap<String, Vec<ConnRef>>>>,
+}
+
+impl Default for InboxSubscribers {
+    fn default() -> Self {
+        InboxSubscribers {
+            stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+impl InboxSubscribers {
+    fn stripe(&self, tenant: &str) -> &Mutex<HashMap<String, Vec<ConnRef>>> {
+        let mut h = DefaultHasher::new();
+        tenant.hash(&mut h);
+        &self.stripes[h.finish() as usize % STRIPES]
+    }
+
+    /// Subscribes the connection to its tenant's inbox; false when it already was.
+    pub fn subscribe(&self, conn: &ConnRef) -> bool {
+        let mut map = self
+            .stripe(&conn.claims.tenant)
+            .lock()
+            .expect("inbox lock poisoned");
+        let list = map.entry(conn.claims.tenant.clone()).or_default();
+        if list.iter().any(|c| c.id == conn.id) {
+            return false;
+        }
+        list.push(conn.clone());
+        true
+    }
+
+    /// Ends the connection's subscription, if it had one.
+    pub fn unsubscribe(&self, tenant: &str, conn: ConnId) -> bool {
+        let mut map = self.stripe(tenant).lock().expect("inbox lock poisoned");
+        let Some(list) = map.get_mut(tenant) else {
+            return false;
+        };
+        let before = list.len();
+        list.retain(|c| c.id != conn);
+        let removed = list.len() != before;
+        if list.is_empty() {
+            map.remove(tenant);
+        }
+        removed
+    }
+
+    /// The tenant's subscribed connections.
+    pub fn of(&self, tenant: &str) -> Vec<ConnRef> {
+        self.stripe(tenant)
+            .lock()
+            .expect("inbox lock poisoned")
+            .get(tenant)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// What the team sees of a conversation: everything, with its participants.
+#[derive(Serialize)]
+pub struct AgentView<'a> {
+    #[serde(flatten)]
+    pub conversation: &'a Conversation,
+    pub participants: &'a [String],
+}
+
+/// What the conversation's customer sees of it: no assignee, labels, priority, internal
+/// milestones or counters.
+#[derive(Serialize)]
+pub struct CustomerView<'a> {
+    pub room_id: &'a str,
+    pub kind: RoomKind,
+    pub title: &'a str,
+    pub image_url: Option<&'a str>,
+    pub status: ConversationStatus,
+    pub is_open: bool,
+    pub last_activity_at: Timestamp,
+    pub rating: Option<&'a Rating>,
+}
+
+impl<'a> CustomerView<'a> {
+    pub fn of(conversation: &'a Conversation) -> Self {
+        CustomerView {
+            room_id: &conversation.room_id,
+            kind: conversation.kind,
+            title: &conversation.title,
+            image_url: conversation.image_url.as_deref(),
+            status: conversation.status,
+            is_open: conversation.is_open,
+            last_activity_at: conversation.last_activity_at,
+            rating: conversation.rating.as_ref(),
+        }
+    }
+}
+
+/// Why a `conversation_response` event was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// A management change (`conversation_update`).
+    Updated,
+    /// A new message moved it (to the top of the inbox).
+    Activity,
+    /// A second conversation for the same contact reopened it.
+    Reopened,
+    /// Created.
+    Created,
+}
+
+/// Deserializes a field that may be absent (`None`), `null` (`Some(None)`) or a value.
+fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// A management change to a conversation (`conversation_update`'s `data`, and a reopen).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationPatch {
+    /// Open (`true`) or close (`false`).
+    #[serde(default)]
+    pub is_open: Option<bool>,
+    /// Snooze until this time (RFC 3339, in the future); `null` wakes it.
+    #[serde(default, deserialize_with = "nullable")]
+    pub snoozed_until: Option<Option<Timestamp>>,
+    /// Pin to the top of the inbox.
+    #[serde(default)]
+    pub show_on_top: Option<bool>,
+    #[serde(default)]
+    pub archived: Option<bool>,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub priority: Option<Option<Priority>>,
+    /// The whole new label set.
+    #[serde(default)]
+    pub labels: Option<Vec<String>>,
+    #[serde(default)]
+    pub add_participants: Vec<String>,
+    /// Assign to a user; `null` unassigns.
+    #[serde(default, deserialize_with = "nullable")]
+    pub assignee: Option<Option<String>>,
+}
+
+impl ConversationPatch {
+    /// Checks the bounds; an empty patch is refused too.
+    pub fn validate(&self, now: Timestamp) -> Result<(), ProtocolError> {
+        if *self == ConversationPatch::default() {
+            return Err(ProtocolError::bad_request("data: nothing to change"));
+        }
+        if let Some(Some(until)) = self.snoozed_until {
+            if until <= now {
+                return Err(ProtocolError::bad_request(
+                    "data.snoozed_until must be in the future",
+                ));
+            }
+            if self.is_open == Some(false) {
+                return Err(ProtocolError::bad_request(
+                    "data: a closed conversation cannot be snoozed",
+                ));
+            }
+        }
+        if let Some(title) = &self.title {
+            if title.is_empty() || title.len() > MAX_TITLE_BYTES {
+                return Err(ProtocolError::bad_request(
+                    "data.title must be 1 to 256 bytes",
+                ));
+            }
+        }
+        if let Some(labels) = &self.labels {
+            if labels.len() > MAX_LABELS
+                || labels
+                    .iter()
+                    .any(|l| l.is_empty() || l.len() > MAX_LABEL_BYTES)
+            {
+                return Err(ProtocolError::bad_request(
+                    "data.labels: at most 32 labels of 1 to 64 bytes",
+                ));
+            }
+        }
+        if self.add_participants.len() > MAX_ADDED_PARTICIPANTS
+            || self
+                .add_participants
+                .iter()
+                .any(|p| p.is_empty() || p.len() > MAX_USER_ID_BYTES)
+        {
+            return Err(ProtocolError::bad_request(
+                "data.add_participants: at most 50 user ids of 1 to 256 bytes",
+            ));
+        }
+        if let Some(Some(assignee)) = &self.assignee {
+            if assignee.is_empty() || assignee.len() > MAX_USER_ID_BYTES {
+                return Err(ProtocolError::bad_request(
+                    "data.assignee must be 1 to 256 bytes",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the change; false when it changed nothing.
+    pub fn apply(&self, c: &mut Conversation) -> bool {
+        let before = c.clone();
+        match self.is_open {
+            Some(true) => reopen(c),
+            Some(false) => {
+                c.is_open = false;
+                c.status = ConversationStatus::Closed;
+                c.snoozed_until = None;
+            }
+            None => {}
+        }
+        if let Some(until) = self.snoozed_until {
+            c.snoozed_until = until;
+            if until.is_some() {
+                reopen(c);
+            }
+        }
+        if let Some(pin) = self.show_on_top {
+            c.show_on_top = pin;
+        }
+        if let Some(archived) = self.archived {
+            c.archived = archived;
+        }
+        if let Some(title) = &self.title {
+            c.title.clone_from(title);
+        }
+        if let Some(priority) = self.priority {
+            c.priority = priority;
+        }
+        if let Some(labels) = &self.labels {
+            let mut labels = labels.clone();
+            labels.dedup();
+            c.labels = labels;
+        }
+        if let Some(assignee) = &self.assignee {
+            c.assignee.clone_from(assignee);
+        }
+        *c != before
+    }
+}
+
+/// Opens a conversation; one that was closed or ended becomes active again.
+pub fn reopen(c: &mut Conversation) {
+    c.is_open = true;
+    if matches!(
+        c.status,
+        ConversationStatus::Closed | ConversationStatus::Ended
+    ) {
+        c.status = ConversationStatus::Active;
+    }
+}
+
+/// Applies `patch` to the room's conversation (re-reading after a concurrent write) and adds
+/// its participants to the room. `Ok(None)`: the room has no conversation.
+pub async fn update_conversation<S: Store>(
+    store: &S,
+    room: &RoomKey,
+    patch: &ConversationPatch,
+) -> storage::Result<Option<Conversation>> {
+    for user in &patch.add_participants {
+        store.add_participant(room, user).await?;
+    }
+    let updated =
+        records::update::<Conversation, _, _>(store, &room.tenant_id, &room.room_id, |current| {
+            Ok(current.and_then(|c| {
+                let mut next = c.clone();
+                patch.apply(&mut next).then_some(next)
+            }))
+        })
+        .await?;
+    Ok(updated.map(|Versioned { value, .. }| value))
+}
+
+/// What the messages stored since the last save did to a conversation, folded in order so
+/// that any number of them is one write (the shard keeps one save per room in flight).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ActivityDelta {
+    /// Messages by sender type, notes not included.
+    messages: BTreeMap<String, u64>,
+    notes: u64,
+    last: Option<LastMessage>,
+    /// The first team reply among them.
+    first_reply_at: Option<Timestamp>,
+    /// Whether the team replied at all, and the first contact message after its last reply.
+    replied: bool,
+    waiting_from: Option<Timestamp>,
+}
+
+impl ActivityDelta {
+    pub fn is_empty(&self) -> bool {
+        self.last.is_none() && self.notes == 0
+    }
+
+    /// Adds a newly stored message of the conversation.
+    pub fn add(&mut self, message: &Message) {
+        if message.direction == Direction::Note {
+            self.notes += 1;
+            return;
+        }
+        *self
+            .messages
+            .entry(message.sender_type.as_str().to_owned())
+            .or_default() += 1;
+        match message.direction {
+            Direction::Incoming => {
+                self.waiting_from.get_or_insert(message.created_at);
+            }
+            Direction::Outgoing => {
+                self.replied = true;
+                self.waiting_from = None;
+                self.first_reply_at.get_or_insert(message.created_at);
+            }
+            _ => {}
+        }
+        self.last = Some(LastMessage {
+            seq: message.seq,
+            message_id: message.message_id.clone(),
+            sender: message.sender.clone(),
+            sender_type: message.sender_type,
+            direction: message.direction,
+            preview: message.message.chars().take(PREVIEW_CHARS).collect(),
+            created_at: message.created_at,
+        });
+    }
+
+    /// Applies the folded messages to the stored conversation.
+    pub fn apply(&self, c: &mut Conversation) {
+        for (sender_type, n) in &self.messages {
+            *c.metrics.messages.entry(sender_type.clone()).or_default() += n;
+        }
+        c.metrics.notes += self.notes;
+        if c.metrics.first_reply_at.is_none() {
+            c.metrics.first_reply_at = self.first_reply_at;
+        }
+        c.waiting_since = if self.replied {
+            self.waiting_from
+        } else {
+            c.waiting_since.or(self.waiting_from)
+        };
+        if let Some(last) = &self.last {
+            // Pipelined saves never move it back to an older message.
+            if c.last_message.as_ref().is_none_or(|m| m.seq < last.seq) {
+                c.last_activity_at = last.created_at;
+                c.last_message = Some(last.clone());
+            }
+        }
+    }
+}
+
+/// The code of the events about a conversation (to its members and to inbox subscribers).
+pub const CONVERSATION_RESPONSE: &str = "conversation_response";
+
+#[derive(Serialize)]
+struct ConversationEvent<V: Serialize> {
+    change: ChangeKind,
+    conversation: V,
+}
+
+impl Shard {
+    /// Tells about a conversation change: its members (a customer gets the customer view) when
+    /// `to_members`, and every inbox subscriber of the tenant that is not a member; never
+    /// `except` (the connection that asked for the change, which gets the reply instead).
+    pub(crate) fn conversation_event(
+        &mut self,
+        room_id: &RoomKey,
+        conversation: &Conversation,
+        change: ChangeKind,
+        except: Option<ConnId>,
+        to_members: bool,
+    ) {
+        let mut participants = Vec::new();
+        let mut member_ids = Vec::new();
+        let route = Route::new(&self.shared.shards, self.index);
+        let mut sent = 0;
+        if let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) {
+            participants.clone_from(&state.room.participants);
+            member_ids = state.members.keys().copied().collect();
+            if to_members {
+                let frame = |team: bool| {
+                    if team {
+                        event_frame(room_id, conversation, &participants, change)
+                    } else {
+                        FrameBuilder::success(
+                            CONVERSATION_RESPONSE,
+                            &room_id.room_id,
+                            Some(&room_id.room_id),
+                            None,
+                            ConversationEvent {
+                                change,
+                                conversation: CustomerView::of(conversation),
+                            },
+                        )
+                    }
+                };
+                let (team_frame, customer_frame) = (frame(true), frame(false));
+                for member in state.members.values_mut() {
+                    if Some(member.conn.id) == except {
+                        continue;
+                    }
+                    let frame = if member.conn.claims.role.sees_notes() {
+                        team_frame.clone()
+                    } else {
+                        customer_frame.clone()
+                    };
+                    route.deliver(member, frame, FrameClass::Durable);
+                    sent += 1;
+                }
+            }
+        }
+        let subscribers: Vec<ConnRef> = self
+            .shared
+            .inbox
+            .of(&room_id.tenant_id)
+            .into_iter()
+            .filter(|c| Some(c.id) != except && !member_ids.contains(&c.id))
+            .collect();
+        if !subscribers.is_empty() {
+            let frame = event_frame(room_id, conversation, &participants, change);
+            for conn in &subscribers {
+                route.send(conn, frame.clone(), FrameClass::Durable);
+            }
+            sent += subscribers.len() as u64;
+        }
+        self.shared.metrics.frames_out(OutCode::Conversation, sent);
+    }
+
+    /// A message of a conversation was stored: its activity is saved (folded with whatever
+    /// else arrives meanwhile, one save in flight per room) and the inbox subscribers hear of
+    /// it, so the conversation moves to the top of their lists.
+    pub(crate) fn conversation_activity(&mut self, room_id: &RoomKey, message: &Message) {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        if state.room.kind == RoomKind::Team {
+            return;
+        }
+        state.activity.add(message);
+        self.save_activity(room_id);
+    }
+
+    fn save_activity(&mut self, room_id: &RoomKey) {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        if state.saving_activity || state.activity.is_empty() {
+            return;
+        }
+        let delta = std::mem::take(&mut state.activity);
+        state.saving_activity = true;
+        // The room stays loaded until the save is answered.
+        state.inflight += 1;
+        let store = self.shared.store.clone();
+        let events = self.events_tx.clone();
+        let room = room_id.clone();
+        tokio::spawn(async move {
+            let result = records::update::<Conversation, _, _>(
+                &store,
+                &room.tenant_id,
+                &room.room_id,
+                |current| {
+                    Ok(current.map(|c| {
+                        let mut next = c.clone();
+                        delta.apply(&mut next);
+                        next
+                    }))
+                },
+            )
+            .await;
+            let _ = events
+                .send(ShardEvent::Continue(Box::new(move |shard: &mut Shard| {
+                    shard.activity_saved(&room, result)
+                })))
+                .await;
+        });
+    }
+
+    fn activity_saved(
+        &mut self,
+        room_id: &RoomKey,
+        result: storage::Result<Option<Versioned<Conversation>>>,
+    ) {
+        if let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) {
+            state.saving_activity = false;
+            state.inflight = state.inflight.saturating_sub(1);
+        }
+        match result {
+            Ok(Some(saved)) => {
+                self.conversation_event(room_id, &saved.value, ChangeKind::Activity, None, false)
+            }
+            Ok(None) => {}
+            // The messages are stored; only the inbox's view of them lags until the next one.
+            Err(e) => {
+                tracing::warn!(room_id = %room_id.room_id, error = %e, "saving a conversation's activity failed")
+            }
+        }
+        self.save_activity(room_id);
+        self.maybe_unload(room_id);
+    }
+}
+
+/// The team's `conversation_response` event.
+fn event_frame(
+    room_id: &RoomKey,
+    conversation: &Conversation,
+    participants: &[String],
+    change: ChangeKind,
+) -> bytes::Bytes {
+    FrameBuilder::success(
+        CONVERSATION_RESPONSE,
+        &room_id.room_id,
+        Some(&room_id.room_id),
+        None,
+        ConversationEvent {
+            change,
+            conversation: AgentView {
+                conversation,
+                participants,
+            },
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use storage::{MessageType, SenderType};
+
+    fn message(seq: u64, direction: Direction, at: i64) -> Message {
+        Message {
+            message_id: format!("m{seq}"),
+            seq,
+            room_id: "c".into(),
+            sender: "x".into(),
+            sender_type: match direction {
+                Direction::Incoming => SenderType::Customer,
+                _ => SenderType::Agent,
+            },
+            direction,
+            kind: MessageType::Text,
+            message: format!("text {seq}"),
+            attached_files: vec![],
+            reply_to: None,
+            mentions: vec![],
+            metadata: Default::default(),
+            created_at: Timestamp(at),
+        }
+    }
+
+    fn conversation() -> Conversation {
+        Conversation::new(&RoomKey::new("t", "c"), RoomKind::Support, None)
+    }
+
+    #[test]
+    fn activity_folds_in_order_and_tracks_waiting_and_first_reply() {
+        let mut c = conversation();
+        let mut delta = ActivityDelta::default();
+        delta.add(&message(1, Direction::Incoming, 10));
+        delta.add(&message(2, Direction::Incoming, 20));
+        delta.apply(&mut c);
+        assert_eq!(c.waiting_since, Some(Timestamp(10)));
+        assert_eq!(c.metrics.first_reply_at, None);
+        assert_eq!(c.last_message.as_ref().unwrap().seq, 2);
+
+        let mut delta = ActivityDelta::default();
+        delta.add(&message(3, Direction::Outgoing, 30));
+        delta.add(&message(4, Direction::Note, 35));
+        delta.add(&message(5, Direction::Incoming, 40));
+        delta.apply(&mut c);
+        assert_eq!(
+            c.waiting_since,
+            Some(Timestamp(40)),
+            "waiting again since 5"
+        );
+        assert_eq!(c.metrics.first_reply_at, Some(Timestamp(30)));
+        assert_eq!(c.metrics.messages["customer"], 3);
+        assert_eq!(c.metrics.messages["agent"], 1);
+        assert_eq!(c.metrics.notes, 1);
+        assert_eq!(c.last_message.as_ref().unwrap().seq, 5);
+        assert_eq!(c.last_activity_at, Timestamp(40));
+
+        let mut delta = ActivityDelta::default();
+        delta.add(&message(6, Direction::Outgoing, 50));
+        delta.apply(&mut c);
+        assert_eq!(c.waiting_since, None);
+        assert_eq!(c.metrics.first_reply_at, Some(Timestamp(30)), "kept");
+    }
+
+    #[test]
+    fn a_patch_opens_closes_snoozes_and_says_whether_it_changed_anything() {
+        let mut c = conversation();
+        let close = ConversationPatch {
+            is_open: Some(false),
+            ..Default::default()
+        };
+        assert!(close.apply(&mut c));
+        assert_eq!((c.is_open, c.status), (false, ConversationStatus::Closed));
+        assert!(!close.apply(&mut c), "closing twice changes nothing");
+        let snooze = ConversationPatch {
+            snoozed_until: Some(Some(Timestamp(i64::MAX))),
+            ..Default::default()
+        };
+        assert!(snooze.apply(&mut c));
+        assert_eq!((c.is_open, c.status), (true, ConversationStatus::Active));
+        assert!(close.apply(&mut c));
+        assert_eq!(c.snoozed_until, None, "closing ends the snooze");
+        assert!(ConversationPatch::default().validate(Timestamp(0)).is_err());
+    }
+}

@@ -1,0 +1,483 @@
+//! Conversations: contacts and inboxes over the HTTP API, opening (and reopening) conversations,
+//! `conversation_update` / `conversation_get`, and the live inbox (`subscribe_inbox`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use gateway::auth::Role;
+use serde_json::{json, Value};
+
+const TENANT: &str = "acme";
+
+fn admin() -> String {
+    token("root", TENANT, Role::Admin)
+}
+
+async fn post(server: &TestServer, path: &str, bearer: &str, body: Value) -> (u16, Value) {
+    let (status, text) = http_post(server.addr, path, Some(bearer), &body.to_string()).await;
+    let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status}: {text}"));
+    (status, value)
+}
+
+async fn contact(server: &TestServer, id: &str, name: &str) {
+    let (status, body) = post(
+        server,
+        "/api/contacts",
+        &admin(),
+        json!({"contact_id": id, "name": name, "phone": "+15550100"}),
+    )
+    .await;
+    assert!(status == 201 || status == 200, "{status} {body}");
+}
+
+async fn open(server: &TestServer, body: Value) -> (u16, Value) {
+    post(server, "/api/conversations", &admin(), body).await
+}
+
+async fn subscribed(server: &TestServer, user: &str) -> Client {
+    let mut client = server.connect(user, TENANT, Role::Agent).await;
+    let reply = client.request("subscribe_inbox", None, json!({})).await;
+    assert_eq!(reply["status"], "success", "{reply}");
+    assert_eq!(reply["data"], json!({"tenant": TENANT, "subscribed": true}));
+    client
+}
+
+/// The next `conversation_response` event about `room`.
+async fn event_about(client: &mut Client, room: &str) -> Value {
+    loop {
+        let event = client.recv_code("conversation_response").await;
+        if event["room_id"] == room {
+            return event;
+        }
+    }
+}
+
+#[tokio::test]
+async fn contacts_and_inboxes_are_created_replaced_and_validated() {
+    let server = TestServer::start().await;
+    let (status, first) = post(
+        &server,
+        "/api/contacts",
+        &admin(),
+        json!({"contact_id": "c-1", "name": "Ada", "email": "ada@example.com",
+               "external_ids": {"crm": "42"}, "custom_attributes": {"plan": "pro"}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(first["created"], true);
+    assert_eq!(first["external_ids"]["crm"], "42");
+    let (status, again) = post(
+        &server,
+        "/api/contacts",
+        &admin(),
+        json!({"contact_id": "c-1", "name": "Ada Lovelace"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["name"], "Ada Lovelace");
+    assert_eq!(
+        again["created_at"], first["created_at"],
+        "creation time kept"
+    );
+
+    for (body, names) in [
+        (json!({"name": ""}), "name"),
+        (
+            json!({"contact_id": "x".repeat(129), "name": "A"}),
+            "contact_id",
+        ),
+        (json!({"name": "A", "email": 5}), "body.email"),
+        (json!({"name": "A", "nickname": "a"}), "nickname"),
+    ] {
+        let (status, error) = post(&server, "/api/contacts", &admin(), body).await;
+        assert_eq!(status, 400, "{error}");
+        assert_eq!(error["error"], "bad_request");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(names), "{message}");
+    }
+    let customer = token("cust", TENANT, Role::Customer);
+    let (status, _) = post(&server, "/api/contacts", &customer, json!({"name": "A"})).await;
+    assert_eq!(status, 403);
+
+    for channel in [
+        json!({"type": "web_widget", "widget_key": "wk", "brand_color": "#1f93ff",
+               "authorized_domains": ["example.com"]}),
+        json!({"type": "sms", "phone_number": "+15550101"}),
+        json!({"type": "whatsapp", "phone_number": "+15550102"}),
+        json!({"type": "email", "address": "help@example.com"}),
+    ] {
+        let kind = channel["type"].as_str().unwrap().to_owned();
+        let (status, inbox) = post(
+            &server,
+            "/api/inboxes",
+            &admin(),
+            json!({"inbox_id": kind, "name": format!("{kind} inbox"), "channel": channel}),
+        )
+        .await;
+        assert_eq!(status, 201, "{inbox}");
+        assert_eq!(inbox["channel"], channel);
+    }
+    let (status, error) = post(
+        &server,
+        "/api/inboxes",
+        &admin(),
+        json!({"name": "x", "channel": {"type": "pigeon"}}),
+    )
+    .await;
+    assert_eq!(status, 400, "{error}");
+    assert!(error["message"].as_str().unwrap().contains("channel"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_prospect_conversation_for_a_contact_reopens_the_first() {
+    let server = TestServer::start().await;
+    contact(&server, "c-7", "Grace Hopper").await;
+    let mut inbox = subscribed(&server, "watcher").await;
+
+    let (status, first) = open(
+        &server,
+        json!({"kind": "prospect", "contact_id": "c-7", "participants": ["alice"]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(
+        (first["created"].clone(), first["reopened"].clone()),
+        (json!(true), json!(false))
+    );
+    assert_eq!(first["title"], "Grace Hopper", "titled after the contact");
+    assert_eq!(first["status"], "new");
+    assert_eq!(first["is_open"], true);
+    let room = first["room_id"].as_str().unwrap().to_owned();
+    let created = event_about(&mut inbox, &room).await;
+    assert_eq!(created["data"]["change"], "created");
+
+    // An agent closes it.
+    let mut alice = server.connect("alice", TENANT, Role::Agent).await;
+    let closed = alice
+        .request(
+            "conversation_update",
+            Some(&room),
+            json!({"is_open": false}),
+        )
+        .await;
+    assert_eq!(closed["status"], "success", "{closed}");
+    assert_eq!(closed["data"]["status"], "closed");
+
+    // A second one for the same contact: the first, reopened, with bob added.
+    let (status, second) = open(
+        &server,
+        json!({"kind": "prospect", "contact_id": "c-7", "participants": ["bob"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["room_id"], room.as_str());
+    assert_eq!(
+        (second["created"].clone(), second["reopened"].clone()),
+        (json!(false), json!(true))
+    );
+    assert_eq!(second["is_open"], true);
+    assert_eq!(second["status"], "active");
+    assert_eq!(second["participants"], json!(["alice", "bob"]));
+    loop {
+        let event = event_about(&mut inbox, &room).await;
+        if event["data"]["change"] == "reopened" {
+            assert_eq!(event["data"]["conversation"]["is_open"], true);
+            break;
+        }
+    }
+
+    let (status, error) = open(&server, json!({"kind": "prospect", "contact_id": "nobody"})).await;
+    assert_eq!(status, 404, "{error}");
+    assert_eq!(error["error"], "not_found");
+    let (status, error) = open(&server, json!({"kind": "support", "inbox_id": "nowhere"})).await;
+    assert_eq!(status, 404, "{error}");
+    let (status, _) = open(&server, json!({"kind": "team"})).await;
+    assert_eq!(status, 400);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn racing_prospect_conversations_for_one_contact_make_one_conversation() {
+    let server = TestServer::start().await;
+    contact(&server, "c-9", "Linus").await;
+    let opens: Vec<_> = (0..6)
+        .map(|n| {
+            let addr = server.addr;
+            let body = json!({"kind": "prospect", "contact_id": "c-9", "participants": [format!("agent{n}")]});
+            tokio::spawn(async move {
+                http_post(addr, "/api/conversations", Some(&admin()), &body.to_string()).await
+            })
+        })
+        .collect();
+    let mut rooms = Vec::new();
+    let mut created = 0;
+    for open in opens {
+        let (status, text) = open.await.unwrap();
+        assert!(status == 200 || status == 201, "{status} {text}");
+        let body: Value = serde_json::from_str(&text).unwrap();
+        created += usize::from(body["created"] == true);
+        rooms.push(body["room_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(created, 1, "{rooms:?}");
+    rooms.dedup();
+    assert_eq!(rooms.len(), 1, "{rooms:?}");
+    // Every request's participant is in the one conversation.
+    let mut admin_ws = server.connect("root", TENANT, Role::Admin).await;
+    let got = admin_ws
+        .request("conversation_get", Some(&rooms[0]), json!({}))
+        .await;
+    let mut participants: Vec<String> =
+        serde_json::from_value(got["data"]["participants"].clone()).unwrap();
+    participants.sort();
+    assert_eq!(
+        participants,
+        (0..6).map(|n| format!("agent{n}")).collect::<Vec<_>>()
+    );
+    server.stop().await;
+}
+
+/// A support conversation `conv` with customer `cust`; returns its room id.
+async fn support_conversation(server: &TestServer) -> String {
+    let (status, body) = open(
+        server,
+        json!({"room_id": "conv", "kind": "support", "participants": ["cust"]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    "conv".to_owned()
+}
+
+#[tokio::test]
+async fn conversation_updates_are_answered_and_announced_to_members_and_the_inbox() {
+    let server = TestServer::start().await;
+    let room = support_conversation(&server).await;
+    let mut watcher = subscribed(&server, "watcher").await;
+    let mut bob = server.connect("bob", TENANT, Role::Agent).await;
+    bob.join(&room).await;
+    let mut cust = server.connect("cust", TENANT, Role::Customer).await;
+    cust.join(&room).await;
+    for client in [&mut bob, &mut cust, &mut watcher] {
+        client.drain(Duration::from_millis(200)).await;
+    }
+
+    let mut carol = server.connect("carol", TENANT, Role::Agent).await;
+    let reply = carol
+        .request(
+            "conversation_update",
+            Some(&room),
+            json!({"priority": "high", "labels": ["vip", "billing"], "show_on_top": true,
+                   "assignee": "bob", "title": "Order 42", "add_participants": ["carol"]}),
+        )
+        .await;
+    assert_eq!(reply["status"], "success", "{reply}");
+    assert_eq!(reply["code"], "conversation_update_response");
+    let data = &reply["data"];
+    assert_eq!(data["priority"], "high");
+    assert_eq!(data["labels"], json!(["vip", "billing"]));
+    assert_eq!(data["show_on_top"], true);
+    assert_eq!(data["assignee"], "bob");
+    assert_eq!(data["title"], "Order 42");
+    assert_eq!(data["participants"], json!(["cust", "carol"]));
+
+    for client in [&mut bob, &mut watcher] {
+        let event = event_about(client, &room).await;
+        assert_eq!(event["data"]["change"], "updated");
+        assert_eq!(event["data"]["conversation"]["assignee"], "bob");
+        assert_eq!(
+            event["data"]["conversation"]["labels"],
+            json!(["vip", "billing"])
+        );
+        assert!(event.get("ref").is_none());
+    }
+    // The customer hears of it without the team's fields.
+    let event = event_about(&mut cust, &room).await;
+    let seen = &event["data"]["conversation"];
+    assert_eq!(seen["title"], "Order 42");
+    for hidden in [
+        "assignee",
+        "labels",
+        "priority",
+        "metrics",
+        "participants",
+        "show_on_top",
+    ] {
+        assert!(seen.get(hidden).is_none(), "{hidden} in {event}");
+    }
+    // Nothing twice: the watcher is not a member, bob is not subscribed.
+    watcher.expect_silence(Duration::from_millis(200)).await;
+    bob.expect_silence(Duration::from_millis(100)).await;
+
+    // Snooze, then close: closing ends the snooze.
+    let until = "2099-01-01T00:00:00.000Z";
+    let snoozed = carol
+        .request(
+            "conversation_update",
+            Some(&room),
+            json!({"snoozed_until": until}),
+        )
+        .await;
+    assert_eq!(snoozed["data"]["snoozed_until"], until, "{snoozed}");
+    let closed = carol
+        .request(
+            "conversation_update",
+            Some(&room),
+            json!({"is_open": false}),
+        )
+        .await;
+    assert_eq!(closed["data"]["is_open"], false);
+    assert!(closed["data"]["snoozed_until"].is_null(), "{closed}");
+
+    // Refusals: the customer; bad fields, each named; a team room.
+    let refused = cust
+        .request("conversation_update", Some(&room), json!({"is_open": true}))
+        .await;
+    assert_eq!(refused["data"]["error_code"], "FORBIDDEN", "{refused}");
+    for (data, names) in [
+        (json!({}), "nothing to change"),
+        (json!({"colour": "red"}), "colour"),
+        (
+            json!({"snoozed_until": "2001-01-01T00:00:00Z"}),
+            "snoozed_until",
+        ),
+        (json!({"snoozed_until": "tomorrow"}), "snoozed_until"),
+        (json!({"priority": "asap"}), "priority"),
+        (json!({"labels": ["x".repeat(65)]}), "labels"),
+        (json!({"title": ""}), "title"),
+    ] {
+        let error = carol
+            .request("conversation_update", Some(&room), data)
+            .await;
+        assert_eq!(error["data"]["error_code"], "BAD_REQUEST", "{error}");
+        let message = error["data"]["message"].as_str().unwrap();
+        assert!(message.contains(names), "{message}");
+    }
+    create_room(
+        &server,
+        &admin(),
+        json!({"room_id": "team-1", "kind": "team", "participants": ["carol"]}),
+    )
+    .await;
+    let error = carol
+        .request(
+            "conversation_update",
+            Some("team-1"),
+            json!({"is_open": false}),
+        )
+        .await;
+    assert_eq!(error["data"]["error_code"], "NOT_FOUND", "{error}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn messages_move_a_conversation_and_the_inbox_hears_of_it() {
+    let server = TestServer::start().await;
+    let room = support_conversation(&server).await;
+    let mut watcher = subscribed(&server, "watcher").await;
+    let mut cust = server.connect("cust", TENANT, Role::Customer).await;
+    cust.join(&room).await;
+    let mut alice = server.connect("alice", TENANT, Role::Agent).await;
+    alice.join(&room).await;
+
+    cust.chat(&room, "where is my order?").await;
+    let event = event_about(&mut watcher, &room).await;
+    assert_eq!(event["data"]["change"], "activity");
+    let c = &event["data"]["conversation"];
+    assert_eq!(c["last_message"]["preview"], "where is my order?");
+    assert_eq!(c["last_message"]["direction"], "INCOMING");
+    let waiting = c["waiting_since"].clone();
+    assert!(waiting.is_string(), "{event}");
+    assert_eq!(c["last_activity_at"], c["last_message"]["created_at"]);
+
+    let reply = alice.chat(&room, "on its way").await;
+    let user = alice.user.clone();
+    alice
+        .request(
+            "note",
+            Some(&room),
+            json!({"message": "checked the courier", "sender": user}),
+        )
+        .await;
+    // Activity saves fold what arrives meanwhile: wait for the state after both.
+    let settled = loop {
+        let event = event_about(&mut watcher, &room).await;
+        let c = event["data"]["conversation"].clone();
+        if c["metrics"]["notes"] == 1 && c["metrics"]["messages"]["agent"] == 1 {
+            break c;
+        }
+    };
+    assert!(settled["waiting_since"].is_null(), "{settled}");
+    assert_eq!(
+        settled["metrics"]["first_reply_at"],
+        reply["data"]["created_at"]
+    );
+    assert_eq!(settled["metrics"]["messages"]["customer"], 1);
+    // A note is not the conversation's last message (the customer never sees it).
+    assert_eq!(settled["last_message"]["preview"], "on its way");
+
+    // conversation_get: the team's view with the caller's unread count; the customer's view.
+    let got = alice
+        .request("conversation_get", Some(&room), json!({}))
+        .await;
+    assert_eq!(got["status"], "success", "{got}");
+    assert_eq!(got["data"]["metrics"]["notes"], 1);
+    assert_eq!(got["data"]["unread_count"], 1, "the customer's message");
+    let got = cust
+        .request("conversation_get", Some(&room), json!({}))
+        .await;
+    assert_eq!(
+        got["data"]["unread_count"], 1,
+        "alice's reply; the note is not counted"
+    );
+    assert!(got["data"].get("metrics").is_none(), "{got}");
+    assert!(got["data"].get("last_message").is_none(), "{got}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn another_tenants_inbox_and_conversations_stay_apart() {
+    let server = TestServer::start().await;
+    let room = support_conversation(&server).await;
+    let mut outsider = server.connect("eve", "globex", Role::Agent).await;
+    let reply = outsider.request("subscribe_inbox", None, json!({})).await;
+    assert_eq!(reply["data"]["tenant"], "globex");
+    for code in ["conversation_get", "conversation_update"] {
+        let data = if code == "conversation_get" {
+            json!({})
+        } else {
+            json!({"is_open": false})
+        };
+        let error = outsider.request(code, Some(&room), data).await;
+        assert_eq!(error["data"]["error_code"], "NOT_FOUND", "{error}");
+    }
+    let mut alice = server.connect("alice", TENANT, Role::Agent).await;
+    alice
+        .request(
+            "conversation_update",
+            Some(&room),
+            json!({"priority": "urgent"}),
+        )
+        .await;
+    outsider.expect_silence(Duration::from_millis(300)).await;
+
+    // A customer may not follow the inbox; a subscription ends on request.
+    let mut cust = server.connect("cust", TENANT, Role::Customer).await;
+    let error = cust.request("subscribe_inbox", None, json!({})).await;
+    assert_eq!(error["data"]["error_code"], "FORBIDDEN", "{error}");
+    let mut watcher = subscribed(&server, "watcher").await;
+    let off = watcher
+        .request("subscribe_inbox", None, json!({"subscribed": false}))
+        .await;
+    assert_eq!(off["data"]["subscribed"], false);
+    alice
+        .request(
+            "conversation_update",
+            Some(&room),
+            json!({"priority": "low"}),
+        )
+        .await;
+    watcher.expect_silence(Duration::from_millis(300)).await;
+    server.stop().await;
+}
