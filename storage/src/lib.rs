@@ -193,9 +193,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finds the messages of one room holding every word of the query (whole words, case
     /// insensitive), paging like [`Store::history`]. Each request costs at most a bounded
-    /// amount of work: a backend without a full-text index examines at most its row budget and
-    /// answers with a continuation cursor ([`HistoryPage::next_before_seq`] /
-    /// [`HistoryPage::next_after_seq`]).
+    /// amount of work: a backend without a full-text index (CQL) examines at most its row
+    /// budget, one with an index (SQLite) at most that many of the index's hits, and answers
+    /// with a continuation cursor ([`HistoryPage::next_before_seq`] /
+    /// [`HistoryPage::next_after_seq`]) when it stopped there.
     fn search(
         &self,
         room: &RoomKey,
@@ -243,7 +244,8 @@ pub trait Store: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Most rows of a room one search (or one history read that skips notes) examines before
-    /// it answers with what it found and a continuation cursor.
+    /// it answers with what it found and a continuation cursor: rows of a scan, or, on a
+    /// backend with a full-text index (SQLite), the index's hits.
     pub scan_rows: u32,
     /// Longest one search may run before it answers the same way.
     pub scan_time: Duration,

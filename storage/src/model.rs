@@ -378,7 +378,8 @@ pub struct HistoryPage {
     pub next_before_seq: Option<u64>,
     /// The same when paging forwards: the `after_seq` of the next request.
     pub next_after_seq: Option<u64>,
-    /// Rows of the room this request read (a search stops at its budget).
+    /// Rows of the room this request read, or for a search by index the index hits it
+    /// examined (a search stops at its budget).
     pub examined: u64,
 }
 
