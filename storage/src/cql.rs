@@ -45,16 +45,27 @@
 //! [`Options::scan_rows`] rows and hands back a continuation cursor, so its cost is bounded by
 //! `scan_rows` rows (plus one request per bucket crossed) whatever the room's size.
 //!
+//! # Records
+//!
+//! Contacts, inboxes and conversations ([`crate::records`]) live in `records`, one partition per
+//! `(tenant_id, kind, id)`. [`Store::put_record`] is a lightweight transaction (Paxos): version 1
+//! is `INSERT ... IF NOT EXISTS`, version n `UPDATE ... IF version = n-1`, and a refused one
+//! answers with the version stored, which becomes [`Error::VersionConflict`]. They run outside
+//! the per-room workers (a record is not a room's), admitted and timed like every other request.
+//! An LWT costs four round trips between replicas instead of one, which management writes
+//! (a contact edited, a conversation assigned) can afford; nothing per chat message uses one.
+//!
 //! # Driver practice
 //!
 //! Prepared statements only (DDL aside), token-aware routing with the URL's `dc` as the
 //! preferred datacenter (shard-aware on ScyllaDB), every statement marked idempotent (all of
-//! them write absolute values), client-side monotonic timestamps, a request timeout, and a bound
-//! on admitted operations (`max_pending`): a full store answers [`Error::NotApplied`] at once
-//! instead of queueing without end. The driver runs on a runtime of its own, so the store works
-//! from any runtime (the gateway's shards are single-threaded runtimes). TLS (rustls, ring) when
-//! the URL says `tls=true` or [`Options::tls_ca`] names the CAs to trust; a client certificate
-//! ([`Options::tls_cert`], [`Options::tls_key`]) for nodes that require one.
+//! them write absolute values) except the records' conditional writes, client-side monotonic
+//! timestamps, a request timeout, and a bound on admitted operations (`max_pending`): a full
+//! store answers [`Error::NotApplied`] at once instead of queueing without end. The driver runs
+//! on a runtime of its own, so the store works from any runtime (the gateway's shards are
+//! single-threaded runtimes). TLS (rustls, ring) when the URL says `tls=true` or
+//! [`Options::tls_ca`] names the CAs to trust; a client certificate ([`Options::tls_cert`],
+//! [`Options::tls_key`]) for nodes that require one.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -79,10 +90,12 @@ use scylla::policies::timestamp_generator::MonotonicTimestampGenerator;
 use scylla::response::query_result::QueryResult;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
-use scylla::statement::Consistency;
+use scylla::statement::{Consistency, SerialConsistency};
+use scylla::value::{CqlValue, Row};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::model::ScanOutcome;
+use crate::records::MAX_RECORD_BYTES;
 use crate::words::{contains_words, words};
 use crate::{
     split_params, Appended, Direction, Error, HistoryPage, HistoryQuery, Message, MessageType,
@@ -95,11 +108,13 @@ use crate::{
 pub const BUCKET_SIZE: u64 = 4096;
 
 /// The schema version this build needs (the number of the newest file under `storage/cql/`).
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The schema files, in order: (version, file name, CQL).
-const MIGRATIONS: &[(u32, &str, &str)] =
-    &[(1, "001_initial.cql", include_str!("../cql/001_initial.cql"))];
+const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (1, "001_initial.cql", include_str!("../cql/001_initial.cql")),
+    (2, "002_records.cql", include_str!("../cql/002_records.cql")),
+];
 
 /// The row of `schema_version` this build reads and writes.
 const SCHEMA_COMPONENT: &str = "gateway";
@@ -306,6 +321,16 @@ impl CqlConfig {
         }
         map.push('}');
         Ok(map)
+    }
+}
+
+/// The serial consistency of the records' lightweight transactions (their Paxos rounds): the
+/// local datacenter's replicas when the configured consistency counts only those, every
+/// replica otherwise.
+fn serial_consistency(consistency: Consistency) -> SerialConsistency {
+    match consistency {
+        Consistency::LocalQuorum | Consistency::LocalOne => SerialConsistency::LocalSerial,
+        _ => SerialConsistency::Serial,
     }
 }
 
@@ -715,10 +740,14 @@ struct Statements {
     marker: PreparedStatement,
     set_sent: PreparedStatement,
     set_read: PreparedStatement,
+    record: PreparedStatement,
+    /// Conditional (LWT): not idempotent, with the serial consistency of the configuration.
+    insert_record: PreparedStatement,
+    update_record: PreparedStatement,
 }
 
 impl Statements {
-    async fn prepare(session: &Session) -> Result<Statements> {
+    async fn prepare(session: &Session, serial: SerialConsistency) -> Result<Statements> {
         let prepare = |cql: String| async move {
             let mut statement = session
                 .prepare(cql.as_str())
@@ -728,8 +757,17 @@ impl Statements {
             statement.set_is_idempotent(true);
             Ok::<_, Error>(statement)
         };
+        // A conditional write retried after a timeout could find its own first attempt applied
+        // and report a conflict with itself: never retried, never speculated.
+        let conditional = |cql: String| async move {
+            let mut statement = prepare(cql).await?;
+            statement.set_is_idempotent(false);
+            statement.set_serial_consistency(Some(serial));
+            Ok::<_, Error>(statement)
+        };
         let room_key = "tenant_id = ? AND room_id = ?";
         let bucket_key = "tenant_id = ? AND room_id = ? AND bucket = ?";
+        let record_key = "tenant_id = ? AND kind = ? AND id = ?";
         Ok(Statements {
             insert_message: prepare(
                 "INSERT INTO messages (tenant_id, room_id, bucket, seq, message_id, sender, \
@@ -811,6 +849,21 @@ impl Statements {
             set_read: prepare(format!(
                 "UPDATE read_markers SET read_seq = ?, notes_read = ?, sent_read = ?, \
                  sent_notes_read = ? WHERE {room_key} AND user_id = ?"
+            ))
+            .await?,
+            record: prepare(format!(
+                "SELECT version, body, updated_at FROM records WHERE {record_key}"
+            ))
+            .await?,
+            insert_record: conditional(
+                "INSERT INTO records (tenant_id, kind, id, version, body, updated_at) \
+                 VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+                    .to_owned(),
+            )
+            .await?,
+            update_record: conditional(format!(
+                "UPDATE records SET version = ?, body = ?, updated_at = ? WHERE {record_key} \
+                 IF version = ?"
             ))
             .await?,
         })
@@ -899,6 +952,11 @@ fn version_from(result: QueryResult) -> Result<Option<u32>> {
 /// Creates the URL's keyspace if it is missing and applies the schema files it lacks, in order;
 /// returns the schema version now recorded. Safe to run again and on an up-to-date keyspace.
 pub async fn migrate(url: &str, options: &Options) -> Result<u32> {
+    migrate_to(url, options, SCHEMA_VERSION).await
+}
+
+/// [`migrate`], applying no file past version `target` (the tests make older keyspaces so).
+async fn migrate_to(url: &str, options: &Options, target: u32) -> Result<u32> {
     let config = CqlConfig::from_url(url, options)?;
     let runtime = DriverRuntime::start()?;
     runtime
@@ -922,7 +980,7 @@ pub async fn migrate(url: &str, options: &Options) -> Result<u32> {
                 return Err(newer_schema(version));
             }
             for &(file_version, name, cql) in MIGRATIONS {
-                if file_version <= version {
+                if file_version <= version || file_version > target {
                     continue;
                 }
                 for statement in statements_of(cql) {
@@ -1150,7 +1208,7 @@ async fn connect_session(
     if version > SCHEMA_VERSION {
         return Err(newer_schema(version));
     }
-    let statements = Statements::prepare(&session).await?;
+    let statements = Statements::prepare(&session, serial_consistency(config.consistency)).await?;
     Ok((session, statements, config.clone()))
 }
 
@@ -2393,6 +2451,114 @@ fn clone_error(error: &Error) -> Error {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Records
+
+impl Inner {
+    /// One record, read at the configured consistency. On one node that sees every write
+    /// acknowledged before it. Across replicas an LWT's commit reaches only the configured
+    /// consistency, and a round a coordinator left half done is finished only by the next Paxos
+    /// round or SERIAL read: to read every acknowledged write there, run QUORUM (or
+    /// LOCAL_QUORUM) for both, or read at SERIAL. A stale read costs no data: the write built
+    /// on it names the old version and gets a conflict.
+    async fn record(&self, key: &RecordKey) -> Result<Option<Record>> {
+        let result = self
+            .session
+            .execute_unpaged(
+                &self.statements.record,
+                (&key.tenant_id, key.kind.as_str(), &key.id),
+            )
+            .await
+            .map_err(|e| request_error(Access::Read, "reading a record", &e))?;
+        let row = first_row::<(Option<i64>, Option<String>, Option<i64>)>(result, "records")?;
+        Ok(row.map(|(version, body, updated_at)| Record {
+            key: key.clone(),
+            version: version.map_or(0, to_u64),
+            body: body.unwrap_or_default(),
+            updated_at: Timestamp(updated_at.unwrap_or(0)),
+        }))
+    }
+
+    /// The compare-and-set of [`Store::put_record`], one lightweight transaction.
+    async fn put_record(&self, record: Record) -> Result<Record> {
+        let key = &record.key;
+        if record.version == 0 {
+            // No write creates version 0: a conflict with whatever is stored.
+            let stored = self.record(key).await?.map_or(0, |r| r.version);
+            return Err(Error::VersionConflict { stored });
+        }
+        self.metrics.writes_in_flight.inc();
+        let result = if record.version == 1 {
+            self.session
+                .execute_unpaged(
+                    &self.statements.insert_record,
+                    (
+                        &key.tenant_id,
+                        key.kind.as_str(),
+                        &key.id,
+                        to_i64(record.version),
+                        &record.body,
+                        record.updated_at.0,
+                    ),
+                )
+                .await
+        } else {
+            self.session
+                .execute_unpaged(
+                    &self.statements.update_record,
+                    (
+                        to_i64(record.version),
+                        &record.body,
+                        record.updated_at.0,
+                        &key.tenant_id,
+                        key.kind.as_str(),
+                        &key.id,
+                        to_i64(record.version - 1),
+                    ),
+                )
+                .await
+        };
+        self.metrics.writes_in_flight.dec();
+        // A timeout here (the driver's, or the coordinator's CAS write timeout) is an unknown
+        // outcome: the Paxos round may still be completed by the next one on the partition.
+        let result = result.map_err(|e| request_error(Access::Write, "writing a record", &e))?;
+        match conditional_outcome(result)? {
+            None => Ok(record),
+            Some(stored) => Err(Error::VersionConflict { stored }),
+        }
+    }
+}
+
+/// What a conditional write's answer says: `None` when it was applied, else the version stored
+/// now (0: no record). Columns are found by name: a refused INSERT answers with the stored row,
+/// a refused UPDATE with the condition's column, null (or left out) when there is no row.
+fn conditional_outcome(result: QueryResult) -> Result<Option<u64>> {
+    let rows = result
+        .into_rows_result()
+        .map_err(|e| bad_row("records", e))?;
+    let specs = rows.column_specs();
+    let applied_at = specs
+        .get_by_name("[applied]")
+        .map(|(index, _)| index)
+        .ok_or_else(|| bad_row("records", "a conditional write's answer has no [applied]"))?;
+    let version_at = specs.get_by_name("version").map(|(index, _)| index);
+    let row = rows
+        .maybe_first_row::<Row>()
+        .map_err(|e| bad_row("records", e))?
+        .ok_or_else(|| bad_row("records", "a conditional write's answer has no row"))?;
+    let column = |index: usize| row.columns.get(index).and_then(Option::as_ref);
+    match column(applied_at).and_then(CqlValue::as_boolean) {
+        Some(true) => Ok(None),
+        Some(false) => Ok(Some(
+            version_at
+                .and_then(column)
+                .and_then(CqlValue::as_bigint)
+                .map_or(0, to_u64),
+        )),
+        None => Err(bad_row("records", "[applied] is not a boolean")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The trait
 
 impl Store for CqlStore {
@@ -2460,16 +2626,21 @@ impl Store for CqlStore {
             .await
     }
 
-    async fn record(&self, _key: &RecordKey) -> Result<Option<Record>> {
-        Err(Error::Schema(
-            "PLACEHOLDER: records are not implemented on CQL yet".into(),
-        ))
+    async fn record(&self, key: &RecordKey) -> Result<Option<Record>> {
+        let key = key.clone();
+        self.run(|inner| async move { inner.record(&key).await })
+            .await
     }
 
-    async fn put_record(&self, _record: Record) -> Result<Record> {
-        Err(Error::Schema(
-            "PLACEHOLDER: records are not implemented on CQL yet".into(),
-        ))
+    async fn put_record(&self, record: Record) -> Result<Record> {
+        if record.body.len() > MAX_RECORD_BYTES {
+            return Err(Error::Invalid(format!(
+                "record body of {} bytes is over the limit of {MAX_RECORD_BYTES}",
+                record.body.len()
+            )));
+        }
+        self.run(|inner| async move { inner.put_record(record).await })
+            .await
     }
 
     async fn close(&self) -> Result<()> {
@@ -2776,6 +2947,51 @@ mod tests {
         drop(store);
     }
 
+    /// A keyspace at schema version 1 (before records): the store refuses it, naming the
+    /// command; `migrate` takes it to the current version, after which records work.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_1_keyspace_is_refused_until_migrated() {
+        let Some(url) = node_url() else {
+            return;
+        };
+        let (url, keyspace) = unique_keyspace_url(&url);
+        assert_eq!(migrate_to(&url, &Options::default(), 1).await.unwrap(), 1);
+        let error = CqlStore::connect(&url, &Options::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, Error::Schema(text)
+                if text.contains("schema version 1") && text.contains("gateway migrate")),
+            "{error}"
+        );
+        assert_eq!(
+            migrate(&url, &Options::default()).await.unwrap(),
+            SCHEMA_VERSION
+        );
+        let store = CqlStore::connect(&url, &Options::default()).await.unwrap();
+        let _guard = KeyspaceGuard {
+            store: store.clone(),
+            keyspace,
+        };
+        let statements = &store.inner.statements;
+        for conditional in [&statements.insert_record, &statements.update_record] {
+            assert!(!conditional.get_is_idempotent());
+            assert_eq!(
+                conditional.get_serial_consistency(),
+                Some(serial_consistency(store.config().consistency))
+            );
+        }
+        let key = RecordKey::new("tenant", crate::records::RecordKind::Inbox, "i-1");
+        let record = Record {
+            key: key.clone(),
+            version: 1,
+            body: "{}".to_owned(),
+            updated_at: Timestamp(7),
+        };
+        assert_eq!(store.put_record(record.clone()).await.unwrap(), record);
+        assert_eq!(store.record(&key).await.unwrap(), Some(record));
+    }
+
     /// A full store refuses at once instead of queueing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_store_refuses_with_not_applied() {
@@ -3059,6 +3275,28 @@ mod tests {
         assert!(statements
             .iter()
             .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
+        let records = statements_of(MIGRATIONS[1].2);
+        assert_eq!(records.len(), 1);
+        assert!(records[0].starts_with("CREATE TABLE IF NOT EXISTS records"));
+        // Versions 1, 2, …: one file each, the last the version this build needs.
+        for (index, (version, name, _)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(*version as usize, index + 1);
+            assert!(name.starts_with(&format!("{version:03}_")), "{name}");
+        }
         assert_eq!(MIGRATIONS.last().map(|m| m.0), Some(SCHEMA_VERSION));
+    }
+
+    #[test]
+    fn records_use_the_serial_consistency_of_the_configured_one() {
+        for (consistency, serial) in [
+            (Consistency::LocalQuorum, SerialConsistency::LocalSerial),
+            (Consistency::LocalOne, SerialConsistency::LocalSerial),
+            (Consistency::Quorum, SerialConsistency::Serial),
+            (Consistency::One, SerialConsistency::Serial),
+            (Consistency::All, SerialConsistency::Serial),
+            (Consistency::EachQuorum, SerialConsistency::Serial),
+        ] {
+            assert_eq!(serial_consistency(consistency), serial, "{consistency:?}");
+        }
     }
 }
