@@ -6,7 +6,7 @@
 //! Versioned files under `storage/cql/`, applied by [`migrate`] (`gateway migrate`); [`CqlStore::connect`]
 //! refuses a keyspace whose recorded version is older than [`SCHEMA_VERSION`]. Messages are
 //! partitioned by `(tenant_id, room_id, bucket)` with `bucket = seq / 4096` ([`BUCKET_SIZE`]) and
-//! clustered by `seq`; `docs/storage-cql-notes.md` explains every table and its access path.
+//! clustered by `seq`; `docs/storage.md` explains every table and its access path.
 //!
 //! # Seq without a sequencer
 //!
