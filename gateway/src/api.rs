@@ -333,6 +333,7 @@ pub(crate) async fn open_conversation(
                     Ok(Some(conversation)) => {
                         return reply_and_announce(
                             &shared,
+                            &claims,
                             room,
                             conversation,
                             patch.add_participants,
@@ -386,7 +387,16 @@ pub(crate) async fn open_conversation(
     };
     match records::save(store, tenant, &room_id, first).await {
         Ok(saved) => {
-            reply_and_announce(&shared, room, saved.value, body.participants, true, false).await
+            reply_and_announce(
+                &shared,
+                &claims,
+                room,
+                saved.value,
+                body.participants,
+                true,
+                false,
+            )
+            .await
         }
         // It exists: this room was a conversation already.
         Err(storage::Error::VersionConflict { .. }) => {
@@ -394,6 +404,7 @@ pub(crate) async fn open_conversation(
                 Ok(Some(existing)) => {
                     reply_and_announce(
                         &shared,
+                        &claims,
                         room,
                         existing.value,
                         body.participants,
@@ -416,8 +427,10 @@ pub(crate) async fn open_conversation(
 
 /// Answers with the conversation and has the room's shard tell its members and the inbox
 /// (and learn the participants added, if the room is loaded there).
+#[allow(clippy::too_many_arguments)]
 async fn reply_and_announce(
     shared: &Arc<Shared>,
+    claims: &Claims,
     room: RoomKey,
     conversation: Conversation,
     added: Vec<String>,
@@ -450,9 +463,10 @@ async fn reply_and_announce(
             ChangeKind::Reopened
         };
         let shard = &shared.shards[shard_of(&room, shared.shards.len())];
+        let actor = claims.sub.clone();
         let work = ShardCommand::Run(Box::new(move |shard| {
             shard.add_participants(&room, &added);
-            shard.conversation_event(&room, &conversation, change, None, true);
+            shard.conversation_event(&room, &conversation, (change, &actor), None, true);
         }));
         // The answer does not wait for the events; a full shard queue drops them (logged).
         if shard.commands.try_send(work).is_err() {

@@ -263,8 +263,9 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_STORE_TIMEOUT_MS", default_value_t = 5_000)]
     pub store_timeout_ms: u64,
 
-    /// Most rows of a room one `historic` search reads before it answers with the hits found
-    /// and a cursor to continue from.
+    /// Most messages of a room one `historic` search examines before it answers with the hits
+    /// found and a cursor to continue from (the embedded store: hits of its word index; a CQL
+    /// store: rows it scans).
     #[arg(
         long,
         env = "GATEWAY_SEARCH_SCAN_ROWS",

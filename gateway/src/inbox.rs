@@ -395,14 +395,15 @@ struct ConversationEvent<V: Serialize> {
 }
 
 impl Shard {
-    /// Tells about a conversation change: its members (a customer gets the customer view) when
-    /// `to_members`, and every inbox subscriber of the tenant that is not a member; never
-    /// `except` (the connection that asked for the change, which gets the reply instead).
+    /// Tells about a conversation change made by `actor` (the frames' `user_id`): its members
+    /// (a customer gets the customer view) when `to_members`, and every inbox subscriber of the
+    /// tenant that is not a member; never `except` (the connection that asked for the change,
+    /// which gets the reply instead).
     pub(crate) fn conversation_event(
         &mut self,
         room_id: &RoomKey,
         conversation: &Conversation,
-        change: ChangeKind,
+        (change, actor): (ChangeKind, &str),
         except: Option<ConnId>,
         to_members: bool,
     ) {
@@ -416,11 +417,11 @@ impl Shard {
             if to_members {
                 let frame = |team: bool| {
                     if team {
-                        event_frame(room_id, conversation, &participants, change)
+                        event_frame(room_id, conversation, &participants, (change, actor))
                     } else {
                         FrameBuilder::success(
                             CONVERSATION_RESPONSE,
-                            &room_id.room_id,
+                            actor,
                             Some(&room_id.room_id),
                             None,
                             ConversationEvent {
@@ -453,7 +454,7 @@ impl Shard {
             .filter(|c| Some(c.id) != except && !member_ids.contains(&c.id))
             .collect();
         if !subscribers.is_empty() {
-            let frame = event_frame(room_id, conversation, &participants, change);
+            let frame = event_frame(room_id, conversation, &participants, (change, actor));
             for conn in &subscribers {
                 route.send(conn, frame.clone(), FrameClass::Durable);
             }
@@ -523,7 +524,13 @@ impl Shard {
         }
         match result {
             Ok(Some(saved)) => {
-                self.conversation_event(room_id, &saved.value, ChangeKind::Activity, None, false)
+                let actor = saved
+                    .value
+                    .last_message
+                    .as_ref()
+                    .map_or_else(String::new, |m| m.sender.clone());
+                let change = (ChangeKind::Activity, actor.as_str());
+                self.conversation_event(room_id, &saved.value, change, None, false)
             }
             Ok(None) => {}
             // The messages are stored; only the inbox's view of them lags until the next one.
@@ -541,11 +548,11 @@ fn event_frame(
     room_id: &RoomKey,
     conversation: &Conversation,
     participants: &[String],
-    change: ChangeKind,
+    (change, actor): (ChangeKind, &str),
 ) -> bytes::Bytes {
     FrameBuilder::success(
         CONVERSATION_RESPONSE,
-        &room_id.room_id,
+        actor,
         Some(&room_id.room_id),
         None,
         ConversationEvent {

@@ -285,6 +285,7 @@ async fn conversation_updates_are_answered_and_announced_to_members_and_the_inbo
     for client in [&mut bob, &mut watcher] {
         let event = event_about(client, &room).await;
         assert_eq!(event["data"]["change"], "updated");
+        assert_eq!(event["user_id"], "carol", "who changed it");
         assert_eq!(event["data"]["conversation"]["assignee"], "bob");
         assert_eq!(
             event["data"]["conversation"]["labels"],
@@ -384,6 +385,7 @@ async fn messages_move_a_conversation_and_the_inbox_hears_of_it() {
     cust.chat(&room, "where is my order?").await;
     let event = event_about(&mut watcher, &room).await;
     assert_eq!(event["data"]["change"], "activity");
+    assert_eq!(event["user_id"], "cust", "whose message moved it");
     let c = &event["data"]["conversation"];
     assert_eq!(c["last_message"]["preview"], "where is my order?");
     assert_eq!(c["last_message"]["direction"], "INCOMING");

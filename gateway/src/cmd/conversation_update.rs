@@ -133,7 +133,7 @@ impl Shard {
         self.conversation_event(
             &call.room,
             &conversation,
-            ChangeKind::Updated,
+            (ChangeKind::Updated, &call.conn.claims.sub),
             Some(call.conn.id),
             true,
         );
