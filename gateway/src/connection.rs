@@ -469,6 +469,8 @@ impl Session {
             Command::Note(note) => RoomAction::Note(note),
             Command::ConversationGet(get) => RoomAction::ConversationGet(get),
             Command::ConversationUpdate(update) => RoomAction::ConversationUpdate(update),
+            Command::End(end) => RoomAction::End(end),
+            Command::Rate(rate) => RoomAction::Rate(rate),
             Command::SubscribeInbox(subscribe) => {
                 let frame = subscribe
                     .apply(&self.shared, &self.conn, reference_owned.as_deref())

@@ -15,10 +15,14 @@ use storage::records::{
 };
 use storage::{Direction, Message, RoomKey, RoomKind, Store, Timestamp};
 
-use crate::codec::{FrameBuilder, ProtocolError};
+use crate::auth::may_join;
+use crate::cmd::{Code, RoomCall};
+use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
 use crate::metrics::OutCode;
 use crate::outbox::FrameClass;
-use crate::shard::{ConnId, ConnRef, Route, Shard, ShardEvent, Slot};
+use crate::shard::{
+    access_error, server_busy, storage_unavailable, ConnId, ConnRef, Route, Shard, ShardEvent, Slot,
+};
 
 const STRIPES: usize = 16;
 /// Characters of a message a conversation's preview keeps.
@@ -141,6 +145,10 @@ pub enum ChangeKind {
     Reopened,
     /// Created.
     Created,
+    /// `end`.
+    Ended,
+    /// `rate`.
+    Rated,
 }
 
 /// Deserializes a field that may be absent (`None`), `null` (`Some(None)`) or a value.
@@ -295,18 +303,126 @@ pub async fn update_conversation<S: Store>(
     room: &RoomKey,
     patch: &ConversationPatch,
 ) -> storage::Result<Option<Conversation>> {
-    for user in &patch.add_participants {
+    let change = ConversationChange::Update(patch.clone());
+    Ok(change_conversation(store, room, &change)
+        .await?
+        .and_then(Result::ok))
+}
+
+/// Why a conversation ended (`end`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    UserEnded,
+    AgentEnded,
+    Timeout,
+    Resolved,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::UserEnded => "user_ended",
+            EndReason::AgentEnded => "agent_ended",
+            EndReason::Timeout => "timeout",
+            EndReason::Resolved => "resolved",
+        }
+    }
+}
+
+/// A change a code makes to a conversation's state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConversationChange {
+    /// `conversation_update` (and a reopen).
+    Update(ConversationPatch),
+    /// `end`: the conversation is over, for `reason`.
+    End(EndReason),
+    /// `rate`: the customer's rating, once.
+    Rate(Rating),
+}
+
+impl ConversationChange {
+    /// What the events about it say.
+    pub fn kind(&self) -> ChangeKind {
+        match self {
+            ConversationChange::Update(_) => ChangeKind::Updated,
+            ConversationChange::End(_) => ChangeKind::Ended,
+            ConversationChange::Rate(_) => ChangeKind::Rated,
+        }
+    }
+
+    /// Participants it adds to the room.
+    pub fn added_participants(&self) -> &[String] {
+        match self {
+            ConversationChange::Update(patch) => &patch.add_participants,
+            _ => &[],
+        }
+    }
+
+    /// Applies it: `Ok(false)` when it changed nothing, `Err` when it may not be applied to the
+    /// conversation as it is (the reason goes back to the client).
+    pub fn apply(&self, c: &mut Conversation) -> Result<bool, ProtocolError> {
+        match self {
+            ConversationChange::Update(patch) => Ok(patch.apply(c)),
+            ConversationChange::End(reason) => {
+                if c.status == ConversationStatus::Ended {
+                    return Err(ProtocolError::bad_request(
+                        "the conversation has ended already",
+                    ));
+                }
+                c.status = ConversationStatus::Ended;
+                c.is_open = false;
+                c.snoozed_until = None;
+                c.waiting_since = None;
+                c.metrics.ended_at = Some(Timestamp::now());
+                c.metrics.end_reason = Some(reason.as_str().to_owned());
+                Ok(true)
+            }
+            ConversationChange::Rate(rating) => {
+                if c.rating.is_some() {
+                    return Err(ProtocolError::bad_request(
+                        "the conversation is rated already",
+                    ));
+                }
+                c.rating = Some(rating.clone());
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// Applies `change` to the room's conversation, again to a fresh read when another writer got
+/// there first, after adding its participants to the room. `Ok(None)`: the room has no
+/// conversation; `Ok(Some(Err))`: the change was refused and nothing was written.
+pub async fn change_conversation<S: Store>(
+    store: &S,
+    room: &RoomKey,
+    change: &ConversationChange,
+) -> storage::Result<Option<Result<Conversation, ProtocolError>>> {
+    for user in change.added_participants() {
         store.add_participant(room, user).await?;
     }
+    let mut refusal = None;
     let updated =
         records::update::<Conversation, _, _>(store, &room.tenant_id, &room.room_id, |current| {
+            refusal = None;
             Ok(current.and_then(|c| {
                 let mut next = c.clone();
-                patch.apply(&mut next).then_some(next)
+                match change.apply(&mut next) {
+                    Ok(changed) => changed.then_some(next),
+                    Err(error) => {
+                        refusal = Some(error);
+                        None
+                    }
+                }
             }))
         })
         .await?;
-    Ok(updated.map(|Versioned { value, .. }| value))
+    Ok(match (updated, refusal) {
+        (None, _) => None,
+        (Some(_), Some(error)) => Some(Err(error)),
+        (Some(Versioned { value, .. }), None) => Some(Ok(value)),
+    })
 }
 
 /// What the messages stored since the last save did to a conversation, folded in order so
@@ -461,6 +577,112 @@ impl Shard {
             sent += subscribers.len() as u64;
         }
         self.shared.metrics.frames_out(OutCode::Conversation, sent);
+    }
+
+    /// Runs a code's change of a conversation: access as for `join` (the code has checked the
+    /// caller's role), saved in a helper task (see [`change_conversation`]), then answered with
+    /// the conversation in the caller's view and announced to the members and the inbox.
+    pub(crate) fn change_conversation(
+        &mut self,
+        call: RoomCall,
+        code: Code,
+        change: ConversationChange,
+    ) {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&call.room) else {
+            return;
+        };
+        if let Some(error) = access_error(may_join(&call.conn.claims, &state.room)) {
+            return self.refuse(call, code, error);
+        }
+        let Some(permit) = self.try_work() else {
+            return self.refuse(call, code, server_busy());
+        };
+        if let Some(Slot::Ready(state)) = self.rooms.get_mut(&call.room) {
+            // Loaded until the answer is out: the event goes to its members.
+            state.inflight += 1;
+        }
+        let store = self.shared.store.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = change_conversation(&store, &call.room, &change).await;
+            let _ = events
+                .send(ShardEvent::Continue(Box::new(move |shard: &mut Shard| {
+                    shard.conversation_changed(call, code, change, result)
+                })))
+                .await;
+            drop(permit);
+        });
+    }
+
+    fn conversation_changed(
+        &mut self,
+        call: RoomCall,
+        code: Code,
+        change: ConversationChange,
+        result: storage::Result<Option<Result<Conversation, ProtocolError>>>,
+    ) {
+        if let Some(Slot::Ready(state)) = self.rooms.get_mut(&call.room) {
+            state.inflight = state.inflight.saturating_sub(1);
+        }
+        let conversation = match result {
+            Ok(Some(Ok(conversation))) => conversation,
+            Ok(Some(Err(refusal))) => return self.refuse(call, code, refusal),
+            Ok(None) => {
+                let error = ProtocolError::new(ErrorCode::NotFound, "not a conversation");
+                return self.refuse(call, code, error);
+            }
+            Err(e) => {
+                tracing::warn!(room_id = %call.room.room_id, error = %e, "changing a conversation failed");
+                return self.refuse(call, code, storage_unavailable());
+            }
+        };
+        self.add_participants(&call.room, change.added_participants());
+        let participants = self.participants(&call.room);
+        self.shared.metrics.frames_out(OutCode::Response(code), 1);
+        let (user, room_id, reference) = (
+            &call.conn.claims.sub,
+            Some(call.room.room_id.as_str()),
+            call.reference.as_deref(),
+        );
+        let reply = if call.conn.claims.role.sees_notes() {
+            let view = AgentView {
+                conversation: &conversation,
+                participants: &participants,
+            };
+            FrameBuilder::success(code.response(), user, room_id, reference, view)
+        } else {
+            let view = CustomerView::of(&conversation);
+            FrameBuilder::success(code.response(), user, room_id, reference, view)
+        };
+        self.route().send(&call.conn, reply, FrameClass::Durable);
+        let announced = (change.kind(), call.conn.claims.sub.as_str());
+        self.conversation_event(
+            &call.room,
+            &conversation,
+            announced,
+            Some(call.conn.id),
+            true,
+        );
+        self.maybe_unload(&call.room);
+    }
+
+    /// Adds participants the store now has to the loaded room (its access checks read them).
+    pub(crate) fn add_participants(&mut self, room: &RoomKey, users: &[String]) {
+        if let Some(Slot::Ready(state)) = self.rooms.get_mut(room) {
+            for user in users {
+                if !state.room.participants.contains(user) {
+                    state.room.participants.push(user.clone());
+                }
+            }
+        }
+    }
+
+    /// The loaded room's participants.
+    pub(crate) fn participants(&self, room: &RoomKey) -> Vec<String> {
+        match self.rooms.get(room) {
+            Some(Slot::Ready(state)) => state.room.participants.clone(),
+            _ => Vec::new(),
+        }
     }
 
     /// A message of a conversation was stored: its activity is saved (folded with whatever

@@ -483,3 +483,90 @@ async fn another_tenants_inbox_and_conversations_stay_apart() {
     watcher.expect_silence(Duration::from_millis(300)).await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_conversation_ends_once_and_its_customer_rates_it_once() {
+    let server = TestServer::start().await;
+    let room = support_conversation(&server).await;
+    let mut watcher = subscribed(&server, "watcher").await;
+    let mut alice = server.connect("alice", TENANT, Role::Agent).await;
+    alice.join(&room).await;
+    let mut cust = server.connect("cust", TENANT, Role::Customer).await;
+    cust.join(&room).await;
+
+    let refused = cust
+        .request("end", Some(&room), json!({"reason": "resolved"}))
+        .await;
+    assert_eq!(refused["data"]["error_code"], "FORBIDDEN", "{refused}");
+    let ended = cust.request("end", Some(&room), json!({})).await;
+    assert_eq!(ended["status"], "success", "{ended}");
+    assert_eq!(ended["code"], "end_response");
+    assert_eq!(ended["data"]["status"], "ended");
+    assert_eq!(ended["data"]["is_open"], false);
+    assert!(
+        ended["data"].get("metrics").is_none(),
+        "customer view: {ended}"
+    );
+    for client in [&mut alice, &mut watcher] {
+        let event = event_about(client, &room).await;
+        assert_eq!(event["data"]["change"], "ended", "{event}");
+        assert_eq!(event["user_id"], "cust");
+        let metrics = &event["data"]["conversation"]["metrics"];
+        assert_eq!(metrics["end_reason"], "user_ended");
+        assert!(metrics["ended_at"].is_string(), "{event}");
+    }
+    let again = alice
+        .request("end", Some(&room), json!({"reason": "resolved"}))
+        .await;
+    assert_eq!(again["data"]["error_code"], "BAD_REQUEST", "{again}");
+    assert!(again["data"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("ended already"));
+
+    let refused = alice
+        .request("rate", Some(&room), json!({"score": "good"}))
+        .await;
+    assert_eq!(refused["data"]["error_code"], "FORBIDDEN", "{refused}");
+    for (data, error_code, names) in [
+        (json!({"score": "meh"}), "BAD_REQUEST", "score"),
+        (json!({}), "BAD_REQUEST", "score"),
+        (
+            json!({"score": "bad", "comment": "x".repeat(1001)}),
+            "TOO_LARGE",
+            "comment",
+        ),
+    ] {
+        let error = cust.request("rate", Some(&room), data).await;
+        assert_eq!(error["data"]["error_code"], error_code, "{error}");
+        assert!(error["data"]["message"].as_str().unwrap().contains(names));
+    }
+    let rated = cust
+        .request(
+            "rate",
+            Some(&room),
+            json!({"score": "good", "comment": "quick, thanks"}),
+        )
+        .await;
+    assert_eq!(rated["status"], "success", "{rated}");
+    assert_eq!(rated["data"]["rating"]["score"], "good");
+    assert_eq!(rated["data"]["rating"]["comment"], "quick, thanks");
+    let event = event_about(&mut alice, &room).await;
+    assert_eq!(event["data"]["change"], "rated");
+    let twice = cust
+        .request("rate", Some(&room), json!({"score": "bad"}))
+        .await;
+    assert_eq!(twice["data"]["error_code"], "BAD_REQUEST", "{twice}");
+    assert!(twice["data"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("rated already"));
+    let got = alice
+        .request("conversation_get", Some(&room), json!({}))
+        .await;
+    assert_eq!(
+        got["data"]["rating"]["score"], "good",
+        "the first rating stands"
+    );
+    server.stop().await;
+}

@@ -8,11 +8,13 @@
 pub mod chat;
 pub mod conversation_get;
 pub mod conversation_update;
+pub mod end;
 pub mod historic;
 pub mod join;
 pub mod leave;
 pub mod note;
 pub mod presence;
+pub mod rate;
 pub mod read_receipt;
 pub mod subscribe_inbox;
 pub mod typing;
@@ -41,11 +43,13 @@ pub enum Code {
     ConversationGet,
     ConversationUpdate,
     SubscribeInbox,
+    End,
+    Rate,
 }
 
 impl Code {
     /// Every code, for metric label pre-registration.
-    pub const ALL: [Code; 12] = [
+    pub const ALL: [Code; 14] = [
         Code::Join,
         Code::Leave,
         Code::Chat,
@@ -58,6 +62,8 @@ impl Code {
         Code::ConversationGet,
         Code::ConversationUpdate,
         Code::SubscribeInbox,
+        Code::End,
+        Code::Rate,
     ];
 
     pub fn parse(code: &str) -> Option<Code> {
@@ -74,6 +80,8 @@ impl Code {
             "conversation_get" => Code::ConversationGet,
             "conversation_update" => Code::ConversationUpdate,
             "subscribe_inbox" => Code::SubscribeInbox,
+            "end" => Code::End,
+            "rate" => Code::Rate,
             _ => return None,
         })
     }
@@ -92,6 +100,8 @@ impl Code {
             Code::ConversationGet => "conversation_get",
             Code::ConversationUpdate => "conversation_update",
             Code::SubscribeInbox => "subscribe_inbox",
+            Code::End => "end",
+            Code::Rate => "rate",
         }
     }
 
@@ -110,6 +120,8 @@ impl Code {
             Code::ConversationGet => "conversation_get_response",
             Code::ConversationUpdate => "conversation_update_response",
             Code::SubscribeInbox => "subscribe_inbox_response",
+            Code::End => "end_response",
+            Code::Rate => "rate_response",
         }
     }
 
@@ -139,6 +151,8 @@ pub enum Command {
     ConversationGet(conversation_get::ConversationGet),
     ConversationUpdate(conversation_update::ConversationUpdate),
     SubscribeInbox(subscribe_inbox::SubscribeInbox),
+    End(end::End),
+    Rate(rate::Rate),
 }
 
 impl Command {
@@ -168,6 +182,8 @@ impl Command {
             Code::SubscribeInbox => {
                 Command::SubscribeInbox(subscribe_inbox::SubscribeInbox::parse(data)?)
             }
+            Code::End => Command::End(end::End::parse(data)?),
+            Code::Rate => Command::Rate(rate::Rate::parse(data)?),
             Code::Ping => {
                 parse_data::<serde::de::IgnoredAny>(data)?;
                 Command::Ping
@@ -226,6 +242,8 @@ pub enum RoomAction {
     Note(note::Note),
     ConversationGet(conversation_get::ConversationGet),
     ConversationUpdate(conversation_update::ConversationUpdate),
+    End(end::End),
+    Rate(rate::Rate),
 }
 
 impl RoomAction {
@@ -240,6 +258,8 @@ impl RoomAction {
             RoomAction::Note(_) => Code::Note,
             RoomAction::ConversationGet(_) => Code::ConversationGet,
             RoomAction::ConversationUpdate(_) => Code::ConversationUpdate,
+            RoomAction::End(_) => Code::End,
+            RoomAction::Rate(_) => Code::Rate,
         }
     }
 
@@ -265,6 +285,8 @@ impl RoomAction {
                 | RoomAction::Historic(_)
                 | RoomAction::ConversationGet(_)
                 | RoomAction::ConversationUpdate(_)
+                | RoomAction::End(_)
+                | RoomAction::Rate(_)
         )
     }
 
@@ -280,6 +302,8 @@ impl RoomAction {
             RoomAction::Note(note) => shard.note(call, note),
             RoomAction::ConversationGet(get) => shard.conversation_get(call, get),
             RoomAction::ConversationUpdate(update) => shard.conversation_update(call, update),
+            RoomAction::End(end) => shard.end(call, end),
+            RoomAction::Rate(rate) => shard.rate(call, rate),
         }
     }
 }
