@@ -16,6 +16,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use crate::records::ListQuery;
 use crate::{
     Direction, Error, HistoryPage, HistoryQuery, Message, MessageType, NewMessage, NewRoom,
     ReadState, Record, RecordKey, RecordKind, RoomKey, RoomKind, SearchQuery, SenderType, Store,
@@ -69,6 +70,9 @@ macro_rules! conformance_tests {
             typed_records_round_trip_every_field,
             an_update_reads_again_after_losing_a_race,
             an_oversized_record_is_invalid_and_changes_nothing,
+            a_list_orders_records_by_key_and_pages_after_a_place,
+            a_walk_over_a_list_sees_every_record_once_while_records_move,
+            a_list_query_older_than_the_kept_places_is_invalid,
         );
     };
     (@cases $make:path, required; $($case:ident),+ $(,)?) => {
@@ -1103,6 +1107,38 @@ fn record(tenant: &str, kind: RecordKind, id: &str, version: u64, body: &str) ->
         version,
         body: body.to_owned(),
         updated_at: Timestamp::now(),
+        list_key: None,
+    }
+}
+
+/// Writes conversation record `id` (version `version`) at list place `key`.
+async fn place<S: Store>(store: &S, tenant: &str, id: &str, version: u64, key: Option<i64>) {
+    let mut listed = record(tenant, RecordKind::Conversation, id, version, "{}");
+    listed.list_key = key;
+    store.put_record(listed).await.unwrap();
+}
+
+async fn list_ids<S: Store>(store: &S, tenant: &str, query: ListQuery) -> Vec<(i64, String)> {
+    store
+        .list_records(tenant, RecordKind::Conversation, query)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.list_key, l.record.key.id))
+        .collect()
+}
+
+fn list_query(
+    as_of: Timestamp,
+    descending: bool,
+    after: Option<(i64, &str)>,
+    limit: u32,
+) -> ListQuery {
+    ListQuery {
+        as_of,
+        descending,
+        after: after.map(|(k, id)| (k, id.to_owned())),
+        limit,
     }
 }
 
@@ -1464,4 +1500,96 @@ pub async fn an_oversized_record_is_invalid_and_changes_nothing<S: Store>(store:
             .unwrap(),
         None
     );
+}
+
+pub async fn a_list_orders_records_by_key_and_pages_after_a_place<S: Store>(store: S) {
+    for (id, key) in [("c", 30), ("a", 10), ("e", 50), ("b", 30), ("d", 40)] {
+        place(&store, TENANT, id, 1, Some(key)).await;
+    }
+    // Not listed: no place, another kind, another tenant.
+    place(&store, TENANT, "unlisted", 1, None).await;
+    let mut contact = record(TENANT, RecordKind::Contact, "x", 1, "{}");
+    contact.list_key = Some(99);
+    store.put_record(contact).await.unwrap();
+    place(&store, "other", "z", 1, Some(60)).await;
+    let now = Timestamp::now();
+    let ids = |v: Vec<(i64, String)>| v.into_iter().map(|(_, id)| id).collect::<Vec<_>>();
+    let all = ids(list_ids(&store, TENANT, list_query(now, true, None, 10)).await);
+    assert_eq!(
+        all,
+        ["e", "d", "c", "b", "a"],
+        "by key, then id, largest first"
+    );
+    let first = list_ids(&store, TENANT, list_query(now, true, None, 2)).await;
+    assert_eq!(first, [(50, "e".to_owned()), (40, "d".to_owned())]);
+    let next = ids(list_ids(&store, TENANT, list_query(now, true, Some((40, "d")), 2)).await);
+    assert_eq!(next, ["c", "b"]);
+    let last = ids(list_ids(&store, TENANT, list_query(now, true, Some((30, "b")), 2)).await);
+    assert_eq!(last, ["a"]);
+    let oldest = ids(list_ids(&store, TENANT, list_query(now, false, Some((30, "b")), 10)).await);
+    assert_eq!(oldest, ["c", "d", "e"], "smallest first, after a place");
+    // A record written again without a place leaves the list.
+    place(&store, TENANT, "d", 2, None).await;
+    let all = ids(list_ids(&store, TENANT, list_query(Timestamp::now(), true, None, 10)).await);
+    assert_eq!(all, ["e", "c", "b", "a"]);
+}
+
+pub async fn a_walk_over_a_list_sees_every_record_once_while_records_move<S: Store>(store: S) {
+    for n in 1..=6 {
+        place(&store, TENANT, &format!("r{n}"), 1, Some(n)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let as_of = Timestamp::now();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let mut seen = list_ids(&store, TENANT, list_query(as_of, true, None, 2)).await;
+    assert_eq!(seen, [(6, "r6".to_owned()), (5, "r5".to_owned())]);
+    // Meanwhile r1 (not seen yet) and r5 (seen) move to the top, r3 moves twice, and r7 is new.
+    place(&store, TENANT, "r1", 2, Some(100)).await;
+    place(&store, TENANT, "r5", 2, Some(101)).await;
+    place(&store, TENANT, "r3", 2, Some(102)).await;
+    place(&store, TENANT, "r3", 3, Some(103)).await;
+    place(&store, TENANT, "r7", 1, Some(104)).await;
+    loop {
+        let (key, id) = seen.last().cloned().unwrap();
+        let page = list_ids(&store, TENANT, list_query(as_of, true, Some((key, &id)), 2)).await;
+        if page.is_empty() {
+            break;
+        }
+        seen.extend(page);
+    }
+    let walked: Vec<&str> = seen.iter().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(
+        walked,
+        ["r6", "r5", "r4", "r3", "r2", "r1"],
+        "each once, at its place then"
+    );
+    // Each comes with its current body and version.
+    let listed = store
+        .list_records(
+            TENANT,
+            RecordKind::Conversation,
+            list_query(as_of, true, Some((4, "r4")), 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!((listed[0].list_key, listed[0].record.version), (3, 3));
+    assert_eq!(listed[0].record.list_key, Some(103));
+    // A walk started now sees the moves.
+    let now = list_ids(&store, TENANT, list_query(Timestamp::now(), true, None, 4)).await;
+    let ids: Vec<&str> = now.iter().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(ids, ["r7", "r3", "r5", "r1"]);
+}
+
+pub async fn a_list_query_older_than_the_kept_places_is_invalid<S: Store>(store: S) {
+    place(&store, TENANT, "r", 1, Some(1)).await;
+    let stale = Timestamp(Timestamp::now().0 - crate::records::LIST_SNAPSHOT_MILLIS - 1000);
+    let error = store
+        .list_records(
+            TENANT,
+            RecordKind::Conversation,
+            list_query(stale, true, None, 10),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Invalid(_)), "{error:?}");
 }

@@ -99,8 +99,8 @@ use crate::records::MAX_RECORD_BYTES;
 use crate::words::{contains_words, words};
 use crate::{
     split_params, Appended, Direction, Error, HistoryPage, HistoryQuery, Message, MessageType,
-    NewMessage, NewRoom, Options, ReadState, Record, RecordKey, Result, Room, RoomKey, RoomKind,
-    SearchQuery, SenderType, Store, Timestamp,
+    NewMessage, NewRoom, Options, ReadState, Record, RecordKey, RecordKind, Result, Room, RoomKey,
+    RoomKind, SearchQuery, SenderType, Store, Timestamp,
 };
 
 /// Messages per partition: `bucket = seq / BUCKET_SIZE`. Part of the schema: changing it needs a
@@ -2471,6 +2471,7 @@ impl Inner {
             .map_err(|e| request_error(Access::Read, "reading a record", &e))?;
         let row = first_row::<(Option<i64>, Option<String>, Option<i64>)>(result, "records")?;
         Ok(row.map(|(version, body, updated_at)| Record {
+            list_key: None,
             key: key.clone(),
             version: version.map_or(0, to_u64),
             body: body.unwrap_or_default(),
@@ -2641,6 +2642,17 @@ impl Store for CqlStore {
         }
         self.run(|inner| async move { inner.put_record(record).await })
             .await
+    }
+
+    async fn list_records(
+        &self,
+        _tenant_id: &str,
+        _kind: RecordKind,
+        _query: crate::records::ListQuery,
+    ) -> Result<Vec<crate::records::Listed>> {
+        Err(Error::Schema(
+            "PLACEHOLDER: lists are not implemented on CQL yet".into(),
+        ))
     }
 
     async fn close(&self) -> Result<()> {
@@ -2987,6 +2999,7 @@ mod tests {
             version: 1,
             body: "{}".to_owned(),
             updated_at: Timestamp(7),
+            list_key: None,
         };
         assert_eq!(store.put_record(record.clone()).await.unwrap(), record);
         assert_eq!(store.record(&key).await.unwrap(), Some(record));

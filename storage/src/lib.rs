@@ -236,6 +236,17 @@ pub trait Store: Send + Sync + 'static {
     /// [`records::MAX_RECORD_BYTES`] is [`Error::Invalid`].
     fn put_record(&self, record: Record) -> impl Future<Output = Result<Record>> + Send;
 
+    /// A page of the tenant's records of `kind` that have a [`Record::list_key`], ordered by
+    /// `(list_key, id)` as the list was at `query.as_of` (see [`records::ListQuery`]), each
+    /// with its current body. A query older than [`records::LIST_SNAPSHOT_MILLIS`] is
+    /// [`Error::Invalid`].
+    fn list_records(
+        &self,
+        tenant_id: &str,
+        kind: RecordKind,
+        query: records::ListQuery,
+    ) -> impl Future<Output = Result<Vec<records::Listed>>> + Send;
+
     /// Waits until everything accepted so far is durable, then stops taking writes.
     fn close(&self) -> impl Future<Output = Result<()>> + Send;
 }
@@ -435,6 +446,14 @@ impl Store for AnyStore {
     }
     async fn put_record(&self, record: Record) -> Result<Record> {
         dispatch!(self, s => s.put_record(record).await)
+    }
+    async fn list_records(
+        &self,
+        tenant_id: &str,
+        kind: RecordKind,
+        query: records::ListQuery,
+    ) -> Result<Vec<records::Listed>> {
+        dispatch!(self, s => s.list_records(tenant_id, kind, query).await)
     }
     async fn close(&self) -> Result<()> {
         dispatch!(self, s => s.close().await)

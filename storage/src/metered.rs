@@ -9,9 +9,10 @@ use std::time::Instant;
 use prometheus::core::Collector;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 
+use crate::records::{ListQuery, Listed};
 use crate::{
     Appended, HistoryPage, HistoryQuery, Message, NewMessage, NewRoom, ReadState, Record,
-    RecordKey, Result, Room, RoomKey, SearchQuery, Store,
+    RecordKey, RecordKind, Result, Room, RoomKey, SearchQuery, Store,
 };
 
 /// The metrics [`MeteredStore`] records, shared by its clones.
@@ -163,6 +164,19 @@ impl<S: Store> Store for MeteredStore<S> {
     async fn put_record(&self, record: Record) -> Result<Record> {
         self.timed("put_record", self.inner.put_record(record))
             .await
+    }
+
+    async fn list_records(
+        &self,
+        tenant_id: &str,
+        kind: RecordKind,
+        query: ListQuery,
+    ) -> Result<Vec<Listed>> {
+        self.timed(
+            "list_records",
+            self.inner.list_records(tenant_id, kind, query),
+        )
+        .await
     }
 
     async fn close(&self) -> Result<()> {

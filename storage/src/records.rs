@@ -57,6 +57,48 @@ pub struct Record {
     /// The document, serialized JSON.
     pub body: String,
     pub updated_at: Timestamp,
+    /// Where the record sits in its kind's list ([`Store::list_records`]), for kinds that are
+    /// listed (conversations: by last activity, in milliseconds); `None` keeps it out.
+    pub list_key: Option<i64>,
+}
+
+/// How long a list keeps the places records had before they moved, in milliseconds: a walk
+/// through a list started longer ago than this is refused (see [`ListQuery::as_of`]).
+pub const LIST_SNAPSHOT_MILLIS: i64 = 5 * 60 * 1000;
+
+/// One page of a kind's list ([`Store::list_records`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListQuery {
+    /// The list as it was at this time: a record that moved later is listed at its place then,
+    /// and one listed later is left out, so a walk over pages started at `as_of` sees every
+    /// record listed then exactly once while records keep moving. At most
+    /// [`LIST_SNAPSHOT_MILLIS`] ago.
+    pub as_of: Timestamp,
+    /// Largest keys first (`false`: smallest first).
+    pub descending: bool,
+    /// Start after this place (`(list_key, id)`), exclusive; `None` from the start.
+    pub after: Option<(i64, String)>,
+    /// Most entries returned.
+    pub limit: u32,
+}
+
+impl ListQuery {
+    /// Refuses a walk that started too long ago (its places may be gone).
+    pub fn check(&self) -> Result<()> {
+        if self.as_of.0 < Timestamp::now().0 - LIST_SNAPSHOT_MILLIS {
+            return Err(Error::Invalid(
+                "the list query is older than the places the list keeps".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A listed record with the place it had at the query's `as_of`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listed {
+    pub list_key: i64,
+    pub record: Record,
 }
 
 /// Largest record body a backend takes, in bytes.
@@ -65,6 +107,11 @@ pub const MAX_RECORD_BYTES: usize = 256 * 1024;
 /// A typed record body.
 pub trait RecordBody: Serialize + DeserializeOwned {
     const KIND: RecordKind;
+
+    /// Its place in its kind's list, when the kind is listed.
+    fn list_key(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// A typed record with the version it was read at.
@@ -113,6 +160,7 @@ pub async fn save<T: RecordBody, S: Store>(
             version: record.version + 1,
             body,
             updated_at: Timestamp::now(),
+            list_key: record.value.list_key(),
         })
         .await?;
     Ok(Versioned {
@@ -351,6 +399,11 @@ pub struct Conversation {
 
 impl RecordBody for Conversation {
     const KIND: RecordKind = RecordKind::Conversation;
+
+    /// Conversations are listed by last activity (an inbox, newest first).
+    fn list_key(&self) -> Option<i64> {
+        Some(self.last_activity_at.0)
+    }
 }
 
 impl Conversation {

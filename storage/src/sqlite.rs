@@ -91,11 +91,12 @@ use prometheus::core::Collector;
 use prometheus::{Histogram, HistogramOpts, IntCounter};
 
 use crate::model::ScanOutcome;
+use crate::records::{ListQuery, Listed};
 use crate::words::{contains_words, words};
 use crate::{
     Appended, Direction, Error, HistoryPage, HistoryQuery, Message, MessageType, NewMessage,
-    NewRoom, Options, ReadState, Record, RecordKey, Result, Room, RoomKey, RoomKind, SearchQuery,
-    SenderType, Store, Timestamp,
+    NewRoom, Options, ReadState, Record, RecordKey, RecordKind, Result, Room, RoomKey, RoomKind,
+    SearchQuery, SenderType, Store, Timestamp,
 };
 
 /// How often the checkpointer copies the write-ahead log into the database.
@@ -566,6 +567,21 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn list_records(
+        &self,
+        tenant_id: &str,
+        kind: RecordKind,
+        query: ListQuery,
+    ) -> Result<Vec<Listed>> {
+        query.check()?;
+        let tenant_id = tenant_id.to_owned();
+        self.read(Pool::Lookup, move |conn| {
+            list_records(conn, &tenant_id, kind, &query)
+        })
+        .wait(self)
+        .await
+    }
+
     async fn close(&self) -> Result<()> {
         // Dropping the senders disconnects the queues: the workers finish what was queued before
         // (the writer commits it), then stop.
@@ -1003,7 +1019,11 @@ PRAGMA user_version = 4;
 const INDEX_INSERT_SQL: &str = "INSERT INTO message_words (rowid, words) VALUES (?1, ?2)";
 
 /// Version 5 adds the records (contacts, inboxes, conversations: see [`crate::records`]), one
-/// JSON document per key with its version.
+/// JSON document per key with its version, and the lists of the listed kinds: `record_list`
+/// holds each record's place (`list_key`) since `listed_at`, and, once it moved, until
+/// `unlisted_at`, so that a list can be read as it was at an earlier time (a walk over pages
+/// sees every record once while records move). Places left more than
+/// [`crate::records::LIST_SNAPSHOT_MILLIS`] ago are deleted when the record moves again.
 const SCHEMA_V5_RECORDS: &str = "
 CREATE TABLE records (
     tenant_id  TEXT NOT NULL,
@@ -1012,8 +1032,19 @@ CREATE TABLE records (
     version    INTEGER NOT NULL,
     body       TEXT NOT NULL,
     updated_at INTEGER NOT NULL,
+    list_key   INTEGER,
     PRIMARY KEY (tenant_id, kind, id)
 ) WITHOUT ROWID;
+CREATE TABLE record_list (
+    tenant_id   TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    list_key    INTEGER NOT NULL,
+    id          TEXT NOT NULL,
+    listed_at   INTEGER NOT NULL,
+    unlisted_at INTEGER,
+    PRIMARY KEY (tenant_id, kind, list_key, id)
+) WITHOUT ROWID;
+CREATE INDEX record_list_by_id ON record_list (tenant_id, kind, id);
 PRAGMA user_version = 5;
 ";
 
@@ -1350,8 +1381,8 @@ fn apply(
     }
 }
 
-const RECORD_SQL: &str =
-    "SELECT version, body, updated_at FROM records WHERE tenant_id = ?1 AND kind = ?2 AND id = ?3";
+const RECORD_SQL: &str = "SELECT version, body, updated_at, list_key FROM records
+WHERE tenant_id = ?1 AND kind = ?2 AND id = ?3";
 
 fn read_record(conn: &Connection, key: &RecordKey) -> rusqlite::Result<Option<Record>> {
     conn.prepare_cached(RECORD_SQL)?
@@ -1361,9 +1392,63 @@ fn read_record(conn: &Connection, key: &RecordKey) -> rusqlite::Result<Option<Re
                 version: to_u64(row.get(0)?),
                 body: row.get(1)?,
                 updated_at: Timestamp(row.get(2)?),
+                list_key: row.get(3)?,
             })
         })
         .optional()
+}
+
+/// The page of a list as it was at `query.as_of` (see `SCHEMA_V5_RECORDS`).
+fn list_records(
+    conn: &Connection,
+    tenant_id: &str,
+    kind: RecordKind,
+    query: &ListQuery,
+) -> rusqlite::Result<Vec<Listed>> {
+    let (order, past) = if query.descending {
+        ("DESC", "<")
+    } else {
+        ("ASC", ">")
+    };
+    let after = if query.after.is_some() {
+        format!("AND (l.list_key, l.id) {past} (?4, ?5)")
+    } else {
+        String::new()
+    };
+    let sql = format!(
+        "SELECT l.list_key, r.id, r.version, r.body, r.updated_at, r.list_key
+         FROM record_list l
+         JOIN records r ON r.tenant_id = l.tenant_id AND r.kind = l.kind AND r.id = l.id
+         WHERE l.tenant_id = ?1 AND l.kind = ?2
+           AND l.listed_at <= ?3 AND (l.unlisted_at IS NULL OR l.unlisted_at > ?3) {after}
+         ORDER BY l.list_key {order}, l.id {order} LIMIT ?6"
+    );
+    let (after_key, after_id) = query.after.clone().unwrap_or_default();
+    let mut statement = conn.prepare_cached(&sql)?;
+    let rows = statement.query_map(
+        params![
+            tenant_id,
+            kind.as_str(),
+            query.as_of.0,
+            after_key,
+            after_id,
+            i64::from(query.limit)
+        ],
+        |row| {
+            let id: String = row.get(1)?;
+            Ok(Listed {
+                list_key: row.get(0)?,
+                record: Record {
+                    key: RecordKey::new(tenant_id, kind, &id),
+                    version: to_u64(row.get(2)?),
+                    body: row.get(3)?,
+                    updated_at: Timestamp(row.get(4)?),
+                    list_key: row.get(5)?,
+                },
+            })
+        },
+    )?;
+    rows.collect()
 }
 
 /// Compare-and-set inside the batch's transaction: earlier writes of the batch are visible.
@@ -1375,16 +1460,18 @@ fn put_record(tx: &Connection, record: Record) -> rusqlite::Result<Result<Record
             crate::records::MAX_RECORD_BYTES
         ))));
     }
-    let stored = read_record(tx, &record.key)?.map_or(0, |r| r.version);
+    let current = read_record(tx, &record.key)?;
+    let stored = current.as_ref().map_or(0, |r| r.version);
     if record.version == 0 || stored != record.version - 1 {
         return Ok(Err(Error::VersionConflict { stored }));
     }
     let key = &record.key;
     tx.prepare_cached(
-        "INSERT INTO records (tenant_id, kind, id, version, body, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+        "INSERT INTO records (tenant_id, kind, id, version, body, updated_at, list_key)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (tenant_id, kind, id) DO UPDATE
-         SET version = excluded.version, body = excluded.body, updated_at = excluded.updated_at",
+         SET version = excluded.version, body = excluded.body, updated_at = excluded.updated_at,
+             list_key = excluded.list_key",
     )?
     .execute(params![
         key.tenant_id,
@@ -1392,9 +1479,53 @@ fn put_record(tx: &Connection, record: Record) -> rusqlite::Result<Result<Record
         key.id,
         to_i64(record.version),
         record.body,
-        record.updated_at.0
+        record.updated_at.0,
+        record.list_key
     ])?;
+    let was = current.and_then(|r| r.list_key);
+    if was != record.list_key {
+        move_in_list(tx, key, was, record.list_key)?;
+    }
     Ok(Ok(record))
+}
+
+/// Moves a record's place in its list: the old place is kept, closed now, for walks that
+/// started before (and places closed long ago are dropped); the new one opens now.
+fn move_in_list(
+    tx: &Connection,
+    key: &RecordKey,
+    was: Option<i64>,
+    now_at: Option<i64>,
+) -> rusqlite::Result<()> {
+    let now = Timestamp::now().0;
+    let kind = key.kind.as_str();
+    if let Some(was) = was {
+        tx.prepare_cached(
+            "UPDATE record_list SET unlisted_at = ?5
+             WHERE tenant_id = ?1 AND kind = ?2 AND list_key = ?3 AND id = ?4",
+        )?
+        .execute(params![key.tenant_id, kind, was, key.id, now])?;
+        tx.prepare_cached(
+            "DELETE FROM record_list
+             WHERE tenant_id = ?1 AND kind = ?2 AND id = ?3 AND unlisted_at < ?4",
+        )?
+        .execute(params![
+            key.tenant_id,
+            kind,
+            key.id,
+            now - crate::records::LIST_SNAPSHOT_MILLIS
+        ])?;
+    }
+    if let Some(place) = now_at {
+        tx.prepare_cached(
+            "INSERT INTO record_list (tenant_id, kind, list_key, id, listed_at, unlisted_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, NULL)
+             ON CONFLICT (tenant_id, kind, list_key, id) DO UPDATE
+             SET listed_at = excluded.listed_at, unlisted_at = NULL",
+        )?
+        .execute(params![key.tenant_id, kind, place, key.id, now])?;
+    }
+    Ok(())
 }
 
 /// The room's state as this batch sees it, or `None` when the room does not exist.

@@ -10,9 +10,10 @@
 use std::future::Future;
 use std::time::Duration;
 
+use crate::records::{ListQuery, Listed};
 use crate::{
     Appended, Error, HistoryPage, HistoryQuery, Message, NewMessage, NewRoom, ReadState, Record,
-    RecordKey, Result, Room, RoomKey, SearchQuery, Store,
+    RecordKey, RecordKind, Result, Room, RoomKey, SearchQuery, Store,
 };
 
 /// Wraps a store so that every call but `close` fails once `limit` has passed.
@@ -123,6 +124,19 @@ impl<S: Store> Store for TimeoutStore<S> {
             .await
     }
 
+    async fn list_records(
+        &self,
+        tenant_id: &str,
+        kind: RecordKind,
+        query: ListQuery,
+    ) -> Result<Vec<Listed>> {
+        self.read(
+            "list_records",
+            self.inner.list_records(tenant_id, kind, query),
+        )
+        .await
+    }
+
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }
@@ -167,6 +181,9 @@ mod tests {
             std::future::pending().await
         }
         async fn put_record(&self, _: Record) -> Result<Record> {
+            std::future::pending().await
+        }
+        async fn list_records(&self, _: &str, _: RecordKind, _: ListQuery) -> Result<Vec<Listed>> {
             std::future::pending().await
         }
         async fn close(&self) -> Result<()> {
