@@ -470,6 +470,14 @@ impl Session {
             Command::ConversationGet(get) => RoomAction::ConversationGet(get),
             Command::ConversationUpdate(update) => RoomAction::ConversationUpdate(update),
             Command::End(end) => RoomAction::End(end),
+            Command::ConversationList(list) => {
+                list.spawn(
+                    self.shared.clone(),
+                    self.conn.clone(),
+                    reference_owned.clone(),
+                );
+                return None;
+            }
             Command::Rate(rate) => RoomAction::Rate(rate),
             Command::SubscribeInbox(subscribe) => {
                 let frame = subscribe

@@ -570,3 +570,212 @@ async fn a_conversation_ends_once_and_its_customer_rates_it_once() {
     );
     server.stop().await;
 }
+
+/// Opens support conversation `id` with customer `cust-<id>`, in `inbox` if given.
+async fn conversation_with(server: &TestServer, id: &str, inbox: Option<&str>) {
+    let mut body =
+        json!({"room_id": id, "kind": "support", "participants": [format!("cust-{id}")]});
+    if let Some(inbox) = inbox {
+        body["inbox_id"] = json!(inbox);
+    }
+    let (status, reply) = open(server, body).await;
+    assert_eq!(status, 201, "{reply}");
+}
+
+async fn list(client: &mut Client, data: Value) -> Value {
+    let reply = client.request("conversation_list", None, data).await;
+    assert_eq!(reply["code"], "conversation_list_response", "{reply}");
+    reply
+}
+
+fn ids(reply: &Value) -> Vec<String> {
+    reply["data"]["conversations"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{reply}"))
+        .iter()
+        .map(|c| c["room_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A customer of conversation `id` says something; returns once the inbox has seen it move.
+async fn customer_says(server: &TestServer, watcher: &mut Client, id: &str) {
+    let mut cust = server
+        .connect(&format!("cust-{id}"), TENANT, Role::Customer)
+        .await;
+    cust.join(id).await;
+    cust.chat(id, "hello?").await;
+    loop {
+        let event = event_about(watcher, id).await;
+        if event["data"]["change"] == "activity" {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_inbox_lists_conversations_by_activity_with_filters_and_unread_counts() {
+    let server = TestServer::start().await;
+    let (status, _) = post(
+        &server,
+        "/api/inboxes",
+        &admin(),
+        json!({"inbox_id": "web", "name": "Web", "channel": {"type": "web_widget", "widget_key": "k"}}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    for n in 1..=6 {
+        let inbox = (n <= 3).then_some("web");
+        conversation_with(&server, &format!("c{n}"), inbox).await;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let mut alice = subscribed(&server, "alice").await;
+    for (id, change) in [
+        ("c1", json!({"is_open": false})),
+        ("c2", json!({"snoozed_until": "2099-01-01T00:00:00Z"})),
+        ("c3", json!({"show_on_top": true, "priority": "high"})),
+        ("c4", json!({"assignee": "alice", "labels": ["vip"]})),
+        ("c5", json!({"priority": "low"})),
+    ] {
+        let reply = alice.request("conversation_update", Some(id), change).await;
+        assert_eq!(reply["status"], "success", "{reply}");
+    }
+    customer_says(&server, &mut alice, "c4").await;
+    customer_says(&server, &mut alice, "c6").await;
+
+    let open = list(&mut alice, json!({})).await;
+    assert_eq!(
+        ids(&open),
+        ["c6", "c4", "c5", "c3"],
+        "open, newest activity first"
+    );
+    assert_eq!(open["data"]["next"], Value::Null);
+    assert_eq!(open["data"]["has_more"], false);
+    let first = &open["data"]["conversations"][0];
+    assert_eq!(first["unread_count"], 1);
+    assert_eq!(first["last_message"]["preview"], "hello?");
+    assert_eq!(first["is_admin"], false);
+    assert_eq!(
+        open["data"]["conversations"][1]["is_admin"], true,
+        "assigned to alice"
+    );
+    assert_eq!(open["data"]["conversations"][2]["unread_count"], 0);
+
+    for (data, expected) in [
+        (json!({"filter": "CLOSED"}), vec!["c1"]),
+        (json!({"filter": "SNOOZED"}), vec!["c2"]),
+        (json!({"filter": "ASSIGNED_TO_ME"}), vec!["c4"]),
+        (json!({"filter": "PRIORITY"}), vec!["c3", "c5"]),
+        (json!({"filter": "UNREAD"}), vec!["c6", "c4"]),
+        (json!({"label": "vip"}), vec!["c4"]),
+        (json!({"inbox_id": "web"}), vec!["c3"]),
+        (json!({"sort": "OLDEST"}), vec!["c3", "c5", "c4", "c6"]),
+        (
+            json!({"filter": "ALL"}),
+            vec!["c6", "c4", "c5", "c3", "c2", "c1"],
+        ),
+    ] {
+        let reply = list(&mut alice, data.clone()).await;
+        assert_eq!(ids(&reply), expected, "{data}");
+    }
+
+    // Paging, while a message moves a conversation not seen yet to the top: every one once.
+    let page = list(&mut alice, json!({"filter": "ALL", "limit": 2})).await;
+    let mut walked = ids(&page);
+    let mut next = page["data"]["next"].clone();
+    assert!(next.is_string(), "{page}");
+    customer_says(&server, &mut alice, "c1").await;
+    while let Some(cursor) = next.as_str() {
+        let page = list(
+            &mut alice,
+            json!({"filter": "ALL", "limit": 2, "next": cursor}),
+        )
+        .await;
+        walked.extend(ids(&page));
+        next = page["data"]["next"].clone();
+    }
+    assert_eq!(walked, ["c6", "c4", "c5", "c3", "c2", "c1"]);
+    let fresh = list(&mut alice, json!({"filter": "ALL", "limit": 1})).await;
+    assert_eq!(ids(&fresh), ["c1"], "a new walk sees the move");
+
+    // Refusals.
+    let mut cust = server.connect("cust-c1", TENANT, Role::Customer).await;
+    let error = list(&mut cust, json!({})).await;
+    assert_eq!(error["data"]["error_code"], "FORBIDDEN", "{error}");
+    for (data, names) in [
+        (json!({"limit": 0}), "limit"),
+        (json!({"limit": 101}), "limit"),
+        (json!({"filter": "STARRED"}), "filter"),
+        (json!({"sort": "RANDOM"}), "sort"),
+        (json!({"next": "not-a-cursor"}), "next"),
+        (json!({"page": 2}), "page"),
+    ] {
+        let error = list(&mut alice, data).await;
+        assert_eq!(error["data"]["error_code"], "BAD_REQUEST", "{error}");
+        let message = error["data"]["message"].as_str().unwrap();
+        assert!(message.contains(names), "{message}");
+    }
+    // Another tenant's inbox is its own.
+    let mut eve = server.connect("eve", "globex", Role::Agent).await;
+    let empty = list(&mut eve, json!({"filter": "ALL"})).await;
+    assert_eq!(ids(&empty), Vec::<String>::new());
+    server.stop().await;
+}
+
+/// Many conversations, customers writing all the while, an agent paging through five at a
+/// time: each conversation is listed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_walks_the_whole_inbox_once_while_messages_keep_arriving() {
+    let server = TestServer::start_with(|c| c.rate_burst = 1000).await;
+    const CONVERSATIONS: usize = 30;
+    for n in 0..CONVERSATIONS {
+        conversation_with(&server, &format!("w{n:02}"), None).await;
+    }
+    let mut writers = Vec::new();
+    for n in (0..CONVERSATIONS).step_by(3) {
+        let id = format!("w{n:02}");
+        let mut cust = server
+            .connect(&format!("cust-{id}"), TENANT, Role::Customer)
+            .await;
+        cust.join(&id).await;
+        writers.push((id, cust));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let chatter = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (id, cust) in &mut writers {
+                    cust.chat(id, "still there?").await;
+                    sent += 1;
+                }
+            }
+            sent
+        })
+    };
+    let mut alice = server.connect("alice", TENANT, Role::Agent).await;
+    let mut walked = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let mut data = json!({"filter": "ALL", "limit": 5});
+        if let Some(cursor) = &next {
+            data["next"] = json!(cursor);
+        }
+        let page = list(&mut alice, data).await;
+        walked.extend(ids(&page));
+        match page["data"]["next"].as_str() {
+            Some(cursor) => next = Some(cursor.to_owned()),
+            None => break,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = chatter.await.unwrap();
+    assert!(sent > 10, "messages arrived during the walk: {sent}");
+    let mut sorted = walked.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), walked.len(), "no duplicate: {walked:?}");
+    assert_eq!(walked.len(), CONVERSATIONS, "no gap: {walked:?}");
+    server.stop().await;
+}

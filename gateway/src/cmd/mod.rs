@@ -7,6 +7,7 @@
 
 pub mod chat;
 pub mod conversation_get;
+pub mod conversation_list;
 pub mod conversation_update;
 pub mod end;
 pub mod historic;
@@ -45,11 +46,12 @@ pub enum Code {
     SubscribeInbox,
     End,
     Rate,
+    ConversationList,
 }
 
 impl Code {
     /// Every code, for metric label pre-registration.
-    pub const ALL: [Code; 14] = [
+    pub const ALL: [Code; 15] = [
         Code::Join,
         Code::Leave,
         Code::Chat,
@@ -64,6 +66,7 @@ impl Code {
         Code::SubscribeInbox,
         Code::End,
         Code::Rate,
+        Code::ConversationList,
     ];
 
     pub fn parse(code: &str) -> Option<Code> {
@@ -82,6 +85,7 @@ impl Code {
             "subscribe_inbox" => Code::SubscribeInbox,
             "end" => Code::End,
             "rate" => Code::Rate,
+            "conversation_list" => Code::ConversationList,
             _ => return None,
         })
     }
@@ -102,6 +106,7 @@ impl Code {
             Code::SubscribeInbox => "subscribe_inbox",
             Code::End => "end",
             Code::Rate => "rate",
+            Code::ConversationList => "conversation_list",
         }
     }
 
@@ -122,12 +127,16 @@ impl Code {
             Code::SubscribeInbox => "subscribe_inbox_response",
             Code::End => "end_response",
             Code::Rate => "rate_response",
+            Code::ConversationList => "conversation_list_response",
         }
     }
 
     /// Whether the envelope must carry a `room_id`.
     pub fn needs_room(self) -> bool {
-        !matches!(self, Code::Presence | Code::Ping | Code::SubscribeInbox)
+        !matches!(
+            self,
+            Code::Presence | Code::Ping | Code::SubscribeInbox | Code::ConversationList
+        )
     }
 
     /// Position in [`Code::ALL`].
@@ -153,6 +162,7 @@ pub enum Command {
     SubscribeInbox(subscribe_inbox::SubscribeInbox),
     End(end::End),
     Rate(rate::Rate),
+    ConversationList(conversation_list::ConversationList),
 }
 
 impl Command {
@@ -184,6 +194,9 @@ impl Command {
             }
             Code::End => Command::End(end::End::parse(data)?),
             Code::Rate => Command::Rate(rate::Rate::parse(data)?),
+            Code::ConversationList => {
+                Command::ConversationList(conversation_list::ConversationList::parse(data)?)
+            }
             Code::Ping => {
                 parse_data::<serde::de::IgnoredAny>(data)?;
                 Command::Ping
