@@ -102,7 +102,7 @@ pub enum AuthError {
     Missing,
     #[error("invalid token: {0}")]
     Invalid(#[from] jsonwebtoken::errors::Error),
-    #[error("invalid token: empty sub or tenant")]
+    #[error("invalid token: empty sub or tenant, or one with a control character")]
     EmptyIdentity,
     #[error("bad key configuration: {0}")]
     Config(String),
@@ -191,7 +191,10 @@ impl Verifier {
     /// Verifies a token and returns its claims.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let data = decode::<Claims>(token, &self.key, &self.validation)?;
-        if data.claims.sub.is_empty() || data.claims.tenant.is_empty() {
+        // Ids with control characters are refused: the store keeps its own lists under one
+        // (`storage::records::Snooze::TENANT`), out of every tenant's reach.
+        let unusable = |id: &str| id.is_empty() || id.chars().any(char::is_control);
+        if unusable(&data.claims.sub) || unusable(&data.claims.tenant) {
             return Err(AuthError::EmptyIdentity);
         }
         Ok(data.claims)

@@ -7,21 +7,25 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 use storage::records::{
     self, Conversation, ConversationStatus, LastMessage, Priority, Rating, Versioned,
 };
-use storage::{Direction, Message, RoomKey, RoomKind, Store, Timestamp};
+use storage::records::{ListQuery, Snooze};
+use storage::{Direction, Message, RecordKind, RoomKey, RoomKind, Store, Timestamp};
 
 use crate::auth::may_join;
 use crate::cmd::{Code, RoomCall};
 use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
 use crate::metrics::OutCode;
 use crate::outbox::FrameClass;
+use crate::server::Shared;
 use crate::shard::{
-    access_error, server_busy, storage_unavailable, ConnId, ConnRef, Route, Shard, ShardEvent, Slot,
+    access_error, server_busy, shard_of, storage_unavailable, ConnId, ConnRef, Route, Shard,
+    ShardCommand, ShardEvent, Slot,
 };
 
 const STRIPES: usize = 16;
@@ -149,6 +153,8 @@ pub enum ChangeKind {
     Ended,
     /// `rate`.
     Rated,
+    /// Its snooze ran out.
+    Woke,
 }
 
 /// Deserializes a field that may be absent (`None`), `null` (`Some(None)`) or a value.
@@ -339,6 +345,9 @@ pub enum ConversationChange {
     End(EndReason),
     /// `rate`: the customer's rating, once.
     Rate(Rating),
+    /// The snooze until this time ran out (nothing changes when it was snoozed again later,
+    /// woken or closed meanwhile).
+    Wake(Timestamp),
 }
 
 impl ConversationChange {
@@ -348,6 +357,7 @@ impl ConversationChange {
             ConversationChange::Update(_) => ChangeKind::Updated,
             ConversationChange::End(_) => ChangeKind::Ended,
             ConversationChange::Rate(_) => ChangeKind::Rated,
+            ConversationChange::Wake(_) => ChangeKind::Woke,
         }
     }
 
@@ -387,6 +397,13 @@ impl ConversationChange {
                 c.rating = Some(rating.clone());
                 Ok(true)
             }
+            ConversationChange::Wake(due) => {
+                let still_due = c.is_open && c.snoozed_until.is_some_and(|until| until <= *due);
+                if still_due {
+                    c.snoozed_until = None;
+                }
+                Ok(still_due)
+            }
         }
     }
 }
@@ -401,6 +418,15 @@ pub async fn change_conversation<S: Store>(
 ) -> storage::Result<Option<Result<Conversation, ProtocolError>>> {
     for user in change.added_participants() {
         store.add_participant(room, user).await?;
+    }
+    if let ConversationChange::Update(ConversationPatch {
+        snoozed_until: Some(Some(until)),
+        ..
+    }) = change
+    {
+        // On the wake-up list before the conversation says it is snoozed: a crash between the
+        // two leaves an entry that wakes nothing, never a snooze that never ends.
+        schedule_wake_up(store, room, *until).await?;
     }
     let mut refusal = None;
     let updated =
@@ -423,6 +449,90 @@ pub async fn change_conversation<S: Store>(
         (Some(_), Some(error)) => Some(Err(error)),
         (Some(Versioned { value, .. }), None) => Some(Ok(value)),
     })
+}
+
+/// Puts the room on the wake-up list at `until` ([`Snooze`]).
+async fn schedule_wake_up<S: Store>(
+    store: &S,
+    room: &RoomKey,
+    until: Timestamp,
+) -> storage::Result<()> {
+    let entry = Snooze {
+        tenant_id: room.tenant_id.clone(),
+        room_id: room.room_id.clone(),
+        until: Some(until),
+    };
+    records::update::<Snooze, _, _>(store, Snooze::TENANT, &Snooze::id(room), |_| {
+        Ok(Some(entry.clone()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// How often the wake-up list is read.
+const WAKE_UP_POLL: Duration = Duration::from_millis(500);
+/// Entries handled per read of the list.
+const WAKE_UPS_PER_ROUND: u32 = 100;
+
+/// Wakes snoozed conversations when their time comes, for as long as the server runs: reads
+/// the wake-up list from its oldest entry, and for each one due wakes the conversation (if it
+/// is still snoozed until then), tells its members and the inbox (`woke`), and takes the entry
+/// off the list. The list is in the store, so snoozes that fell due while the server was down
+/// wake right after it starts.
+pub async fn run_wake_ups(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown_signal();
+    loop {
+        if let Err(e) = wake_due(&shared).await {
+            tracing::warn!(error = %e, "waking snoozed conversations failed; retrying");
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            () = tokio::time::sleep(WAKE_UP_POLL) => {}
+        }
+    }
+}
+
+async fn wake_due(shared: &Arc<Shared>) -> storage::Result<()> {
+    let store = &shared.store;
+    let now = Timestamp::now();
+    let query = ListQuery {
+        as_of: now,
+        descending: false,
+        after: None,
+        limit: WAKE_UPS_PER_ROUND,
+    };
+    let due = store
+        .list_records(Snooze::TENANT, RecordKind::Snooze, query)
+        .await?;
+    for listed in due.into_iter().take_while(|l| l.list_key <= now.0) {
+        let Ok(entry) = serde_json::from_str::<Snooze>(&listed.record.body) else {
+            continue;
+        };
+        let room = RoomKey::new(&entry.tenant_id, &entry.room_id);
+        let due_at = Timestamp(listed.list_key);
+        if let Some(Ok(conversation)) =
+            change_conversation(store, &room, &ConversationChange::Wake(due_at)).await?
+        {
+            let shard = &shared.shards[shard_of(&room, shared.shards.len())];
+            let room_key = room.clone();
+            let work = ShardCommand::Run(Box::new(move |shard: &mut Shard| {
+                let change = (ChangeKind::Woke, "system");
+                shard.conversation_event(&room_key, &conversation, change, None, true);
+            }));
+            if shard.commands.try_send(work).is_err() {
+                tracing::warn!("a wake-up event was dropped: the room's shard is overloaded");
+            }
+        }
+        // Off the list, unless it was snoozed again (to a later time) meanwhile.
+        records::update::<Snooze, _, _>(store, Snooze::TENANT, &listed.record.key.id, |current| {
+            Ok(current.filter(|c| c.until == Some(due_at)).map(|c| Snooze {
+                until: None,
+                ..c.clone()
+            }))
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 /// What the messages stored since the last save did to a conversation, folded in order so

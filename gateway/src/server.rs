@@ -218,6 +218,7 @@ impl Gateway {
         let (stop_accept, stop_rx) = oneshot::channel();
         shared.ready.store(true, Ordering::Release);
         let accept_task = tokio::spawn(accept_loop(shared.clone(), listener, stop_rx));
+        tokio::spawn(crate::inbox::run_wake_ups(shared.clone()));
         tracing::info!(
             addr = %local_addr,
             shards = shard_count,

@@ -779,3 +779,80 @@ async fn paging_walks_the_whole_inbox_once_while_messages_keep_arriving() {
     assert_eq!(walked.len(), CONVERSATIONS, "no gap: {walked:?}");
     server.stop().await;
 }
+
+fn in_millis(millis: i64) -> String {
+    storage::Timestamp(storage::Timestamp::now().0 + millis).to_rfc3339()
+}
+
+#[tokio::test]
+async fn a_snoozed_conversation_wakes_by_itself_also_after_a_restart() {
+    let server = TestServer::start().await;
+    let room = support_conversation(&server).await;
+    let mut watcher = subscribed(&server, "watcher").await;
+    let mut alice = server.connect("alice", TENANT, Role::Agent).await;
+    let snoozed = alice
+        .request(
+            "conversation_update",
+            Some(&room),
+            json!({"snoozed_until": in_millis(1200)}),
+        )
+        .await;
+    assert_eq!(snoozed["status"], "success", "{snoozed}");
+    assert_eq!(
+        ids(&list(&mut alice, json!({"filter": "SNOOZED"})).await),
+        [room.clone()]
+    );
+    let woke = loop {
+        let event = tokio::time::timeout(Duration::from_secs(6), event_about(&mut watcher, &room))
+            .await
+            .expect("woken within a few seconds of its time");
+        if event["data"]["change"] == "woke" {
+            break event;
+        }
+    };
+    assert_eq!(woke["user_id"], "system");
+    assert!(
+        woke["data"]["conversation"]["snoozed_until"].is_null(),
+        "{woke}"
+    );
+    assert_eq!(
+        ids(&list(&mut alice, json!({})).await),
+        [room.clone()],
+        "open again"
+    );
+    assert_eq!(
+        ids(&list(&mut alice, json!({"filter": "SNOOZED"})).await),
+        Vec::<String>::new()
+    );
+
+    // Snoozed again, and the gateway is down when the time comes: it wakes after the start.
+    let snoozed = alice
+        .request(
+            "conversation_update",
+            Some(&room),
+            json!({"snoozed_until": in_millis(800)}),
+        )
+        .await;
+    assert_eq!(snoozed["status"], "success", "{snoozed}");
+    drop((alice, watcher));
+    let dir = server.stop().await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let server = TestServer::start_in(dir, |_| {}).await;
+    let mut alice = server.connect("alice", TENANT, Role::Agent).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    loop {
+        let got = alice
+            .request("conversation_get", Some(&room), json!({}))
+            .await;
+        if got["data"]["snoozed_until"].is_null() {
+            assert_eq!(got["data"]["is_open"], true);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still snoozed: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.stop().await;
+}

@@ -27,6 +27,7 @@ RecordKind {
     Inbox => "inbox",
     Conversation => "conversation",
     ContactConversation => "contact_conversation",
+    Snooze => "snooze",
 });
 
 /// Where a record is stored: records of one tenant never meet another tenant's.
@@ -434,6 +435,38 @@ impl Conversation {
             metrics: ConversationMetrics::default(),
             created_at: now,
         }
+    }
+}
+
+/// A conversation snoozed until a time: the wake-up list. All tenants' entries are listed
+/// together under [`Snooze::TENANT`], by the time they are due, so one walk from the oldest
+/// finds every conversation to wake (also after a restart). An entry may outlive its snooze
+/// (the conversation was woken, closed or snoozed again): whoever wakes it checks the
+/// conversation first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snooze {
+    pub tenant_id: String,
+    pub room_id: String,
+    /// When it is due; `None` once handled (the entry leaves the list).
+    pub until: Option<Timestamp>,
+}
+
+impl RecordBody for Snooze {
+    const KIND: RecordKind = RecordKind::Snooze;
+
+    fn list_key(&self) -> Option<i64> {
+        self.until.map(|t| t.0)
+    }
+}
+
+impl Snooze {
+    /// The tenant the wake-up list is kept under: a control character no token's tenant
+    /// holds, so no tenant can read or write it.
+    pub const TENANT: &'static str = "\u{1}wake-up";
+
+    /// The record id of a room's entry.
+    pub fn id(room: &RoomKey) -> String {
+        format!("{}/{}", room.tenant_id, room.room_id)
     }
 }
 
