@@ -33,7 +33,11 @@ async fn an_indexed_search_finds_a_rare_word_at_once_and_pages_many_hits() {
         alice.chat("s", &format!("hay {n}")).await;
     }
     let v = alice
-        .request("historic", Some("s"), json!({"search": "needle", "limit": 10}))
+        .request(
+            "historic",
+            Some("s"),
+            json!({"search": "needle", "limit": 10}),
+        )
         .await;
     assert_eq!(seqs(&v), [1], "{v}");
     assert_eq!(v["data"]["has_more"], false, "{v}");
@@ -61,7 +65,11 @@ async fn an_indexed_search_finds_a_rare_word_at_once_and_pages_many_hits() {
     }
     assert_eq!(
         pages,
-        [vec![20, 21, 22, 23, 24], vec![15, 16, 17, 18, 19], vec![1, 13, 14]],
+        [
+            vec![20, 21, 22, 23, 24],
+            vec![15, 16, 17, 18, 19],
+            vec![1, 13, 14]
+        ],
         "five hits examined per request"
     );
     server.stop().await;
