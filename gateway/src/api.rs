@@ -299,9 +299,13 @@ pub(crate) async fn open_conversation(
         Ok(id) => id,
         Err(message) => return bad_request(message),
     };
-    // A prospect conversation is one per contact: the contact's pointer is claimed first, so
-    // that of two racing requests one creates and the other reopens.
+    // A prospect conversation is one per contact: the contact's pointer is claimed first, and
+    // whoever loses the claim opens the same room. Every request then makes sure the room and
+    // its conversation exist (idempotently: a claim whose request stopped halfway is finished
+    // by the next one), so of racing requests exactly one creates and the others reopen.
+    let mut one_per_contact = false;
     if let (RoomKind::Prospect, Some(contact)) = (body.kind, &contact) {
+        one_per_contact = true;
         let pointer_id = ContactConversation::id(&contact.contact_id, RoomKind::Prospect);
         let claim = Versioned {
             value: ContactConversation {
@@ -322,29 +326,6 @@ pub(crate) async fn open_conversation(
                         )
                     }
                     Err(e) => return unavailable(&e, tenant, "finding a contact's conversation"),
-                }
-                let room = RoomKey::new(tenant, &room_id);
-                let patch = ConversationPatch {
-                    is_open: Some(true),
-                    add_participants: body.participants.clone(),
-                    ..Default::default()
-                };
-                match inbox::update_conversation(store, &room, &patch).await {
-                    Ok(Some(conversation)) => {
-                        return reply_and_announce(
-                            &shared,
-                            &claims,
-                            room,
-                            conversation,
-                            patch.add_participants,
-                            false,
-                            true,
-                        )
-                        .await
-                    }
-                    // Claimed by a request that stopped before creating it: create it now.
-                    Ok(None) => {}
-                    Err(e) => return unavailable(&e, tenant, "reopening a conversation"),
                 }
             }
             Err(e) => return unavailable(&e, tenant, "claiming a contact's conversation"),
@@ -376,17 +357,17 @@ pub(crate) async fn open_conversation(
         Ok(_) => {}
         Err(e) => return unavailable(&e, tenant, "creating a conversation's room"),
     }
-    for user in &body.participants {
-        if let Err(e) = store.add_participant(&room, user).await {
-            return unavailable(&e, tenant, "adding a participant");
-        }
-    }
     let first = Versioned {
         value: conversation,
         version: 0,
     };
     match records::save(store, tenant, &room_id, first).await {
         Ok(saved) => {
+            for user in &body.participants {
+                if let Err(e) = store.add_participant(&room, user).await {
+                    return unavailable(&e, tenant, "adding a participant");
+                }
+            }
             reply_and_announce(
                 &shared,
                 &claims,
@@ -398,18 +379,37 @@ pub(crate) async fn open_conversation(
             )
             .await
         }
-        // It exists: this room was a conversation already.
+        // It exists: a prospect conversation is reopened with the new participants; any other
+        // is answered as it is, with the participants added.
         Err(storage::Error::VersionConflict { .. }) => {
-            match records::load::<Conversation, _>(store, tenant, &room_id).await {
+            let patch = ConversationPatch {
+                is_open: one_per_contact.then_some(true),
+                add_participants: body.participants.clone(),
+                ..Default::default()
+            };
+            let reopened = one_per_contact;
+            let updated = if patch == ConversationPatch::default() {
+                Ok(None)
+            } else {
+                inbox::update_conversation(store, &room, &patch).await
+            };
+            // Nothing to change (open already, participants there): as it is.
+            let result = match updated {
+                Ok(None) => records::load::<Conversation, _>(store, tenant, &room_id)
+                    .await
+                    .map(|c| c.map(|c| c.value)),
+                other => other,
+            };
+            match result {
                 Ok(Some(existing)) => {
                     reply_and_announce(
                         &shared,
                         &claims,
                         room,
-                        existing.value,
+                        existing,
                         body.participants,
                         false,
-                        false,
+                        reopened,
                     )
                     .await
                 }

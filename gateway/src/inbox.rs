@@ -496,7 +496,7 @@ async fn wake_due(shared: &Arc<Shared>) -> storage::Result<()> {
     let store = &shared.store;
     let now = Timestamp::now();
     let query = ListQuery {
-        as_of: now,
+        as_of: None,
         descending: false,
         after: None,
         limit: WAKE_UPS_PER_ROUND,
@@ -504,7 +504,7 @@ async fn wake_due(shared: &Arc<Shared>) -> storage::Result<()> {
     let due = store
         .list_records(Snooze::TENANT, RecordKind::Snooze, query)
         .await?;
-    for listed in due.into_iter().take_while(|l| l.list_key <= now.0) {
+    for listed in due.entries.into_iter().take_while(|l| l.list_key <= now.0) {
         let Ok(entry) = serde_json::from_str::<Snooze>(&listed.record.body) else {
             continue;
         };

@@ -2649,7 +2649,7 @@ impl Store for CqlStore {
         _tenant_id: &str,
         _kind: RecordKind,
         _query: crate::records::ListQuery,
-    ) -> Result<Vec<crate::records::Listed>> {
+    ) -> Result<crate::records::ListPage> {
         Err(Error::Schema(
             "PLACEHOLDER: lists are not implemented on CQL yet".into(),
         ))

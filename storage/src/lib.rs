@@ -238,14 +238,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// A page of the tenant's records of `kind` that have a [`Record::list_key`], ordered by
     /// `(list_key, id)` as the list was at `query.as_of` (see [`records::ListQuery`]), each
-    /// with its current body. A query older than [`records::LIST_SNAPSHOT_MILLIS`] is
-    /// [`Error::Invalid`].
+    /// with its current body. Places a record left are kept for
+    /// [`records::LIST_SNAPSHOT_MILLIS`]: a walk over pages must end within that time.
     fn list_records(
         &self,
         tenant_id: &str,
         kind: RecordKind,
         query: records::ListQuery,
-    ) -> impl Future<Output = Result<Vec<records::Listed>>> + Send;
+    ) -> impl Future<Output = Result<records::ListPage>> + Send;
 
     /// Waits until everything accepted so far is durable, then stops taking writes.
     fn close(&self) -> impl Future<Output = Result<()>> + Send;
@@ -452,7 +452,7 @@ impl Store for AnyStore {
         tenant_id: &str,
         kind: RecordKind,
         query: records::ListQuery,
-    ) -> Result<Vec<records::Listed>> {
+    ) -> Result<records::ListPage> {
         dispatch!(self, s => s.list_records(tenant_id, kind, query).await)
     }
     async fn close(&self) -> Result<()> {

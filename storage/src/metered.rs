@@ -9,7 +9,7 @@ use std::time::Instant;
 use prometheus::core::Collector;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 
-use crate::records::{ListQuery, Listed};
+use crate::records::{ListPage, ListQuery};
 use crate::{
     Appended, HistoryPage, HistoryQuery, Message, NewMessage, NewRoom, ReadState, Record,
     RecordKey, RecordKind, Result, Room, RoomKey, SearchQuery, Store,
@@ -171,7 +171,7 @@ impl<S: Store> Store for MeteredStore<S> {
         tenant_id: &str,
         kind: RecordKind,
         query: ListQuery,
-    ) -> Result<Vec<Listed>> {
+    ) -> Result<ListPage> {
         self.timed(
             "list_records",
             self.inner.list_records(tenant_id, kind, query),

@@ -64,17 +64,17 @@ pub struct Record {
 }
 
 /// How long a list keeps the places records had before they moved, in milliseconds: a walk
-/// through a list started longer ago than this is refused (see [`ListQuery::as_of`]).
+/// through a list (pages read at one [`ListQuery::as_of`]) must end within this time.
 pub const LIST_SNAPSHOT_MILLIS: i64 = 5 * 60 * 1000;
 
 /// One page of a kind's list ([`Store::list_records`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListQuery {
     /// The list as it was at this time: a record that moved later is listed at its place then,
-    /// and one listed later is left out, so a walk over pages started at `as_of` sees every
-    /// record listed then exactly once while records keep moving. At most
-    /// [`LIST_SNAPSHOT_MILLIS`] ago.
-    pub as_of: Timestamp,
+    /// and one listed later is left out, so a walk over pages read at one `as_of` sees every
+    /// record listed then exactly once while records keep moving. `None`: the list as it is
+    /// now; the page names the time it was read at ([`ListPage::as_of`]), for the next pages.
+    pub as_of: Option<Timestamp>,
     /// Largest keys first (`false`: smallest first).
     pub descending: bool,
     /// Start after this place (`(list_key, id)`), exclusive; `None` from the start.
@@ -83,16 +83,14 @@ pub struct ListQuery {
     pub limit: u32,
 }
 
-impl ListQuery {
-    /// Refuses a walk that started too long ago (its places may be gone).
-    pub fn check(&self) -> Result<()> {
-        if self.as_of.0 < Timestamp::now().0 - LIST_SNAPSHOT_MILLIS {
-            return Err(Error::Invalid(
-                "the list query is older than the places the list keeps".to_owned(),
-            ));
-        }
-        Ok(())
-    }
+/// A page of a list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListPage {
+    /// The time the list was read at: the query's, or, for a query without one, a time that
+    /// covers every write the store had finished and none it had not, so that the pages read at
+    /// it later agree with this one.
+    pub as_of: Timestamp,
+    pub entries: Vec<Listed>,
 }
 
 /// A listed record with the place it had at the query's `as_of`.

@@ -91,7 +91,7 @@ use prometheus::core::Collector;
 use prometheus::{Histogram, HistogramOpts, IntCounter};
 
 use crate::model::ScanOutcome;
-use crate::records::{ListQuery, Listed};
+use crate::records::{ListPage, ListQuery, Listed};
 use crate::words::{contains_words, words};
 use crate::{
     Appended, Direction, Error, HistoryPage, HistoryQuery, Message, MessageType, NewMessage,
@@ -572,8 +572,7 @@ impl Store for SqliteStore {
         tenant_id: &str,
         kind: RecordKind,
         query: ListQuery,
-    ) -> Result<Vec<Listed>> {
-        query.check()?;
+    ) -> Result<ListPage> {
         let tenant_id = tenant_id.to_owned();
         self.read(Pool::Lookup, move |conn| {
             list_records(conn, &tenant_id, kind, &query)
@@ -1023,7 +1022,11 @@ const INDEX_INSERT_SQL: &str = "INSERT INTO message_words (rowid, words) VALUES 
 /// holds each record's place (`list_key`) since `listed_at`, and, once it moved, until
 /// `unlisted_at`, so that a list can be read as it was at an earlier time (a walk over pages
 /// sees every record once while records move). Places left more than
-/// [`crate::records::LIST_SNAPSHOT_MILLIS`] ago are deleted when the record moves again.
+/// [`crate::records::LIST_SNAPSHOT_MILLIS`] ago are deleted when the record moves again. The
+/// times in `record_list` come from `list_clock`, which every move advances (the wall clock, but
+/// always past its last value), inside the writer's transaction: times follow the order of the
+/// commits, so a reader that takes the clock's value in its own snapshot has a time that covers
+/// every committed move and none still committing.
 const SCHEMA_V5_RECORDS: &str = "
 CREATE TABLE records (
     tenant_id  TEXT NOT NULL,
@@ -1045,6 +1048,11 @@ CREATE TABLE record_list (
     PRIMARY KEY (tenant_id, kind, list_key, id)
 ) WITHOUT ROWID;
 CREATE INDEX record_list_by_id ON record_list (tenant_id, kind, id);
+CREATE TABLE list_clock (
+    id    INTEGER PRIMARY KEY CHECK (id = 0),
+    stamp INTEGER NOT NULL
+);
+INSERT INTO list_clock (id, stamp) VALUES (0, 0);
 PRAGMA user_version = 5;
 ";
 
@@ -1404,7 +1412,16 @@ fn list_records(
     tenant_id: &str,
     kind: RecordKind,
     query: &ListQuery,
-) -> rusqlite::Result<Vec<Listed>> {
+) -> rusqlite::Result<ListPage> {
+    // One read transaction: the clock and the places come from the same snapshot.
+    let tx = conn.unchecked_transaction()?;
+    let as_of = match query.as_of {
+        Some(as_of) => as_of,
+        None => Timestamp(
+            tx.prepare_cached(CLOCK_SQL)?
+                .query_row([], |row| row.get(0))?,
+        ),
+    };
     let (order, past) = if query.descending {
         ("DESC", "<")
     } else {
@@ -1424,12 +1441,12 @@ fn list_records(
          ORDER BY l.list_key {order}, l.id {order} LIMIT ?6"
     );
     let (after_key, after_id) = query.after.clone().unwrap_or_default();
-    let mut statement = conn.prepare_cached(&sql)?;
+    let mut statement = tx.prepare_cached(&sql)?;
     let rows = statement.query_map(
         params![
             tenant_id,
             kind.as_str(),
-            query.as_of.0,
+            as_of.0,
             after_key,
             after_id,
             i64::from(query.limit)
@@ -1448,7 +1465,8 @@ fn list_records(
             })
         },
     )?;
-    rows.collect()
+    let entries = rows.collect::<rusqlite::Result<_>>()?;
+    Ok(ListPage { as_of, entries })
 }
 
 /// Compare-and-set inside the batch's transaction: earlier writes of the batch are visible.
@@ -1498,13 +1516,19 @@ fn move_in_list(
     now_at: Option<i64>,
 ) -> rusqlite::Result<()> {
     let now = Timestamp::now().0;
+    let clock: i64 = tx
+        .prepare_cached(CLOCK_SQL)?
+        .query_row([], |row| row.get(0))?;
+    let stamp = now.max(clock + 1);
+    tx.prepare_cached("UPDATE list_clock SET stamp = ?1 WHERE id = 0")?
+        .execute([stamp])?;
     let kind = key.kind.as_str();
     if let Some(was) = was {
         tx.prepare_cached(
             "UPDATE record_list SET unlisted_at = ?5
              WHERE tenant_id = ?1 AND kind = ?2 AND list_key = ?3 AND id = ?4",
         )?
-        .execute(params![key.tenant_id, kind, was, key.id, now])?;
+        .execute(params![key.tenant_id, kind, was, key.id, stamp])?;
         tx.prepare_cached(
             "DELETE FROM record_list
              WHERE tenant_id = ?1 AND kind = ?2 AND id = ?3 AND unlisted_at < ?4",
@@ -1523,10 +1547,12 @@ fn move_in_list(
              ON CONFLICT (tenant_id, kind, list_key, id) DO UPDATE
              SET listed_at = excluded.listed_at, unlisted_at = NULL",
         )?
-        .execute(params![key.tenant_id, kind, place, key.id, now])?;
+        .execute(params![key.tenant_id, kind, place, key.id, stamp])?;
     }
     Ok(())
 }
+
+const CLOCK_SQL: &str = "SELECT stamp FROM list_clock WHERE id = 0";
 
 /// The room's state as this batch sees it, or `None` when the room does not exist.
 fn room_state(

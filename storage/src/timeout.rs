@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::records::{ListQuery, Listed};
+use crate::records::{ListPage, ListQuery};
 use crate::{
     Appended, Error, HistoryPage, HistoryQuery, Message, NewMessage, NewRoom, ReadState, Record,
     RecordKey, RecordKind, Result, Room, RoomKey, SearchQuery, Store,
@@ -129,7 +129,7 @@ impl<S: Store> Store for TimeoutStore<S> {
         tenant_id: &str,
         kind: RecordKind,
         query: ListQuery,
-    ) -> Result<Vec<Listed>> {
+    ) -> Result<ListPage> {
         self.read(
             "list_records",
             self.inner.list_records(tenant_id, kind, query),
@@ -183,7 +183,7 @@ mod tests {
         async fn put_record(&self, _: Record) -> Result<Record> {
             std::future::pending().await
         }
-        async fn list_records(&self, _: &str, _: RecordKind, _: ListQuery) -> Result<Vec<Listed>> {
+        async fn list_records(&self, _: &str, _: RecordKind, _: ListQuery) -> Result<ListPage> {
             std::future::pending().await
         }
         async fn close(&self) -> Result<()> {

@@ -81,8 +81,12 @@ struct Data {
 /// then the other prioritized ones) and the last place examined.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
+    /// The store's time of the walk (`None` until the first page has read it).
     #[serde(rename = "t")]
-    as_of: i64,
+    as_of: Option<i64>,
+    /// When the walk started (wall clock), for its expiry.
+    #[serde(rename = "w")]
+    started: i64,
     #[serde(rename = "s")]
     segment: u8,
     #[serde(rename = "k")]
@@ -190,16 +194,17 @@ impl ConversationList {
     async fn page(&self, shared: &Shared, conn: &ConnRef) -> Result<Page, ProtocolError> {
         let now = Timestamp::now();
         let mut cursor = match &self.next {
-            Some(cursor) if cursor.as_of < now.0 - CURSOR_LIFE_MILLIS => {
+            Some(cursor) if cursor.started < now.0 - CURSOR_LIFE_MILLIS => {
                 return Err(ProtocolError::bad_request(
                     "data.next has expired: start the list again",
                 ))
             }
             Some(cursor) => cursor.clone(),
-            // A write stamped just before this and still committing is not on the walk; it
-            // reaches an inbox subscriber as an event once committed (subscribe, then list).
+            // The store picks the walk's time on the first read: every change committed by
+            // then is on the walk, and none committed later.
             None => Cursor {
-                as_of: now.0,
+                as_of: None,
+                started: now.0,
                 segment: 0,
                 key: None,
                 id: None,
@@ -212,17 +217,18 @@ impl ConversationList {
         let mut more = true;
         'walk: while (items.len() as u32) < self.limit && examined < SCAN_BUDGET {
             let query = ListQuery {
-                as_of: Timestamp(cursor.as_of),
+                as_of: cursor.as_of.map(Timestamp),
                 descending: self.sort == Sort::Newest,
                 after: cursor.key.zip(cursor.id.clone()),
                 limit: BATCH,
             };
-            let listed = store
+            let page = store
                 .list_records(tenant, RecordKind::Conversation, query)
                 .await
                 .map_err(|_| unavailable())?;
-            let exhausted = listed.len() < BATCH as usize;
-            for entry in listed {
+            cursor.as_of = Some(page.as_of.0);
+            let exhausted = page.entries.len() < BATCH as usize;
+            for entry in page.entries {
                 examined += 1;
                 cursor.key = Some(entry.list_key);
                 cursor.id = Some(entry.record.key.id.clone());
