@@ -800,7 +800,7 @@ async fn a_snoozed_conversation_wakes_by_itself_also_after_a_restart() {
     assert_eq!(snoozed["status"], "success", "{snoozed}");
     assert_eq!(
         ids(&list(&mut alice, json!({"filter": "SNOOZED"})).await),
-        [room.clone()]
+        [room.as_str()]
     );
     let woke = loop {
         let event = tokio::time::timeout(Duration::from_secs(6), event_about(&mut watcher, &room))
@@ -817,7 +817,7 @@ async fn a_snoozed_conversation_wakes_by_itself_also_after_a_restart() {
     );
     assert_eq!(
         ids(&list(&mut alice, json!({})).await),
-        [room.clone()],
+        [room.as_str()],
         "open again"
     );
     assert_eq!(

@@ -54,6 +54,9 @@
 //! the per-room workers (a record is not a room's), admitted and timed like every other request.
 //! An LWT costs four round trips between replicas instead of one, which management writes
 //! (a contact edited, a conversation assigned) can afford; nothing per chat message uses one.
+//! A listed record's places ([`Store::list_records`]) are in `record_list`, one partition per
+//! `(tenant_id, kind)` clustered by `(list_key, id)`, written after the LWT as plain writes that
+//! the record's next write repeats (see `Inner::put_record`).
 //!
 //! # Driver practice
 //!
@@ -76,6 +79,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
+use futures_util::StreamExt;
 use prometheus::core::Collector;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
 use rustls::pki_types::pem::PemObject;
@@ -88,6 +92,7 @@ use scylla::errors::{DbError, ExecutionError, NewSessionError, PrepareError, Req
 use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::policies::timestamp_generator::MonotonicTimestampGenerator;
 use scylla::response::query_result::QueryResult;
+use scylla::response::{PagingState, PagingStateResponse};
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
@@ -95,7 +100,7 @@ use scylla::value::{CqlValue, Row};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::model::ScanOutcome;
-use crate::records::MAX_RECORD_BYTES;
+use crate::records::{ListPage, ListQuery, Listed, MAX_RECORD_BYTES};
 use crate::words::{contains_words, words};
 use crate::{
     split_params, Appended, Direction, Error, HistoryPage, HistoryQuery, Message, MessageType,
@@ -127,6 +132,8 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_HISTORY_LIMIT: u32 = 50;
 /// Most rows one read request asks for; a longer read continues with another request.
 const ROWS_PER_REQUEST: usize = 1000;
+/// How far in the past a list read without a time looks (see `list_records`), in milliseconds.
+const LIST_READ_LAG_MILLIS: i64 = 2_000;
 /// Most message rows in one UNLOGGED batch.
 const BATCH_ROWS: usize = 64;
 /// Most bytes of message data in one UNLOGGED batch (Cassandra refuses batches above 50 KiB by
@@ -694,6 +701,25 @@ impl Drop for Admission {
 const MESSAGE_COLUMNS: &str = "message_id, seq, sender, sender_type, direction, kind, message, \
                                attached_files, reply_to, mentions, metadata, created_at";
 
+/// A records row's columns after its key, as read, written by `INSERT` and answered by a
+/// refused one.
+const RECORD_COLUMNS: &str =
+    "version, body, updated_at, list_key, listed_at, left_key, left_listed_at, left_at";
+
+/// A records row as read: the columns of [`RECORD_COLUMNS`].
+type RecordColumns = (
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
+
+const PLACE_COLUMNS: &str = "list_key, id, listed_at, unlisted_at";
+
 /// A message row as read: the columns of [`MESSAGE_COLUMNS`].
 type MessageRow = (
     String,
@@ -741,9 +767,18 @@ struct Statements {
     set_sent: PreparedStatement,
     set_read: PreparedStatement,
     record: PreparedStatement,
+    /// [`Statements::record`] at the serial consistency: sees any Paxos round in progress.
+    record_serial: PreparedStatement,
     /// Conditional (LWT): not idempotent, with the serial consistency of the configuration.
     insert_record: PreparedStatement,
     update_record: PreparedStatement,
+    /// One place of a list, with the event's time as its write timestamp and a TTL (0: none).
+    set_place: PreparedStatement,
+    /// A list's places from one end, and after a place, in each order.
+    places_down: PreparedStatement,
+    places_down_after: PreparedStatement,
+    places_up: PreparedStatement,
+    places_up_after: PreparedStatement,
 }
 
 impl Statements {
@@ -768,6 +803,7 @@ impl Statements {
         let room_key = "tenant_id = ? AND room_id = ?";
         let bucket_key = "tenant_id = ? AND room_id = ? AND bucket = ?";
         let record_key = "tenant_id = ? AND kind = ? AND id = ?";
+        let list = "tenant_id = ? AND kind = ?";
         Ok(Statements {
             insert_message: prepare(
                 "INSERT INTO messages (tenant_id, room_id, bucket, seq, message_id, sender, \
@@ -852,18 +888,53 @@ impl Statements {
             ))
             .await?,
             record: prepare(format!(
-                "SELECT version, body, updated_at FROM records WHERE {record_key}"
+                "SELECT {RECORD_COLUMNS} FROM records WHERE {record_key}"
             ))
             .await?,
-            insert_record: conditional(
-                "INSERT INTO records (tenant_id, kind, id, version, body, updated_at) \
-                 VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+            record_serial: {
+                let mut statement = prepare(format!(
+                    "SELECT {RECORD_COLUMNS} FROM records WHERE {record_key}"
+                ))
+                .await?;
+                statement.set_consistency(match serial {
+                    SerialConsistency::LocalSerial => Consistency::LocalSerial,
+                    SerialConsistency::Serial => Consistency::Serial,
+                });
+                statement
+            },
+            insert_record: conditional(format!(
+                "INSERT INTO records (tenant_id, kind, id, {RECORD_COLUMNS}) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+            ))
+            .await?,
+            update_record: conditional(format!(
+                "UPDATE records SET version = ?, body = ?, updated_at = ?, list_key = ?, \
+                 listed_at = ?, left_key = ?, left_listed_at = ?, left_at = ? \
+                 WHERE {record_key} IF version = ?"
+            ))
+            .await?,
+            set_place: prepare(
+                "INSERT INTO record_list (tenant_id, kind, list_key, id, listed_at, unlisted_at) \
+                 VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?"
                     .to_owned(),
             )
             .await?,
-            update_record: conditional(format!(
-                "UPDATE records SET version = ?, body = ?, updated_at = ? WHERE {record_key} \
-                 IF version = ?"
+            places_down: prepare(format!(
+                "SELECT {PLACE_COLUMNS} FROM record_list WHERE {list}"
+            ))
+            .await?,
+            places_down_after: prepare(format!(
+                "SELECT {PLACE_COLUMNS} FROM record_list WHERE {list} AND (list_key, id) < (?, ?)"
+            ))
+            .await?,
+            places_up: prepare(format!(
+                "SELECT {PLACE_COLUMNS} FROM record_list WHERE {list} \
+                 ORDER BY list_key ASC, id ASC"
+            ))
+            .await?,
+            places_up_after: prepare(format!(
+                "SELECT {PLACE_COLUMNS} FROM record_list WHERE {list} AND (list_key, id) > (?, ?) \
+                 ORDER BY list_key ASC, id ASC"
             ))
             .await?,
         })
@@ -2453,6 +2524,128 @@ fn clone_error(error: &Error) -> Error {
 // ---------------------------------------------------------------------------------------------
 // Records
 
+/// How long a closed place outlives the list's snapshot window: room for the clocks of the
+/// writers, the readers and the nodes (a TTL counts on the node's clock) to disagree.
+const PLACE_TTL_MARGIN_MILLIS: i64 = 60_000;
+/// Record reads in flight for one list page.
+const LIST_READS_IN_FLIGHT: usize = 16;
+/// Places asked for beyond what a list page still needs: room for the places the page passes
+/// over (closed before its time, or opened after it), so one request usually answers.
+const LIST_SLACK_ROWS: usize = 32;
+
+/// Where a record stands in its kind's list, as its row keeps it (see `002_records.cql`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Listing {
+    /// Its place (`list_key`) and since when.
+    open: Option<(i64, i64)>,
+    /// The place it left last: its key, since when and until when.
+    left: Option<(i64, i64, i64)>,
+}
+
+impl Listing {
+    /// The time of the record's latest list event.
+    fn last_event(&self) -> Option<i64> {
+        self.open
+            .map(|(_, at)| at)
+            .max(self.left.map(|(_, _, at)| at))
+    }
+
+    /// Whether `place`, open in the list, was left open by two interrupted writes in a row:
+    /// neither the record's place nor the one it left last, so it was closed by the record's
+    /// last event at the latest, and is not held at any time after that.
+    fn disowns(&self, place: &Place, as_of: i64) -> bool {
+        place.unlisted_at.is_none()
+            && self.open.map(|(key, _)| key) != Some(place.list_key)
+            && self.left.map(|(key, _, _)| key) != Some(place.list_key)
+            && self.last_event().is_some_and(|last| last <= as_of)
+    }
+}
+
+/// One row of `record_list` for a record: its key in the list and when it was held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Place {
+    list_key: i64,
+    listed_at: i64,
+    unlisted_at: Option<i64>,
+}
+
+impl Place {
+    /// Whether the record was at this place at `as_of`.
+    fn held_at(&self, as_of: i64) -> bool {
+        self.listed_at <= as_of && self.unlisted_at.is_none_or(|until| as_of < until)
+    }
+}
+
+/// What a record write that takes the record from `was` to the list key `to` does to its list,
+/// at `clock` (now): the row's next listing, and the places to write after the row (as SQLite's
+/// `move_in_list` does in its transaction). Each write also sends again the place the record
+/// holds and the one it left last, so a write whose list writes were lost (a crash or a failed
+/// request after its row was written) is made good by the record's next write.
+fn move_in_list(was: Listing, to: Option<i64>, clock: i64) -> (Listing, Vec<Place>) {
+    // After the record's last event whatever the writer's clock says: a place closes after it
+    // opened, and each place write's timestamp (its event's time) is above the one before.
+    let now = was
+        .last_event()
+        .map_or(clock, |last| clock.max(last.saturating_add(1)));
+    let mut places = Vec::new();
+    if let Some((key, listed_at, left_at)) = was.left {
+        // Not when this write reopens it.
+        if Some(key) != to {
+            places.push(Place {
+                list_key: key,
+                listed_at,
+                unlisted_at: Some(left_at),
+            });
+        }
+    }
+    let next = match (was.open, to) {
+        (Some((key, _)), Some(to)) if key == to => was,
+        (Some((key, since)), to) => {
+            places.push(Place {
+                list_key: key,
+                listed_at: since,
+                unlisted_at: Some(now),
+            });
+            Listing {
+                open: to.map(|to| (to, now)),
+                left: Some((key, since, now)),
+            }
+        }
+        (None, to) => Listing {
+            open: to.map(|to| (to, now)),
+            left: was.left.filter(|&(key, _, _)| Some(key) != to),
+        },
+    };
+    if let Some((list_key, listed_at)) = next.open {
+        places.push(Place {
+            list_key,
+            listed_at,
+            unlisted_at: None,
+        });
+    }
+    (next, places)
+}
+
+fn record_from_row(key: RecordKey, row: RecordColumns) -> (Record, Listing) {
+    let (version, body, updated_at, list_key, listed_at, left_key, left_listed_at, left_at) = row;
+    let updated_at = updated_at.unwrap_or(0);
+    let listing = Listing {
+        open: list_key.map(|key| (key, listed_at.unwrap_or(updated_at))),
+        left: match (left_key, left_listed_at, left_at) {
+            (Some(key), Some(since), Some(until)) => Some((key, since, until)),
+            _ => None,
+        },
+    };
+    let record = Record {
+        key,
+        version: version.map_or(0, to_u64),
+        body: body.unwrap_or_default(),
+        updated_at: Timestamp(updated_at),
+        list_key,
+    };
+    (record, listing)
+}
+
 impl Inner {
     /// One record, read at the configured consistency. On one node that sees every write
     /// acknowledged before it. Across replicas an LWT's commit reaches only the configured
@@ -2461,32 +2654,85 @@ impl Inner {
     /// LOCAL_QUORUM) for both, or read at SERIAL. A stale read costs no data: the write built
     /// on it names the old version and gets a conflict.
     async fn record(&self, key: &RecordKey) -> Result<Option<Record>> {
-        let result = self
-            .session
-            .execute_unpaged(
-                &self.statements.record,
-                (&key.tenant_id, key.kind.as_str(), &key.id),
-            )
-            .await
-            .map_err(|e| request_error(Access::Read, "reading a record", &e))?;
-        let row = first_row::<(Option<i64>, Option<String>, Option<i64>)>(result, "records")?;
-        Ok(row.map(|(version, body, updated_at)| Record {
-            list_key: None,
-            key: key.clone(),
-            version: version.map_or(0, to_u64),
-            body: body.unwrap_or_default(),
-            updated_at: Timestamp(updated_at.unwrap_or(0)),
-        }))
+        Ok(self.record_row(key, false).await?.map(|(record, _)| record))
     }
 
-    /// The compare-and-set of [`Store::put_record`], one lightweight transaction.
+    /// A record and its listing, at the configured consistency or at the serial one.
+    async fn record_row(&self, key: &RecordKey, serial: bool) -> Result<Option<(Record, Listing)>> {
+        let statement = if serial {
+            &self.statements.record_serial
+        } else {
+            &self.statements.record
+        };
+        let result = self
+            .session
+            .execute_unpaged(statement, (&key.tenant_id, key.kind.as_str(), &key.id))
+            .await
+            .map_err(|e| request_error(Access::Read, "reading a record", &e))?;
+        let row = first_row::<RecordColumns>(result, "records")?;
+        Ok(row.map(|row| record_from_row(key.clone(), row)))
+    }
+
+    /// The listing of the version `record` is written over, or the conflict that will refuse
+    /// it. Every write rewrites the whole row, so a read that shows that version shows its
+    /// listing, however far behind other replicas are; and when the conditional write applies,
+    /// nobody wrote in between. A read that shows an older version may be a replica behind: a
+    /// serial read settles it.
+    async fn listing_before(&self, record: &Record) -> Result<Listing> {
+        let over = record.version - 1;
+        let mut stored = 0;
+        for serial in [false, true] {
+            let row = self.record_row(&record.key, serial).await?;
+            stored = row.as_ref().map_or(0, |(record, _)| record.version);
+            if stored == over {
+                return Ok(row.map(|(_, listing)| listing).unwrap_or_default());
+            }
+            if stored > over {
+                break;
+            }
+        }
+        Err(Error::VersionConflict { stored })
+    }
+
+    /// The compare-and-set of [`Store::put_record`], one lightweight transaction, then the
+    /// record's list writes. Those are plain writes after it: a crash (or a failed request) in
+    /// between leaves the list holding the record at its old place, or not yet at its new one,
+    /// until the record's next write sends them again. That is acceptable for a list read to
+    /// page through (a conversation shows at its previous activity for a while); answering with
+    /// an error instead would have the caller apply its change again over a write that applied.
     async fn put_record(&self, record: Record) -> Result<Record> {
+        let places = self.write_record(&record).await?;
+        let key = &record.key;
+        if let Err(error) = self.write_places(key, &places).await {
+            tracing::warn!(
+                tenant = %key.tenant_id,
+                kind = key.kind.as_str(),
+                id = %key.id,
+                %error,
+                "record written, its list places not: they follow with its next write"
+            );
+        }
+        Ok(record)
+    }
+
+    /// The conditional write of [`Inner::put_record`]; returns the places to write after it.
+    async fn write_record(&self, record: &Record) -> Result<Vec<Place>> {
         let key = &record.key;
         if record.version == 0 {
             // No write creates version 0: a conflict with whatever is stored.
             let stored = self.record(key).await?.map_or(0, |r| r.version);
             return Err(Error::VersionConflict { stored });
         }
+        let was = if record.version == 1 {
+            Listing::default()
+        } else {
+            self.listing_before(record).await?
+        };
+        let (listing, places) = move_in_list(was, record.list_key, Timestamp::now().0);
+        let (listed_at, left) = (listing.open.map(|(_, at)| at), listing.left);
+        let left_key = left.map(|(key, _, _)| key);
+        let left_listed_at = left.map(|(_, since, _)| since);
+        let left_at = left.map(|(_, _, until)| until);
         self.metrics.writes_in_flight.inc();
         let result = if record.version == 1 {
             self.session
@@ -2499,6 +2745,11 @@ impl Inner {
                         to_i64(record.version),
                         &record.body,
                         record.updated_at.0,
+                        record.list_key,
+                        listed_at,
+                        left_key,
+                        left_listed_at,
+                        left_at,
                     ),
                 )
                 .await
@@ -2510,6 +2761,11 @@ impl Inner {
                         to_i64(record.version),
                         &record.body,
                         record.updated_at.0,
+                        record.list_key,
+                        listed_at,
+                        left_key,
+                        left_listed_at,
+                        left_at,
                         &key.tenant_id,
                         key.kind.as_str(),
                         &key.id,
@@ -2523,10 +2779,217 @@ impl Inner {
         // outcome: the Paxos round may still be completed by the next one on the partition.
         let result = result.map_err(|e| request_error(Access::Write, "writing a record", &e))?;
         match conditional_outcome(result)? {
-            None => Ok(record),
+            None => Ok(places),
             Some(stored) => Err(Error::VersionConflict { stored }),
         }
     }
+
+    /// A record's places, in one UNLOGGED batch on the list's partition (all or nothing on each
+    /// replica). Each carries its event's time as its write timestamp, so sending it again, or
+    /// late, changes nothing a later event wrote; a closed place expires after the snapshot
+    /// window, and one already past it is not written.
+    async fn write_places(&self, key: &RecordKey, places: &[Place]) -> Result<()> {
+        let clock = Timestamp::now().0;
+        let keep = crate::records::LIST_SNAPSHOT_MILLIS + PLACE_TTL_MARGIN_MILLIS;
+        let values: Vec<_> = places
+            .iter()
+            .filter_map(|place| {
+                let ttl_seconds = match place.unlisted_at {
+                    None => 0,
+                    Some(until) => {
+                        let left = until.saturating_add(keep).saturating_sub(clock);
+                        if left <= 0 {
+                            return None;
+                        }
+                        i32::try_from((left + 999) / 1000).unwrap_or(i32::MAX)
+                    }
+                };
+                let event = place.unlisted_at.unwrap_or(place.listed_at);
+                Some((
+                    &key.tenant_id,
+                    key.kind.as_str(),
+                    place.list_key,
+                    &key.id,
+                    place.listed_at,
+                    place.unlisted_at,
+                    event.saturating_mul(1000),
+                    ttl_seconds,
+                ))
+            })
+            .collect();
+        if values.is_empty() {
+            return Ok(());
+        }
+        self.metrics.writes_in_flight.inc();
+        let result = if let [single] = values.as_slice() {
+            self.session
+                .execute_unpaged(&self.statements.set_place, single)
+                .await
+        } else {
+            let mut batch = Batch::new(BatchType::Unlogged);
+            for _ in &values {
+                batch.append_statement(self.statements.set_place.clone());
+            }
+            batch.set_is_idempotent(true);
+            self.session.batch(&batch, &values).await
+        };
+        self.metrics.writes_in_flight.dec();
+        result
+            .map(|_| ())
+            .map_err(|e| request_error(Access::Write, "writing list places", &e))
+    }
+
+    /// A page of a list as it was at `query.as_of`: its places in order from the query's
+    /// bound, read in pages of the list's partition, those held at `as_of` kept, each with its
+    /// record's current row (read [`LIST_READS_IN_FLIGHT`] at a time). A page passes over at
+    /// most `scan_rows` places it does not return (checked between requests): it then answers
+    /// with what it found, or, having found nothing, with [`Error::NotApplied`], since an empty
+    /// page would read as the end of the list.
+    async fn list_records(
+        &self,
+        tenant_id: &str,
+        kind: RecordKind,
+        query: &ListQuery,
+    ) -> Result<Vec<Listed>> {
+        let limit = usize::try_from(query.limit).unwrap_or(usize::MAX);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let statements = &self.statements;
+        let scan = ListScan {
+            tenant_id,
+            kind,
+            as_of: query.as_of.unwrap_or_default().0,
+            limit,
+        };
+        let list = (tenant_id, kind.as_str());
+        match (&query.after, query.descending) {
+            (None, true) => self.scan_list(&scan, &statements.places_down, &list).await,
+            (None, false) => self.scan_list(&scan, &statements.places_up, &list).await,
+            (Some((key, id)), descending) => {
+                let statement = if descending {
+                    &statements.places_down_after
+                } else {
+                    &statements.places_up_after
+                };
+                let values = (tenant_id, kind.as_str(), *key, id.as_str());
+                self.scan_list(&scan, statement, &values).await
+            }
+        }
+    }
+
+    async fn scan_list<V: scylla::serialize::row::SerializeRow + Sync>(
+        &self,
+        scan: &ListScan<'_>,
+        statement: &PreparedStatement,
+        values: &V,
+    ) -> Result<Vec<Listed>> {
+        let budget = usize::try_from(self.config.scan_rows).unwrap_or(usize::MAX);
+        let mut found = Vec::new();
+        let mut held = VecDeque::new();
+        let mut passed = 0;
+        let mut paging = Some(PagingState::start());
+        loop {
+            while found.len() < scan.limit && !held.is_empty() {
+                let take = held.len().min(scan.limit - found.len());
+                let places: Vec<(String, Place)> = held.drain(..take).collect();
+                let (listed, left_out) = self.current_records(scan, places).await?;
+                found.extend(listed);
+                passed += left_out;
+            }
+            if found.len() >= scan.limit {
+                break;
+            }
+            let Some(state) = paging.take() else {
+                break;
+            };
+            if passed >= budget {
+                if found.is_empty() {
+                    return Err(Error::NotApplied(format!(
+                        "a list page passed over {passed} places without one held at its \
+                         time (the scan budget)"
+                    )));
+                }
+                break;
+            }
+            let mut page = statement.clone();
+            let wanted = (scan.limit - found.len()).saturating_add(LIST_SLACK_ROWS);
+            page.set_page_size(i32::try_from(wanted.min(ROWS_PER_REQUEST)).unwrap_or(1));
+            let (result, next) = self
+                .session
+                .execute_single_page(&page, values, state)
+                .await
+                .map_err(|e| request_error(Access::Read, "reading a list", &e))?;
+            if let PagingStateResponse::HasMorePages { state } = next {
+                paging = Some(state);
+            }
+            let rows = result
+                .into_rows_result()
+                .map_err(|e| bad_row("record_list", e))?;
+            for row in rows
+                .rows::<(i64, String, Option<i64>, Option<i64>)>()
+                .map_err(|e| bad_row("record_list", e))?
+            {
+                let (list_key, id, listed_at, unlisted_at) =
+                    row.map_err(|e| bad_row("record_list", e))?;
+                let place = Place {
+                    list_key,
+                    listed_at: listed_at.unwrap_or(i64::MAX),
+                    unlisted_at,
+                };
+                if place.held_at(scan.as_of) {
+                    held.push_back((id, place));
+                } else {
+                    passed += 1;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The held places' records as they are now, in order, and how many places were left out:
+    /// one whose record is not there, or one [`Listing::disowns`].
+    async fn current_records(
+        &self,
+        scan: &ListScan<'_>,
+        places: Vec<(String, Place)>,
+    ) -> Result<(Vec<Listed>, usize)> {
+        // Made first: a closure inside the stream keeps the compiler from proving the whole
+        // operation's future `Send`.
+        let reads: Vec<_> = places
+            .iter()
+            .map(|(id, _)| {
+                let key = RecordKey::new(scan.tenant_id, scan.kind, id);
+                async move { self.record_row(&key, false).await }
+            })
+            .collect();
+        let rows: Vec<_> = futures_util::stream::iter(reads)
+            .buffered(LIST_READS_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut listed = Vec::with_capacity(places.len());
+        let mut left_out = 0;
+        for ((_, place), row) in places.into_iter().zip(rows) {
+            match row? {
+                Some((record, listing)) if !listing.disowns(&place, scan.as_of) => {
+                    listed.push(Listed {
+                        list_key: place.list_key,
+                        record,
+                    });
+                }
+                _ => left_out += 1,
+            }
+        }
+        Ok((listed, left_out))
+    }
+}
+
+/// What one list page reads.
+struct ListScan<'a> {
+    tenant_id: &'a str,
+    kind: RecordKind,
+    as_of: i64,
+    limit: usize,
 }
 
 /// What a conditional write's answer says: `None` when it was applied, else the version stored
@@ -2646,13 +3109,26 @@ impl Store for CqlStore {
 
     async fn list_records(
         &self,
-        _tenant_id: &str,
-        _kind: RecordKind,
-        _query: crate::records::ListQuery,
-    ) -> Result<crate::records::ListPage> {
-        Err(Error::Schema(
-            "PLACEHOLDER: lists are not implemented on CQL yet".into(),
-        ))
+        tenant_id: &str,
+        kind: RecordKind,
+        query: ListQuery,
+    ) -> Result<ListPage> {
+        // Writers to a CQL store share no clock that orders their commits: a read without a
+        // time takes one a moment in the past, so that writes still under way at the read are
+        // not on the walk (one that takes longer than this may be missed by it; it still
+        // reaches an inbox subscriber live).
+        let as_of = query
+            .as_of
+            .unwrap_or_else(|| Timestamp(Timestamp::now().0 - LIST_READ_LAG_MILLIS));
+        let query = ListQuery {
+            as_of: Some(as_of),
+            ..query
+        };
+        let tenant_id = tenant_id.to_owned();
+        let entries = self
+            .run(|inner| async move { inner.list_records(&tenant_id, kind, &query).await })
+            .await?;
+        Ok(ListPage { as_of, entries })
     }
 
     async fn close(&self) -> Result<()> {
@@ -3005,6 +3481,260 @@ mod tests {
         assert_eq!(store.record(&key).await.unwrap(), Some(record));
     }
 
+    /// Writes a conversation at list place `list_key` without its list writes, as a crash
+    /// between the record's row and its places leaves it.
+    async fn write_row_only(store: &CqlStore, id: &str, version: u64, list_key: Option<i64>) {
+        let record = Record {
+            key: RecordKey::new("tenant", RecordKind::Conversation, id),
+            version,
+            body: "{}".to_owned(),
+            updated_at: Timestamp::now(),
+            list_key,
+        };
+        let inner = Arc::clone(&store.inner);
+        store
+            .inner
+            .runtime
+            .run(async move { inner.write_record(&record).await })
+            .await
+            .unwrap();
+    }
+
+    async fn put_place(store: &CqlStore, id: &str, version: u64, list_key: Option<i64>) {
+        let record = Record {
+            key: RecordKey::new("tenant", RecordKind::Conversation, id),
+            version,
+            body: "{}".to_owned(),
+            updated_at: Timestamp::now(),
+            list_key,
+        };
+        store.put_record(record).await.unwrap();
+    }
+
+    async fn listed(store: &CqlStore, as_of: Timestamp) -> Result<Vec<(i64, String)>> {
+        let query = ListQuery {
+            as_of: Some(as_of),
+            descending: true,
+            after: None,
+            limit: 10,
+        };
+        let page = store
+            .list_records("tenant", RecordKind::Conversation, query)
+            .await?;
+        Ok(page
+            .entries
+            .into_iter()
+            .map(|l| (l.list_key, l.record.key.id))
+            .collect())
+    }
+
+    /// `(list_key, TTL of listed_at)` of every place of the tenant's conversations.
+    async fn places_with_ttl(store: &CqlStore) -> Vec<(i64, Option<i32>)> {
+        let inner = Arc::clone(&store.inner);
+        store
+            .inner
+            .runtime
+            .run(async move {
+                let result = inner
+                    .session
+                    .query_unpaged(
+                        "SELECT list_key, TTL(listed_at) FROM record_list \
+                         WHERE tenant_id = 'tenant' AND kind = 'conversation'",
+                        (),
+                    )
+                    .await
+                    .unwrap();
+                let rows = result.into_rows_result().unwrap();
+                Ok(rows
+                    .rows::<(i64, Option<i32>)>()
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect())
+            })
+            .await
+            .unwrap()
+    }
+
+    async fn tick() -> Timestamp {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = Timestamp::now();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        now
+    }
+
+    /// A record write whose list writes were lost leaves the record at its old place until its
+    /// next write, which puts the list right as of the lost write's time; a place two lost
+    /// writes in a row left open is not listed after the record's last move.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lost_list_writes_are_made_good_by_the_next_write() {
+        let Some((store, _guard)) = fresh_cql_store().await else {
+            return;
+        };
+        put_place(&store, "a", 1, Some(10)).await;
+        tick().await;
+        write_row_only(&store, "a", 2, Some(20)).await;
+        let after_lost = tick().await;
+        let now = listed(&store, after_lost).await.unwrap();
+        assert_eq!(now, [(10, "a".to_owned())], "at its old place meanwhile");
+        put_place(&store, "a", 3, Some(20)).await;
+        let repaired = listed(&store, after_lost).await.unwrap();
+        assert_eq!(
+            repaired,
+            [(20, "a".to_owned())],
+            "moved as of the lost write"
+        );
+        // The closed place expires after the snapshot window (and a margin); the open one not.
+        let ttl = places_with_ttl(&store).await;
+        assert_eq!(ttl.len(), 2, "{ttl:?}");
+        assert_eq!(ttl[0], (20, None));
+        assert_eq!(ttl[1].0, 10);
+        assert!(
+            ttl[1].1.is_some_and(|t| (300..=360).contains(&t)),
+            "{ttl:?}"
+        );
+
+        write_row_only(&store, "a", 4, Some(30)).await;
+        tick().await;
+        write_row_only(&store, "a", 5, Some(40)).await;
+        let after_two_lost = tick().await;
+        // 20 is still open in the table, but the record left it before this time.
+        assert_eq!(listed(&store, after_two_lost).await.unwrap(), []);
+        put_place(&store, "a", 6, Some(40)).await;
+        assert_eq!(
+            listed(&store, Timestamp::now()).await.unwrap(),
+            [(40, "a".to_owned())]
+        );
+        // Unlisting closes the place.
+        put_place(&store, "a", 7, None).await;
+        assert_eq!(listed(&store, Timestamp::now()).await.unwrap(), []);
+    }
+
+    /// A list page passes over at most `scan_rows` places it does not return.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_list_page_passes_over_a_bounded_number_of_places() {
+        let options = Options {
+            scan_rows: 20,
+            ..Options::default()
+        };
+        let Some((store, _guard, url)) = fresh_store_with(&options).await else {
+            return;
+        };
+        put_place(&store, "a", 1, Some(1)).await;
+        // "b" moves 40 times: 40 closed places between it and "a".
+        for (version, key) in (1..=41).zip(100..) {
+            put_place(&store, "b", version, Some(key)).await;
+        }
+        let query = ListQuery {
+            as_of: Some(Timestamp::now()),
+            descending: true,
+            after: Some((140, "b".to_owned())),
+            limit: 1,
+        };
+        let error = store
+            .list_records("tenant", RecordKind::Conversation, query.clone())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, Error::NotApplied(text) if text.contains("passed over")),
+            "{error:?}"
+        );
+        // A page that finds something answers with it, having passed over the budget.
+        let from_top = ListQuery {
+            after: None,
+            limit: 2,
+            ..query.clone()
+        };
+        let found = store
+            .list_records("tenant", RecordKind::Conversation, from_top)
+            .await
+            .unwrap()
+            .entries;
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(
+            (found[0].list_key, found[0].record.key.id.as_str()),
+            (140, "b")
+        );
+        // With a larger budget the page reaches "a".
+        let roomy = CqlStore::connect(&url, &Options::default()).await.unwrap();
+        let found = roomy
+            .list_records("tenant", RecordKind::Conversation, query)
+            .await
+            .unwrap()
+            .entries;
+        assert_eq!(
+            (found[0].list_key, found[0].record.key.id.as_str()),
+            (1, "a")
+        );
+    }
+
+    #[test]
+    fn a_move_closes_the_old_place_and_opens_the_new_one() {
+        let none = Listing::default();
+        let place = |list_key, listed_at, unlisted_at| Place {
+            list_key,
+            listed_at,
+            unlisted_at,
+        };
+        // Listed for the first time.
+        let (first, places) = move_in_list(none, Some(10), 1000);
+        assert_eq!(
+            first,
+            Listing {
+                open: Some((10, 1000)),
+                left: None
+            }
+        );
+        assert_eq!(places, [place(10, 1000, None)]);
+        // Moved, by a writer whose clock is behind: still after the last event.
+        let (moved, places) = move_in_list(first, Some(20), 900);
+        assert_eq!(
+            moved,
+            Listing {
+                open: Some((20, 1001)),
+                left: Some((10, 1000, 1001))
+            }
+        );
+        assert_eq!(places, [place(10, 1000, Some(1001)), place(20, 1001, None)]);
+        // Staying: the same row, its places sent again.
+        let (stayed, places) = move_in_list(moved, Some(20), 2000);
+        assert_eq!(stayed, moved);
+        assert_eq!(places, [place(10, 1000, Some(1001)), place(20, 1001, None)]);
+        // Back to the place it left: reopened, not closed again.
+        let (back, places) = move_in_list(moved, Some(10), 3000);
+        assert_eq!(
+            back,
+            Listing {
+                open: Some((10, 3000)),
+                left: Some((20, 1001, 3000))
+            }
+        );
+        assert_eq!(places, [place(20, 1001, Some(3000)), place(10, 3000, None)]);
+        // Unlisted, then listed again at the place it left.
+        let (out, places) = move_in_list(back, None, 4000);
+        assert_eq!(
+            out,
+            Listing {
+                open: None,
+                left: Some((10, 3000, 4000))
+            }
+        );
+        assert_eq!(
+            places,
+            [place(20, 1001, Some(3000)), place(10, 3000, Some(4000))]
+        );
+        let (again, places) = move_in_list(out, Some(10), 5000);
+        assert_eq!(
+            again,
+            Listing {
+                open: Some((10, 5000)),
+                left: None
+            }
+        );
+        assert_eq!(places, [place(10, 5000, None)]);
+        // A record never listed has no places to write.
+        assert_eq!(move_in_list(none, None, 1000), (none, Vec::new()));
+    }
+
     /// A full store refuses at once instead of queueing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_store_refuses_with_not_applied() {
@@ -3289,8 +4019,9 @@ mod tests {
             .iter()
             .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
         let records = statements_of(MIGRATIONS[1].2);
-        assert_eq!(records.len(), 1);
+        assert_eq!(records.len(), 2);
         assert!(records[0].starts_with("CREATE TABLE IF NOT EXISTS records"));
+        assert!(records[1].starts_with("CREATE TABLE IF NOT EXISTS record_list"));
         // Versions 1, 2, …: one file each, the last the version this build needs.
         for (index, (version, name, _)) in MIGRATIONS.iter().enumerate() {
             assert_eq!(*version as usize, index + 1);

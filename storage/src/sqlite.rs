@@ -1183,6 +1183,9 @@ struct Overlay {
     sent: HashMap<(i64, String), SentInBatch>,
     /// The search index entries of the batch's messages: [`index_key`] and tokens.
     index: Vec<(i64, String)>,
+    /// The list time of the batch's moves (see `SCHEMA_V5_RECORDS`): one per batch, as a
+    /// batch commits at once, past the one before it.
+    list_stamp: Option<i64>,
 }
 
 impl Overlay {
@@ -1383,7 +1386,7 @@ fn apply(
             (Applied::MarkRead(reply, result), failure)
         }
         WriteRequest::PutRecord { record, reply } => {
-            let (result, failure) = split(put_record(tx, record));
+            let (result, failure) = split(put_record(tx, overlay, record));
             (Applied::PutRecord(reply, result), failure)
         }
     }
@@ -1470,7 +1473,11 @@ fn list_records(
 }
 
 /// Compare-and-set inside the batch's transaction: earlier writes of the batch are visible.
-fn put_record(tx: &Connection, record: Record) -> rusqlite::Result<Result<Record>> {
+fn put_record(
+    tx: &Connection,
+    overlay: &mut Overlay,
+    record: Record,
+) -> rusqlite::Result<Result<Record>> {
     if record.body.len() > crate::records::MAX_RECORD_BYTES {
         return Ok(Err(Error::Invalid(format!(
             "record body of {} bytes is over the limit of {}",
@@ -1502,7 +1509,7 @@ fn put_record(tx: &Connection, record: Record) -> rusqlite::Result<Result<Record
     ])?;
     let was = current.and_then(|r| r.list_key);
     if was != record.list_key {
-        move_in_list(tx, key, was, record.list_key)?;
+        move_in_list(tx, overlay, key, was, record.list_key)?;
     }
     Ok(Ok(record))
 }
@@ -1511,17 +1518,25 @@ fn put_record(tx: &Connection, record: Record) -> rusqlite::Result<Result<Record
 /// started before (and places closed long ago are dropped); the new one opens now.
 fn move_in_list(
     tx: &Connection,
+    overlay: &mut Overlay,
     key: &RecordKey,
     was: Option<i64>,
     now_at: Option<i64>,
 ) -> rusqlite::Result<()> {
     let now = Timestamp::now().0;
-    let clock: i64 = tx
-        .prepare_cached(CLOCK_SQL)?
-        .query_row([], |row| row.get(0))?;
-    let stamp = now.max(clock + 1);
-    tx.prepare_cached("UPDATE list_clock SET stamp = ?1 WHERE id = 0")?
-        .execute([stamp])?;
+    let stamp = match overlay.list_stamp {
+        Some(stamp) => stamp,
+        None => {
+            let clock: i64 = tx
+                .prepare_cached(CLOCK_SQL)?
+                .query_row([], |row| row.get(0))?;
+            let stamp = now.max(clock + 1);
+            tx.prepare_cached("UPDATE list_clock SET stamp = ?1 WHERE id = 0")?
+                .execute([stamp])?;
+            overlay.list_stamp = Some(stamp);
+            stamp
+        }
+    };
     let kind = key.kind.as_str();
     if let Some(was) = was {
         tx.prepare_cached(
