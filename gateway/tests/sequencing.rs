@@ -29,7 +29,7 @@ async fn replies(client: &mut RawClient, refs: &[&str]) -> HashMap<String, Value
             .recv_json(Duration::from_secs(10))
             .await
             .expect("a reply for every pipelined chat");
-        if let Some(reference) = v["ref"].as_str() {
+        if let Some(reference) = v["ref"].as_str().filter(|r| refs.contains(r)) {
             got.insert(reference.to_owned(), v);
         }
     }
