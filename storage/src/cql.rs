@@ -2037,23 +2037,33 @@ impl Inner {
                 )
             })
             .collect();
+        self.write_together(&self.statements.insert_message, &values, "writing messages")
+            .await
+    }
+
+    /// Writes rows of one statement (one partition's) together: one statement, or one
+    /// unlogged batch of them (idempotent: each row is written whole).
+    async fn write_together<V: scylla::serialize::row::SerializeRow>(
+        &self,
+        statement: &PreparedStatement,
+        values: &[V],
+        what: &str,
+    ) -> Result<()> {
         self.metrics.writes_in_flight.inc();
-        let result = if let [single] = values.as_slice() {
-            self.session
-                .execute_unpaged(&self.statements.insert_message, single)
-                .await
+        let result = if let [single] = values {
+            self.session.execute_unpaged(statement, single).await
         } else {
             let mut batch = Batch::new(BatchType::Unlogged);
-            for _ in &values {
-                batch.append_statement(self.statements.insert_message.clone());
+            for _ in values {
+                batch.append_statement(statement.clone());
             }
             batch.set_is_idempotent(true);
-            self.session.batch(&batch, &values).await
+            self.session.batch(&batch, values).await
         };
         self.metrics.writes_in_flight.dec();
         result
             .map(|_| ())
-            .map_err(|e| request_error(Access::Write, "writing messages", &e))
+            .map_err(|e| request_error(Access::Write, what, &e))
     }
 
     /// Runs one write statement.
@@ -2820,23 +2830,8 @@ impl Inner {
         if values.is_empty() {
             return Ok(());
         }
-        self.metrics.writes_in_flight.inc();
-        let result = if let [single] = values.as_slice() {
-            self.session
-                .execute_unpaged(&self.statements.set_place, single)
-                .await
-        } else {
-            let mut batch = Batch::new(BatchType::Unlogged);
-            for _ in &values {
-                batch.append_statement(self.statements.set_place.clone());
-            }
-            batch.set_is_idempotent(true);
-            self.session.batch(&batch, &values).await
-        };
-        self.metrics.writes_in_flight.dec();
-        result
-            .map(|_| ())
-            .map_err(|e| request_error(Access::Write, "writing list places", &e))
+        self.write_together(&self.statements.set_place, &values, "writing list places")
+            .await
     }
 
     /// A page of a list as it was at `query.as_of`: its places in order from the query's
