@@ -479,6 +479,7 @@ impl Session {
                 return None;
             }
             Command::Rate(rate) => RoomAction::Rate(rate),
+            Command::Escalate(escalate) => RoomAction::Escalate(escalate),
             Command::SubscribeInbox(subscribe) => {
                 let frame = subscribe
                     .apply(&self.shared, &self.conn, reference_owned.as_deref())

@@ -155,6 +155,10 @@ pub enum ChangeKind {
     Rated,
     /// Its snooze ran out.
     Woke,
+    /// `escalate`: it joined the support queue.
+    Escalated,
+    /// An agent took it from the queue (`assignee` is the agent).
+    AgentJoined,
 }
 
 /// Deserializes a field that may be absent (`None`), `null` (`Some(None)`) or a value.
@@ -286,6 +290,19 @@ impl ConversationPatch {
         }
         if let Some(assignee) = &self.assignee {
             c.assignee.clone_from(assignee);
+            match assignee {
+                // An agent takes it from the queue.
+                Some(_) if before.waits_for_agent() && c.waits_for_agent() => {
+                    c.status = ConversationStatus::Agent;
+                    c.metrics.agent_joined_at.get_or_insert(Timestamp::now());
+                }
+                // Its agent let go: it waits for another.
+                None if c.is_open && c.status == ConversationStatus::Agent => {
+                    c.status = ConversationStatus::Queued;
+                    c.metrics.queued_at = Some(Timestamp::now());
+                }
+                _ => {}
+            }
         }
         *c != before
     }
@@ -312,7 +329,8 @@ pub async fn update_conversation<S: Store>(
     let change = ConversationChange::Update(patch.clone());
     Ok(change_conversation(store, room, &change)
         .await?
-        .and_then(Result::ok))
+        .and_then(Result::ok)
+        .map(|changed| changed.conversation))
 }
 
 /// Why a conversation ended (`end`).
@@ -348,6 +366,11 @@ pub enum ConversationChange {
     /// The snooze until this time ran out (nothing changes when it was snoozed again later,
     /// woken or closed meanwhile).
     Wake(Timestamp),
+    /// `escalate`: into the support queue; `by_team` may also hand it on from its agent.
+    Escalate {
+        reason: Option<String>,
+        by_team: bool,
+    },
 }
 
 impl ConversationChange {
@@ -358,6 +381,27 @@ impl ConversationChange {
             ConversationChange::End(_) => ChangeKind::Ended,
             ConversationChange::Rate(_) => ChangeKind::Rated,
             ConversationChange::Wake(_) => ChangeKind::Woke,
+            ConversationChange::Escalate { .. } => ChangeKind::Escalated,
+        }
+    }
+
+    /// Whether it can put the conversation in the support queue.
+    fn may_queue(&self) -> bool {
+        match self {
+            ConversationChange::Escalate { .. } => true,
+            ConversationChange::Update(patch) => patch.assignee == Some(None),
+            _ => false,
+        }
+    }
+
+    /// Whether it can take the conversation out of the support queue.
+    fn may_dequeue(&self) -> bool {
+        match self {
+            ConversationChange::End(_) => true,
+            ConversationChange::Update(patch) => {
+                patch.is_open == Some(false) || patch.assignee.is_some()
+            }
+            _ => false,
         }
     }
 
@@ -372,6 +416,17 @@ impl ConversationChange {
     /// Applies it: `Ok(false)` when it changed nothing, `Err` when it may not be applied to the
     /// conversation as it is (the reason goes back to the client).
     pub fn apply(&self, c: &mut Conversation) -> Result<bool, ProtocolError> {
+        let now = Timestamp::now();
+        let was_waiting = c.waits_for_agent();
+        let changed = self.apply_at(c, now)?;
+        if was_waiting && !c.waits_for_agent() {
+            let joined = c.metrics.queued_at.unwrap_or(now);
+            c.metrics.queue_ms += u64::try_from(now.0 - joined.0).unwrap_or(0);
+        }
+        Ok(changed)
+    }
+
+    fn apply_at(&self, c: &mut Conversation, now: Timestamp) -> Result<bool, ProtocolError> {
         match self {
             ConversationChange::Update(patch) => Ok(patch.apply(c)),
             ConversationChange::End(reason) => {
@@ -384,8 +439,12 @@ impl ConversationChange {
                 c.is_open = false;
                 c.snoozed_until = None;
                 c.waiting_since = None;
-                c.metrics.ended_at = Some(Timestamp::now());
+                c.metrics.ended_at = Some(now);
                 c.metrics.end_reason = Some(reason.as_str().to_owned());
+                c.metrics.handle_ms = c
+                    .metrics
+                    .agent_joined_at
+                    .map(|joined| u64::try_from(now.0 - joined.0).unwrap_or(0));
                 Ok(true)
             }
             ConversationChange::Rate(rating) => {
@@ -404,20 +463,63 @@ impl ConversationChange {
                 }
                 Ok(still_due)
             }
+            ConversationChange::Escalate { reason, by_team } => {
+                let next = match c.status {
+                    ConversationStatus::Ended => {
+                        return Err(ProtocolError::bad_request("the conversation has ended"))
+                    }
+                    _ if !c.is_open => {
+                        return Err(ProtocolError::bad_request("the conversation is closed"))
+                    }
+                    ConversationStatus::Queued | ConversationStatus::Escalated => {
+                        return Err(ProtocolError::bad_request(
+                            "the conversation is in the queue already",
+                        ))
+                    }
+                    ConversationStatus::Agent if !by_team => {
+                        return Err(ProtocolError::bad_request(
+                            "an agent has the conversation already",
+                        ))
+                    }
+                    // Its agent (or the team) hands it on: it waits for another agent.
+                    ConversationStatus::Agent => ConversationStatus::Escalated,
+                    _ => ConversationStatus::Queued,
+                };
+                c.status = next;
+                c.assignee = None;
+                c.snoozed_until = None;
+                c.metrics.queued_at = Some(now);
+                c.metrics.escalation_reason.clone_from(reason);
+                Ok(true)
+            }
         }
     }
 }
 
+/// A conversation as a change left it.
+#[derive(Debug, Clone)]
+pub struct Changed {
+    pub conversation: Conversation,
+    /// Its stored version.
+    pub version: u64,
+    /// It was waiting in the queue, and an agent took it.
+    pub agent_joined: bool,
+}
+
 /// Applies `change` to the room's conversation, again to a fresh read when another writer got
-/// there first, after adding its participants to the room. `Ok(None)`: the room has no
-/// conversation; `Ok(Some(Err))`: the change was refused and nothing was written.
+/// there first, after adding its participants to the room, and keeps the durable queue list in
+/// step. `Ok(None)`: the room has no conversation; `Ok(Some(Err))`: the change was refused and
+/// nothing was written.
 pub async fn change_conversation<S: Store>(
     store: &S,
     room: &RoomKey,
     change: &ConversationChange,
-) -> storage::Result<Option<Result<Conversation, ProtocolError>>> {
+) -> storage::Result<Option<Result<Changed, ProtocolError>>> {
     for user in change.added_participants() {
         store.add_participant(room, user).await?;
+    }
+    if change.may_queue() {
+        crate::queue::enter_list(store, room).await?;
     }
     if let ConversationChange::Update(ConversationPatch {
         snoozed_until: Some(Some(until)),
@@ -429,10 +531,12 @@ pub async fn change_conversation<S: Store>(
         schedule_wake_up(store, room, *until).await?;
     }
     let mut refusal = None;
+    let mut was_waiting = false;
     let updated =
         records::update::<Conversation, _, _>(store, &room.tenant_id, &room.room_id, |current| {
             refusal = None;
             Ok(current.and_then(|c| {
+                was_waiting = c.waits_for_agent();
                 let mut next = c.clone();
                 match change.apply(&mut next) {
                     Ok(changed) => changed.then_some(next),
@@ -444,10 +548,21 @@ pub async fn change_conversation<S: Store>(
             }))
         })
         .await?;
+    let waits = updated.as_ref().is_some_and(|c| c.value.waits_for_agent());
+    if (change.may_queue() || change.may_dequeue()) && !waits {
+        crate::queue::leave_list(store, room).await?;
+    } else if change.may_queue() && waits {
+        // A racing change that dequeued it meanwhile may have taken the entry off the list.
+        crate::queue::enter_list(store, room).await?;
+    }
     Ok(match (updated, refusal) {
         (None, _) => None,
         (Some(_), Some(error)) => Some(Err(error)),
-        (Some(Versioned { value, .. }), None) => Some(Ok(value)),
+        (Some(Versioned { value, version }), None) => Some(Ok(Changed {
+            agent_joined: was_waiting && value.status == ConversationStatus::Agent,
+            conversation: value,
+            version,
+        })),
     })
 }
 
@@ -510,7 +625,7 @@ async fn wake_due(shared: &Arc<Shared>) -> storage::Result<()> {
         };
         let room = RoomKey::new(&entry.tenant_id, &entry.room_id);
         let due_at = Timestamp(listed.list_key);
-        if let Some(Ok(conversation)) =
+        if let Some(Ok(Changed { conversation, .. })) =
             change_conversation(store, &room, &ConversationChange::Wake(due_at)).await?
         {
             let shard = &shared.shards[shard_of(&room, shared.shards.len())];
@@ -545,6 +660,8 @@ pub struct ActivityDelta {
     last: Option<LastMessage>,
     /// The first team reply among them.
     first_reply_at: Option<Timestamp>,
+    /// The first contact message that reply answered.
+    first_reply_to: Option<Timestamp>,
     /// Whether the team replied at all, and the first contact message after its last reply.
     replied: bool,
     waiting_from: Option<Timestamp>,
@@ -570,9 +687,12 @@ impl ActivityDelta {
                 self.waiting_from.get_or_insert(message.created_at);
             }
             Direction::Outgoing => {
+                if self.first_reply_at.is_none() {
+                    self.first_reply_at = Some(message.created_at);
+                    self.first_reply_to = self.waiting_from;
+                }
                 self.replied = true;
                 self.waiting_from = None;
-                self.first_reply_at.get_or_insert(message.created_at);
             }
             _ => {}
         }
@@ -594,7 +714,14 @@ impl ActivityDelta {
         }
         c.metrics.notes += self.notes;
         if c.metrics.first_reply_at.is_none() {
-            c.metrics.first_reply_at = self.first_reply_at;
+            if let Some(reply) = self.first_reply_at {
+                c.metrics.first_reply_at = Some(reply);
+                // Measured from the message it answered (none: the team wrote first).
+                c.metrics.first_reply_ms = c
+                    .waiting_since
+                    .or(self.first_reply_to)
+                    .map(|asked| u64::try_from(reply.0 - asked.0).unwrap_or(0));
+            }
         }
         c.waiting_since = if self.replied {
             self.waiting_from
@@ -615,9 +742,26 @@ impl ActivityDelta {
 pub const CONVERSATION_RESPONSE: &str = "conversation_response";
 
 #[derive(Serialize)]
-struct ConversationEvent<V: Serialize> {
+struct ConversationEvent<'a, V: Serialize> {
     change: ChangeKind,
+    /// The agent that took it (`agent_joined`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent_id: Option<&'a str>,
     conversation: V,
+}
+
+impl<'a, V: Serialize> ConversationEvent<'a, V> {
+    fn new(change: ChangeKind, conversation: &'a Conversation, view: V) -> Self {
+        let agent_id = match change {
+            ChangeKind::AgentJoined => conversation.assignee.as_deref(),
+            _ => None,
+        };
+        ConversationEvent {
+            change,
+            agent_id,
+            conversation: view,
+        }
+    }
 }
 
 impl Shard {
@@ -650,10 +794,11 @@ impl Shard {
                             actor,
                             Some(&room_id.room_id),
                             None,
-                            ConversationEvent {
+                            ConversationEvent::new(
                                 change,
-                                conversation: CustomerView::of(conversation),
-                            },
+                                conversation,
+                                CustomerView::of(conversation),
+                            ),
                         )
                     }
                 };
@@ -729,13 +874,13 @@ impl Shard {
         call: RoomCall,
         code: Code,
         change: ConversationChange,
-        result: storage::Result<Option<Result<Conversation, ProtocolError>>>,
+        result: storage::Result<Option<Result<Changed, ProtocolError>>>,
     ) {
         if let Some(Slot::Ready(state)) = self.rooms.get_mut(&call.room) {
             state.inflight = state.inflight.saturating_sub(1);
         }
-        let conversation = match result {
-            Ok(Some(Ok(conversation))) => conversation,
+        let changed = match result {
+            Ok(Some(Ok(changed))) => changed,
             Ok(Some(Err(refusal))) => return self.refuse(call, code, refusal),
             Ok(None) => {
                 let error = ProtocolError::new(ErrorCode::NotFound, "not a conversation");
@@ -746,6 +891,17 @@ impl Shard {
                 return self.refuse(call, code, storage_unavailable());
             }
         };
+        let Changed {
+            conversation,
+            version,
+            agent_joined,
+        } = changed;
+        self.observe_milestones(&conversation, agent_joined);
+        let now = Timestamp::now();
+        let positions = self
+            .shared
+            .queue
+            .sync(&call.room, &conversation, version, now);
         self.add_participants(&call.room, change.added_participants());
         let participants = self.participants(&call.room);
         self.shared.metrics.frames_out(OutCode::Response(code), 1);
@@ -765,7 +921,12 @@ impl Shard {
             FrameBuilder::success(code.response(), user, room_id, reference, view)
         };
         self.route().send(&call.conn, reply, FrameClass::Durable);
-        let announced = (change.kind(), call.conn.claims.sub.as_str());
+        let kind = if agent_joined {
+            ChangeKind::AgentJoined
+        } else {
+            change.kind()
+        };
+        let announced = (kind, call.conn.claims.sub.as_str());
         self.conversation_event(
             &call.room,
             &conversation,
@@ -773,7 +934,26 @@ impl Shard {
             Some(call.conn.id),
             true,
         );
+        // After the change's own frames: a customer hears it was queued, then where.
+        let shared = self.shared.clone();
+        crate::queue::announce(&shared, Some(self), positions);
         self.maybe_unload(&call.room);
+    }
+
+    /// Feeds the life-cycle histograms when a change reached a milestone.
+    fn observe_milestones(&self, conversation: &Conversation, agent_joined: bool) {
+        let metrics = &self.shared.metrics;
+        if agent_joined {
+            if let Some(joined) = conversation.metrics.queued_at {
+                let waited = Timestamp::now().0.saturating_sub(joined.0);
+                metrics.queue_seconds.observe(waited as f64 / 1000.0);
+            }
+        }
+        if conversation.status == ConversationStatus::Ended {
+            if let Some(handle) = conversation.metrics.handle_ms {
+                metrics.handle_seconds.observe(handle as f64 / 1000.0);
+            }
+        }
     }
 
     /// Adds participants the store now has to the loaded room (its access checks read them).
@@ -821,9 +1001,12 @@ impl Shard {
         // The room stays loaded until the save is answered.
         state.inflight += 1;
         let store = self.shared.store.clone();
+        let metrics = self.shared.metrics.clone();
         let events = self.events_tx.clone();
         let room = room_id.clone();
         tokio::spawn(async move {
+            // Set when this save holds the team's first answer.
+            let mut first_reply_ms = None;
             let result = records::update::<Conversation, _, _>(
                 &store,
                 &room.tenant_id,
@@ -832,11 +1015,20 @@ impl Shard {
                     Ok(current.map(|c| {
                         let mut next = c.clone();
                         delta.apply(&mut next);
+                        first_reply_ms = c
+                            .metrics
+                            .first_reply_at
+                            .is_none()
+                            .then_some(next.metrics.first_reply_ms)
+                            .flatten();
                         next
                     }))
                 },
             )
             .await;
+            if let (Ok(Some(_)), Some(ms)) = (&result, first_reply_ms) {
+                metrics.first_reply_seconds.observe(ms as f64 / 1000.0);
+            }
             let _ = events
                 .send(ShardEvent::Continue(Box::new(move |shard: &mut Shard| {
                     shard.activity_saved(&room, result)
@@ -887,13 +1079,14 @@ fn event_frame(
         actor,
         Some(&room_id.room_id),
         None,
-        ConversationEvent {
+        ConversationEvent::new(
             change,
-            conversation: AgentView {
+            conversation,
+            AgentView {
                 conversation,
                 participants,
             },
-        },
+        ),
     )
 }
 

@@ -44,6 +44,7 @@ pub mod mailbox;
 pub mod metrics;
 pub mod outbox;
 pub mod presence;
+pub mod queue;
 pub mod server;
 pub mod shard;
 

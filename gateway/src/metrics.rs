@@ -25,6 +25,8 @@ pub enum OutCode {
     Notification,
     /// `conversation_response`: a conversation changed (to its members and the inbox).
     Conversation,
+    /// `queue_response`: a waiting conversation's place in the support queue.
+    Queue,
 }
 
 impl OutCode {
@@ -35,6 +37,7 @@ impl OutCode {
             OutCode::Error => Code::ALL.len() + 1,
             OutCode::Notification => Code::ALL.len() + 2,
             OutCode::Conversation => Code::ALL.len() + 3,
+            OutCode::Queue => Code::ALL.len() + 4,
         }
     }
 }
@@ -58,6 +61,14 @@ pub struct Metrics {
     closes_by_code: Vec<(u16, IntCounter)>,
     pub outbound_queue_high_water: IntGauge,
     pub outbound_queue_high_water_bytes: IntGauge,
+    /// Conversations waiting in a support queue, all tenants together.
+    pub support_queue_waiting: IntGauge,
+    /// Time a conversation waited in the queue before an agent took it.
+    pub queue_seconds: Histogram,
+    /// From a contact's first unanswered message to the team's first answer.
+    pub first_reply_seconds: Histogram,
+    /// From an agent taking a conversation to its end.
+    pub handle_seconds: Histogram,
 }
 
 impl Metrics {
@@ -153,6 +164,31 @@ impl Metrics {
             "the most frames ever queued to one connection, written or not (never above the configured bound)",
         )
         .unwrap();
+        let support_queue_waiting = IntGauge::new(
+            "gateway_support_queue_waiting",
+            "conversations waiting for an agent in the support queues, all tenants together",
+        )
+        .unwrap();
+        // Human time scales: seconds to hours.
+        let life_cycle_buckets = vec![
+            1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0, 86400.0,
+        ];
+        let life_cycle = |name: &str, help: &str| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(life_cycle_buckets.clone()))
+                .unwrap()
+        };
+        let queue_seconds = life_cycle(
+            "gateway_conversation_queue_seconds",
+            "time a conversation waited in the support queue before an agent took it",
+        );
+        let first_reply_seconds = life_cycle(
+            "gateway_conversation_first_reply_seconds",
+            "from a contact's first unanswered message to the team's first answer",
+        );
+        let handle_seconds = life_cycle(
+            "gateway_conversation_handle_seconds",
+            "from an agent taking a conversation to its end",
+        );
         let outbound_queue_high_water_bytes = IntGauge::new(
             "gateway_outbound_queue_high_water_bytes",
             "the most bytes ever queued to one connection, written or not",
@@ -174,6 +210,10 @@ impl Metrics {
             Box::new(closes.clone()),
             Box::new(outbound_queue_high_water.clone()),
             Box::new(outbound_queue_high_water_bytes.clone()),
+            Box::new(support_queue_waiting.clone()),
+            Box::new(queue_seconds.clone()),
+            Box::new(first_reply_seconds.clone()),
+            Box::new(handle_seconds.clone()),
         ] {
             registry
                 .register(collector)
@@ -195,6 +235,7 @@ impl Metrics {
         for pushed in [
             crate::cmd::note::NOTIFICATION_RESPONSE,
             crate::inbox::CONVERSATION_RESPONSE,
+            crate::queue::QUEUE_RESPONSE,
         ] {
             frames_out.push(frames_out_vec.with_label_values(&[pushed]));
         }
@@ -231,6 +272,10 @@ impl Metrics {
             closes_by_code,
             outbound_queue_high_water,
             outbound_queue_high_water_bytes,
+            support_queue_waiting,
+            queue_seconds,
+            first_reply_seconds,
+            handle_seconds,
         }
     }
 

@@ -45,6 +45,8 @@ pub struct Shared {
     pub presence: PresenceRegistry,
     /// Connections following their tenant's inbox.
     pub inbox: crate::inbox::InboxSubscribers,
+    /// Each tenant's conversations waiting for an agent.
+    pub queue: crate::queue::SupportQueues,
     /// How fast each tenant's joins may create rooms.
     pub room_creations: TenantRoomCreations,
     /// Permits for presence broadcasts (each a task collecting members from the shards): at
@@ -201,6 +203,7 @@ impl Gateway {
             outbox_metrics,
             presence: PresenceRegistry::default(),
             inbox: Default::default(),
+            queue: Default::default(),
             room_creations,
             presence_tasks: Arc::new(tokio::sync::Semaphore::new(PRESENCE_TASKS)),
             shards,
@@ -219,6 +222,7 @@ impl Gateway {
         shared.ready.store(true, Ordering::Release);
         let accept_task = tokio::spawn(accept_loop(shared.clone(), listener, stop_rx));
         tokio::spawn(crate::inbox::run_wake_ups(shared.clone()));
+        tokio::spawn(crate::queue::run_restore(shared.clone()));
         tracing::info!(
             addr = %local_addr,
             shards = shard_count,

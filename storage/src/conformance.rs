@@ -1379,6 +1379,10 @@ pub async fn typed_records_round_trip_every_field<S: Store>(store: S) {
     conversation.metrics.notes = 1;
     conversation.metrics.first_reply_at = Some(Timestamp(1_700_000_005_000));
     conversation.metrics.end_reason = Some("resolved".into());
+    conversation.metrics.escalation_reason = Some("wants a human".into());
+    conversation.metrics.queue_ms = 42_000;
+    conversation.metrics.first_reply_ms = Some(4_000);
+    conversation.metrics.handle_ms = Some(600_000);
     save(
         &store,
         TENANT,

@@ -28,6 +28,7 @@ RecordKind {
     Conversation => "conversation",
     ContactConversation => "contact_conversation",
     Snooze => "snooze",
+    QueueEntry => "queue_entry",
 });
 
 /// Where a record is stored: records of one tenant never meet another tenant's.
@@ -349,6 +350,19 @@ pub struct ConversationMetrics {
     pub ended_at: Option<Timestamp>,
     #[serde(default)]
     pub end_reason: Option<String>,
+    /// Why it was last escalated (`escalate`'s `reason`).
+    #[serde(default)]
+    pub escalation_reason: Option<String>,
+    /// Time spent waiting in the support queue, all turns added up (milliseconds).
+    #[serde(default)]
+    pub queue_ms: u64,
+    /// From the first contact/customer message the team had not answered to the team's first
+    /// answer (milliseconds).
+    #[serde(default)]
+    pub first_reply_ms: Option<u64>,
+    /// From the first agent taking it to its end (milliseconds).
+    #[serde(default)]
+    pub handle_ms: Option<u64>,
 }
 
 /// A conversation's inbox state; the conversation's messages and participants are its room's
@@ -406,6 +420,15 @@ impl RecordBody for Conversation {
 }
 
 impl Conversation {
+    /// Open and `queued` or `escalated`: in its tenant's support queue, waiting for an agent.
+    pub fn waits_for_agent(&self) -> bool {
+        self.is_open
+            && matches!(
+                self.status,
+                ConversationStatus::Queued | ConversationStatus::Escalated
+            )
+    }
+
     /// A new open conversation in `room`, titled and pictured after its contact when it has one.
     pub fn new(room: &RoomKey, kind: RoomKind, contact: Option<&Contact>) -> Conversation {
         let now = Timestamp::now();
@@ -461,6 +484,37 @@ impl Snooze {
     /// The tenant the wake-up list is kept under: a control character no token's tenant
     /// holds, so no tenant can read or write it.
     pub const TENANT: &'static str = "\u{1}wake-up";
+
+    /// The record id of a room's entry.
+    pub fn id(room: &RoomKey) -> String {
+        format!("{}/{}", room.tenant_id, room.room_id)
+    }
+}
+
+/// A conversation waiting in its tenant's support queue (`queued` or `escalated`), kept so the
+/// queue outlives a restart. All tenants' entries are listed together under
+/// [`QueueEntry::TENANT`]; an entry leaves the list (`queued_at: None`) once its conversation
+/// leaves the queue. The conversation is the truth: whoever reads an entry checks it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueEntry {
+    pub tenant_id: String,
+    pub room_id: String,
+    /// When it joined the queue; `None` once it left.
+    pub queued_at: Option<Timestamp>,
+}
+
+impl RecordBody for QueueEntry {
+    const KIND: RecordKind = RecordKind::QueueEntry;
+
+    fn list_key(&self) -> Option<i64> {
+        self.queued_at.map(|t| t.0)
+    }
+}
+
+impl QueueEntry {
+    /// The tenant the queue entries are kept under (no token's tenant holds a control
+    /// character).
+    pub const TENANT: &'static str = "\u{1}queue";
 
     /// The record id of a room's entry.
     pub fn id(room: &RoomKey) -> String {

@@ -13,6 +13,7 @@ use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
 use crate::inbox::{AgentView, CustomerView};
 use crate::metrics::OutCode;
 use crate::outbox::FrameClass;
+use crate::queue::QueuePosition;
 use crate::shard::{access_error, server_busy, storage_unavailable, Route, Shard, Slot};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +31,9 @@ struct Reply<V: Serialize> {
     #[serde(flatten)]
     view: V,
     unread_count: u64,
+    /// Where it stands in the support queue while it waits for an agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue: Option<QueuePosition>,
 }
 
 impl Shard {
@@ -78,6 +82,7 @@ impl Shard {
             };
             let frame = match read.await {
                 Ok(Some((conversation, unread_count))) => {
+                    let queue = shared.queue.position(&room);
                     let (code, user, room_id) = (
                         Code::ConversationGet.response(),
                         &conn.claims.sub,
@@ -88,11 +93,19 @@ impl Shard {
                             conversation: &conversation,
                             participants: &participants,
                         };
-                        let data = Reply { view, unread_count };
+                        let data = Reply {
+                            view,
+                            unread_count,
+                            queue,
+                        };
                         FrameBuilder::success(code, user, room_id, reference.as_deref(), data)
                     } else {
                         let view = CustomerView::of(&conversation);
-                        let data = Reply { view, unread_count };
+                        let data = Reply {
+                            view,
+                            unread_count,
+                            queue,
+                        };
                         FrameBuilder::success(code, user, room_id, reference.as_deref(), data)
                     }
                 }

@@ -10,6 +10,7 @@ pub mod conversation_get;
 pub mod conversation_list;
 pub mod conversation_update;
 pub mod end;
+pub mod escalate;
 pub mod historic;
 pub mod join;
 pub mod leave;
@@ -47,11 +48,12 @@ pub enum Code {
     End,
     Rate,
     ConversationList,
+    Escalate,
 }
 
 impl Code {
     /// Every code, for metric label pre-registration.
-    pub const ALL: [Code; 15] = [
+    pub const ALL: [Code; 16] = [
         Code::Join,
         Code::Leave,
         Code::Chat,
@@ -67,6 +69,7 @@ impl Code {
         Code::End,
         Code::Rate,
         Code::ConversationList,
+        Code::Escalate,
     ];
 
     pub fn parse(code: &str) -> Option<Code> {
@@ -86,6 +89,7 @@ impl Code {
             "end" => Code::End,
             "rate" => Code::Rate,
             "conversation_list" => Code::ConversationList,
+            "escalate" => Code::Escalate,
             _ => return None,
         })
     }
@@ -107,6 +111,7 @@ impl Code {
             Code::End => "end",
             Code::Rate => "rate",
             Code::ConversationList => "conversation_list",
+            Code::Escalate => "escalate",
         }
     }
 
@@ -128,6 +133,7 @@ impl Code {
             Code::End => "end_response",
             Code::Rate => "rate_response",
             Code::ConversationList => "conversation_list_response",
+            Code::Escalate => "escalate_response",
         }
     }
 
@@ -163,6 +169,7 @@ pub enum Command {
     End(end::End),
     Rate(rate::Rate),
     ConversationList(conversation_list::ConversationList),
+    Escalate(escalate::Escalate),
 }
 
 impl Command {
@@ -194,6 +201,7 @@ impl Command {
             }
             Code::End => Command::End(end::End::parse(data)?),
             Code::Rate => Command::Rate(rate::Rate::parse(data)?),
+            Code::Escalate => Command::Escalate(escalate::Escalate::parse(data)?),
             Code::ConversationList => {
                 Command::ConversationList(conversation_list::ConversationList::parse(data)?)
             }
@@ -257,6 +265,7 @@ pub enum RoomAction {
     ConversationUpdate(conversation_update::ConversationUpdate),
     End(end::End),
     Rate(rate::Rate),
+    Escalate(escalate::Escalate),
 }
 
 impl RoomAction {
@@ -273,6 +282,7 @@ impl RoomAction {
             RoomAction::ConversationUpdate(_) => Code::ConversationUpdate,
             RoomAction::End(_) => Code::End,
             RoomAction::Rate(_) => Code::Rate,
+            RoomAction::Escalate(_) => Code::Escalate,
         }
     }
 
@@ -300,6 +310,7 @@ impl RoomAction {
                 | RoomAction::ConversationUpdate(_)
                 | RoomAction::End(_)
                 | RoomAction::Rate(_)
+                | RoomAction::Escalate(_)
         )
     }
 
@@ -317,6 +328,7 @@ impl RoomAction {
             RoomAction::ConversationUpdate(update) => shard.conversation_update(call, update),
             RoomAction::End(end) => shard.end(call, end),
             RoomAction::Rate(rate) => shard.rate(call, rate),
+            RoomAction::Escalate(escalate) => shard.escalate(call, escalate),
         }
     }
 }

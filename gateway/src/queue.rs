@@ -1,0 +1,467 @@
+//! The support queue: each tenant's conversations waiting for an agent (`escalate`), in the
+//! order they joined it, each with its position and an estimated wait.
+//!
+//! The conversation record is the truth (a conversation waits while it is open and `queued` or
+//! `escalated`); this is the running server's ordered view of it, kept in step by
+//! [`SupportQueues::sync`] after every change that can move a conversation in or out, and
+//! rebuilt at start from the store's [`QueueEntry`] list ([`restore`]). Whenever a waiting
+//! conversation's position or estimate changes, its members get a `queue_response`
+//! ([`Shard::queue_update`]).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+use storage::records::{self, Conversation, ListQuery, QueueEntry};
+use storage::{RecordKind, RoomKey, Store, Timestamp};
+
+use crate::codec::FrameBuilder;
+use crate::metrics::OutCode;
+use crate::outbox::FrameClass;
+use crate::server::Shared;
+use crate::shard::{shard_of, Route, Shard, ShardCommand, Slot};
+
+/// The server-pushed frame telling a waiting conversation's members where it stands.
+pub const QUEUE_RESPONSE: &str = "queue_response";
+
+/// How many of a tenant's latest takes (an agent taking a waiting conversation) the wait
+/// estimate looks at.
+const TAKES_REMEMBERED: usize = 20;
+
+/// Conversations that left a queue are remembered this long (by version), so that a change
+/// observed late cannot put one back.
+const LEFT_REMEMBERED_MS: i64 = 60_000;
+
+/// Where a waiting conversation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct QueuePosition {
+    /// 1: the next one an agent takes.
+    pub position: u32,
+    /// How many conversations of the tenant are waiting.
+    pub waiting: u32,
+    /// The position times the mean time between the tenant's latest takes (up to 20), in
+    /// seconds; `null` until two were taken since the server started.
+    pub estimated_wait_seconds: Option<u64>,
+}
+
+struct Waiting {
+    /// The version of the conversation this entry follows.
+    version: u64,
+    /// What its members were last told.
+    told: Option<QueuePosition>,
+}
+
+#[derive(Default)]
+struct TenantQueue {
+    /// The waiting conversations by (time they joined the queue, room id).
+    waiting: BTreeMap<(i64, String), Waiting>,
+    /// Room id → its key in `waiting`.
+    joined_at: HashMap<String, i64>,
+    /// Room id → (version, when) of conversations that left (or were never in) the queue.
+    left: HashMap<String, (u64, i64)>,
+    /// When the latest conversations were taken (ms).
+    takes: VecDeque<i64>,
+}
+
+impl TenantQueue {
+    /// Mean milliseconds between the remembered takes.
+    fn take_interval_ms(&self) -> Option<i64> {
+        let (first, last) = (self.takes.front()?, self.takes.back()?);
+        let gaps = self.takes.len() as i64 - 1;
+        (gaps > 0).then(|| (last - first) / gaps)
+    }
+
+    /// The new position of every waiting conversation whose members were told something else.
+    fn changed_positions(&mut self, tenant: &str) -> Vec<(RoomKey, QueuePosition)> {
+        let interval = self.take_interval_ms();
+        let waiting = self.waiting.len() as u32;
+        let mut changed = Vec::new();
+        for (index, ((_, room_id), entry)) in self.waiting.iter_mut().enumerate() {
+            let position = index as u32 + 1;
+            let now = QueuePosition {
+                position,
+                waiting,
+                estimated_wait_seconds: estimate(position, interval),
+            };
+            if entry.told != Some(now) {
+                entry.told = Some(now);
+                changed.push((RoomKey::new(tenant, room_id), now));
+            }
+        }
+        changed
+    }
+}
+
+fn estimate(position: u32, interval_ms: Option<i64>) -> Option<u64> {
+    interval_ms.map(|ms| (u64::from(position) * ms.max(0) as u64).div_ceil(1000))
+}
+
+/// Every tenant's support queue.
+#[derive(Default)]
+pub struct SupportQueues {
+    tenants: Mutex<HashMap<String, TenantQueue>>,
+}
+
+impl SupportQueues {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, TenantQueue>> {
+        // A panic while holding it leaves consistent maps (no multi-step invariant spans a
+        // panic point), so a poisoned lock is still usable.
+        self.tenants.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts the conversation (at `version`) in or out of its tenant's queue, as its state says,
+    /// and returns the positions that changed for it and the others (their members are told).
+    /// A version older than one already seen changes nothing.
+    pub fn sync(
+        &self,
+        room: &RoomKey,
+        conversation: &Conversation,
+        version: u64,
+        now: Timestamp,
+    ) -> Vec<(RoomKey, QueuePosition)> {
+        let mut tenants = self.lock();
+        let queue = tenants.entry(room.tenant_id.clone()).or_default();
+        let room_id = &room.room_id;
+        let current = queue.joined_at.get(room_id).copied();
+        let seen = match current {
+            Some(at) => queue.waiting.get(&(at, room_id.clone())).map(|w| w.version),
+            None => queue.left.get(room_id).map(|&(v, _)| v),
+        };
+        if seen.is_some_and(|seen| seen >= version) {
+            return Vec::new();
+        }
+        let joined_at = conversation
+            .metrics
+            .queued_at
+            .unwrap_or(conversation.last_activity_at)
+            .0;
+        match (current, conversation.waits_for_agent()) {
+            (Some(at), true) => {
+                let told = queue
+                    .waiting
+                    .remove(&(at, room_id.clone()))
+                    .and_then(|w| w.told);
+                queue.joined_at.insert(room_id.clone(), joined_at);
+                queue
+                    .waiting
+                    .insert((joined_at, room_id.clone()), Waiting { version, told });
+            }
+            (None, true) => {
+                queue.left.remove(room_id);
+                queue.joined_at.insert(room_id.clone(), joined_at);
+                let entry = Waiting {
+                    version,
+                    told: None,
+                };
+                queue.waiting.insert((joined_at, room_id.clone()), entry);
+            }
+            (Some(at), false) => {
+                queue.waiting.remove(&(at, room_id.clone()));
+                queue.joined_at.remove(room_id);
+                queue.left.insert(room_id.clone(), (version, now.0));
+                if conversation.assignee.is_some() {
+                    queue.takes.push_back(now.0);
+                    if queue.takes.len() > TAKES_REMEMBERED {
+                        queue.takes.pop_front();
+                    }
+                }
+            }
+            (None, false) => {
+                // Only conversations that were ever queued can race a queue change.
+                if conversation.metrics.queued_at.is_some() {
+                    queue.left.insert(room_id.clone(), (version, now.0));
+                }
+            }
+        }
+        if queue.left.len() > 1024 {
+            queue
+                .left
+                .retain(|_, &mut (_, at)| now.0 - at < LEFT_REMEMBERED_MS);
+        }
+        queue.changed_positions(&room.tenant_id)
+    }
+
+    /// Where the room's conversation stands, when it is waiting.
+    pub fn position(&self, room: &RoomKey) -> Option<QueuePosition> {
+        let tenants = self.lock();
+        let queue = tenants.get(&room.tenant_id)?;
+        let at = *queue.joined_at.get(&room.room_id)?;
+        let index = queue.waiting.range(..(at, room.room_id.clone())).count();
+        let position = index as u32 + 1;
+        Some(QueuePosition {
+            position,
+            waiting: queue.waiting.len() as u32,
+            estimated_wait_seconds: estimate(position, queue.take_interval_ms()),
+        })
+    }
+
+    /// Conversations waiting, all tenants together.
+    pub fn waiting(&self) -> usize {
+        self.lock().values().map(|q| q.waiting.len()).sum()
+    }
+}
+
+/// Keeps the durable queue list in step with a conversation the store now holds: the entry is
+/// written before a change that can queue the conversation (so a crash between the two leaves
+/// an entry that [`restore`] drops, never a waiting conversation nobody lists), and taken off
+/// the list once the conversation does not wait.
+pub async fn enter_list<S: Store>(store: &S, room: &RoomKey) -> storage::Result<()> {
+    let entry = QueueEntry {
+        tenant_id: room.tenant_id.clone(),
+        room_id: room.room_id.clone(),
+        queued_at: Some(Timestamp::now()),
+    };
+    records::update::<QueueEntry, _, _>(store, QueueEntry::TENANT, &QueueEntry::id(room), |c| {
+        // An entry already on the list keeps its place.
+        Ok(c.is_none_or(|c| c.queued_at.is_none())
+            .then(|| entry.clone()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// Takes the room's entry off the durable queue list (see [`enter_list`]).
+pub async fn leave_list<S: Store>(store: &S, room: &RoomKey) -> storage::Result<()> {
+    records::update::<QueueEntry, _, _>(store, QueueEntry::TENANT, &QueueEntry::id(room), |c| {
+        Ok(c.filter(|c| c.queued_at.is_some()).map(|c| QueueEntry {
+            queued_at: None,
+            ..c.clone()
+        }))
+    })
+    .await?;
+    Ok(())
+}
+
+/// Rebuilds the queues at start ([`restore`]), again after a pause while the store fails.
+pub async fn run_restore(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown_signal();
+    loop {
+        match restore(shared.clone()).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, "restoring the support queues failed; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Entries read per page of the durable list at start.
+const RESTORE_PAGE: u32 = 500;
+
+/// Rebuilds the queues from the durable list at start: every listed conversation that still
+/// waits takes its place (by the time it joined the queue); entries whose conversation no
+/// longer waits leave the list.
+pub async fn restore(shared: Arc<Shared>) -> storage::Result<()> {
+    let store = &shared.store;
+    let mut after = None;
+    let mut as_of = None;
+    loop {
+        let query = ListQuery {
+            as_of,
+            descending: false,
+            after: after.clone(),
+            limit: RESTORE_PAGE,
+        };
+        let page = store
+            .list_records(QueueEntry::TENANT, RecordKind::QueueEntry, query)
+            .await?;
+        as_of = Some(page.as_of);
+        let full = page.entries.len() as u32 == RESTORE_PAGE;
+        for listed in &page.entries {
+            after = Some((listed.list_key, listed.record.key.id.clone()));
+            let Ok(entry) = serde_json::from_str::<QueueEntry>(&listed.record.body) else {
+                continue;
+            };
+            let room = RoomKey::new(&entry.tenant_id, &entry.room_id);
+            let conversation =
+                records::load::<Conversation, _>(store, &room.tenant_id, &room.room_id).await?;
+            match conversation {
+                Some(c) if c.value.waits_for_agent() => {
+                    let updates = shared
+                        .queue
+                        .sync(&room, &c.value, c.version, Timestamp::now());
+                    announce(&shared, None, updates);
+                }
+                _ => leave_list(store, &room).await?,
+            }
+        }
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+/// Sends each changed position to its room's shard (the caller's own shard, when given, runs
+/// them at once).
+pub fn announce(
+    shared: &Shared,
+    mut here: Option<&mut Shard>,
+    updates: Vec<(RoomKey, QueuePosition)>,
+) {
+    shared
+        .metrics
+        .support_queue_waiting
+        .set(shared.queue.waiting() as i64);
+    let shards = shared.shards.len();
+    let mut by_shard: HashMap<usize, Vec<(RoomKey, QueuePosition)>> = HashMap::new();
+    for (room, position) in updates {
+        let owner = shard_of(&room, shards);
+        match here.as_deref_mut() {
+            Some(shard) if shard.index == owner => shard.queue_update(&room, position),
+            _ => by_shard.entry(owner).or_default().push((room, position)),
+        }
+    }
+    for (owner, updates) in by_shard {
+        let work = ShardCommand::Run(Box::new(move |shard: &mut Shard| {
+            for (room, position) in &updates {
+                shard.queue_update(room, *position);
+            }
+        }));
+        if shared.shards[owner].commands.try_send(work).is_err() {
+            tracing::warn!("queue positions were dropped: the rooms' shard is overloaded");
+        }
+    }
+}
+
+impl Shard {
+    /// Tells a loaded room's members where its conversation stands in the queue (nobody is
+    /// connected to a room that is not loaded).
+    pub(crate) fn queue_update(&mut self, room: &RoomKey, position: QueuePosition) {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if state.members.is_empty() {
+            return;
+        }
+        let frame = FrameBuilder::success(
+            QUEUE_RESPONSE,
+            "system",
+            Some(&room.room_id),
+            None,
+            position,
+        );
+        let route = Route::new(&self.shared.shards, self.index);
+        let mut sent = 0;
+        for member in state.members.values_mut() {
+            route.deliver(member, frame.clone(), FrameClass::Durable);
+            sent += 1;
+        }
+        self.shared.metrics.frames_out(OutCode::Queue, sent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use storage::records::ConversationStatus;
+    use storage::RoomKind;
+
+    use super::*;
+
+    fn waiting(room: &RoomKey, queued_at: i64) -> Conversation {
+        let mut c = Conversation::new(room, RoomKind::Support, None);
+        c.status = ConversationStatus::Queued;
+        c.metrics.queued_at = Some(Timestamp(queued_at));
+        c
+    }
+
+    fn taken(room: &RoomKey, queued_at: i64) -> Conversation {
+        let mut c = waiting(room, queued_at);
+        c.status = ConversationStatus::Agent;
+        c.assignee = Some("agent".into());
+        c
+    }
+
+    fn positions(updates: &[(RoomKey, QueuePosition)]) -> Vec<(&str, u32, u32)> {
+        updates
+            .iter()
+            .map(|(r, p)| (r.room_id.as_str(), p.position, p.waiting))
+            .collect()
+    }
+
+    #[test]
+    fn positions_follow_the_order_of_joining_and_only_changes_are_told() {
+        let queues = SupportQueues::default();
+        let (a, b, c) = (
+            RoomKey::new("t", "a"),
+            RoomKey::new("t", "b"),
+            RoomKey::new("t", "c"),
+        );
+        let now = Timestamp(100);
+        assert_eq!(
+            positions(&queues.sync(&a, &waiting(&a, 10), 1, now)),
+            [("a", 1, 1)]
+        );
+        // b and c: everyone's `waiting` count changes.
+        assert_eq!(
+            positions(&queues.sync(&c, &waiting(&c, 30), 1, now)),
+            [("a", 1, 2), ("c", 2, 2)]
+        );
+        assert_eq!(
+            positions(&queues.sync(&b, &waiting(&b, 20), 1, now)),
+            [("a", 1, 3), ("b", 2, 3), ("c", 3, 3)]
+        );
+        // The same state again tells nobody anything.
+        assert!(queues.sync(&b, &waiting(&b, 20), 2, now).is_empty());
+        // a is taken: b and c move up.
+        assert_eq!(
+            positions(&queues.sync(&a, &taken(&a, 10), 2, now)),
+            [("b", 1, 2), ("c", 2, 2)]
+        );
+        assert_eq!(queues.position(&c).map(|p| p.position), Some(2));
+        assert_eq!(queues.position(&a), None);
+        assert_eq!(queues.waiting(), 2);
+    }
+
+    #[test]
+    fn a_change_seen_late_does_not_put_a_conversation_back() {
+        let queues = SupportQueues::default();
+        let a = RoomKey::new("t", "a");
+        queues.sync(&a, &waiting(&a, 10), 2, Timestamp(100));
+        queues.sync(&a, &taken(&a, 10), 3, Timestamp(100));
+        // Version 2's answer arriving after version 3's.
+        assert!(queues
+            .sync(&a, &waiting(&a, 10), 2, Timestamp(100))
+            .is_empty());
+        assert_eq!(queues.position(&a), None);
+    }
+
+    #[test]
+    fn tenants_have_queues_of_their_own() {
+        let queues = SupportQueues::default();
+        let (a, b) = (RoomKey::new("t1", "x"), RoomKey::new("t2", "x"));
+        queues.sync(&a, &waiting(&a, 10), 1, Timestamp(100));
+        let updates = queues.sync(&b, &waiting(&b, 20), 1, Timestamp(100));
+        assert_eq!(positions(&updates), [("x", 1, 1)]);
+        assert_eq!(updates[0].0.tenant_id, "t2");
+        assert_eq!(queues.position(&a).map(|p| p.waiting), Some(1));
+    }
+
+    #[test]
+    fn the_estimate_is_the_position_times_the_mean_gap_between_takes() {
+        let queues = SupportQueues::default();
+        let rooms: Vec<RoomKey> = (0..5)
+            .map(|i| RoomKey::new("t", &format!("r{i}")))
+            .collect();
+        for (i, room) in rooms.iter().enumerate() {
+            queues.sync(room, &waiting(room, i as i64), 1, Timestamp(0));
+        }
+        assert_eq!(
+            queues.position(&rooms[4]).unwrap().estimated_wait_seconds,
+            None
+        );
+        // Taken 30 s apart.
+        queues.sync(&rooms[0], &taken(&rooms[0], 0), 2, Timestamp(1_000));
+        assert_eq!(
+            queues.position(&rooms[4]).unwrap().estimated_wait_seconds,
+            None
+        );
+        let updates = queues.sync(&rooms[1], &taken(&rooms[1], 1), 2, Timestamp(31_000));
+        let estimates: Vec<Option<u64>> = updates
+            .iter()
+            .map(|(_, p)| p.estimated_wait_seconds)
+            .collect();
+        assert_eq!(estimates, [Some(30), Some(60), Some(90)]);
+    }
+}
