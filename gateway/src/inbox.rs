@@ -17,7 +17,7 @@ use storage::records::{
 use storage::records::{ListQuery, Snooze};
 use storage::{Direction, Message, RecordKind, RoomKey, RoomKind, Store, Timestamp};
 
-use crate::auth::may_join;
+use crate::auth::{may_join, Role};
 use crate::cmd::{Code, RoomCall};
 use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
 use crate::metrics::OutCode;
@@ -120,6 +120,8 @@ pub struct CustomerView<'a> {
     pub is_open: bool,
     pub last_activity_at: Timestamp,
     pub rating: Option<&'a Rating>,
+    /// When the team last read it (a widget's "seen").
+    pub agent_last_seen_at: Option<Timestamp>,
 }
 
 impl<'a> CustomerView<'a> {
@@ -133,6 +135,7 @@ impl<'a> CustomerView<'a> {
             is_open: conversation.is_open,
             last_activity_at: conversation.last_activity_at,
             rating: conversation.rating.as_ref(),
+            agent_last_seen_at: conversation.agent_last_seen_at,
         }
     }
 }
@@ -159,6 +162,8 @@ pub enum ChangeKind {
     Escalated,
     /// An agent took it from the queue (`assignee` is the agent).
     AgentJoined,
+    /// Its contact or an agent read it (`contact_last_seen_at` / `agent_last_seen_at`).
+    Seen,
 }
 
 /// Deserializes a field that may be absent (`None`), `null` (`Some(None)`) or a value.
@@ -650,8 +655,9 @@ async fn wake_due(shared: &Arc<Shared>) -> storage::Result<()> {
     Ok(())
 }
 
-/// What the messages stored since the last save did to a conversation, folded in order so
-/// that any number of them is one write (the shard keeps one save per room in flight).
+/// What the messages stored (and the reads) since the last save did to a conversation, folded
+/// in order so that any number of them is one write (the shard keeps one save per room in
+/// flight).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct ActivityDelta {
     /// Messages by sender type, notes not included.
@@ -662,6 +668,10 @@ pub struct ActivityDelta {
     first_reply_at: Option<Timestamp>,
     /// The first contact message that reply answered.
     first_reply_to: Option<Timestamp>,
+    /// The latest read by its customer, and by an agent (read receipts), and who read last.
+    contact_seen_at: Option<Timestamp>,
+    agent_seen_at: Option<Timestamp>,
+    seen_by: Option<String>,
     /// Whether the team replied at all, and the first contact message after its last reply.
     replied: bool,
     waiting_from: Option<Timestamp>,
@@ -669,7 +679,22 @@ pub struct ActivityDelta {
 
 impl ActivityDelta {
     pub fn is_empty(&self) -> bool {
-        self.last.is_none() && self.notes == 0
+        !self.has_messages() && self.seen_by.is_none()
+    }
+
+    fn has_messages(&self) -> bool {
+        self.last.is_some() || self.notes > 0
+    }
+
+    /// Adds a read (a read receipt) by the conversation's customer or by the team.
+    pub fn seen(&mut self, reader: &str, by_team: bool, at: Timestamp) {
+        let seen = if by_team {
+            &mut self.agent_seen_at
+        } else {
+            &mut self.contact_seen_at
+        };
+        *seen = Some(at);
+        self.seen_by = Some(reader.to_owned());
     }
 
     /// Adds a newly stored message of the conversation.
@@ -713,6 +738,13 @@ impl ActivityDelta {
             *c.metrics.messages.entry(sender_type.clone()).or_default() += n;
         }
         c.metrics.notes += self.notes;
+        // Never back in time (saves of a busy room may carry older reads).
+        if let Some(at) = self.contact_seen_at {
+            c.contact_last_seen_at = c.contact_last_seen_at.max(Some(at));
+        }
+        if let Some(at) = self.agent_seen_at {
+            c.agent_last_seen_at = c.agent_last_seen_at.max(Some(at));
+        }
         if c.metrics.first_reply_at.is_none() {
             if let Some(reply) = self.first_reply_at {
                 c.metrics.first_reply_at = Some(reply);
@@ -997,6 +1029,10 @@ impl Shard {
             return;
         }
         let delta = std::mem::take(&mut state.activity);
+        let actor = match (&delta.seen_by, delta.has_messages()) {
+            (Some(reader), false) => Actor::Read(reader.clone()),
+            _ => Actor::Wrote,
+        };
         state.saving_activity = true;
         // The room stays loaded until the save is answered.
         state.inflight += 1;
@@ -1031,16 +1067,36 @@ impl Shard {
             }
             let _ = events
                 .send(ShardEvent::Continue(Box::new(move |shard: &mut Shard| {
-                    shard.activity_saved(&room, result)
+                    shard.activity_saved(&room, (result, actor))
                 })))
                 .await;
         });
     }
 
+    /// A member read the conversation (a read receipt): its customer's or the team's
+    /// `…_last_seen_at` moves, saved with the activity.
+    pub(crate) fn conversation_seen(&mut self, room_id: &RoomKey, reader: &ConnRef) {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        let by_team = match reader.claims.role {
+            Role::Customer => false,
+            Role::Agent | Role::Admin => true,
+            _ => return,
+        };
+        if state.room.kind == RoomKind::Team {
+            return;
+        }
+        state
+            .activity
+            .seen(&reader.claims.sub, by_team, Timestamp::now());
+        self.save_activity(room_id);
+    }
+
     fn activity_saved(
         &mut self,
         room_id: &RoomKey,
-        result: storage::Result<Option<Versioned<Conversation>>>,
+        (result, actor): (storage::Result<Option<Versioned<Conversation>>>, Actor),
     ) {
         if let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) {
             state.saving_activity = false;
@@ -1048,12 +1104,13 @@ impl Shard {
         }
         match result {
             Ok(Some(saved)) => {
-                let actor = saved
-                    .value
-                    .last_message
-                    .as_ref()
-                    .map_or_else(String::new, |m| m.sender.clone());
-                let change = (ChangeKind::Activity, actor.as_str());
+                let change = match &actor {
+                    Actor::Wrote => {
+                        let sender = saved.value.last_message.as_ref().map(|m| &m.sender);
+                        (ChangeKind::Activity, sender.map_or("", String::as_str))
+                    }
+                    Actor::Read(reader) => (ChangeKind::Seen, reader.as_str()),
+                };
                 self.conversation_event(room_id, &saved.value, change, None, false)
             }
             Ok(None) => {}
@@ -1065,6 +1122,12 @@ impl Shard {
         self.save_activity(room_id);
         self.maybe_unload(room_id);
     }
+}
+
+/// Who moved a conversation in an activity save: message senders, or only a reader.
+enum Actor {
+    Wrote,
+    Read(String),
 }
 
 /// The team's `conversation_response` event.

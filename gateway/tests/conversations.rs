@@ -1073,3 +1073,93 @@ async fn the_queue_outlives_a_restart() {
     assert_eq!(queue_position(&mut r3).await, (1, 1, Value::Null));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn customers_see_is_mine_on_messages_and_the_team_does_not() {
+    let server = TestServer::start().await;
+    let room = support_conversation(&server).await;
+    let mut cust = server.connect("cust", TENANT, Role::Customer).await;
+    cust.join(&room).await;
+    let mut cust_tab = server.connect("cust", TENANT, Role::Customer).await;
+    cust_tab.join(&room).await;
+    let mut alice = server.connect("alice", TENANT, Role::Agent).await;
+    alice.join(&room).await;
+
+    let asked = cust.chat(&room, "where is my order?").await;
+    assert_eq!(asked["data"]["is_mine"], true, "{asked}");
+    let seen_by_tab = cust_tab.recv_code("chat_response").await;
+    assert_eq!(
+        seen_by_tab["data"]["is_mine"], true,
+        "the same customer's other connection"
+    );
+    let seen_by_alice = alice.recv_code("chat_response").await;
+    assert!(
+        seen_by_alice["data"].get("is_mine").is_none(),
+        "{seen_by_alice}"
+    );
+    let answer = alice.chat(&room, "on its way").await;
+    assert!(answer["data"].get("is_mine").is_none(), "{answer}");
+    let answered = cust.recv_code("chat_response").await;
+    assert_eq!(answered["data"]["is_mine"], false, "{answered}");
+    assert_eq!(answered["data"]["message"], "on its way");
+
+    let mine = |reply: &Value, key: &str| -> Vec<Value> {
+        reply["data"][key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{reply}"))
+            .iter()
+            .map(|m| m["is_mine"].clone())
+            .collect()
+    };
+    let page = cust.request("historic", Some(&room), json!({})).await;
+    assert_eq!(mine(&page, "messages"), [json!(true), json!(false)]);
+    let page = alice.request("historic", Some(&room), json!({})).await;
+    assert_eq!(mine(&page, "messages"), [Value::Null, Value::Null]);
+    let mut back = server.connect("cust", TENANT, Role::Customer).await;
+    let rejoined = back
+        .request("join", Some(&room), json!({"since_seq": 0}))
+        .await;
+    assert_eq!(mine(&rejoined, "missed"), [json!(true), json!(false)]);
+
+    // Reads move the conversation's last-seen times; the inbox hears of them.
+    let mut watcher = subscribed(&server, "watcher").await;
+    let read = cust
+        .request(
+            "read_receipt",
+            Some(&room),
+            json!({"message_id": answer["data"]["message_id"], "sender": "cust"}),
+        )
+        .await;
+    assert_eq!(read["status"], "success", "{read}");
+    let seen = loop {
+        let event = event_about(&mut watcher, &room).await;
+        if event["data"]["change"] == "seen" {
+            break event;
+        }
+    };
+    assert_eq!(seen["user_id"], "cust");
+    let c = &seen["data"]["conversation"];
+    assert!(c["contact_last_seen_at"].is_string(), "{seen}");
+    assert!(c["agent_last_seen_at"].is_null(), "{seen}");
+    alice
+        .request(
+            "read_receipt",
+            Some(&room),
+            json!({"message_id": asked["data"]["message_id"], "sender": "alice"}),
+        )
+        .await;
+    let got = loop {
+        let got = cust
+            .request("conversation_get", Some(&room), json!({}))
+            .await;
+        if got["data"]["agent_last_seen_at"].is_string() {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        got["data"].get("contact_last_seen_at").is_none(),
+        "customer view: {got}"
+    );
+    server.stop().await;
+}

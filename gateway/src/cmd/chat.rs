@@ -2,16 +2,18 @@
 
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use storage::{Appended, Direction, MessageType, NewMessage, RoomKey, RoomKind, Timestamp};
 
-use super::{check_sender, parse_data, Code, RoomCall};
+use super::{check_sender, mark_mine, marks_mine, parse_data, Code, RoomCall};
 use crate::auth::Role;
 use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
 use crate::metrics::OutCode;
 use crate::outbox::FrameClass;
-use crate::shard::{AppendContext, ConnRef, Route, Shard, Slot};
+use crate::shard::{AppendContext, ConnRef, Member, Route, Shard, Slot};
 
 /// Longest client-chosen `message_id`, in bytes.
 pub const MAX_MESSAGE_ID_BYTES: usize = 64;
@@ -211,13 +213,23 @@ impl Shard {
         // (Serializing a stored message cannot fail: its maps have string keys.)
         let message_json: Box<RawValue> =
             serde_json::value::to_raw_value(&appended.message).unwrap_or_default();
-        let direct = FrameBuilder::success(
-            code.response(),
-            &conn.claims.sub,
-            Some(&room_id.room_id),
-            reference.as_deref(),
-            &*message_json,
-        );
+        let direct = if marks_mine(conn.claims.role) {
+            FrameBuilder::success(
+                code.response(),
+                &conn.claims.sub,
+                Some(&room_id.room_id),
+                reference.as_deref(),
+                &*customer_json(&message_json, true),
+            )
+        } else {
+            FrameBuilder::success(
+                code.response(),
+                &conn.claims.sub,
+                Some(&room_id.room_id),
+                reference.as_deref(),
+                &*message_json,
+            )
+        };
         let route = Route::new(&self.shared.shards, self.index);
         let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
             route.send(&conn, direct, FrameClass::Durable);
@@ -251,12 +263,43 @@ impl Shard {
                 &*message_json,
             );
             let customer_hidden = appended.message.direction == Direction::Note;
-            let members = state.members.values_mut().filter(|member| {
+            let receives = |member: &Member| {
                 member.conn.id != conn.id
                     && (!customer_hidden || member.conn.claims.role.sees_notes())
                     && (!appended.duplicate || member.joined_at_seq < seq)
+            };
+            // Customers get the message with `is_mine`: a frame of their own, after the
+            // one frame everybody else shares.
+            let mut customers = 0;
+            let members = state.members.values_mut().filter(|member| {
+                if marks_mine(member.conn.claims.role) {
+                    customers += 1;
+                    return false;
+                }
+                receives(member)
             });
-            let n = route.broadcast(&mut self.lists, members, &event, FrameClass::Durable);
+            let mut n = route.broadcast(&mut self.lists, members, &event, FrameClass::Durable);
+            if customers > 0 {
+                let sender = &appended.message.sender;
+                let mut frames: [Option<Bytes>; 2] = [None, None];
+                for member in state.members.values_mut() {
+                    if !marks_mine(member.conn.claims.role) || !receives(member) {
+                        continue;
+                    }
+                    let mine = member.conn.claims.sub == *sender;
+                    let frame = frames[usize::from(mine)].get_or_insert_with(|| {
+                        FrameBuilder::success(
+                            code.response(),
+                            &conn.claims.sub,
+                            Some(&room_id.room_id),
+                            None,
+                            &*customer_json(&message_json, mine),
+                        )
+                    });
+                    route.deliver(member, frame.clone(), FrameClass::Durable);
+                    n += 1;
+                }
+            }
             metrics.frames_out(OutCode::Response(code), n + 1);
             metrics.deliveries.inc_by(n);
         } else {
@@ -277,6 +320,14 @@ impl Shard {
         }
         self.maybe_unload(&room_id);
     }
+}
+
+/// A serialized message with the customer's `is_mine`.
+fn customer_json(message_json: &RawValue, mine: bool) -> Box<RawValue> {
+    let mut json = message_json.get().as_bytes().to_vec();
+    mark_mine(&mut json, mine);
+    let json = String::from_utf8(json).unwrap_or_default();
+    RawValue::from_string(json).unwrap_or_else(|_| message_json.to_owned())
 }
 
 #[cfg(test)]

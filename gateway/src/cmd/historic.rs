@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use storage::{HistoryPage, HistoryQuery, RoomKey, Store};
 
-use super::{parse_data, Code, RoomCall};
+use super::{mark_mine, marks_mine, parse_data, Code, RoomCall};
 use crate::auth::may_join;
 use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
 use crate::metrics::OutCode;
@@ -114,10 +114,12 @@ impl Shard {
             let frame = match page {
                 Ok(page) => {
                     let (user_id, room) = (conn.claims.sub.clone(), room_id.clone());
+                    let role = conn.claims.role;
                     let reference = reference.clone();
                     // A page may be large: it is serialized off the shard's thread.
                     let built = tokio::task::spawn_blocking(move || {
-                        let json = page_json(&page, budget, keep);
+                        let customer = marks_mine(role).then_some(user_id.as_str());
+                        let json = page_json(&page, budget, keep, customer);
                         // A page cut to the budget continues where it was cut; otherwise from
                         // where a search stopped at its row budget, if it did.
                         let (next_before_seq, next_after_seq) = match (json.cut_at, keep) {
@@ -182,11 +184,19 @@ pub(crate) struct PageJson {
     pub cut_at: Option<u64>,
 }
 
-pub(crate) fn page_json(page: &HistoryPage, budget: usize, keep: PageEnd) -> PageJson {
+pub(crate) fn page_json(
+    page: &HistoryPage,
+    budget: usize,
+    keep: PageEnd,
+    customer: Option<&str>,
+) -> PageJson {
     let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(page.messages.len());
     let mut total = 2;
     let mut push = |message: &storage::Message| -> bool {
-        let json = serde_json::to_vec(message).expect("serializing a message cannot fail");
+        let mut json = serde_json::to_vec(message).expect("serializing a message cannot fail");
+        if let Some(customer) = customer {
+            mark_mine(&mut json, message.sender == customer);
+        }
         if !encoded.is_empty() && total + json.len() + 1 > budget {
             return false;
         }

@@ -7,7 +7,7 @@ use storage::{HistoryQuery, Room, RoomKey, Store};
 
 use super::historic::{page_json, PageEnd};
 use super::presence::{presence_frame, PresenceStatus};
-use super::{parse_data, Code, RoomCall};
+use super::{marks_mine, parse_data, Code, RoomCall};
 use crate::auth::may_join;
 use crate::codec::{FrameBuilder, ProtocolError};
 use crate::metrics::OutCode;
@@ -178,9 +178,11 @@ impl Shard {
                 Ok(page) => {
                     let user_id = conn.claims.sub.clone();
                     let room = room_id.clone();
+                    let role = conn.claims.role;
                     // A page may be large: it is serialized off the shard's thread.
                     let built = tokio::task::spawn_blocking(move || {
-                        let missed = page_json(&page, budget, PageEnd::Oldest);
+                        let customer = marks_mine(role).then_some(user_id.as_str());
+                        let missed = page_json(&page, budget, PageEnd::Oldest, customer);
                         FrameBuilder::success(
                             Code::Join.response(),
                             &user_id,

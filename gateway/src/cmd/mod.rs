@@ -228,6 +228,26 @@ pub(crate) fn parse_data<T: DeserializeOwned>(data: &RawValue) -> Result<T, Prot
     })
 }
 
+/// Adds `is_mine` (whether `viewer` sent it) to a serialized message, for a customer's eyes:
+/// customers see which messages are theirs; the team's frames go without it.
+pub(crate) fn mark_mine(message_json: &mut Vec<u8>, mine: bool) {
+    // A serialized message is a JSON object: its last byte is the closing brace.
+    if message_json.last() == Some(&b'}') {
+        message_json.pop();
+        let field: &[u8] = if mine {
+            b",\"is_mine\":true}"
+        } else {
+            b",\"is_mine\":false}"
+        };
+        message_json.extend_from_slice(field);
+    }
+}
+
+/// Whether a connection's message frames carry `is_mine`.
+pub(crate) fn marks_mine(role: crate::auth::Role) -> bool {
+    role == crate::auth::Role::Customer
+}
+
 /// `sender` must name the authenticated user.
 pub(crate) fn check_sender(sender: &str, user_id: &str) -> Result<(), ProtocolError> {
     if sender == user_id {

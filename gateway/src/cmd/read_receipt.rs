@@ -147,6 +147,7 @@ impl Shard {
         broadcast: Option<Bytes>,
         team_only: bool,
     ) {
+        self.conversation_seen(&room_id, &conn);
         if let (Some(frame), Some(Slot::Ready(state))) = (broadcast, self.rooms.get_mut(&room_id)) {
             let route = Route::new(&self.shared.shards, self.index);
             let members = state.members.values_mut().filter(|member| {
