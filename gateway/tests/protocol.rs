@@ -380,6 +380,84 @@ async fn chat_with_attached_files_may_have_an_empty_message() {
 }
 
 #[tokio::test]
+async fn typed_messages_carry_described_attachments_and_rich_payloads() {
+    let server = TestServer::start().await;
+    support_room(&server, "typed", "cust").await;
+    let mut a = agent(&server, "alice").await;
+    a.join("typed").await;
+    let mut b = agent(&server, "bob").await;
+    b.join("typed").await;
+    let png = json!({"url": "https://cdn.example/a.png", "content_type": "image/png",
+                     "name": "a.png", "size": 48213});
+    let image = a
+        .request(
+            "chat",
+            Some("typed"),
+            json!({"message": "", "sender": "alice", "type": "image",
+                   "attached_files": [png, "file_789"]}),
+        )
+        .await;
+    assert_eq!(image["status"], "success", "{image}");
+    assert_eq!(image["data"]["attached_files"], json!([png, "file_789"]));
+    let event = b.recv_code("chat_response").await;
+    assert_eq!(event["data"]["attached_files"][0], png);
+    let card = json!({"title": "Plan A", "image_url": "https://cdn.example/a.png",
+                      "buttons": [{"title": "Buy", "value": "buy-a"}]});
+    let rich = a
+        .request(
+            "chat",
+            Some("typed"),
+            json!({"message": "Plan A", "sender": "alice", "type": "carousel",
+                   "metadata": {"payload": {"cards": [card]}}}),
+        )
+        .await;
+    assert_eq!(rich["status"], "success", "{rich}");
+    assert_eq!(rich["data"]["metadata"]["payload"]["cards"][0], card);
+
+    // Refused, naming the field; nothing is stored.
+    for (data, names) in [
+        (
+            json!({"message": "", "sender": "alice", "type": "video", "attached_files": [png]}),
+            "data.attached_files[0].content_type must be video/*",
+        ),
+        (
+            json!({"message": "", "sender": "alice", "type": "audio", "attached_files": []}),
+            "data.attached_files: an audio message needs at least one attachment",
+        ),
+        (
+            json!({"message": "", "sender": "alice", "type": "file",
+                   "attached_files": [{"url": "https://x/y", "content_type": "application/pdf", "bytes": 3}]}),
+            "invalid data.attached_files[0].bytes: unknown field",
+        ),
+        (
+            json!({"message": "here", "sender": "alice", "type": "location",
+                   "metadata": {"payload": {"latitude": 48.8}}}),
+            "invalid data.metadata.payload: missing field `longitude`",
+        ),
+        (
+            json!({"message": "pick", "sender": "alice", "type": "choice",
+                   "metadata": {"payload": {"options": [{"title": "Yes", "value": ""}]}}}),
+            "data.metadata.payload.options[0].value must be 1 to 1024 bytes",
+        ),
+        (
+            json!({"message": "hi", "sender": "alice", "metadata": {"payload": {"x": 1}}}),
+            "data.metadata.payload belongs to location, card",
+        ),
+    ] {
+        let refused = a.request("chat", Some("typed"), data).await;
+        assert_eq!(refused["data"]["error_code"], "BAD_REQUEST", "{refused}");
+        let message = refused["data"]["message"].as_str().unwrap();
+        assert!(message.starts_with(names), "{message}");
+    }
+    let page = a.request("historic", Some("typed"), json!({})).await;
+    let stored = page["data"]["messages"].as_array().unwrap();
+    assert_eq!(stored.len(), 2, "{page}");
+    assert_eq!(stored[0]["attached_files"], json!([png, "file_789"]));
+    assert_eq!(stored[1]["type"], "carousel");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn chat_keeps_the_client_message_id() {
     let server = TestServer::start().await;
     let mut a = agent(&server, "alice").await;

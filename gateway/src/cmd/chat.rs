@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use storage::{Appended, Direction, MessageType, NewMessage, RoomKey, RoomKind, Timestamp};
 
-use super::{check_sender, mark_mine, marks_mine, parse_data, Code, RoomCall};
+use super::{check_sender, content, mark_mine, marks_mine, parse_data, Code, RoomCall};
 use crate::auth::Role;
 use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
 use crate::metrics::OutCode;
@@ -19,9 +19,6 @@ use crate::shard::{AppendContext, ConnRef, Member, Route, Shard, Slot};
 pub const MAX_MESSAGE_ID_BYTES: usize = 64;
 /// Longest message text, in bytes.
 pub const MAX_TEXT_BYTES: usize = 16 * 1024;
-/// Most attachments per message, and the longest reference to one.
-pub const MAX_ATTACHMENTS: usize = 32;
-pub const MAX_ATTACHMENT_BYTES: usize = 2048;
 /// Largest `metadata` object, serialized.
 pub const MAX_METADATA_BYTES: usize = 8 * 1024;
 
@@ -40,8 +37,9 @@ struct ChatData {
     message: String,
     sender: String,
     message_id: Option<String>,
+    /// Checked by [`content::check`] with the type.
     #[serde(default)]
-    attached_files: Vec<String>,
+    attached_files: Vec<serde_json::Value>,
     reply_to: Option<String>,
     #[serde(rename = "type")]
     kind: Option<String>,
@@ -52,11 +50,6 @@ impl Chat {
     pub fn parse(data: &RawValue, user_id: &str) -> Result<Chat, ProtocolError> {
         let d: ChatData = parse_data(data)?;
         check_sender(&d.sender, user_id)?;
-        if d.message.is_empty() && d.attached_files.is_empty() {
-            return Err(ProtocolError::bad_request(
-                "message may be empty only when attached_files is not",
-            ));
-        }
         if let Some(id) = &d.message_id {
             if id.is_empty() || id.len() > MAX_MESSAGE_ID_BYTES {
                 return Err(ProtocolError::bad_request(
@@ -70,21 +63,6 @@ impl Chat {
                 "message is longer than 16384 bytes",
             ));
         }
-        if d.attached_files.len() > MAX_ATTACHMENTS
-            || d.attached_files
-                .iter()
-                .any(|f| f.len() > MAX_ATTACHMENT_BYTES)
-        {
-            return Err(ProtocolError::new(
-                ErrorCode::TooLarge,
-                "at most 32 attached_files of at most 2048 bytes each",
-            ));
-        }
-        let kind = match d.kind.as_deref() {
-            None => MessageType::Text,
-            Some(k) => MessageType::parse(k)
-                .ok_or_else(|| ProtocolError::bad_request(format!("unknown message type {k:?}")))?,
-        };
         let metadata = d.metadata.unwrap_or_default();
         if !metadata.is_empty()
             && serde_json::to_vec(&metadata).map_or(0, |v| v.len()) > MAX_METADATA_BYTES
@@ -94,12 +72,13 @@ impl Chat {
                 "metadata is larger than 8192 bytes",
             ));
         }
+        let content = content::check(d.kind.as_deref(), &d.message, &d.attached_files, &metadata)?;
         Ok(Chat {
             message: d.message,
             message_id: d.message_id,
-            attached_files: d.attached_files,
+            attached_files: content.attached_files,
             reply_to: d.reply_to,
-            kind,
+            kind: content.kind,
             metadata,
         })
     }

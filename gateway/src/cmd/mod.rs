@@ -6,6 +6,7 @@
 //! room requests.
 
 pub mod chat;
+pub mod content;
 pub mod conversation_get;
 pub mod conversation_list;
 pub mod conversation_update;
