@@ -278,6 +278,11 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_SEARCH_TIME_MS", default_value_t = 100)]
     pub search_time_ms: u64,
 
+    /// Directory of the analytics files (`track_activity`, `page_view`: one JSON Lines file a
+    /// day); default `<data-dir>/analytics`.
+    #[arg(long, env = "GATEWAY_ANALYTICS_DIR")]
+    pub analytics_dir: Option<PathBuf>,
+
     /// Serve an echo WebSocket route at /conformance/echo (for the Autobahn test suite); it goes
     /// through the same connection code and limits. Off by default.
     #[arg(long, env = "GATEWAY_CONFORMANCE_ECHO")]
@@ -292,6 +297,13 @@ impl Config {
     /// The store URL in effect.
     pub fn store_url(&self) -> String {
         store_url(self.store.as_deref(), &self.data_dir)
+    }
+
+    /// The analytics directory in effect.
+    pub fn analytics_dir(&self) -> PathBuf {
+        self.analytics_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("analytics"))
     }
 
     /// The number of shards in effect.

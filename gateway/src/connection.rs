@@ -480,6 +480,22 @@ impl Session {
             }
             Command::Rate(rate) => RoomAction::Rate(rate),
             Command::Escalate(escalate) => RoomAction::Escalate(escalate),
+            Command::Track(tracked) => {
+                tracked.apply(&self.shared, &self.conn, room_owned.as_deref());
+                return None;
+            }
+            Command::SubscribeDashboard(subscribe) => {
+                let frame = subscribe
+                    .apply(&self.shared, &self.conn, reference_owned.as_deref())
+                    .map_err(|error| self.error(code.response(), room_id, reference, &error));
+                if let Ok(frame) = frame {
+                    self.shared
+                        .metrics
+                        .frames_out(OutCode::Response(Code::SubscribeDashboard), 1);
+                    self.conn.outbox.push(frame, FrameClass::Durable);
+                }
+                return None;
+            }
             Command::SubscribeInbox(subscribe) => {
                 let frame = subscribe
                     .apply(&self.shared, &self.conn, reference_owned.as_deref())
@@ -534,6 +550,7 @@ impl Session {
         self.shared
             .inbox
             .unsubscribe(&self.conn.claims.tenant, self.conn.id);
+        self.shared.dashboards.disconnected(&self.conn);
         let offline_rooms = self
             .shared
             .presence
@@ -708,6 +725,9 @@ pub fn run(
                 claims,
             };
             shared.presence.connect(&conn);
+            if conn.claims.role.sees_notes() {
+                shared.dashboards.team_connected(&conn);
+            }
             let session_id = ulid::Ulid::new().to_string();
             let frame = FrameBuilder::encode(&crate::codec::Reply {
                 success: true,

@@ -31,6 +31,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod analytics;
 pub mod api;
 pub mod auth;
 pub mod cmd;

@@ -27,6 +27,8 @@ pub enum OutCode {
     Conversation,
     /// `queue_response`: a waiting conversation's place in the support queue.
     Queue,
+    /// `dashboard_response`: a tenant's live counters.
+    Dashboard,
 }
 
 impl OutCode {
@@ -38,6 +40,7 @@ impl OutCode {
             OutCode::Notification => Code::ALL.len() + 2,
             OutCode::Conversation => Code::ALL.len() + 3,
             OutCode::Queue => Code::ALL.len() + 4,
+            OutCode::Dashboard => Code::ALL.len() + 5,
         }
     }
 }
@@ -69,6 +72,9 @@ pub struct Metrics {
     pub first_reply_seconds: Histogram,
     /// From an agent taking a conversation to its end.
     pub handle_seconds: Histogram,
+    /// Analytics events written to the sink's files, and dropped (its queue was full).
+    pub analytics_written: IntCounter,
+    pub analytics_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -189,6 +195,16 @@ impl Metrics {
             "gateway_conversation_handle_seconds",
             "from an agent taking a conversation to its end",
         );
+        let analytics_events = IntCounterVec::new(
+            Opts::new(
+                "gateway_analytics_events_total",
+                "track_activity and page_view events, by outcome (written to the analytics files, or dropped because the sink's queue was full)",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
+        let analytics_written = analytics_events.with_label_values(&["written"]);
+        let analytics_dropped = analytics_events.with_label_values(&["dropped"]);
         let outbound_queue_high_water_bytes = IntGauge::new(
             "gateway_outbound_queue_high_water_bytes",
             "the most bytes ever queued to one connection, written or not",
@@ -214,6 +230,7 @@ impl Metrics {
             Box::new(queue_seconds.clone()),
             Box::new(first_reply_seconds.clone()),
             Box::new(handle_seconds.clone()),
+            Box::new(analytics_events.clone()),
         ] {
             registry
                 .register(collector)
@@ -236,6 +253,7 @@ impl Metrics {
             crate::cmd::note::NOTIFICATION_RESPONSE,
             crate::inbox::CONVERSATION_RESPONSE,
             crate::queue::QUEUE_RESPONSE,
+            crate::analytics::DASHBOARD_RESPONSE,
         ] {
             frames_out.push(frames_out_vec.with_label_values(&[pushed]));
         }
@@ -276,6 +294,8 @@ impl Metrics {
             queue_seconds,
             first_reply_seconds,
             handle_seconds,
+            analytics_written,
+            analytics_dropped,
         }
     }
 

@@ -195,6 +195,11 @@ impl SupportQueues {
         })
     }
 
+    /// Conversations of `tenant` waiting.
+    pub fn waiting_in(&self, tenant: &str) -> usize {
+        self.lock().get(tenant).map_or(0, |q| q.waiting.len())
+    }
+
     /// Conversations waiting, all tenants together.
     pub fn waiting(&self) -> usize {
         self.lock().values().map(|q| q.waiting.len()).sum()

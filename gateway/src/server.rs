@@ -47,6 +47,10 @@ pub struct Shared {
     pub inbox: crate::inbox::InboxSubscribers,
     /// Each tenant's conversations waiting for an agent.
     pub queue: crate::queue::SupportQueues,
+    /// Where `track_activity` and `page_view` events go.
+    pub analytics: crate::analytics::AnalyticsSink,
+    /// Each tenant's live counters and their subscribers.
+    pub dashboards: crate::analytics::Dashboards,
     /// How fast each tenant's joins may create rooms.
     pub room_creations: TenantRoomCreations,
     /// Permits for presence broadcasts (each a task collecting members from the shards): at
@@ -196,6 +200,11 @@ impl Gateway {
             high_water_bytes: metrics.outbound_queue_high_water_bytes.clone(),
         });
         let room_creations = TenantRoomCreations::new(config.rooms_per_tenant_minute);
+        let analytics = crate::analytics::AnalyticsSink::start(
+            config.analytics_dir(),
+            metrics.analytics_written.clone(),
+            metrics.analytics_dropped.clone(),
+        )?;
         let shared = Arc::new(Shared {
             config,
             store,
@@ -204,6 +213,8 @@ impl Gateway {
             presence: PresenceRegistry::default(),
             inbox: Default::default(),
             queue: Default::default(),
+            analytics,
+            dashboards: Default::default(),
             room_creations,
             presence_tasks: Arc::new(tokio::sync::Semaphore::new(PRESENCE_TASKS)),
             shards,
@@ -223,6 +234,7 @@ impl Gateway {
         let accept_task = tokio::spawn(accept_loop(shared.clone(), listener, stop_rx));
         tokio::spawn(crate::inbox::run_wake_ups(shared.clone()));
         tokio::spawn(crate::queue::run_restore(shared.clone()));
+        tokio::spawn(crate::analytics::run_dashboards(shared.clone()));
         tracing::info!(
             addr = %local_addr,
             shards = shard_count,

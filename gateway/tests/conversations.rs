@@ -1163,3 +1163,149 @@ async fn customers_see_is_mine_on_messages_and_the_team_does_not() {
     );
     server.stop().await;
 }
+
+/// The next `dashboard_response` whose counters satisfy `wanted` (within a few seconds).
+async fn counters_until(client: &mut Client, wanted: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let event = tokio::time::timeout(left, client.recv_code("dashboard_response"))
+            .await
+            .expect("the dashboard reached the expected counters");
+        assert_eq!(event["data"]["dashboard_id"], "overview", "{event}");
+        if wanted(&event["data"]["counters"]) {
+            return event["data"]["counters"].clone();
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_dashboard_follows_the_tenant_live_and_analytics_reach_their_files() {
+    let server = TestServer::start().await;
+    conversation_with(&server, "d1", None).await;
+    conversation_with(&server, "d2", None).await;
+    let mut root = server.connect("root", TENANT, Role::Admin).await;
+    root.request("conversation_update", Some("d2"), json!({"is_open": false}))
+        .await;
+    let mut alice = server.connect("alice", TENANT, Role::Agent).await;
+    let subscribed = alice.request("subscribe_dashboard", None, json!({})).await;
+    assert_eq!(subscribed["status"], "success", "{subscribed}");
+    let data = &subscribed["data"];
+    assert_eq!(data["dashboard_id"], "overview");
+    assert_eq!(data["tenant"], TENANT);
+    assert_eq!(
+        data["counters"]["agents_online"], 2,
+        "alice and root: {subscribed}"
+    );
+    assert_eq!(data["counters"]["conversations_queued"], 0);
+    // The open conversations are counted right after the subscription.
+    counters_until(&mut alice, |c| c["conversations_open"] == 1).await;
+
+    let mut cust = server.connect("cust-d1", TENANT, Role::Customer).await;
+    cust.join("d1").await;
+    cust.request("escalate", Some("d1"), json!({})).await;
+    counters_until(&mut alice, |c| c["conversations_queued"] == 1).await;
+    for (code, data) in [
+        (
+            "page_view",
+            json!({"page": "https://shop.example/pricing", "referrer": "https://search.example/"}),
+        ),
+        (
+            "track_activity",
+            json!({"activity": "clicked_buy", "data": {"plan": "pro"}}),
+        ),
+    ] {
+        cust.send(json!({"code": code, "user_id": "cust-d1", "room_id": "d1", "data": data}))
+            .await;
+    }
+    let counters = counters_until(&mut alice, |c| {
+        c["page_views_1m"] == 1 && c["activities_1m"] == 1
+    })
+    .await;
+    assert_eq!(
+        counters["agents_online"], 2,
+        "customers are not agents: {counters}"
+    );
+    drop(root);
+    counters_until(&mut alice, |c| c["agents_online"] == 1).await;
+
+    // Refused: bad events, a customer subscribing, an unknown dashboard.
+    for (code, data, error_code, names) in [
+        ("page_view", json!({}), "BAD_REQUEST", "page"),
+        (
+            "page_view",
+            json!({"page": "x".repeat(2049)}),
+            "TOO_LARGE",
+            "data.page",
+        ),
+        (
+            "track_activity",
+            json!({"activity": ""}),
+            "BAD_REQUEST",
+            "data.activity",
+        ),
+        (
+            "track_activity",
+            json!({"activity": "a", "mood": 1}),
+            "BAD_REQUEST",
+            "mood",
+        ),
+        (
+            "subscribe_dashboard",
+            json!({}),
+            "FORBIDDEN",
+            "agents and admins",
+        ),
+    ] {
+        let error = cust.request(code, None, data).await;
+        assert_eq!(error["data"]["error_code"], error_code, "{code}: {error}");
+        assert!(
+            error["data"]["message"].as_str().unwrap().contains(names),
+            "{error}"
+        );
+    }
+    let unknown = alice
+        .request(
+            "subscribe_dashboard",
+            None,
+            json!({"dashboard_id": "sales"}),
+        )
+        .await;
+    assert_eq!(unknown["data"]["error_code"], "NOT_FOUND", "{unknown}");
+
+    // Both events are in the day's file, one JSON object a line.
+    let dir = server.dir.path().join("analytics");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let lines: Vec<Value> = loop {
+        let text: String = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= 2 || tokio::time::Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["kind"], "page_view");
+    assert_eq!(lines[0]["page"], "https://shop.example/pricing");
+    assert_eq!(lines[0]["tenant_id"], TENANT);
+    assert_eq!(lines[0]["user_id"], "cust-d1");
+    assert_eq!(lines[0]["room_id"], "d1");
+    assert_eq!(lines[1]["kind"], "activity");
+    assert_eq!(lines[1]["data"]["plan"], "pro");
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("gateway_analytics_events_total{outcome=\"written\"} 2"),
+        "{metrics}"
+    );
+    server.stop().await;
+}

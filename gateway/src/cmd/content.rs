@@ -174,6 +174,13 @@ fn attachment(i: usize, file: &Value) -> Result<(String, Option<String>), Protoc
             if reference.len() > MAX_ATTACHMENT_BYTES {
                 return Err(too_large());
             }
+            // Stored described files start with `{`: a reference never does.
+            if reference.starts_with('{') {
+                return Err(ProtocolError::bad_request(format!(
+                    "data.attached_files[{i}]: a file reference may not start with '{{' \
+                     (describe a file as an object)"
+                )));
+            }
             Ok((reference.clone(), None))
         }
         Value::Object(_) => {
@@ -469,6 +476,8 @@ mod tests {
             error.starts_with("invalid data.attached_files[0].colour: unknown field `colour`"),
             "{error}"
         );
+        let error = checked("file", "", json!([r#"{"url":"https://x"}"#]), json!({})).unwrap_err();
+        assert!(error.contains("may not start with '{'"), "{error}");
         let error = checked("file", "", json!([5]), json!({})).unwrap_err();
         assert!(error.starts_with("data.attached_files[0] must be a file reference"));
     }

@@ -19,7 +19,9 @@ pub mod note;
 pub mod presence;
 pub mod rate;
 pub mod read_receipt;
+pub mod subscribe_dashboard;
 pub mod subscribe_inbox;
+pub mod track_activity;
 pub mod typing;
 
 use std::time::Instant;
@@ -50,11 +52,14 @@ pub enum Code {
     Rate,
     ConversationList,
     Escalate,
+    TrackActivity,
+    PageView,
+    SubscribeDashboard,
 }
 
 impl Code {
     /// Every code, for metric label pre-registration.
-    pub const ALL: [Code; 16] = [
+    pub const ALL: [Code; 19] = [
         Code::Join,
         Code::Leave,
         Code::Chat,
@@ -71,6 +76,9 @@ impl Code {
         Code::Rate,
         Code::ConversationList,
         Code::Escalate,
+        Code::TrackActivity,
+        Code::PageView,
+        Code::SubscribeDashboard,
     ];
 
     pub fn parse(code: &str) -> Option<Code> {
@@ -91,6 +99,9 @@ impl Code {
             "rate" => Code::Rate,
             "conversation_list" => Code::ConversationList,
             "escalate" => Code::Escalate,
+            "track_activity" => Code::TrackActivity,
+            "page_view" => Code::PageView,
+            "subscribe_dashboard" => Code::SubscribeDashboard,
             _ => return None,
         })
     }
@@ -113,6 +124,9 @@ impl Code {
             Code::Rate => "rate",
             Code::ConversationList => "conversation_list",
             Code::Escalate => "escalate",
+            Code::TrackActivity => "track_activity",
+            Code::PageView => "page_view",
+            Code::SubscribeDashboard => "subscribe_dashboard",
         }
     }
 
@@ -135,6 +149,9 @@ impl Code {
             Code::Rate => "rate_response",
             Code::ConversationList => "conversation_list_response",
             Code::Escalate => "escalate_response",
+            Code::TrackActivity => "track_activity_response",
+            Code::PageView => "page_view_response",
+            Code::SubscribeDashboard => "subscribe_dashboard_response",
         }
     }
 
@@ -142,7 +159,13 @@ impl Code {
     pub fn needs_room(self) -> bool {
         !matches!(
             self,
-            Code::Presence | Code::Ping | Code::SubscribeInbox | Code::ConversationList
+            Code::Presence
+                | Code::Ping
+                | Code::SubscribeInbox
+                | Code::ConversationList
+                | Code::TrackActivity
+                | Code::PageView
+                | Code::SubscribeDashboard
         )
     }
 
@@ -171,6 +194,8 @@ pub enum Command {
     Rate(rate::Rate),
     ConversationList(conversation_list::ConversationList),
     Escalate(escalate::Escalate),
+    Track(track_activity::Tracked),
+    SubscribeDashboard(subscribe_dashboard::SubscribeDashboard),
 }
 
 impl Command {
@@ -203,6 +228,11 @@ impl Command {
             Code::End => Command::End(end::End::parse(data)?),
             Code::Rate => Command::Rate(rate::Rate::parse(data)?),
             Code::Escalate => Command::Escalate(escalate::Escalate::parse(data)?),
+            Code::TrackActivity => Command::Track(track_activity::Tracked::parse_activity(data)?),
+            Code::PageView => Command::Track(track_activity::Tracked::parse_page_view(data)?),
+            Code::SubscribeDashboard => {
+                Command::SubscribeDashboard(subscribe_dashboard::SubscribeDashboard::parse(data)?)
+            }
             Code::ConversationList => {
                 Command::ConversationList(conversation_list::ConversationList::parse(data)?)
             }
