@@ -333,6 +333,23 @@ struct Session {
 }
 
 impl Session {
+    /// Queues the reply of a code answered on the connection's task (its error, if refused).
+    fn answer(
+        &self,
+        code: Code,
+        reply: Result<bytes::Bytes, ProtocolError>,
+        room_id: Option<&str>,
+        reference: Option<&str>,
+    ) {
+        match reply {
+            Ok(frame) => {
+                self.shared.metrics.frames_out(OutCode::Response(code), 1);
+                self.conn.outbox.push(frame, FrameClass::Durable);
+            }
+            Err(error) => self.error(code.response(), room_id, reference, &error),
+        }
+    }
+
     fn error(
         &self,
         code: &str,
@@ -485,27 +502,13 @@ impl Session {
                 return None;
             }
             Command::SubscribeDashboard(subscribe) => {
-                let frame = subscribe
-                    .apply(&self.shared, &self.conn, reference_owned.as_deref())
-                    .map_err(|error| self.error(code.response(), room_id, reference, &error));
-                if let Ok(frame) = frame {
-                    self.shared
-                        .metrics
-                        .frames_out(OutCode::Response(Code::SubscribeDashboard), 1);
-                    self.conn.outbox.push(frame, FrameClass::Durable);
-                }
+                let reply = subscribe.apply(&self.shared, &self.conn, reference_owned.as_deref());
+                self.answer(code, reply, room_id, reference);
                 return None;
             }
             Command::SubscribeInbox(subscribe) => {
-                let frame = subscribe
-                    .apply(&self.shared, &self.conn, reference_owned.as_deref())
-                    .map_err(|error| self.error(code.response(), room_id, reference, &error));
-                if let Ok(frame) = frame {
-                    self.shared
-                        .metrics
-                        .frames_out(OutCode::Response(Code::SubscribeInbox), 1);
-                    self.conn.outbox.push(frame, FrameClass::Durable);
-                }
+                let reply = subscribe.apply(&self.shared, &self.conn, reference_owned.as_deref());
+                self.answer(code, reply, room_id, reference);
                 return None;
             }
         };

@@ -279,6 +279,11 @@ pub(crate) fn marks_mine(role: crate::auth::Role) -> bool {
     role == crate::auth::Role::Customer
 }
 
+/// The default of a boolean field that is on unless turned off (`subscribed`).
+pub(crate) fn yes() -> bool {
+    true
+}
+
 /// `sender` must name the authenticated user.
 pub(crate) fn check_sender(sender: &str, user_id: &str) -> Result<(), ProtocolError> {
     if sender == user_id {

@@ -21,12 +21,8 @@ pub struct SubscribeDashboard {
 #[serde(deny_unknown_fields)]
 struct Data {
     dashboard_id: Option<String>,
-    #[serde(default = "yes")]
+    #[serde(default = "super::yes")]
     subscribed: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 #[derive(Serialize)]

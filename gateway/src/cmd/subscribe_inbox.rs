@@ -19,12 +19,8 @@ pub struct SubscribeInbox {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Data {
-    #[serde(default = "yes")]
+    #[serde(default = "super::yes")]
     subscribed: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 #[derive(Serialize)]
