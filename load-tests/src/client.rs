@@ -239,6 +239,10 @@ pub mod keys {
     pub static CHAT_RESPONSE: Key = LazyLock::new(|| Finder::new(b"\"code\":\"chat_response\""));
     pub static LEAVE_RESPONSE: Key = LazyLock::new(|| Finder::new(b"\"code\":\"leave_response\""));
     pub static MESSAGE_TIME: Key = LazyLock::new(|| Finder::new(b"\"message\":\"t="));
+    pub static CONVERSATION_RESPONSE: Key =
+        LazyLock::new(|| Finder::new(b"\"code\":\"conversation_response\""));
+    pub static NOTIFICATION_RESPONSE: Key =
+        LazyLock::new(|| Finder::new(b"\"code\":\"notification_response\""));
 }
 
 /// Position of `key` in `haystack`.

@@ -6,9 +6,10 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use gateway::auth::Role;
 use loadgen::client::Protocol;
 use loadgen::report::{own_cpu, process_cpu, rss_kib, scrape, Report};
-use loadgen::scenario::{self, open_many, Conn, Plan, Target};
+use loadgen::scenario::{self, open_many, Conn, InboxConversation, Plan, Target};
 use loadgen::stats::Stats;
 use tokio::time::Instant;
 
@@ -90,6 +91,20 @@ enum Scenario {
         #[arg(long, default_value_t = 50.0)]
         rate: f64,
     },
+    /// An inbox: C support conversations (a customer each) shared among A agents, every agent
+    /// subscribed to the tenant's inbox; per conversation 4 customer chats : 3 agent answers :
+    /// 1 note with a mention : 2 read receipts.
+    Inbox {
+        #[arg(long, default_value_t = 200)]
+        conversations: usize,
+        #[arg(long, default_value_t = 10)]
+        agents: usize,
+        /// Actions per second per conversation.
+        #[arg(long, default_value_t = 2.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+    },
     /// Typing, read receipts and presence alongside chat (4 chats : 12 typing : 3 receipts :
     /// 1 presence change).
     Mixed {
@@ -113,6 +128,7 @@ impl Scenario {
             Scenario::Churn { .. } => "churn",
             Scenario::History { .. } => "history",
             Scenario::Mixed { .. } => "mixed",
+            Scenario::Inbox { .. } => "inbox",
         }
     }
 }
@@ -147,6 +163,7 @@ async fn run(cli: &Cli) -> Report {
     let metrics_before = scrape(cli.server).await;
     let rss_before = cli.server_pid.and_then(rss_kib);
     let mut conns: Vec<Option<Conn>> = Vec::new();
+    let mut inbox: Vec<InboxConversation> = Vec::new();
 
     // Set-up: connections and joins.
     match &cli.scenario {
@@ -182,6 +199,13 @@ async fn run(cli: &Cli) -> Report {
             conns = open_many(&target, &stats, *count, ramp, |i| format!("idle-{i}")).await;
         }
         Scenario::Churn { .. } => {}
+        Scenario::Inbox {
+            conversations,
+            agents,
+            ..
+        } => {
+            inbox = open_inbox(&target, &stats, *conversations, *agents).await;
+        }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -278,6 +302,19 @@ async fn run(cli: &Cli) -> Report {
             }
         }
         Scenario::Connections { .. } => {}
+        Scenario::Inbox { rate, size, .. } => {
+            for (i, conversation) in inbox.drain(..).enumerate() {
+                let offset = Duration::from_secs_f64((i as f64 * 0.618).fract() / rate.max(0.001));
+                let plan = Plan {
+                    room: conversation.room.clone(),
+                    rate: *rate,
+                    size: *size,
+                    until,
+                    offset,
+                };
+                scenario::spawn_inbox_conversation(conversation, plan, stats.clone());
+            }
+        }
     }
 
     tokio::time::sleep(warmup).await;
@@ -322,4 +359,71 @@ async fn run(cli: &Cli) -> Report {
         &metrics_before,
         &metrics_after,
     )
+}
+
+/// `inbox` set-up: opens the conversations over the HTTP API, connects the agents (each
+/// subscribed to the inbox and joined to its share of the conversations) and the customers
+/// (each joined to its own).
+async fn open_inbox(
+    target: &Rc<Target>,
+    stats: &Rc<Stats>,
+    conversations: usize,
+    agents: usize,
+) -> Vec<InboxConversation> {
+    let agents = agents.max(1);
+    let rooms: Vec<String> = (0..conversations)
+        .map(|i| target.room(&format!("inbox-{i}")))
+        .collect();
+    let customer_of = |i: usize| format!("cust-{}-{i}", target.run_id);
+    let mut refused = 0;
+    for (i, room) in rooms.iter().enumerate() {
+        match target.open_conversation(room, &customer_of(i)).await {
+            Ok(201) => {}
+            other => {
+                refused += 1;
+                if refused == 1 {
+                    eprintln!("opening conversation {room}: {other:?}");
+                }
+            }
+        }
+    }
+    if refused > 0 {
+        eprintln!("{refused} of {conversations} conversations were not opened");
+    }
+    let mut agent_conns = Vec::with_capacity(agents);
+    for a in 0..agents {
+        let user = format!("agent-{a}");
+        match Conn::open_as(target, a, &user, Role::Agent, stats.clone()).await {
+            Ok(conn) => {
+                conn.send(&format!(
+                    r#"{{"code":"subscribe_inbox","user_id":"{user}","data":{{}}}}"#
+                ));
+                agent_conns.push(conn);
+            }
+            Err(e) => eprintln!("connecting {user}: {e}"),
+        }
+    }
+    if agent_conns.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(conversations);
+    for (i, room) in rooms.into_iter().enumerate() {
+        let user = customer_of(i);
+        let Ok(customer) =
+            Conn::open_as(target, agents + i, &user, Role::Customer, stats.clone()).await
+        else {
+            continue;
+        };
+        customer.join(&room, "join");
+        let agent = agent_conns[i % agent_conns.len()].clone();
+        agent.join(&room, "join");
+        let colleague = agent_conns[(i + 1) % agent_conns.len()].user.clone();
+        out.push(InboxConversation {
+            room,
+            customer,
+            agent,
+            colleague,
+        });
+    }
+    out
 }

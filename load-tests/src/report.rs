@@ -107,6 +107,8 @@ pub struct Report {
     pub acked: u64,
     pub delivered: u64,
     pub requests: u64,
+    /// Server-pushed inbox frames received (`conversation_response`, `notification_response`).
+    pub pushed: u64,
     pub errors: u64,
     pub sent_per_s: f64,
     pub delivered_per_s: f64,
@@ -158,6 +160,7 @@ impl Report {
             acked: stats.acked.get(),
             delivered: stats.delivered.get(),
             requests: stats.requests.get(),
+            pushed: stats.pushed.get(),
             errors: stats.errors.get(),
             sent_per_s: stats.sent.get() as f64 / secs,
             delivered_per_s: stats.delivered.get() as f64 / secs,
@@ -200,6 +203,13 @@ impl Report {
             self.delivered, self.delivered_per_s
         ));
         out.push_str(&format!("other requests      {}\n", self.requests));
+        if self.pushed > 0 {
+            out.push_str(&format!(
+                "inbox events        {} ({:.0}/s)\n",
+                self.pushed,
+                self.pushed as f64 / self.duration_s
+            ));
+        }
         out.push_str(&format!("errors              {}\n", self.errors));
         out.push_str(&format!("closes by code      {:?}\n", self.closes));
         for (name, p) in [

@@ -41,21 +41,44 @@ impl Target {
         }
     }
 
-    fn path(&self, user: &str) -> String {
+    fn token(&self, user: &str, role: Role) -> String {
         let claims = Claims {
             sub: user.to_owned(),
             tenant: self.tenant.clone(),
-            role: Role::Admin,
+            role,
             exp: now_secs() + 86_400,
             name: None,
             aud: None,
             iss: None,
         };
-        let token = self
-            .verifier
+        self.verifier
             .mint(&claims)
-            .expect("minting with a secret works");
-        self.protocol.path(&token)
+            .expect("minting with a secret works")
+    }
+
+    /// Opens a support conversation with `customer` over the HTTP API (`POST
+    /// /api/conversations`, as an admin); returns the HTTP status.
+    pub async fn open_conversation(&self, room: &str, customer: &str) -> std::io::Result<u16> {
+        use tokio::io::AsyncReadExt;
+        let body =
+            format!(r#"{{"room_id":"{room}","kind":"support","participants":["{customer}"]}}"#);
+        let request = format!(
+            "POST /api/conversations HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.server,
+            self.token("loadgen-admin", Role::Admin),
+            body.len()
+        );
+        let mut stream = tokio::net::TcpStream::connect(self.server).await?;
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        let status = std::str::from_utf8(&response)
+            .ok()
+            .and_then(|text| text.split(' ').nth(1))
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        Ok(status)
     }
 
     /// Connects and upgrades as `user`; with Socket.IO, also waits for the Engine.IO open
@@ -66,7 +89,18 @@ impl Target {
         index: usize,
         user: &str,
     ) -> std::io::Result<(FrameReader, OwnedWriteHalf)> {
-        let stream = client::connect(self.server, self.source(index), &self.path(user)).await?;
+        self.connect_as(index, user, Role::Admin).await
+    }
+
+    /// [`Target::connect`] with a role of its own (every other scenario's users are admins).
+    pub async fn connect_as(
+        &self,
+        index: usize,
+        user: &str,
+        role: Role,
+    ) -> std::io::Result<(FrameReader, OwnedWriteHalf)> {
+        let path = self.protocol.path(&self.token(user, role));
+        let stream = client::connect(self.server, self.source(index), &path).await?;
         let (mut reader, mut write) = client::split(stream);
         if self.protocol == Protocol::Socketio {
             let mut connect = Vec::with_capacity(8);
@@ -128,7 +162,18 @@ impl Conn {
         user: &str,
         stats: Rc<Stats>,
     ) -> std::io::Result<Conn> {
-        let (mut reader, mut write) = match target.connect(index, user).await {
+        Conn::open_as(target, index, user, Role::Admin, stats).await
+    }
+
+    /// [`Conn::open`] as a user of `role`.
+    pub async fn open_as(
+        target: &Target,
+        index: usize,
+        user: &str,
+        role: Role,
+        stats: Rc<Stats>,
+    ) -> std::io::Result<Conn> {
+        let (mut reader, mut write) = match target.connect_as(index, user, role).await {
             Ok(halves) => halves,
             Err(e) => {
                 stats.connect_failures.set(stats.connect_failures.get() + 1);
@@ -223,6 +268,10 @@ fn classify(stats: &Stats, replies: &Notify, payload: &[u8]) {
         replies.notify_one();
     } else if find(payload, &keys::CHAT_RESPONSE).is_some() {
         stats.delivered(number_after(payload, &keys::MESSAGE_TIME));
+    } else if find(payload, &keys::CONVERSATION_RESPONSE).is_some()
+        || find(payload, &keys::NOTIFICATION_RESPONSE).is_some()
+    {
+        stats.pushed();
     }
 }
 
@@ -487,6 +536,77 @@ pub fn spawn_churn_worker(target: Rc<Target>, worker: usize, stats: Rc<Stats>, u
             close.extend_from_slice(&1000u16.to_be_bytes());
             let _ = write.write_all(&close).await;
             cycle += 1;
+        }
+    });
+}
+
+/// One conversation of `inbox`: its customer and the agent it is assigned to.
+pub struct InboxConversation {
+    pub room: String,
+    pub customer: Conn,
+    pub agent: Conn,
+    /// Another agent, mentioned in the agent's notes.
+    pub colleague: Rc<str>,
+}
+
+/// `inbox`: a conversation's repeating pattern of 10 actions at `plan.rate` a second: 4
+/// customer chats, 3 agent answers, 1 agent note mentioning a colleague, and a read receipt
+/// from each side of the other's latest message. Every stored message also moves the
+/// conversation on the inbox of every subscribed agent.
+pub fn spawn_inbox_conversation(conversation: InboxConversation, plan: Plan, stats: Rc<Stats>) {
+    const PATTERN: [u8; 10] = [b'c', b'a', b'c', b'n', b'r', b'c', b'a', b'R', b'c', b'a'];
+    tokio::task::spawn_local(async move {
+        let InboxConversation {
+            room,
+            customer,
+            agent,
+            colleague,
+        } = conversation;
+        let mut schedule = Schedule::new(plan.rate, plan.offset);
+        let (mut customer_chats, mut agent_chats, mut step) = (0u64, 0u64, 0usize);
+        loop {
+            let due = schedule.next().await;
+            if due >= plan.until || !customer.alive.get() || !agent.alive.get() {
+                break;
+            }
+            let t = ns_of(&stats, due);
+            match PATTERN[step % PATTERN.len()] {
+                b'c' => {
+                    customer_chats += 1;
+                    let id = format!("c-{room}-{customer_chats}");
+                    customer.send(&chat_frame(&customer.user, &room, t, plan.size, Some(&id)));
+                    stats.sent();
+                }
+                b'a' => {
+                    agent_chats += 1;
+                    let id = format!("a-{room}-{agent_chats}");
+                    agent.send(&chat_frame(&agent.user, &room, t, plan.size, Some(&id)));
+                    stats.sent();
+                }
+                b'n' => {
+                    let user = &agent.user;
+                    agent.send(&format!(
+                        r#"{{"code":"note","user_id":"{user}","room_id":"{room}","ref":"t{t}","data":{{"message":"t={t} @{colleague} please check","sender":"{user}","mentions":["{colleague}"]}}}}"#
+                    ));
+                    stats.request();
+                }
+                b'r' if agent_chats > 0 => {
+                    let user = &customer.user;
+                    customer.send(&format!(
+                        r#"{{"code":"read_receipt","user_id":"{user}","room_id":"{room}","ref":"t{t}","data":{{"message_id":"a-{room}-{agent_chats}","sender":"{user}"}}}}"#
+                    ));
+                    stats.request();
+                }
+                b'R' if customer_chats > 0 => {
+                    let user = &agent.user;
+                    agent.send(&format!(
+                        r#"{{"code":"read_receipt","user_id":"{user}","room_id":"{room}","ref":"t{t}","data":{{"message_id":"c-{room}-{customer_chats}","sender":"{user}"}}}}"#
+                    ));
+                    stats.request();
+                }
+                _ => {}
+            }
+            step += 1;
         }
     });
 }

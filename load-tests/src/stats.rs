@@ -15,6 +15,8 @@ pub struct Stats {
     pub delivered: Cell<u64>,
     pub errors: Cell<u64>,
     pub requests: Cell<u64>,
+    /// Server-pushed inbox frames (`conversation_response`, `notification_response`).
+    pub pushed: Cell<u64>,
     pub connect_failures: Cell<u64>,
     pub connected: Cell<u64>,
     pub closes: RefCell<BTreeMap<u16, u64>>,
@@ -35,6 +37,7 @@ impl Stats {
             delivered: Cell::new(0),
             errors: Cell::new(0),
             requests: Cell::new(0),
+            pushed: Cell::new(0),
             connect_failures: Cell::new(0),
             connected: Cell::new(0),
             closes: RefCell::new(BTreeMap::new()),
@@ -64,6 +67,10 @@ impl Stats {
 
     pub fn request(&self) {
         self.bump(&self.requests);
+    }
+
+    pub fn pushed(&self) {
+        self.bump(&self.pushed);
     }
 
     /// A direct reply to a request sent at `intended_ns`.
