@@ -2,8 +2,10 @@
 //!
 //! `track_activity` and `page_view` events are handed to an [`AnalyticsSink`]: a bounded queue
 //! (frames and, through the size bound of each event, bytes) drained by a writer thread of its
-//! own into daily JSON Lines files (`<analytics-dir>/analytics-YYYY-MM-DD.jsonl`). A full queue
-//! drops the event and counts it; nothing on the chat path waits for analytics.
+//! own into daily JSON Lines files (`<analytics-dir>/analytics-YYYY-MM-DD.jsonl`). Each tenant
+//! has a rate (so one tenant cannot fill the queue for the others), each day a byte cap, and
+//! files older than the retention are deleted. An event past any bound is dropped and counted;
+//! nothing on the chat path waits for analytics.
 //!
 //! [`Dashboards`] keeps each tenant's live counters (conversations open and waiting, agents
 //! online, page views and activities of the last minute) and pushes a `dashboard_response` to
@@ -24,6 +26,7 @@ use storage::{RecordKind, Store, Timestamp};
 use tokio::sync::mpsc;
 
 use crate::codec::FrameBuilder;
+use crate::limits::TenantBudgets;
 use crate::metrics::OutCode;
 use crate::outbox::FrameClass;
 use crate::server::Shared;
@@ -52,32 +55,63 @@ pub struct AnalyticsEvent<'a> {
     pub fields: serde_json::Value,
 }
 
+/// Where the sink writes, and its bounds.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    pub dir: PathBuf,
+    /// Events a tenant may send a second.
+    pub tenant_rate: u32,
+    /// Bytes written a day at most.
+    pub max_day_bytes: u64,
+    /// Days of files kept.
+    pub retention_days: u32,
+}
+
 /// Where analytics events go: a bounded queue to the writer thread.
 pub struct AnalyticsSink {
     tx: mpsc::Sender<Vec<u8>>,
-    /// Events dropped because the queue was full (or the event too large).
+    tenants: TenantBudgets,
+    /// Events dropped: past a bound (queue, tenant rate, day's bytes) or too large.
     dropped: IntCounter,
 }
 
 impl AnalyticsSink {
-    /// Starts the writer thread on `dir` (created if missing); it counts what it wrote in
-    /// `written`.
+    /// Starts the writer thread on the configured directory (created if missing); it counts
+    /// what it wrote in `written`.
     pub fn start(
-        dir: PathBuf,
+        config: SinkConfig,
         written: IntCounter,
         dropped: IntCounter,
     ) -> std::io::Result<AnalyticsSink> {
-        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&config.dir)?;
         let (tx, rx) = mpsc::channel(SINK_CAPACITY);
+        let tenants = TenantBudgets::new(
+            f64::from(config.tenant_rate),
+            config.tenant_rate.saturating_mul(2),
+        );
+        let writer = Writer {
+            config,
+            written,
+            dropped: dropped.clone(),
+            open: None,
+        };
         std::thread::Builder::new()
             .name("analytics".into())
-            .spawn(move || write_events(dir, rx, &written))?;
-        Ok(AnalyticsSink { tx, dropped })
+            .spawn(move || writer.run(rx))?;
+        Ok(AnalyticsSink {
+            tx,
+            tenants,
+            dropped,
+        })
     }
 
     /// Queues an event without waiting; false when it was dropped (queue full, or larger than
     /// [`MAX_EVENT_BYTES`]).
     pub fn offer(&self, event: &AnalyticsEvent<'_>) -> bool {
+        if !self.tenants.allow(event.tenant_id) {
+            self.dropped.inc();
+            return false;
+        }
         let Ok(mut line) = serde_json::to_vec(event) else {
             return false;
         };
@@ -90,39 +124,94 @@ impl AnalyticsSink {
     }
 }
 
-/// The writer thread: appends each event to the day's file, flushing whenever the queue is
-/// empty. A failed write is logged and the event lost (analytics never stop the gateway).
-fn write_events(dir: PathBuf, mut rx: mpsc::Receiver<Vec<u8>>, written: &IntCounter) {
-    let mut open: Option<(String, BufWriter<File>)> = None;
-    while let Some(line) = rx.blocking_recv() {
-        let mut batch = vec![line];
-        while let Ok(more) = rx.try_recv() {
-            batch.push(more);
+/// The writer thread's state: the day's open file and how much it holds.
+struct Writer {
+    config: SinkConfig,
+    written: IntCounter,
+    dropped: IntCounter,
+    /// The day (`YYYY-MM-DD`), its file, and the bytes in it.
+    open: Option<(String, BufWriter<File>, u64)>,
+}
+
+impl Writer {
+    /// Appends each event to the day's file, flushing whenever the queue is empty. A failed
+    /// write is logged and the event lost (analytics never stop the gateway).
+    fn run(mut self, mut rx: mpsc::Receiver<Vec<u8>>) {
+        while let Some(line) = rx.blocking_recv() {
+            let mut batch = vec![line];
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            self.write(&batch);
         }
+    }
+
+    fn write(&mut self, batch: &[Vec<u8>]) {
         let day = Timestamp::now().to_rfc3339()[..10].to_owned();
-        if open.as_ref().is_none_or(|(d, _)| *d != day) {
-            let path = dir.join(format!("analytics-{day}.jsonl"));
+        if self.open.as_ref().is_none_or(|(d, _, _)| *d != day) {
+            self.open = None;
+            self.forget_old_days();
+            let path = self.config.dir.join(format!("analytics-{day}.jsonl"));
             match OpenOptions::new().create(true).append(true).open(&path) {
-                Ok(file) => open = Some((day, BufWriter::new(file))),
+                Ok(file) => {
+                    let size = file.metadata().map_or(0, |m| m.len());
+                    self.open = Some((day, BufWriter::new(file), size));
+                }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "opening the analytics file failed");
-                    continue;
+                    self.dropped.inc_by(batch.len() as u64);
+                    return;
                 }
             }
         }
-        let Some((_, file)) = open.as_mut() else {
-            continue;
+        let Some((_, file, size)) = self.open.as_mut() else {
+            return;
         };
-        let n = batch.len() as u64;
-        let result = batch
-            .iter()
-            .try_for_each(|line| file.write_all(line))
-            .and_then(|()| file.flush());
-        match result {
-            Ok(()) => written.inc_by(n),
+        let (mut written, mut over) = (0, 0);
+        let mut result = Ok(());
+        for line in batch {
+            if *size + line.len() as u64 > self.config.max_day_bytes {
+                over += 1;
+                continue;
+            }
+            result = file.write_all(line);
+            if result.is_err() {
+                break;
+            }
+            *size += line.len() as u64;
+            written += 1;
+        }
+        self.dropped.inc_by(over);
+        match result.and_then(|()| file.flush()) {
+            Ok(()) => self.written.inc_by(written),
             Err(e) => {
                 tracing::warn!(error = %e, "writing analytics events failed");
-                open = None;
+                self.open = None;
+            }
+        }
+    }
+
+    /// Deletes the files of days past the retention.
+    fn forget_old_days(&self) {
+        let keep_ms = i64::from(self.config.retention_days) * 86_400_000;
+        let cutoff = Timestamp(Timestamp::now().0 - keep_ms).to_rfc3339()[..10].to_owned();
+        let Ok(entries) = std::fs::read_dir(&self.config.dir) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            let Some(day) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("analytics-"))
+                .and_then(|n| n.strip_suffix(".jsonl"))
+            else {
+                continue;
+            };
+            // ISO dates compare as text.
+            if day < cutoff.as_str() {
+                if let Err(e) = std::fs::remove_file(entry.path()) {
+                    tracing::warn!(file = ?name, error = %e, "deleting an old analytics file failed");
+                }
             }
         }
     }
@@ -136,7 +225,8 @@ pub struct Counters {
     pub conversations_open: Option<u64>,
     /// Conversations waiting in the support queue.
     pub conversations_queued: u64,
-    /// Agents and admins with at least one open connection.
+    /// Agents and admins with at least one open connection (read from the presence registry
+    /// when the counters are made: nothing is kept per connection for it).
     pub agents_online: u64,
     /// `page_view` and `track_activity` events of the last 60 seconds.
     pub page_views_1m: u64,
@@ -174,8 +264,6 @@ impl LastMinute {
 #[derive(Default)]
 struct TenantBoard {
     subscribers: Vec<ConnRef>,
-    /// Agents and admins online: user → open connections.
-    team: HashMap<String, u32>,
     page_views: LastMinute,
     activities: LastMinute,
     open: Option<u64>,
@@ -201,29 +289,14 @@ impl Dashboards {
         self.tenants.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A team member's connection opened.
-    pub fn team_connected(&self, conn: &ConnRef) {
-        let mut tenants = self.lock();
-        let board = tenants.entry(conn.claims.tenant.clone()).or_default();
-        *board.team.entry(conn.claims.sub.clone()).or_default() += 1;
-    }
-
-    /// A connection closed: off the dashboards, and off the team count.
+    /// A connection closed: off its tenant's dashboard.
     pub fn disconnected(&self, conn: &ConnRef) {
         let mut tenants = self.lock();
         let Some(board) = tenants.get_mut(&conn.claims.tenant) else {
             return;
         };
         board.subscribers.retain(|c| c.id != conn.id);
-        if conn.claims.role.sees_notes() {
-            if let Some(n) = board.team.get_mut(&conn.claims.sub) {
-                *n -= 1;
-                if *n == 0 {
-                    board.team.remove(&conn.claims.sub);
-                }
-            }
-        }
-        if board.subscribers.is_empty() && board.team.is_empty() {
+        if board.subscribers.is_empty() {
             tenants.remove(&conn.claims.tenant);
         }
     }
@@ -235,11 +308,13 @@ impl Dashboards {
         board.subscribers.retain(|c| c.id != conn.id);
         if on {
             board.subscribers.push(conn.clone());
+        } else if board.subscribers.is_empty() {
+            let counters = counters(board, shared, &conn.claims.tenant);
+            tenants.remove(&conn.claims.tenant);
+            return counters;
         }
-        let counters = counters(board, shared, &conn.claims.tenant);
-        // A new subscriber starts from what it was just told.
-        board.told = Some(counters.clone());
-        counters
+        // `told` stays what the others were told: they hear of any change at the next tick.
+        counters(board, shared, &conn.claims.tenant)
     }
 
     /// Counts a page view or activity of the tenant.
@@ -268,7 +343,7 @@ fn counters(board: &mut TenantBoard, shared: &Shared, tenant: &str) -> Counters 
     Counters {
         conversations_open: board.open,
         conversations_queued: shared.queue.waiting_in(tenant) as u64,
-        agents_online: board.team.len() as u64,
+        agents_online: shared.presence.team_online(tenant) as u64,
         page_views_1m: board.page_views.total(now_s),
         activities_1m: board.activities.total(now_s),
     }
@@ -295,23 +370,29 @@ pub async fn run_dashboards(shared: Arc<Shared>) {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         let now = Timestamp::now().0;
-        let due: Vec<String> = shared
-            .dashboards
-            .lock()
-            .iter()
-            .filter(|(_, b)| !b.subscribers.is_empty() && now - b.counted_at >= RECOUNT_MS)
-            .map(|(t, _)| t.clone())
-            .collect();
+        let mut due = Vec::new();
+        for (tenant, board) in shared.dashboards.lock().iter_mut() {
+            if !board.subscribers.is_empty() && now - board.counted_at >= RECOUNT_MS {
+                // Due again 30 s after this count started, whatever it takes.
+                board.counted_at = now;
+                due.push(tenant.clone());
+            }
+        }
+        // Each count is a task of its own: a large tenant never delays the others' pushes.
         for tenant in due {
-            match count_open(&shared.store, &tenant).await {
-                Ok(open) => {
-                    if let Some(board) = shared.dashboards.lock().get_mut(&tenant) {
-                        board.open = Some(open);
-                        board.counted_at = now;
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                match count_open(&shared.store, &tenant).await {
+                    Ok(open) => {
+                        if let Some(board) = shared.dashboards.lock().get_mut(&tenant) {
+                            board.open = Some(open);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%tenant, error = %e, "counting open conversations failed")
                     }
                 }
-                Err(e) => tracing::warn!(%tenant, error = %e, "counting open conversations failed"),
-            }
+            });
         }
         push_changes(&shared);
     }
@@ -397,41 +478,106 @@ mod tests {
         assert_eq!(minute.total(190), 0);
     }
 
-    #[test]
-    fn the_sink_writes_events_as_json_lines_and_drops_oversized_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let written = IntCounter::new("w", "w").unwrap();
-        let dropped = IntCounter::new("d", "d").unwrap();
-        let sink =
-            AnalyticsSink::start(dir.path().to_owned(), written.clone(), dropped.clone()).unwrap();
-        let event = |fields| AnalyticsEvent {
+    fn event(tenant_id: &str, fields: serde_json::Value) -> AnalyticsEvent<'_> {
+        AnalyticsEvent {
             kind: "page_view",
-            tenant_id: "acme",
+            tenant_id,
             user_id: "cust",
             role: "customer",
             room_id: None,
             at: Timestamp(1_700_000_000_000),
             fields,
-        };
-        assert!(sink.offer(&event(serde_json::json!({"page": "/pricing"}))));
-        let huge = "x".repeat(MAX_EVENT_BYTES);
-        assert!(!sink.offer(&event(serde_json::json!({ "page": huge }))));
-        assert_eq!(dropped.get(), 1);
+        }
+    }
+
+    fn counters() -> (IntCounter, IntCounter) {
+        (
+            IntCounter::new("w", "w").unwrap(),
+            IntCounter::new("d", "d").unwrap(),
+        )
+    }
+
+    fn wait_for(counter: &IntCounter, n: u64) {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while written.get() < 1 {
-            assert!(std::time::Instant::now() < deadline, "not written");
+        while counter.get() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} < {n}",
+                counter.get()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
-        let file = std::fs::read_dir(dir.path())
+    }
+
+    /// The lines of the analytics files in `dir`.
+    fn lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        let text = std::fs::read_to_string(file).unwrap();
-        let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
-        assert_eq!(line["page"], "/pricing");
-        assert_eq!(line["tenant_id"], "acme");
-        assert_eq!(line["kind"], "page_view");
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|f| {
+                let text = std::fs::read_to_string(f).unwrap();
+                text.lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_sink_writes_json_lines_within_each_tenants_rate_and_forgets_old_days() {
+        let dir = tempfile::tempdir().unwrap();
+        let (written, dropped) = counters();
+        std::fs::write(dir.path().join("analytics-2020-01-01.jsonl"), "{}\n").unwrap();
+        let config = SinkConfig {
+            dir: dir.path().to_owned(),
+            tenant_rate: 2,
+            max_day_bytes: 1 << 20,
+            retention_days: 30,
+        };
+        let sink = AnalyticsSink::start(config, written.clone(), dropped.clone()).unwrap();
+        assert!(sink.offer(&event("acme", serde_json::json!({"page": "/pricing"}))));
+        let huge = "x".repeat(MAX_EVENT_BYTES);
+        assert!(!sink.offer(&event("acme", serde_json::json!({ "page": huge }))));
+        // A burst of twice the rate: two more fit, then acme's budget is spent...
+        assert!(sink.offer(&event("acme", serde_json::json!({"page": "/a"}))));
+        assert!(sink.offer(&event("acme", serde_json::json!({"page": "/b"}))));
+        assert!(!sink.offer(&event("acme", serde_json::json!({"page": "/c"}))));
+        // ...not globex's.
+        assert!(sink.offer(&event("globex", serde_json::json!({"page": "/"}))));
+        assert_eq!(dropped.get(), 2);
+        wait_for(&written, 4);
+        let lines = lines(dir.path());
+        let pages: Vec<&str> = lines.iter().map(|l| l["page"].as_str().unwrap()).collect();
+        assert_eq!(
+            pages,
+            ["/pricing", "/a", "/b", "/"],
+            "the 2020 file is gone"
+        );
+        assert_eq!(lines[0]["tenant_id"], "acme");
+        assert_eq!(lines[0]["kind"], "page_view");
+    }
+
+    #[test]
+    fn a_day_past_its_byte_cap_drops_its_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let (written, dropped) = counters();
+        let config = SinkConfig {
+            dir: dir.path().to_owned(),
+            tenant_rate: 100,
+            max_day_bytes: 300,
+            retention_days: 30,
+        };
+        let sink = AnalyticsSink::start(config, written.clone(), dropped.clone()).unwrap();
+        for page in ["/1", "/2", "/3"] {
+            assert!(sink.offer(&event("acme", serde_json::json!({ "page": page }))));
+        }
+        // About 140 bytes an event: two fit in 300.
+        wait_for(&written, 2);
+        wait_for(&dropped, 1);
+        assert_eq!(lines(dir.path()).len(), 2);
     }
 }

@@ -283,6 +283,19 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_ANALYTICS_DIR")]
     pub analytics_dir: Option<PathBuf>,
 
+    /// Analytics events a tenant may send a second (together, from all its connections); more
+    /// are dropped and counted.
+    #[arg(long, env = "GATEWAY_ANALYTICS_RATE", default_value_t = 200)]
+    pub analytics_rate: u32,
+
+    /// Most analytics written a day, in MiB; past it the day's events are dropped and counted.
+    #[arg(long, env = "GATEWAY_ANALYTICS_MAX_DAY_MIB", default_value_t = 1024)]
+    pub analytics_max_day_mib: u64,
+
+    /// Days of analytics files kept; older ones are deleted when a day's file is opened.
+    #[arg(long, env = "GATEWAY_ANALYTICS_RETENTION_DAYS", default_value_t = 30)]
+    pub analytics_retention_days: u32,
+
     /// Serve an echo WebSocket route at /conformance/echo (for the Autobahn test suite); it goes
     /// through the same connection code and limits. Off by default.
     #[arg(long, env = "GATEWAY_CONFORMANCE_ECHO")]

@@ -728,9 +728,6 @@ pub fn run(
                 claims,
             };
             shared.presence.connect(&conn);
-            if conn.claims.role.sees_notes() {
-                shared.dashboards.team_connected(&conn);
-            }
             let session_id = ulid::Ulid::new().to_string();
             let frame = FrameBuilder::encode(&crate::codec::Reply {
                 success: true,

@@ -109,7 +109,7 @@ pub struct AgentView<'a> {
 }
 
 /// What the conversation's customer sees of it: no assignee, labels, priority, internal
-/// milestones or counters.
+/// milestones or counters (an `agent_joined` event names the agent that joined, beside it).
 #[derive(Serialize)]
 pub struct CustomerView<'a> {
     pub room_id: &'a str,
@@ -334,7 +334,7 @@ pub async fn update_conversation<S: Store>(
     let change = ConversationChange::Update(patch.clone());
     Ok(change_conversation(store, room, &change)
         .await?
-        .and_then(Result::ok)
+        .filter(|changed| changed.refused.is_none())
         .map(|changed| changed.conversation))
 }
 
@@ -501,7 +501,7 @@ impl ConversationChange {
     }
 }
 
-/// A conversation as a change left it.
+/// A conversation as a change left it (or as it was read, when the change was refused).
 #[derive(Debug, Clone)]
 pub struct Changed {
     pub conversation: Conversation,
@@ -509,22 +509,38 @@ pub struct Changed {
     pub version: u64,
     /// It was waiting in the queue, and an agent took it.
     pub agent_joined: bool,
+    /// Why the change was refused (nothing was written), if it was.
+    pub refused: Option<ProtocolError>,
 }
 
 /// Applies `change` to the room's conversation, again to a fresh read when another writer got
 /// there first, after adding its participants to the room, and keeps the durable queue list in
-/// step. `Ok(None)`: the room has no conversation; `Ok(Some(Err))`: the change was refused and
-/// nothing was written.
+/// step (see [`crate::queue::enter_list`]). `Ok(None)`: the room has no conversation.
 pub async fn change_conversation<S: Store>(
     store: &S,
     room: &RoomKey,
     change: &ConversationChange,
-) -> storage::Result<Option<Result<Changed, ProtocolError>>> {
+) -> storage::Result<Option<Changed>> {
+    let moves_queue = change.may_queue() || change.may_dequeue();
+    if change.may_queue() {
+        // A change that would be refused touches nothing (no list entry to write and remove).
+        let Some(current) =
+            records::load::<Conversation, _>(store, &room.tenant_id, &room.room_id).await?
+        else {
+            return Ok(None);
+        };
+        if let Err(refusal) = change.apply(&mut current.value.clone()) {
+            return Ok(Some(Changed {
+                conversation: current.value,
+                version: current.version,
+                agent_joined: false,
+                refused: Some(refusal),
+            }));
+        }
+        crate::queue::enter_list(store, room).await?;
+    }
     for user in change.added_participants() {
         store.add_participant(room, user).await?;
-    }
-    if change.may_queue() {
-        crate::queue::enter_list(store, room).await?;
     }
     if let ConversationChange::Update(ConversationPatch {
         snoozed_until: Some(Some(until)),
@@ -535,40 +551,41 @@ pub async fn change_conversation<S: Store>(
         // two leaves an entry that wakes nothing, never a snooze that never ends.
         schedule_wake_up(store, room, *until).await?;
     }
-    let mut refusal = None;
+    let mut refused = None;
     let mut was_waiting = false;
     let updated =
         records::update::<Conversation, _, _>(store, &room.tenant_id, &room.room_id, |current| {
-            refusal = None;
+            refused = None;
             Ok(current.and_then(|c| {
                 was_waiting = c.waits_for_agent();
                 let mut next = c.clone();
                 match change.apply(&mut next) {
                     Ok(changed) => changed.then_some(next),
                     Err(error) => {
-                        refusal = Some(error);
+                        refused = Some(error);
                         None
                     }
                 }
             }))
         })
         .await?;
-    let waits = updated.as_ref().is_some_and(|c| c.value.waits_for_agent());
-    if (change.may_queue() || change.may_dequeue()) && !waits {
-        crate::queue::leave_list(store, room).await?;
-    } else if change.may_queue() && waits {
-        // A racing change that dequeued it meanwhile may have taken the entry off the list.
-        crate::queue::enter_list(store, room).await?;
+    let Some(Versioned { value, version }) = updated else {
+        return Ok(None);
+    };
+    if moves_queue && !value.waits_for_agent() {
+        // The change is saved: a list entry left behind is only a start-up cost (the restore
+        // drops entries whose conversation does not wait), so a failure here is not the
+        // change's.
+        if let Err(e) = crate::queue::leave_list(store, room).await {
+            tracing::warn!(room_id = %room.room_id, error = %e, "taking a conversation off the queue list failed");
+        }
     }
-    Ok(match (updated, refusal) {
-        (None, _) => None,
-        (Some(_), Some(error)) => Some(Err(error)),
-        (Some(Versioned { value, version }), None) => Some(Ok(Changed {
-            agent_joined: was_waiting && value.status == ConversationStatus::Agent,
-            conversation: value,
-            version,
-        })),
-    })
+    Ok(Some(Changed {
+        agent_joined: refused.is_none() && was_waiting && value.status == ConversationStatus::Agent,
+        conversation: value,
+        version,
+        refused,
+    }))
 }
 
 /// Puts the room on the wake-up list at `until` ([`Snooze`]).
@@ -630,8 +647,11 @@ async fn wake_due(shared: &Arc<Shared>) -> storage::Result<()> {
         };
         let room = RoomKey::new(&entry.tenant_id, &entry.room_id);
         let due_at = Timestamp(listed.list_key);
-        if let Some(Ok(Changed { conversation, .. })) =
-            change_conversation(store, &room, &ConversationChange::Wake(due_at)).await?
+        if let Some(Changed {
+            conversation,
+            refused: None,
+            ..
+        }) = change_conversation(store, &room, &ConversationChange::Wake(due_at)).await?
         {
             let shard = &shared.shards[shard_of(&room, shared.shards.len())];
             let room_key = room.clone();
@@ -906,14 +926,13 @@ impl Shard {
         call: RoomCall,
         code: Code,
         change: ConversationChange,
-        result: storage::Result<Option<Result<Changed, ProtocolError>>>,
+        result: storage::Result<Option<Changed>>,
     ) {
         if let Some(Slot::Ready(state)) = self.rooms.get_mut(&call.room) {
             state.inflight = state.inflight.saturating_sub(1);
         }
         let changed = match result {
-            Ok(Some(Ok(changed))) => changed,
-            Ok(Some(Err(refusal))) => return self.refuse(call, code, refusal),
+            Ok(Some(changed)) => changed,
             Ok(None) => {
                 let error = ProtocolError::new(ErrorCode::NotFound, "not a conversation");
                 return self.refuse(call, code, error);
@@ -927,13 +946,21 @@ impl Shard {
             conversation,
             version,
             agent_joined,
+            refused,
         } = changed;
-        self.observe_milestones(&conversation, agent_joined);
+        // Also a refused change: what it read may be news to this server's queue (a change
+        // whose answer was lost, made here or on another node).
         let now = Timestamp::now();
         let positions = self
             .shared
             .queue
             .sync(&call.room, &conversation, version, now);
+        let shared = self.shared.clone();
+        if let Some(refusal) = refused {
+            crate::queue::announce(&shared, Some(self), positions);
+            return self.refuse(call, code, refusal);
+        }
+        self.observe_milestones(&change, &conversation, agent_joined);
         self.add_participants(&call.room, change.added_participants());
         let participants = self.participants(&call.room);
         self.shared.metrics.frames_out(OutCode::Response(code), 1);
@@ -967,13 +994,17 @@ impl Shard {
             true,
         );
         // After the change's own frames: a customer hears it was queued, then where.
-        let shared = self.shared.clone();
         crate::queue::announce(&shared, Some(self), positions);
         self.maybe_unload(&call.room);
     }
 
     /// Feeds the life-cycle histograms when a change reached a milestone.
-    fn observe_milestones(&self, conversation: &Conversation, agent_joined: bool) {
+    fn observe_milestones(
+        &self,
+        change: &ConversationChange,
+        conversation: &Conversation,
+        agent_joined: bool,
+    ) {
         let metrics = &self.shared.metrics;
         if agent_joined {
             if let Some(joined) = conversation.metrics.queued_at {
@@ -981,7 +1012,7 @@ impl Shard {
                 metrics.queue_seconds.observe(waited as f64 / 1000.0);
             }
         }
-        if conversation.status == ConversationStatus::Ended {
+        if matches!(change, ConversationChange::End(_)) {
             if let Some(handle) = conversation.metrics.handle_ms {
                 metrics.handle_seconds.observe(handle as f64 / 1000.0);
             }
@@ -1073,9 +1104,10 @@ impl Shard {
         });
     }
 
-    /// A member read the conversation (a read receipt): its customer's or the team's
-    /// `…_last_seen_at` moves, saved with the activity.
-    pub(crate) fn conversation_seen(&mut self, room_id: &RoomKey, reader: &ConnRef) {
+    /// A member read the conversation up to `seq` (a read receipt): its customer's or the
+    /// team's `…_last_seen_at` moves, saved with the activity. A receipt that reads nothing
+    /// newer than an earlier one (a repeat) changes nothing.
+    pub(crate) fn conversation_seen(&mut self, room_id: &RoomKey, reader: &ConnRef, seq: u64) {
         let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) else {
             return;
         };
@@ -1087,6 +1119,11 @@ impl Shard {
         if state.room.kind == RoomKind::Team {
             return;
         }
+        let seen = &mut state.seen_seq[usize::from(by_team)];
+        if seq <= *seen {
+            return;
+        }
+        *seen = seq;
         state
             .activity
             .seen(&reader.claims.sub, by_team, Timestamp::now());

@@ -50,32 +50,41 @@ impl TokenBucket {
 /// How many buckets the tenant map holds before full ones are forgotten.
 const TENANTS_KEPT: usize = 4096;
 
-/// Room creations per tenant and minute, across every shard. Creations are rare next to
-/// messages, so one mutex over a map is cheap here, and it is never held across a wait.
-pub struct TenantRoomCreations {
-    per_minute: u32,
+/// A budget per tenant, across every shard (room creations a minute, analytics events a
+/// second). What it limits is rare next to messages, so one mutex over a map is cheap here,
+/// and it is never held across a wait.
+pub struct TenantBudgets {
+    rate: f64,
+    burst: u32,
     buckets: Mutex<HashMap<String, TokenBucket>>,
 }
 
-impl TenantRoomCreations {
-    pub fn new(per_minute: u32) -> Self {
-        TenantRoomCreations {
-            per_minute,
+impl TenantBudgets {
+    /// `per_minute` a minute, all of them at once at most.
+    pub fn per_minute(per_minute: u32) -> Self {
+        Self::new(f64::from(per_minute) / 60.0, per_minute)
+    }
+
+    /// `rate` a second, `burst` at once at most.
+    pub fn new(rate: f64, burst: u32) -> Self {
+        TenantBudgets {
+            rate,
+            burst,
             buckets: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Takes one creation from the tenant's budget; `false` when it is spent.
+    /// Takes one from the tenant's budget; `false` when it is spent.
     pub fn allow(&self, tenant: &str) -> bool {
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().expect("room creation limits poisoned");
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if buckets.len() >= TENANTS_KEPT && !buckets.contains_key(tenant) {
             // A full bucket is the same as a missing one: forgetting it loses nothing.
             buckets.retain(|_, bucket| !bucket.is_full(now));
         }
         buckets
             .entry(tenant.to_owned())
-            .or_insert_with(|| TokenBucket::new(f64::from(self.per_minute) / 60.0, self.per_minute))
+            .or_insert_with(|| TokenBucket::new(self.rate, self.burst))
             .take(now)
     }
 }
@@ -98,7 +107,7 @@ mod tests {
 
     #[test]
     fn each_tenant_has_its_own_creation_budget() {
-        let limits = TenantRoomCreations::new(2);
+        let limits = TenantBudgets::per_minute(2);
         assert!(limits.allow("acme"));
         assert!(limits.allow("acme"));
         assert!(

@@ -119,6 +119,23 @@ impl PresenceRegistry {
         }
     }
 
+    /// How many of the tenant's agents and admins have a connection open. Walks every stripe:
+    /// for a once-a-second dashboard, never for a message.
+    pub fn team_online(&self, tenant: &str) -> usize {
+        self.stripes
+            .iter()
+            .map(|stripe| {
+                let map = stripe.lock().expect("presence lock poisoned");
+                map.iter()
+                    .filter(|(key, user)| {
+                        key.tenant == tenant
+                            && user.connections.iter().any(|c| c.claims.role.sees_notes())
+                    })
+                    .count()
+            })
+            .sum()
+    }
+
     /// The user's current status (offline when no connection is open).
     pub fn status(&self, key: &UserKey) -> PresenceStatus {
         self.stripe(key)

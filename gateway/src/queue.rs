@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
-use storage::records::{self, Conversation, ListQuery, QueueEntry};
+use storage::records::{self, Conversation, ListQuery, QueueEntry, Versioned};
 use storage::{RecordKind, RoomKey, Store, Timestamp};
 
 use crate::codec::FrameBuilder;
@@ -195,6 +195,22 @@ impl SupportQueues {
         })
     }
 
+    /// Forgets what the rooms' members were told (their positions could not be delivered), so
+    /// the next change tells them again.
+    pub fn untold(&self, rooms: &[RoomKey]) {
+        let mut tenants = self.lock();
+        for room in rooms {
+            let Some(queue) = tenants.get_mut(&room.tenant_id) else {
+                continue;
+            };
+            if let Some(&at) = queue.joined_at.get(&room.room_id) {
+                if let Some(entry) = queue.waiting.get_mut(&(at, room.room_id.clone())) {
+                    entry.told = None;
+                }
+            }
+        }
+    }
+
     /// Conversations of `tenant` waiting.
     pub fn waiting_in(&self, tenant: &str) -> usize {
         self.lock().get(tenant).map_or(0, |q| q.waiting.len())
@@ -206,35 +222,59 @@ impl SupportQueues {
     }
 }
 
-/// Keeps the durable queue list in step with a conversation the store now holds: the entry is
-/// written before a change that can queue the conversation (so a crash between the two leaves
-/// an entry that [`restore`] drops, never a waiting conversation nobody lists), and taken off
-/// the list once the conversation does not wait.
+/// Puts the room on the durable queue list, before a change that can queue its conversation is
+/// written: a crash between the two leaves an entry that [`restore`] drops, never a waiting
+/// conversation nobody lists. The entry is written even when it is listed already (keeping its
+/// time): the new version makes a racing [`leave_list`], which read the conversation before
+/// this change, fail and look again.
 pub async fn enter_list<S: Store>(store: &S, room: &RoomKey) -> storage::Result<()> {
-    let entry = QueueEntry {
-        tenant_id: room.tenant_id.clone(),
-        room_id: room.room_id.clone(),
-        queued_at: Some(Timestamp::now()),
-    };
+    let now = Timestamp::now();
     records::update::<QueueEntry, _, _>(store, QueueEntry::TENANT, &QueueEntry::id(room), |c| {
-        // An entry already on the list keeps its place.
-        Ok(c.is_none_or(|c| c.queued_at.is_none())
-            .then(|| entry.clone()))
+        Ok(Some(QueueEntry {
+            tenant_id: room.tenant_id.clone(),
+            room_id: room.room_id.clone(),
+            queued_at: c.and_then(|c| c.queued_at).or(Some(now)),
+        }))
     })
     .await?;
     Ok(())
 }
 
-/// Takes the room's entry off the durable queue list (see [`enter_list`]).
+/// Takes the room's entry off the durable queue list once its conversation does not wait. The
+/// conversation is read after the entry and the entry written back at the version read, so a
+/// change that queued the conversation again meanwhile ([`enter_list`] first) is never undone.
 pub async fn leave_list<S: Store>(store: &S, room: &RoomKey) -> storage::Result<()> {
-    records::update::<QueueEntry, _, _>(store, QueueEntry::TENANT, &QueueEntry::id(room), |c| {
-        Ok(c.filter(|c| c.queued_at.is_some()).map(|c| QueueEntry {
-            queued_at: None,
-            ..c.clone()
-        }))
-    })
-    .await?;
-    Ok(())
+    let id = QueueEntry::id(room);
+    for _ in 0..records::MAX_UPDATE_ROUNDS {
+        let Some(entry) = records::load::<QueueEntry, _>(store, QueueEntry::TENANT, &id).await?
+        else {
+            return Ok(());
+        };
+        if entry.value.queued_at.is_none() {
+            return Ok(());
+        }
+        let waits = records::load::<Conversation, _>(store, &room.tenant_id, &room.room_id)
+            .await?
+            .is_some_and(|c| c.value.waits_for_agent());
+        if waits {
+            return Ok(());
+        }
+        let left = Versioned {
+            value: QueueEntry {
+                queued_at: None,
+                ..entry.value
+            },
+            version: entry.version,
+        };
+        match records::save(store, QueueEntry::TENANT, &id, left).await {
+            Err(storage::Error::VersionConflict { .. }) => continue,
+            other => return other.map(|_| ()),
+        }
+    }
+    Err(storage::Error::NotApplied(format!(
+        "the queue entry of {:?} changed under every attempt",
+        room.room_id
+    )))
 }
 
 /// Rebuilds the queues at start ([`restore`]), again after a pause while the store fails.
@@ -319,6 +359,7 @@ pub fn announce(
         }
     }
     for (owner, updates) in by_shard {
+        let rooms: Vec<RoomKey> = updates.iter().map(|(room, _)| room.clone()).collect();
         let work = ShardCommand::Run(Box::new(move |shard: &mut Shard| {
             for (room, position) in &updates {
                 shard.queue_update(room, *position);
@@ -326,6 +367,7 @@ pub fn announce(
         }));
         if shared.shards[owner].commands.try_send(work).is_err() {
             tracing::warn!("queue positions were dropped: the rooms' shard is overloaded");
+            shared.queue.untold(&rooms);
         }
     }
 }
@@ -430,6 +472,78 @@ mod tests {
             .sync(&a, &waiting(&a, 10), 2, Timestamp(100))
             .is_empty());
         assert_eq!(queues.position(&a), None);
+    }
+
+    /// The durable list follows the conversation: an entry stays while the conversation waits
+    /// (whoever asks it to leave), and leaves once it does not.
+    #[tokio::test]
+    async fn a_listed_conversation_leaves_the_list_only_once_it_stops_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("q.db").display());
+        let store = storage::open(&url).unwrap();
+        let room = RoomKey::new("t", "a");
+        let listed = |store: storage::AnyStore| async move {
+            let page = store
+                .list_records(
+                    QueueEntry::TENANT,
+                    RecordKind::QueueEntry,
+                    ListQuery {
+                        as_of: None,
+                        descending: false,
+                        after: None,
+                        limit: 10,
+                    },
+                )
+                .await
+                .unwrap();
+            (store, page.entries.len())
+        };
+        enter_list(&store, &room).await.unwrap();
+        let mut conversation = waiting(&room, 10);
+        records::save(
+            &store,
+            "t",
+            "a",
+            Versioned {
+                value: conversation.clone(),
+                version: 0,
+            },
+        )
+        .await
+        .unwrap();
+        // Asked to leave while the conversation still waits (a late, stale leave): it stays.
+        leave_list(&store, &room).await.unwrap();
+        let (store, n) = listed(store).await;
+        assert_eq!(n, 1);
+        conversation.status = ConversationStatus::Agent;
+        records::save(
+            &store,
+            "t",
+            "a",
+            Versioned {
+                value: conversation,
+                version: 1,
+            },
+        )
+        .await
+        .unwrap();
+        leave_list(&store, &room).await.unwrap();
+        let (store, n) = listed(store).await;
+        assert_eq!(n, 0);
+        // Entering again keeps working, and a second enter keeps the first time.
+        enter_list(&store, &room).await.unwrap();
+        let id = QueueEntry::id(&room);
+        let first = records::load::<QueueEntry, _>(&store, QueueEntry::TENANT, &id)
+            .await
+            .unwrap()
+            .unwrap();
+        enter_list(&store, &room).await.unwrap();
+        let second = records::load::<QueueEntry, _>(&store, QueueEntry::TENANT, &id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.value.queued_at, second.value.queued_at);
+        assert!(second.version > first.version, "bumped for racing leaves");
     }
 
     #[test]

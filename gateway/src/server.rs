@@ -23,7 +23,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use crate::auth::{token_from_request, Claims, Verifier};
 use crate::config::Config;
 use crate::connection::{self, Mode};
-use crate::limits::TenantRoomCreations;
+use crate::limits::TenantBudgets;
 use crate::liveness::{self, LiveConn};
 use crate::metrics::Metrics;
 use crate::outbox::OutboxMetrics;
@@ -52,7 +52,7 @@ pub struct Shared {
     /// Each tenant's live counters and their subscribers.
     pub dashboards: crate::analytics::Dashboards,
     /// How fast each tenant's joins may create rooms.
-    pub room_creations: TenantRoomCreations,
+    pub room_creations: TenantBudgets,
     /// Permits for presence broadcasts (each a task collecting members from the shards): at
     /// most `PRESENCE_TASKS` run at once.
     pub presence_tasks: Arc<tokio::sync::Semaphore>,
@@ -199,9 +199,14 @@ impl Gateway {
             high_water: metrics.outbound_queue_high_water.clone(),
             high_water_bytes: metrics.outbound_queue_high_water_bytes.clone(),
         });
-        let room_creations = TenantRoomCreations::new(config.rooms_per_tenant_minute);
+        let room_creations = TenantBudgets::per_minute(config.rooms_per_tenant_minute);
         let analytics = crate::analytics::AnalyticsSink::start(
-            config.analytics_dir(),
+            crate::analytics::SinkConfig {
+                dir: config.analytics_dir(),
+                tenant_rate: config.analytics_rate,
+                max_day_bytes: config.analytics_max_day_mib.saturating_mul(1 << 20),
+                retention_days: config.analytics_retention_days,
+            },
             metrics.analytics_written.clone(),
             metrics.analytics_dropped.clone(),
         )?;

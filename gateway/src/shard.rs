@@ -139,6 +139,8 @@ pub(crate) enum ShardEvent {
         broadcast: Option<Bytes>,
         /// The message is a note: customers must not learn of it.
         team_only: bool,
+        /// The seq of the message read.
+        seq: u64,
     },
     /// A helper task's result, applied on the shard's thread (a code's continuation).
     Continue(Box<dyn FnOnce(&mut Shard) + Send>),
@@ -277,6 +279,9 @@ pub(crate) struct RoomState {
     /// is in flight (one at a time per room; see [`crate::inbox::ActivityDelta`]).
     pub(crate) activity: crate::inbox::ActivityDelta,
     pub(crate) saving_activity: bool,
+    /// The latest seq its customer, and the team, said they read while it was loaded: a
+    /// receipt at or below it is no news for the conversation's last-seen times.
+    pub(crate) seen_seq: [u64; 2],
 }
 
 // Most rooms are `Ready`, and every request reads one: boxing it would add a pointer chase
@@ -671,7 +676,8 @@ impl Shard {
                 conn,
                 broadcast,
                 team_only,
-            } => self.receipt_stored(room_id, conn, broadcast, team_only),
+                seq,
+            } => self.receipt_stored(room_id, conn, broadcast, team_only, seq),
             ShardEvent::Continue(then) => then(self),
         }
     }
@@ -726,6 +732,7 @@ impl Shard {
                 held: VecDeque::new(),
                 activity: Default::default(),
                 saving_activity: false,
+                seen_seq: [0; 2],
                 room,
             }),
         ) {

@@ -1019,6 +1019,12 @@ async fn queue_positions_are_right_with_several_customers_waiting() {
     let m = &ended["data"]["metrics"];
     assert!(m["handle_ms"].is_u64(), "{ended}");
     assert!(m["queue_ms"].is_u64());
+    // Rated after its end: the handle time is not counted again.
+    let mut q2_customer = server.connect("cust-q2", TENANT, Role::Customer).await;
+    let rated = q2_customer
+        .request("rate", Some("q2"), json!({"score": "good"}))
+        .await;
+    assert_eq!(rated["status"], "success", "{rated}");
     let metrics = server.metrics().await;
     assert!(
         metrics.contains("gateway_support_queue_waiting 0"),
@@ -1141,6 +1147,16 @@ async fn customers_see_is_mine_on_messages_and_the_team_does_not() {
     let c = &seen["data"]["conversation"];
     assert!(c["contact_last_seen_at"].is_string(), "{seen}");
     assert!(c["agent_last_seen_at"].is_null(), "{seen}");
+    // The same receipt again moves no marker: nothing is saved, nobody is told.
+    let again = cust
+        .request(
+            "read_receipt",
+            Some(&room),
+            json!({"message_id": answer["data"]["message_id"], "sender": "cust"}),
+        )
+        .await;
+    assert_eq!(again["status"], "success", "{again}");
+    watcher.expect_silence(Duration::from_millis(300)).await;
     alice
         .request(
             "read_receipt",

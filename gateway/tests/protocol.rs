@@ -394,13 +394,14 @@ async fn typed_messages_carry_described_attachments_and_rich_payloads() {
             "chat",
             Some("typed"),
             json!({"message": "", "sender": "alice", "type": "image",
-                   "attached_files": [png, "file_789"]}),
+                   "attached_files": ["file_789"], "metadata": {"attachments": [png]}}),
         )
         .await;
     assert_eq!(image["status"], "success", "{image}");
-    assert_eq!(image["data"]["attached_files"], json!([png, "file_789"]));
+    assert_eq!(image["data"]["attached_files"], json!(["file_789"]));
+    assert_eq!(image["data"]["metadata"]["attachments"], json!([png]));
     let event = b.recv_code("chat_response").await;
-    assert_eq!(event["data"]["attached_files"][0], png);
+    assert_eq!(event["data"]["metadata"]["attachments"][0], png);
     let card = json!({"title": "Plan A", "image_url": "https://cdn.example/a.png",
                       "buttons": [{"title": "Buy", "value": "buy-a"}]});
     let rich = a
@@ -417,8 +418,9 @@ async fn typed_messages_carry_described_attachments_and_rich_payloads() {
     // Refused, naming the field; nothing is stored.
     for (data, names) in [
         (
-            json!({"message": "", "sender": "alice", "type": "video", "attached_files": [png]}),
-            "data.attached_files[0].content_type must be video/*",
+            json!({"message": "", "sender": "alice", "type": "video",
+                   "metadata": {"attachments": [png]}}),
+            "data.metadata.attachments[0].content_type must be video/*",
         ),
         (
             json!({"message": "", "sender": "alice", "type": "audio", "attached_files": []}),
@@ -426,8 +428,8 @@ async fn typed_messages_carry_described_attachments_and_rich_payloads() {
         ),
         (
             json!({"message": "", "sender": "alice", "type": "file",
-                   "attached_files": [{"url": "https://x/y", "content_type": "application/pdf", "bytes": 3}]}),
-            "invalid data.attached_files[0].bytes: unknown field",
+                   "metadata": {"attachments": [{"url": "https://x/y", "content_type": "application/pdf", "bytes": 3}]}}),
+            "invalid data.metadata.attachments[0].bytes: unknown field",
         ),
         (
             json!({"message": "here", "sender": "alice", "type": "location",
@@ -452,7 +454,8 @@ async fn typed_messages_carry_described_attachments_and_rich_payloads() {
     let page = a.request("historic", Some("typed"), json!({})).await;
     let stored = page["data"]["messages"].as_array().unwrap();
     assert_eq!(stored.len(), 2, "{page}");
-    assert_eq!(stored[0]["attached_files"], json!([png, "file_789"]));
+    assert_eq!(stored[0]["attached_files"], json!(["file_789"]));
+    assert_eq!(stored[0]["metadata"]["attachments"], json!([png]));
     assert_eq!(stored[1]["type"], "carousel");
     server.stop().await;
 }

@@ -153,31 +153,11 @@ pub struct Message {
     #[serde(rename = "type")]
     pub kind: MessageType,
     pub message: String,
-    /// Each a reference (a file id or URL) or a described file kept as its JSON object text
-    /// (`{"url","content_type",…}`), which is written out as that object.
-    #[serde(serialize_with = "attachments")]
     pub attached_files: Vec<String>,
     pub reply_to: Option<String>,
     pub mentions: Vec<String>,
     pub metadata: serde_json::Map<String, serde_json::Value>,
     pub created_at: Timestamp,
-}
-
-/// Writes stored attachments: described files as their objects, references as strings.
-fn attachments<S: serde::Serializer>(files: &[String], out: S) -> Result<S::Ok, S::Error> {
-    use serde::ser::SerializeSeq;
-    let mut seq = out.serialize_seq(Some(files.len()))?;
-    for file in files {
-        let described = file
-            .starts_with('{')
-            .then(|| serde_json::from_str::<&serde_json::value::RawValue>(file).ok())
-            .flatten();
-        match described {
-            Some(object) => seq.serialize_element(object)?,
-            None => seq.serialize_element(file)?,
-        }
-    }
-    seq.end()
 }
 
 /// A message to store at the `seq` its room's owner chose.

@@ -485,9 +485,10 @@ impl Snooze {
     /// holds, so no tenant can read or write it.
     pub const TENANT: &'static str = "\u{1}wake-up";
 
-    /// The record id of a room's entry.
+    /// The record id of a room's entry (entries written before ids were length-prefixed still
+    /// wake their rooms: the list is read for its bodies).
     pub fn id(room: &RoomKey) -> String {
-        format!("{}/{}", room.tenant_id, room.room_id)
+        room_record_id(room)
     }
 }
 
@@ -518,8 +519,19 @@ impl QueueEntry {
 
     /// The record id of a room's entry.
     pub fn id(room: &RoomKey) -> String {
-        format!("{}/{}", room.tenant_id, room.room_id)
+        room_record_id(room)
     }
+}
+
+/// A record id naming a room of any tenant: `<tenant length>:<tenant>/<room>`, so that no two
+/// rooms share one (a tenant `a/b`'s room `c` is not tenant `a`'s room `b/c`).
+fn room_record_id(room: &RoomKey) -> String {
+    format!(
+        "{}:{}/{}",
+        room.tenant_id.len(),
+        room.tenant_id,
+        room.room_id
+    )
 }
 
 /// The pointer from a contact to its conversation of one kind.
@@ -536,5 +548,19 @@ impl ContactConversation {
     /// The record id of `contact_id`'s conversation of `kind`.
     pub fn id(contact_id: &str, kind: RoomKind) -> String {
         format!("{contact_id}/{}", kind.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_record_ids_never_collide_across_tenants() {
+        let a = QueueEntry::id(&RoomKey::new("acme", "eu/x"));
+        let b = QueueEntry::id(&RoomKey::new("acme/eu", "x"));
+        assert_ne!(a, b);
+        assert_eq!(a, "4:acme/eu/x");
+        assert_eq!(Snooze::id(&RoomKey::new("acme/eu", "x")), "7:acme/eu/x");
     }
 }

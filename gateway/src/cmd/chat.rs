@@ -37,9 +37,8 @@ struct ChatData {
     message: String,
     sender: String,
     message_id: Option<String>,
-    /// Checked by [`content::check`] with the type.
     #[serde(default)]
-    attached_files: Vec<serde_json::Value>,
+    attached_files: Vec<String>,
     reply_to: Option<String>,
     #[serde(rename = "type")]
     kind: Option<String>,
@@ -72,13 +71,13 @@ impl Chat {
                 "metadata is larger than 8192 bytes",
             ));
         }
-        let content = content::check(d.kind.as_deref(), &d.message, &d.attached_files, &metadata)?;
+        let kind = content::check(d.kind.as_deref(), &d.message, &d.attached_files, &metadata)?;
         Ok(Chat {
             message: d.message,
             message_id: d.message_id,
-            attached_files: content.attached_files,
+            attached_files: d.attached_files,
             reply_to: d.reply_to,
-            kind: content.kind,
+            kind,
             metadata,
         })
     }

@@ -7,9 +7,10 @@
 //! - `location`, `card`, `carousel`, `dropdown`, `choice`: `metadata.payload` in the type's
 //!   shape (see [`Payload`]); `message` is the text a client without the type shows.
 //!
-//! An attachment is a reference (a file id or URL, as the protocol has always taken) or a
-//! described file `{"url", "content_type", "name"?, "size"?}`. Described files are stored as
-//! their JSON and read back as objects (see `storage::Message`).
+//! An attachment is a reference in `attached_files` (a file id or URL string, as PROTOCOL.md
+//! states it), or a described file in `metadata.attachments`
+//! (`{"url", "content_type", "name"?, "size"?}`): structured content lives in `metadata`, so
+//! the message keeps the contract's shape.
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -18,7 +19,8 @@ use storage::MessageType;
 use super::parse_data;
 use crate::codec::{ErrorCode, ProtocolError};
 
-/// Most attachments per message, and the longest reference to one.
+/// Most attachments per message (references and described files together), and the longest
+/// reference or URL.
 pub const MAX_ATTACHMENTS: usize = 32;
 pub const MAX_ATTACHMENT_BYTES: usize = 2048;
 /// Longest `name` and `content_type` of a described attachment.
@@ -30,21 +32,14 @@ const MAX_OPTIONS: usize = 50;
 const MAX_TITLE_BYTES: usize = 256;
 const MAX_VALUE_BYTES: usize = 1024;
 
-/// A message's checked content.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Content {
-    pub kind: MessageType,
-    /// References as given; described files as their compact JSON.
-    pub attached_files: Vec<String>,
-}
-
-/// Checks `type`, `message`, `attached_files` and `metadata.payload` together.
+/// Checks `type`, `message`, `attached_files`, `metadata.attachments` and `metadata.payload`
+/// together; returns the message type.
 pub fn check(
     kind: Option<&str>,
     message: &str,
-    attached_files: &[Value],
+    attached_files: &[String],
     metadata: &Map<String, Value>,
-) -> Result<Content, ProtocolError> {
+) -> Result<MessageType, ProtocolError> {
     let kind = match kind {
         None => MessageType::Text,
         Some(k) => MessageType::parse(k).ok_or_else(|| {
@@ -54,52 +49,63 @@ pub fn check(
             ))
         })?,
     };
-    if attached_files.len() > MAX_ATTACHMENTS {
+    for (i, reference) in attached_files.iter().enumerate() {
+        if reference.is_empty() {
+            return Err(ProtocolError::bad_request(format!(
+                "data.attached_files[{i}] is empty"
+            )));
+        }
+        if reference.len() > MAX_ATTACHMENT_BYTES {
+            return Err(ProtocolError::new(
+                ErrorCode::TooLarge,
+                format!("data.attached_files[{i}] is longer than 2048 bytes"),
+            ));
+        }
+    }
+    let described: Vec<File> = match metadata.get("attachments") {
+        None => Vec::new(),
+        Some(files) => at_path("metadata.attachments", files)?,
+    };
+    if attached_files.len() + described.len() > MAX_ATTACHMENTS {
         return Err(ProtocolError::new(
             ErrorCode::TooLarge,
-            "data.attached_files: at most 32 attachments",
+            "data: at most 32 attachments (attached_files and metadata.attachments together)",
         ));
     }
-    let mut stored = Vec::with_capacity(attached_files.len());
-    let mut content_types = Vec::with_capacity(attached_files.len());
-    for (i, file) in attached_files.iter().enumerate() {
-        let (text, content_type) = attachment(i, file)?;
-        stored.push(text);
-        content_types.push(content_type);
+    for (i, file) in described.iter().enumerate() {
+        file.check(i)?;
     }
+    let attachments = attached_files.len() + described.len();
     let payload = metadata.get("payload");
-    let media = match kind {
-        MessageType::Image => Some("image/"),
-        MessageType::Audio => Some("audio/"),
-        MessageType::Video => Some("video/"),
-        _ => None,
-    };
     match kind {
         MessageType::Text | MessageType::Markdown => {
-            if message.is_empty() && stored.is_empty() {
+            if message.is_empty() && attachments == 0 {
                 return Err(ProtocolError::bad_request(
                     "message may be empty only when attached_files is not",
                 ));
             }
         }
         MessageType::Image | MessageType::Audio | MessageType::Video | MessageType::File => {
-            if stored.is_empty() {
+            if attachments == 0 {
                 return Err(ProtocolError::bad_request(format!(
                     "data.attached_files: {} message needs at least one attachment",
                     a(kind)
                 )));
             }
-            if let Some(prefix) = media {
-                for (i, content_type) in content_types.iter().enumerate() {
-                    if let Some(ct) = content_type {
-                        if !ct.starts_with(prefix) {
-                            return Err(ProtocolError::bad_request(format!(
-                                "data.attached_files[{i}].content_type must be {prefix}* in {} \
-                                 message, not {ct:?}",
-                                a(kind)
-                            )));
-                        }
-                    }
+            let prefix = match kind {
+                MessageType::Image => "image/",
+                MessageType::Audio => "audio/",
+                MessageType::Video => "video/",
+                _ => "",
+            };
+            for (i, file) in described.iter().enumerate() {
+                if !file.content_type.starts_with(prefix) {
+                    return Err(ProtocolError::bad_request(format!(
+                        "data.metadata.attachments[{i}].content_type must be {prefix}* in {} \
+                         message, not {:?}",
+                        a(kind),
+                        file.content_type
+                    )));
                 }
             }
         }
@@ -115,10 +121,7 @@ pub fn check(
                 )));
             };
             Payload::check(kind, payload)?;
-            return Ok(Content {
-                kind,
-                attached_files: stored,
-            });
+            return Ok(kind);
         }
     }
     if payload.is_some() {
@@ -127,10 +130,7 @@ pub fn check(
              messages only",
         ));
     }
-    Ok(Content {
-        kind,
-        attached_files: stored,
-    })
+    Ok(kind)
 }
 
 /// The type with its article: "an image", "a card".
@@ -144,80 +144,33 @@ fn a(kind: MessageType) -> String {
     format!("{article} {name}")
 }
 
-/// A described attachment.
-#[derive(Deserialize, serde::Serialize)]
+/// A described attachment (`metadata.attachments[i]`).
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     url: String,
     content_type: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[allow(dead_code)] // Checked for its type (a byte count) by deserializing.
+    #[serde(default)]
     size: Option<u64>,
 }
 
-/// The stored text of attachment `i`, and its content type when described.
-fn attachment(i: usize, file: &Value) -> Result<(String, Option<String>), ProtocolError> {
-    let too_large = || {
-        ProtocolError::new(
-            ErrorCode::TooLarge,
-            format!("data.attached_files[{i}] is longer than 2048 bytes"),
-        )
-    };
-    match file {
-        Value::String(reference) => {
-            if reference.is_empty() {
-                return Err(ProtocolError::bad_request(format!(
-                    "data.attached_files[{i}] is empty"
-                )));
-            }
-            if reference.len() > MAX_ATTACHMENT_BYTES {
-                return Err(too_large());
-            }
-            // Stored described files start with `{`: a reference never does.
-            if reference.starts_with('{') {
-                return Err(ProtocolError::bad_request(format!(
-                    "data.attached_files[{i}]: a file reference may not start with '{{' \
-                     (describe a file as an object)"
-                )));
-            }
-            Ok((reference.clone(), None))
+impl File {
+    fn check(&self, i: usize) -> Result<(), ProtocolError> {
+        let field = |name: &str| format!("metadata.attachments[{i}].{name}");
+        url(&field("url"), &self.url)?;
+        if !is_mime_type(&self.content_type) {
+            return Err(ProtocolError::bad_request(format!(
+                "data.{} must be a MIME type such as image/png",
+                field("content_type")
+            )));
         }
-        Value::Object(_) => {
-            let file: File = at_path(&format!("attached_files[{i}]"), file)?;
-            let field = |name: &str| format!("data.attached_files[{i}].{name}");
-            if !(file.url.starts_with("https://") || file.url.starts_with("http://")) {
-                return Err(ProtocolError::bad_request(format!(
-                    "{} must be an http(s) URL",
-                    field("url")
-                )));
-            }
-            if !is_mime_type(&file.content_type) {
-                return Err(ProtocolError::bad_request(format!(
-                    "{} must be a MIME type such as image/png",
-                    field("content_type")
-                )));
-            }
-            if file
-                .name
-                .as_ref()
-                .is_some_and(|n| n.is_empty() || n.len() > MAX_NAME_BYTES)
-            {
-                return Err(ProtocolError::bad_request(format!(
-                    "{} must be 1 to 255 bytes",
-                    field("name")
-                )));
-            }
-            let text = serde_json::to_string(&file).unwrap_or_default();
-            if text.len() > MAX_ATTACHMENT_BYTES {
-                return Err(too_large());
-            }
-            Ok((text, Some(file.content_type)))
+        if let Some(name) = &self.name {
+            bounded(&field("name"), name, MAX_NAME_BYTES)?;
         }
-        _ => Err(ProtocolError::bad_request(format!(
-            "data.attached_files[{i}] must be a file reference (string) or \
-             {{\"url\", \"content_type\", \"name\"?, \"size\"?}}"
-        ))),
+        Ok(())
     }
 }
 
@@ -240,10 +193,15 @@ fn at_path<T: serde::de::DeserializeOwned>(path: &str, value: &Value) -> Result<
         .map_err(|e| ProtocolError::bad_request(format!("invalid data.{path}: {e}")))?;
     parse_data::<T>(&raw).map_err(|e| {
         // parse_data names paths from `data.`: put the field's own path in front.
-        let message = e
-            .message
-            .replacen("invalid data.", &format!("invalid data.{path}."), 1)
-            .replacen("invalid data:", &format!("invalid data.{path}:"), 1);
+        let message = if let Some(rest) = e.message.strip_prefix("invalid data.[") {
+            format!("invalid data.{path}[{rest}")
+        } else if let Some(rest) = e.message.strip_prefix("invalid data.") {
+            format!("invalid data.{path}.{rest}")
+        } else if let Some(rest) = e.message.strip_prefix("invalid data:") {
+            format!("invalid data.{path}:{rest}")
+        } else {
+            e.message
+        };
         ProtocolError::bad_request(message)
     })
 }
@@ -425,61 +383,64 @@ mod tests {
         message: &str,
         files: Value,
         metadata: Value,
-    ) -> Result<Content, String> {
-        let files = files.as_array().cloned().unwrap_or_default();
+    ) -> Result<MessageType, String> {
+        let files: Vec<String> = serde_json::from_value(files).unwrap();
         let metadata = metadata.as_object().cloned().unwrap_or_default();
         check(Some(kind), message, &files, &metadata).map_err(|e| e.message)
     }
 
     #[test]
     fn media_messages_need_attachments_of_their_kind() {
-        let png = json!([{"url": "https://cdn.example/a.png", "content_type": "image/png", "name": "a.png", "size": 1200}]);
-        let image = checked("image", "", png.clone(), json!({})).unwrap();
+        let png = json!({"attachments": [{"url": "https://cdn.example/a.png", "content_type": "image/png", "name": "a.png", "size": 1200}]});
         assert_eq!(
-            image.attached_files,
-            [
-                r#"{"url":"https://cdn.example/a.png","content_type":"image/png","name":"a.png","size":1200}"#
-            ]
+            checked("image", "", json!([]), png.clone()),
+            Ok(MessageType::Image)
         );
         assert!(checked("image", "", json!(["file_1"]), json!({})).is_ok());
         let error = checked("image", "", json!([]), json!({})).unwrap_err();
         assert!(error.contains("at least one attachment"), "{error}");
-        let error = checked("video", "", png, json!({})).unwrap_err();
+        let error = checked("video", "", json!([]), png).unwrap_err();
         assert_eq!(
             error,
-            "data.attached_files[0].content_type must be video/* in a video message, not \"image/png\""
+            "data.metadata.attachments[0].content_type must be video/* in a video message, not \"image/png\""
         );
+        let described = |file: Value| json!({ "attachments": [file] });
         let error = checked(
             "file",
             "",
-            json!([{"url": "ftp://x", "content_type": "text/plain"}]),
-            json!({}),
-        )
-        .unwrap_err();
-        assert_eq!(error, "data.attached_files[0].url must be an http(s) URL");
-        let error = checked(
-            "file",
-            "",
-            json!([{"url": "https://x", "content_type": "plain"}]),
-            json!({}),
-        )
-        .unwrap_err();
-        assert!(error.contains("attached_files[0].content_type must be a MIME type"));
-        let error = checked(
-            "file",
-            "",
-            json!([{"url": "https://x", "content_type": "text/plain", "colour": 1}]),
-            json!({}),
+            json!([]),
+            described(json!({"url": "ftp://x", "content_type": "text/plain"})),
         )
         .unwrap_err();
         assert!(
-            error.starts_with("invalid data.attached_files[0].colour: unknown field `colour`"),
+            error.starts_with("data.metadata.attachments[0].url must be an http(s) URL"),
             "{error}"
         );
-        let error = checked("file", "", json!([r#"{"url":"https://x"}"#]), json!({})).unwrap_err();
-        assert!(error.contains("may not start with '{'"), "{error}");
-        let error = checked("file", "", json!([5]), json!({})).unwrap_err();
-        assert!(error.starts_with("data.attached_files[0] must be a file reference"));
+        let error = checked(
+            "file",
+            "",
+            json!([]),
+            described(json!({"url": "https://x", "content_type": "plain"})),
+        )
+        .unwrap_err();
+        assert!(error.contains("attachments[0].content_type must be a MIME type"));
+        let error = checked(
+            "file",
+            "",
+            json!([]),
+            described(json!({"url": "https://x", "content_type": "text/plain", "colour": 1})),
+        )
+        .unwrap_err();
+        assert!(
+            error
+                .starts_with("invalid data.metadata.attachments[0].colour: unknown field `colour`"),
+            "{error}"
+        );
+        let error = checked("file", "", json!([""]), json!({})).unwrap_err();
+        assert_eq!(error, "data.attached_files[0] is empty");
+        let many: Vec<String> = (0..33).map(|i| format!("f{i}")).collect();
+        let error = checked("file", "", json!(many), json!({})).unwrap_err();
+        assert!(error.contains("at most 32 attachments"), "{error}");
     }
 
     #[test]

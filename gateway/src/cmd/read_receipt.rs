@@ -132,6 +132,7 @@ impl Shard {
                     conn,
                     broadcast,
                     team_only: message.direction == Direction::Note,
+                    seq: message.seq,
                 })
                 .await;
             drop(permit);
@@ -146,8 +147,9 @@ impl Shard {
         conn: ConnRef,
         broadcast: Option<Bytes>,
         team_only: bool,
+        seq: u64,
     ) {
-        self.conversation_seen(&room_id, &conn);
+        self.conversation_seen(&room_id, &conn, seq);
         if let (Some(frame), Some(Slot::Ready(state))) = (broadcast, self.rooms.get_mut(&room_id)) {
             let route = Route::new(&self.shared.shards, self.index);
             let members = state.members.values_mut().filter(|member| {
