@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 
+use smallvec::SmallVec;
+
 use crate::cmd::presence::PresenceStatus;
 use crate::shard::{ConnId, ConnRef};
 
@@ -19,8 +21,9 @@ pub struct UserKey {
 }
 
 struct UserPresence {
-    /// The user's open connections (bounded by the server's connection limit).
-    connections: Vec<ConnRef>,
+    /// The user's open connections (bounded by the server's connection limit): one, the usual
+    /// case, is held inline (no allocation per idle connection).
+    connections: SmallVec<[ConnRef; 1]>,
     status: PresenceStatus,
     /// Rooms joined by any of the user's connections, with how many of them joined each.
     rooms: HashMap<String, u32>,
@@ -51,7 +54,7 @@ impl PresenceRegistry {
         let key = conn.user_key();
         let mut map = self.stripe(&key).lock().expect("presence lock poisoned");
         let entry = map.entry(key).or_insert_with(|| UserPresence {
-            connections: Vec::new(),
+            connections: SmallVec::new(),
             status: PresenceStatus::Online,
             rooms: HashMap::new(),
         });
@@ -65,7 +68,7 @@ impl PresenceRegistry {
             .lock()
             .expect("presence lock poisoned")
             .get(key)
-            .map(|user| user.connections.clone())
+            .map(|user| user.connections.to_vec())
             .unwrap_or_default()
     }
 
