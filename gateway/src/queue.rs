@@ -292,6 +292,9 @@ pub async fn run_restore(shared: Arc<Shared>) {
     }
 }
 
+/// How far past the clock the restore reads the list (see [`restore`]).
+const RESTORE_AHEAD_MILLIS: i64 = 60_000;
+
 /// Entries read per page of the durable list at start.
 const RESTORE_PAGE: u32 = 500;
 
@@ -301,7 +304,10 @@ const RESTORE_PAGE: u32 = 500;
 pub async fn restore(shared: Arc<Shared>) -> storage::Result<()> {
     let store = &shared.store;
     let mut after = None;
-    let mut as_of = None;
+    // Every entry listed now, also one written a moment ago: a read without a time may look a
+    // little into the past (a CQL store does, by two seconds), and the entries of changes made
+    // just before a restart must not be missed. Nothing of this node is still writing.
+    let mut as_of = Some(Timestamp(Timestamp::now().0 + RESTORE_AHEAD_MILLIS));
     loop {
         let query = ListQuery {
             as_of,

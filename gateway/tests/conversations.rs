@@ -5,21 +5,10 @@ mod common;
 
 use std::time::Duration;
 
+use common::inbox::*;
 use common::*;
 use gateway::auth::Role;
 use serde_json::{json, Value};
-
-const TENANT: &str = "acme";
-
-fn admin() -> String {
-    token("root", TENANT, Role::Admin)
-}
-
-async fn post(server: &TestServer, path: &str, bearer: &str, body: Value) -> (u16, Value) {
-    let (status, text) = http_post(server.addr, path, Some(bearer), &body.to_string()).await;
-    let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status}: {text}"));
-    (status, value)
-}
 
 async fn contact(server: &TestServer, id: &str, name: &str) {
     let (status, body) = post(
@@ -30,28 +19,6 @@ async fn contact(server: &TestServer, id: &str, name: &str) {
     )
     .await;
     assert!(status == 201 || status == 200, "{status} {body}");
-}
-
-async fn open(server: &TestServer, body: Value) -> (u16, Value) {
-    post(server, "/api/conversations", &admin(), body).await
-}
-
-async fn subscribed(server: &TestServer, user: &str) -> Client {
-    let mut client = server.connect(user, TENANT, Role::Agent).await;
-    let reply = client.request("subscribe_inbox", None, json!({})).await;
-    assert_eq!(reply["status"], "success", "{reply}");
-    assert_eq!(reply["data"], json!({"tenant": TENANT, "subscribed": true}));
-    client
-}
-
-/// The next `conversation_response` event about `room`.
-async fn event_about(client: &mut Client, room: &str) -> Value {
-    loop {
-        let event = client.recv_code("conversation_response").await;
-        if event["room_id"] == room {
-            return event;
-        }
-    }
 }
 
 #[tokio::test]
@@ -580,17 +547,6 @@ async fn a_conversation_ends_once_and_its_customer_rates_it_once() {
     server.stop().await;
 }
 
-/// Opens support conversation `id` with customer `cust-<id>`, in `inbox` if given.
-async fn conversation_with(server: &TestServer, id: &str, inbox: Option<&str>) {
-    let mut body =
-        json!({"room_id": id, "kind": "support", "participants": [format!("cust-{id}")]});
-    if let Some(inbox) = inbox {
-        body["inbox_id"] = json!(inbox);
-    }
-    let (status, reply) = open(server, body).await;
-    assert_eq!(status, 201, "{reply}");
-}
-
 async fn list(client: &mut Client, data: Value) -> Value {
     let reply = client.request("conversation_list", None, data).await;
     assert_eq!(reply["code"], "conversation_list_response", "{reply}");
@@ -863,220 +819,6 @@ async fn a_snoozed_conversation_wakes_by_itself_also_after_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    server.stop().await;
-}
-
-/// The next `queue_response` a client gets.
-async fn queue_position(client: &mut Client) -> (u64, u64, Value) {
-    let update = client.recv_code("queue_response").await;
-    assert_eq!(update["user_id"], "system", "{update}");
-    let data = &update["data"];
-    (
-        data["position"].as_u64().unwrap(),
-        data["waiting"].as_u64().unwrap(),
-        data["estimated_wait_seconds"].clone(),
-    )
-}
-
-/// A customer connected to its conversation `id` (opened here).
-async fn waiting_customer(server: &TestServer, id: &str) -> Client {
-    conversation_with(server, id, None).await;
-    let mut cust = server
-        .connect(&format!("cust-{id}"), TENANT, Role::Customer)
-        .await;
-    cust.join(id).await;
-    cust
-}
-
-#[tokio::test]
-async fn queue_positions_are_right_with_several_customers_waiting() {
-    let server = TestServer::start().await;
-    let mut watcher = subscribed(&server, "watcher").await;
-    let mut alice = server.connect("alice", TENANT, Role::Agent).await;
-    let mut q1 = waiting_customer(&server, "q1").await;
-    let mut q2 = waiting_customer(&server, "q2").await;
-    let mut q3 = waiting_customer(&server, "q3").await;
-
-    let escalated = q1.request("escalate", Some("q1"), json!({})).await;
-    assert_eq!(escalated["status"], "success", "{escalated}");
-    assert_eq!(escalated["code"], "escalate_response");
-    assert_eq!(escalated["data"]["status"], "queued");
-    assert!(escalated["data"].get("metrics").is_none(), "customer view");
-    assert_eq!(queue_position(&mut q1).await, (1, 1, Value::Null));
-    let event = loop {
-        let event = event_about(&mut watcher, "q1").await;
-        if event["data"]["change"] != "created" {
-            break event;
-        }
-    };
-    assert_eq!(event["data"]["change"], "escalated", "{event}");
-    assert!(event["data"]["conversation"]["metrics"]["queued_at"].is_string());
-
-    q2.request("escalate", Some("q2"), json!({})).await;
-    assert_eq!(queue_position(&mut q2).await, (2, 2, Value::Null));
-    assert_eq!(queue_position(&mut q1).await, (1, 2, Value::Null));
-    let with_reason = q3
-        .request("escalate", Some("q3"), json!({"reason": "wants a human"}))
-        .await;
-    assert_eq!(with_reason["status"], "success", "{with_reason}");
-    assert_eq!(queue_position(&mut q3).await, (3, 3, Value::Null));
-    assert_eq!(queue_position(&mut q1).await.0, 1);
-    assert_eq!(queue_position(&mut q2).await.0, 2);
-    let got = q3.request("conversation_get", Some("q3"), json!({})).await;
-    assert_eq!(got["data"]["queue"]["position"], 3, "{got}");
-    let got = alice
-        .request("conversation_get", Some("q3"), json!({}))
-        .await;
-    assert_eq!(got["data"]["metrics"]["escalation_reason"], "wants a human");
-
-    // Refused: twice, by a plain team-room user, with bad data.
-    let twice = q2.request("escalate", Some("q2"), json!({})).await;
-    assert_eq!(twice["data"]["error_code"], "BAD_REQUEST", "{twice}");
-    assert!(twice["data"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("in the queue already"));
-    let mut user = server.connect("u", TENANT, Role::User).await;
-    let refused = user.request("escalate", Some("q1"), json!({})).await;
-    assert_eq!(refused["data"]["error_code"], "FORBIDDEN", "{refused}");
-    for (data, error_code) in [
-        (json!({"reason": 5}), "BAD_REQUEST"),
-        (json!({"why": "x"}), "BAD_REQUEST"),
-        (json!({"reason": "x".repeat(501)}), "TOO_LARGE"),
-    ] {
-        let error = q1.request("escalate", Some("q1"), data).await;
-        assert_eq!(error["data"]["error_code"], error_code, "{error}");
-        assert!(error["data"]["message"].as_str().unwrap().contains("data."));
-    }
-
-    // alice takes the middle one: its customer hears an agent joined; q3 moves up.
-    let taken = alice
-        .request(
-            "conversation_update",
-            Some("q2"),
-            json!({"assignee": "alice"}),
-        )
-        .await;
-    assert_eq!(taken["data"]["status"], "agent", "{taken}");
-    assert!(taken["data"]["metrics"]["agent_joined_at"].is_string());
-    let joined = event_about(&mut q2, "q2").await;
-    assert_eq!(joined["data"]["change"], "agent_joined", "{joined}");
-    assert_eq!(joined["data"]["agent_id"], "alice");
-    assert_eq!(joined["data"]["conversation"]["status"], "agent");
-    assert_eq!(queue_position(&mut q3).await, (2, 2, Value::Null));
-    assert_eq!(queue_position(&mut q1).await, (1, 2, Value::Null));
-    let again = q2.request("escalate", Some("q2"), json!({})).await;
-    assert!(
-        again["data"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("an agent has"),
-        "{again}"
-    );
-
-    // A second take: the estimate now follows how fast agents take conversations.
-    alice
-        .request(
-            "conversation_update",
-            Some("q1"),
-            json!({"assignee": "alice"}),
-        )
-        .await;
-    let (position, waiting, estimate) = queue_position(&mut q3).await;
-    assert_eq!((position, waiting), (1, 1));
-    assert!(estimate.is_u64(), "{estimate}");
-
-    // Her agent hands q2 on: it waits again, at the back, for another agent.
-    let handed = alice.request("escalate", Some("q2"), json!({})).await;
-    assert_eq!(handed["data"]["status"], "escalated", "{handed}");
-    assert!(handed["data"]["assignee"].is_null());
-    assert_eq!(queue_position(&mut q2).await.0, 2);
-    assert_eq!(queue_position(&mut q3).await.1, 2);
-
-    // Ending q3 takes it out of the queue.
-    let ended = q3.request("end", Some("q3"), json!({})).await;
-    assert_eq!(ended["status"], "success", "{ended}");
-    let (position, waiting, _) = queue_position(&mut q2).await;
-    assert_eq!((position, waiting), (1, 1));
-    let metrics = server.metrics().await;
-    assert!(
-        metrics.contains("gateway_support_queue_waiting 1"),
-        "{metrics}"
-    );
-    assert!(metrics.contains("gateway_conversation_queue_seconds_count 2"));
-
-    // Taken and ended: handle time.
-    alice
-        .request(
-            "conversation_update",
-            Some("q2"),
-            json!({"assignee": "alice"}),
-        )
-        .await;
-    let ended = alice
-        .request("end", Some("q2"), json!({"reason": "resolved"}))
-        .await;
-    let m = &ended["data"]["metrics"];
-    assert!(m["handle_ms"].is_u64(), "{ended}");
-    assert!(m["queue_ms"].is_u64());
-    // Rated after its end: the handle time is not counted again.
-    let mut q2_customer = server.connect("cust-q2", TENANT, Role::Customer).await;
-    let rated = q2_customer
-        .request("rate", Some("q2"), json!({"score": "good"}))
-        .await;
-    assert_eq!(rated["status"], "success", "{rated}");
-    let metrics = server.metrics().await;
-    assert!(
-        metrics.contains("gateway_support_queue_waiting 0"),
-        "{metrics}"
-    );
-    assert!(metrics.contains("gateway_conversation_handle_seconds_count 1"));
-    server.stop().await;
-}
-
-#[tokio::test]
-async fn the_queue_outlives_a_restart() {
-    let server = TestServer::start().await;
-    let mut alice = server.connect("alice", TENANT, Role::Agent).await;
-    for id in ["r1", "r2", "r3"] {
-        let mut cust = waiting_customer(&server, id).await;
-        let reply = cust.request("escalate", Some(id), json!({})).await;
-        assert_eq!(reply["status"], "success", "{reply}");
-    }
-    // r2 leaves the queue before the restart; its entry must not come back.
-    alice
-        .request("conversation_update", Some("r2"), json!({"is_open": false}))
-        .await;
-    drop(alice);
-    let dir = server.stop().await;
-    let server = TestServer::start_in(dir, |_| {}).await;
-    let mut alice = server.connect("alice", TENANT, Role::Agent).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
-    loop {
-        let got = alice
-            .request("conversation_get", Some("r3"), json!({}))
-            .await;
-        if got["data"]["queue"].is_object() {
-            assert_eq!(got["data"]["queue"]["position"], 2, "{got}");
-            assert_eq!(got["data"]["queue"]["waiting"], 2, "{got}");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not restored: {got}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut r3 = server.connect("cust-r3", TENANT, Role::Customer).await;
-    r3.join("r3").await;
-    alice
-        .request(
-            "conversation_update",
-            Some("r1"),
-            json!({"assignee": "alice"}),
-        )
-        .await;
-    assert_eq!(queue_position(&mut r3).await, (1, 1, Value::Null));
     server.stop().await;
 }
 

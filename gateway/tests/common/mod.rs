@@ -2,6 +2,7 @@
 //! tokio-tungstenite (an independent WebSocket implementation, not the gateway's codec).
 #![allow(dead_code, unreachable_pub)]
 
+pub mod inbox;
 mod process;
 
 use std::time::Duration;
