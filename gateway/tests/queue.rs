@@ -202,3 +202,57 @@ async fn the_queue_outlives_a_restart() {
     assert_eq!(queue_position(&mut r3).await, (1, 1, Value::Null));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_racing_to_take_one_conversation_make_one_agent_joined() {
+    let server = TestServer::start().await;
+    let mut watcher = subscribed(&server, "watcher").await;
+    let mut cust = waiting_customer(&server, "race").await;
+    let queued = cust.request("escalate", Some("race"), json!({})).await;
+    assert_eq!(queued["status"], "success", "{queued}");
+    let mut alice = server.connect("alice", TENANT, Role::Agent).await;
+    let mut bob = server.connect("bob", TENANT, Role::Agent).await;
+    // Both sent before either answer is read.
+    for (client, user) in [(&mut alice, "alice"), (&mut bob, "bob")] {
+        client
+            .send(
+                json!({"code": "conversation_update", "user_id": user, "room_id": "race",
+                         "ref": format!("take-{user}"), "data": {"assignee": user}}),
+            )
+            .await;
+    }
+    let a = alice.recv_code("conversation_update_response").await;
+    let b = bob.recv_code("conversation_update_response").await;
+    assert_eq!(a["status"], "success", "{a}");
+    assert_eq!(b["status"], "success", "{b}");
+    // The conversation left the queue once: one agent_joined, naming the first taker; the
+    // second assignment is an update.
+    let mut joined = Vec::new();
+    let mut updated = 0;
+    while let Some(event) = watcher.recv_within(Duration::from_millis(500)).await {
+        if event["code"] != "conversation_response" || event["room_id"] != "race" {
+            continue;
+        }
+        match event["data"]["change"].as_str() {
+            Some("agent_joined") => joined.push(event["data"]["agent_id"].clone()),
+            Some("updated") => updated += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(joined.len(), 1, "{joined:?}");
+    assert_eq!(updated, 1);
+    let got = alice
+        .request("conversation_get", Some("race"), json!({}))
+        .await;
+    assert_eq!(got["data"]["status"], "agent");
+    assert!(got["data"].get("queue").is_none(), "{got}");
+    let last = got["data"]["assignee"].clone();
+    assert!(last == "alice" || last == "bob", "{got}");
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("gateway_support_queue_waiting 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("gateway_conversation_queue_seconds_count 1"));
+    server.stop().await;
+}
