@@ -230,6 +230,9 @@ impl Shard {
         // was unknown: the original was never announced. Members that joined after it was
         // stored have it already (in `missed`, or behind their starting point).
         let seq = appended.message.seq;
+        // A team room has no conversation: its chats skip the inbox's bookkeeping (and the
+        // room lookup it starts with).
+        let conversation = state.room.kind != RoomKind::Team;
         let announce = !appended.duplicate || was_unknown;
         if announce {
             state.room.last_seq = state.room.last_seq.max(appended.message.seq);
@@ -250,7 +253,7 @@ impl Shard {
             // one frame everybody else shares.
             let mut customers = 0;
             let members = state.members.values_mut().filter(|member| {
-                if marks_mine(member.conn.claims.role) {
+                if conversation && marks_mine(member.conn.claims.role) {
                     customers += 1;
                     return false;
                 }
@@ -294,7 +297,9 @@ impl Shard {
             if !appended.message.mentions.is_empty() {
                 self.notify_mentions(&room_id, &appended.message);
             }
-            self.conversation_activity(&room_id, &appended.message);
+            if conversation {
+                self.conversation_activity(&room_id, &appended.message);
+            }
         }
         self.maybe_unload(&room_id);
     }
