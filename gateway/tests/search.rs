@@ -17,14 +17,15 @@ fn seqs(v: &Value) -> Vec<u64> {
         .collect()
 }
 
-/// The embedded store finds a rare word through its index in one request, however much hay
-/// lies between; its budget counts hits, so many hits page with a cursor.
-#[tokio::test]
-async fn an_indexed_search_finds_a_rare_word_at_once_and_pages_many_hits() {
+/// A server with a search budget of five messages and a room `s` holding one needle and eleven
+/// messages of hay after it, when the test store has a word index as `indexed` says; `None`
+/// (the server stopped) otherwise: the other store's test covers it.
+async fn needle_then_hay(indexed: bool) -> Option<(TestServer, Client)> {
     let server = TestServer::start_with(|config| config.search_scan_rows = 5).await;
-    if test_store_url(server.dir.path()).is_some() {
-        // A CQL store has no index: the row-budget test below covers it.
-        return server.stop().await.close().unwrap();
+    // A CQL store has no index and scans; the embedded store has one.
+    if test_store_url(server.dir.path()).is_none() != indexed {
+        server.stop().await.close().unwrap();
+        return None;
     }
     let mut alice = server.connect("alice", "acme", Role::Agent).await;
     alice.join("s").await;
@@ -32,6 +33,16 @@ async fn an_indexed_search_finds_a_rare_word_at_once_and_pages_many_hits() {
     for n in 2..=12 {
         alice.chat("s", &format!("hay {n}")).await;
     }
+    Some((server, alice))
+}
+
+/// The embedded store finds a rare word through its index in one request, however much hay
+/// lies between; its budget counts hits, so many hits page with a cursor.
+#[tokio::test]
+async fn an_indexed_search_finds_a_rare_word_at_once_and_pages_many_hits() {
+    let Some((server, mut alice)) = needle_then_hay(true).await else {
+        return;
+    };
     let v = alice
         .request(
             "historic",
@@ -78,17 +89,9 @@ async fn an_indexed_search_finds_a_rare_word_at_once_and_pages_many_hits() {
 /// A CQL store scans: a request examines at most the budget of rows.
 #[tokio::test]
 async fn a_search_that_spent_its_row_budget_answers_with_a_continuation_cursor() {
-    let server = TestServer::start_with(|config| config.search_scan_rows = 5).await;
-    if test_store_url(server.dir.path()).is_none() {
-        // The embedded store's index: the test above covers it.
-        return server.stop().await.close().unwrap();
-    }
-    let mut alice = server.connect("alice", "acme", Role::Agent).await;
-    alice.join("s").await;
-    alice.chat("s", "a Needle here").await;
-    for n in 2..=12 {
-        alice.chat("s", &format!("hay {n}")).await;
-    }
+    let Some((server, mut alice)) = needle_then_hay(false).await else {
+        return;
+    };
 
     // Backwards: 12..8, then 7..3, then 2..1 where the hit is.
     let search = |cursor: Value| {

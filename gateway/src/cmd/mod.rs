@@ -284,6 +284,19 @@ pub(crate) fn yes() -> bool {
     true
 }
 
+/// Codes only the team may send (following the inbox, the dashboard): `FORBIDDEN` for anyone
+/// else, saying that only agents and admins `what`.
+pub(crate) fn team_only(conn: &ConnRef, what: &str) -> Result<(), ProtocolError> {
+    if conn.claims.role.sees_notes() {
+        Ok(())
+    } else {
+        Err(ProtocolError::new(
+            ErrorCode::Forbidden,
+            format!("only agents and admins {what}"),
+        ))
+    }
+}
+
 /// `sender` must name the authenticated user.
 pub(crate) fn check_sender(sender: &str, user_id: &str) -> Result<(), ProtocolError> {
     if sender == user_id {

@@ -55,12 +55,7 @@ impl SubscribeDashboard {
         conn: &ConnRef,
         reference: Option<&str>,
     ) -> Result<bytes::Bytes, ProtocolError> {
-        if !conn.claims.role.sees_notes() {
-            return Err(ProtocolError::new(
-                ErrorCode::Forbidden,
-                "only agents and admins follow the dashboard",
-            ));
-        }
+        super::team_only(conn, "follow the dashboard")?;
         let counters = shared.dashboards.subscribe(shared, conn, self.subscribed);
         Ok(FrameBuilder::success(
             Code::SubscribeDashboard.response(),

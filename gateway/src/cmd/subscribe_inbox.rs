@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::{parse_data, Code};
-use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
+use crate::codec::{FrameBuilder, ProtocolError};
 use crate::server::Shared;
 use crate::shard::ConnRef;
 
@@ -42,12 +42,7 @@ impl SubscribeInbox {
         conn: &ConnRef,
         reference: Option<&str>,
     ) -> Result<bytes::Bytes, ProtocolError> {
-        if !conn.claims.role.sees_notes() {
-            return Err(ProtocolError::new(
-                ErrorCode::Forbidden,
-                "only agents and admins follow the inbox",
-            ));
-        }
+        super::team_only(conn, "follow the inbox")?;
         if self.subscribed {
             shared.inbox.subscribe(conn);
         } else {
