@@ -135,6 +135,11 @@ impl SupportQueues {
             .queued_at
             .unwrap_or(conversation.last_activity_at)
             .0;
+        if queue.left.len() > 1024 {
+            queue
+                .left
+                .retain(|_, &mut (_, at)| now.0 - at < LEFT_REMEMBERED_MS);
+        }
         match (current, conversation.waits_for_agent()) {
             (Some(at), true) => {
                 let told = queue
@@ -171,12 +176,9 @@ impl SupportQueues {
                 if conversation.metrics.queued_at.is_some() {
                     queue.left.insert(room_id.clone(), (version, now.0));
                 }
+                // The queue did not change: nobody's place moved (and no walk over it).
+                return Vec::new();
             }
-        }
-        if queue.left.len() > 1024 {
-            queue
-                .left
-                .retain(|_, &mut (_, at)| now.0 - at < LEFT_REMEMBERED_MS);
         }
         queue.changed_positions(&room.tenant_id)
     }
@@ -457,6 +459,10 @@ mod tests {
         );
         // The same state again tells nobody anything.
         assert!(queues.sync(&b, &waiting(&b, 20), 2, now).is_empty());
+        // Nor does a change of a conversation that is not in the queue.
+        let other = RoomKey::new("t", "other");
+        let not_queued = Conversation::new(&other, RoomKind::Support, None);
+        assert!(queues.sync(&other, &not_queued, 1, now).is_empty());
         // a is taken: b and c move up.
         assert_eq!(
             positions(&queues.sync(&a, &taken(&a, 10), 2, now)),
