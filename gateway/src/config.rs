@@ -296,6 +296,31 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_ANALYTICS_RETENTION_DAYS", default_value_t = 30)]
     pub analytics_retention_days: u32,
 
+    /// Widget sessions (`POST /api/v1/widget/sessions`) one client address may open a minute.
+    #[arg(long, env = "GATEWAY_WIDGET_SESSIONS_PER_IP_MINUTE", default_value_t = 20)]
+    pub widget_sessions_per_ip_minute: u32,
+
+    /// How long a widget session's customer token lasts, in seconds.
+    #[arg(long, env = "GATEWAY_WIDGET_SESSION_TTL_SECS", default_value_t = 3600)]
+    pub widget_session_ttl_secs: u64,
+
+    /// Where uploaded files are kept (the embedded file store); default `<data-dir>/files`.
+    #[arg(long, env = "GATEWAY_FILES_DIR")]
+    pub files_dir: Option<PathBuf>,
+
+    /// Largest upload, in bytes.
+    #[arg(long, env = "GATEWAY_MAX_FILE_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub max_file_bytes: u64,
+
+    /// Content types an upload may have (comma-separated; `image/*` takes every image type).
+    #[arg(
+        long,
+        env = "GATEWAY_FILE_TYPES",
+        value_delimiter = ',',
+        default_value = "image/*,audio/*,video/*,application/pdf,text/plain,text/csv,application/zip,application/json"
+    )]
+    pub file_types: Vec<String>,
+
     /// Serve an echo WebSocket route at /conformance/echo (for the Autobahn test suite); it goes
     /// through the same connection code and limits. Off by default.
     #[arg(long, env = "GATEWAY_CONFORMANCE_ECHO")]
@@ -317,6 +342,13 @@ impl Config {
         self.analytics_dir
             .clone()
             .unwrap_or_else(|| self.data_dir.join("analytics"))
+    }
+
+    /// The file store's directory in effect.
+    pub fn files_dir(&self) -> PathBuf {
+        self.files_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("files"))
     }
 
     /// The number of shards in effect.

@@ -101,9 +101,10 @@ impl InboxSubscribers {
 }
 
 /// What the team sees of a conversation: everything, with its participants.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct AgentView<'a> {
     #[serde(flatten)]
+    #[schema(inline)]
     pub conversation: &'a Conversation,
     pub participants: &'a [String],
 }
@@ -174,7 +175,7 @@ fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 }
 
 /// A management change to a conversation (`conversation_update`'s `data`, and a reopen).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConversationPatch {
     /// Open (`true`) or close (`false`).

@@ -14,7 +14,7 @@
 //!   and the activity messages cause.
 //! - [`auth`]: JWT verification, claims, access rules, token minting.
 //! - [`server`]: the HTTP front, start-up and graceful shutdown.
-//! - [`api`]: the HTTP API's inbox resources (contacts, inboxes, conversations).
+//! - [`http`]: the HTTP API (`/api/v1`) and its OpenAPI document.
 //! - [`metrics`], [`config`].
 //!
 //! # Example
@@ -32,12 +32,12 @@
 //! ```
 
 pub mod analytics;
-pub mod api;
 pub mod auth;
 pub mod cmd;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod http;
 pub mod inbox;
 pub mod limits;
 pub mod liveness;

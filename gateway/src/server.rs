@@ -15,8 +15,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::{Deserialize, Serialize};
-use storage::{AnyStore, MeteredStore, NewRoom, RoomKind, Store, TimeoutStore, Timestamp};
+use serde::Serialize;
+use storage::{AnyStore, MeteredStore, Store, TimeoutStore};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -53,6 +53,10 @@ pub struct Shared {
     pub dashboards: crate::analytics::Dashboards,
     /// How fast each tenant's joins may create rooms.
     pub room_creations: TenantBudgets,
+    /// How fast each client address may open widget sessions.
+    pub widget_sessions: TenantBudgets,
+    /// Where uploaded files' bytes are kept.
+    pub files: Box<dyn crate::http::files::FileStore>,
     /// Permits for presence broadcasts (each a task collecting members from the shards): at
     /// most `PRESENCE_TASKS` run at once.
     pub presence_tasks: Arc<tokio::sync::Semaphore>,
@@ -210,6 +214,8 @@ impl Gateway {
             metrics.analytics_written.clone(),
             metrics.analytics_dropped.clone(),
         )?;
+        let widget_sessions = TenantBudgets::per_minute(config.widget_sessions_per_ip_minute);
+        let files = Box::new(crate::http::files::LocalFiles::new(config.files_dir()));
         let shared = Arc::new(Shared {
             config,
             store,
@@ -221,6 +227,8 @@ impl Gateway {
             analytics,
             dashboards: Default::default(),
             room_creations,
+            widget_sessions,
+            files,
             presence_tasks: Arc::new(tokio::sync::Semaphore::new(PRESENCE_TASKS)),
             shards,
             verifier,
@@ -362,11 +370,16 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: onesh
 }
 
 async fn serve_http(shared: Arc<Shared>, stream: tokio::net::TcpStream, shard_index: usize) {
+    // Unknown only for a socket that already went away; the API's per-address limits then
+    // count it under the unspecified address.
+    let peer = stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let handshake_timeout = Duration::from_millis(shared.config.handshake_timeout_ms);
     let service_shared = shared.clone();
     let service = service_fn(move |req| {
         let shared = service_shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(route(shared, req, shard_index).await) }
+        async move { Ok::<_, std::convert::Infallible>(route(shared, req, shard_index, peer).await) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -400,27 +413,21 @@ pub(crate) fn json_response(status: StatusCode, body: &impl Serialize) -> Respon
     response
 }
 
-#[derive(Serialize)]
-struct ApiError<'a> {
-    error: &'a str,
-    message: String,
-}
-
+/// An error answer in the API's shape (`{"error": {"code", "message"}}`).
 pub(crate) fn api_error(
     status: StatusCode,
-    error: &str,
+    code: &'static str,
     message: impl Into<String>,
 ) -> Response<Body> {
-    json_response(
-        status,
-        &ApiError {
-            error,
-            message: message.into(),
-        },
-    )
+    crate::http::ApiError::new(status, code, message).response()
 }
 
-async fn route(shared: Arc<Shared>, req: Request<Incoming>, shard_index: usize) -> Response<Body> {
+async fn route(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    shard_index: usize,
+    peer: SocketAddr,
+) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/ws") => websocket(shared, req, shard_index),
         (&Method::GET, "/conformance/echo") if shared.config.conformance_echo => {
@@ -435,7 +442,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>, shard_index: usize) 
             } else {
                 api_error(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "not_ready",
+                    "UNAVAILABLE",
                     "starting or shutting down",
                 )
             }
@@ -448,20 +455,15 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>, shard_index: usize) 
             );
             response
         }
-        (&Method::POST, "/api/rooms") => create_room(shared, req).await,
-        (&Method::POST, "/api/contacts") => crate::api::put_contact(shared, req).await,
-        (&Method::POST, "/api/inboxes") => crate::api::put_inbox(shared, req).await,
-        (&Method::POST, "/api/conversations") => crate::api::open_conversation(shared, req).await,
-        (
-            _,
-            "/ws" | "/healthz" | "/readyz" | "/metrics" | "/api/rooms" | "/api/contacts"
-            | "/api/inboxes" | "/api/conversations",
-        ) => api_error(
+        (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => api_error(
             StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            "METHOD_NOT_ALLOWED",
             "method not allowed",
         ),
-        _ => api_error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        _ => match crate::http::route(shared, req, peer).await {
+            Some(response) => response,
+            None => api_error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route"),
+        },
     }
 }
 
@@ -476,7 +478,7 @@ pub(crate) fn authenticate(
             .handshake_rejects
             .with_label_values(&["unauthorized"])
             .inc();
-        Box::new(api_error(StatusCode::UNAUTHORIZED, "unauthorized", message))
+        Box::new(api_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message))
     };
     let token = token_from_request(req).ok_or_else(|| reject("missing bearer token".into()))?;
     shared
@@ -500,7 +502,7 @@ fn websocket(shared: Arc<Shared>, req: Request<Incoming>, shard_index: usize) ->
                 .inc();
             return api_error(
                 StatusCode::FORBIDDEN,
-                "forbidden_origin",
+                "FORBIDDEN",
                 "origin not allowed",
             );
         }
@@ -522,7 +524,7 @@ fn upgrade(
         shared
             .metrics
             .handshake_rejects
-            .with_label_values(&["bad_request"])
+            .with_label_values(&["BAD_REQUEST"])
             .inc();
         return api_error(
             StatusCode::UPGRADE_REQUIRED,
@@ -545,9 +547,9 @@ fn upgrade(
             shared
                 .metrics
                 .handshake_rejects
-                .with_label_values(&["bad_request"])
+                .with_label_values(&["BAD_REQUEST"])
                 .inc();
-            return api_error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
+            return api_error(StatusCode::BAD_REQUEST, "BAD_REQUEST", e.to_string());
         }
     };
     let handshake_timeout = Duration::from_millis(shared.config.handshake_timeout_ms);
@@ -574,105 +576,4 @@ fn upgrade(
         }
     });
     response.map(|_| Full::new(Bytes::new()))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateRoomBody {
-    room_id: Option<String>,
-    kind: String,
-    title: Option<String>,
-    status: Option<String>,
-    #[serde(default)]
-    participants: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct RoomBody<'a> {
-    room_id: &'a str,
-    tenant_id: &'a str,
-    kind: &'static str,
-    title: &'a str,
-    status: &'a str,
-    participants: &'a [String],
-    created_at: Timestamp,
-    last_seq: u64,
-    created: bool,
-}
-
-/// `POST /api/rooms`: creates a room or conversation of the caller's tenant (team roles only).
-async fn create_room(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
-    let (claims, body) =
-        match crate::api::team_request::<CreateRoomBody>(&shared, req, "rooms").await {
-            Ok(request) => request,
-            Err(response) => return response,
-        };
-    let Some(kind) = RoomKind::parse(&body.kind) else {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "kind must be team, support or prospect",
-        );
-    };
-    let room_id = body
-        .room_id
-        .unwrap_or_else(|| ulid::Ulid::new().to_string());
-    if room_id.is_empty() || room_id.len() > crate::codec::envelope::MAX_ROOM_ID_BYTES {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "room_id must be 1 to 128 bytes",
-        );
-    }
-    if body.participants.len() > 1000
-        || body
-            .participants
-            .iter()
-            .any(|p| p.is_empty() || p.len() > 256)
-    {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "at most 1000 participants of 1 to 256 bytes",
-        );
-    }
-    let new_room = NewRoom {
-        title: body.title.unwrap_or_else(|| room_id.clone()),
-        room_id,
-        tenant_id: claims.tenant.clone(),
-        kind,
-        status: body.status.unwrap_or_else(|| "active".to_owned()),
-        participants: body.participants,
-        created_at: Timestamp::now(),
-    };
-    // Keyed by the caller's tenant: an id used by another tenant is free here.
-    match shared.store.create_room(new_room).await {
-        Ok((room, created)) => json_response(
-            if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            },
-            &RoomBody {
-                room_id: &room.room_id,
-                tenant_id: &room.tenant_id,
-                kind: room.kind.as_str(),
-                title: &room.title,
-                status: &room.status,
-                participants: &room.participants,
-                created_at: room.created_at,
-                last_seq: room.last_seq,
-                created,
-            },
-        ),
-        Err(e) => {
-            // The detail names tables and files: it is for the operator, not the client.
-            tracing::warn!(error = %e, tenant = %claims.tenant, "room creation failed in storage");
-            api_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "storage unavailable, retry later",
-            )
-        }
-    }
 }

@@ -60,8 +60,8 @@ async fn contacts_and_inboxes_are_created_replaced_and_validated() {
     ] {
         let (status, error) = post(&server, "/api/contacts", &admin(), body).await;
         assert_eq!(status, 400, "{error}");
-        assert_eq!(error["error"], "bad_request");
-        let message = error["message"].as_str().unwrap();
+        assert_eq!(error["error"]["code"], "BAD_REQUEST");
+        let message = error["error"]["message"].as_str().unwrap();
         assert!(message.contains(names), "{message}");
     }
     let customer = token("cust", TENANT, Role::Customer);
@@ -69,7 +69,7 @@ async fn contacts_and_inboxes_are_created_replaced_and_validated() {
     assert_eq!(status, 403);
 
     for channel in [
-        json!({"type": "web_widget", "widget_key": "wk", "brand_color": "#1f93ff",
+        json!({"type": "web_widget", "widget_key": "wk-public-1", "brand_color": "#1f93ff",
                "authorized_domains": ["example.com"]}),
         json!({"type": "sms", "phone_number": "+15550101"}),
         json!({"type": "whatsapp", "phone_number": "+15550102"}),
@@ -94,7 +94,7 @@ async fn contacts_and_inboxes_are_created_replaced_and_validated() {
     )
     .await;
     assert_eq!(status, 400, "{error}");
-    assert!(error["message"].as_str().unwrap().contains("channel"));
+    assert!(error["error"]["message"].as_str().unwrap().contains("channel"));
     server.stop().await;
 }
 
@@ -158,7 +158,7 @@ async fn a_second_prospect_conversation_for_a_contact_reopens_the_first() {
 
     let (status, error) = open(&server, json!({"kind": "prospect", "contact_id": "nobody"})).await;
     assert_eq!(status, 404, "{error}");
-    assert_eq!(error["error"], "not_found");
+    assert_eq!(error["error"]["code"], "NOT_FOUND");
     let (status, error) = open(&server, json!({"kind": "support", "inbox_id": "nowhere"})).await;
     assert_eq!(status, 404, "{error}");
     let (status, _) = open(&server, json!({"kind": "team"})).await;
@@ -584,7 +584,7 @@ async fn the_inbox_lists_conversations_by_activity_with_filters_and_unread_count
         &server,
         "/api/inboxes",
         &admin(),
-        json!({"inbox_id": "web", "name": "Web", "channel": {"type": "web_widget", "widget_key": "k"}}),
+        json!({"inbox_id": "web", "name": "Web", "channel": {"type": "web_widget", "widget_key": "web-widget-key"}}),
     )
     .await;
     assert_eq!(status, 201);

@@ -169,7 +169,7 @@ async fn room_creation_that_storage_refuses_is_503_with_a_generic_message() {
     let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     assert_eq!(
         v,
-        json!({"error": "unavailable", "message": "storage unavailable, retry later"})
+        json!({"error": {"code": "UNAVAILABLE", "message": "storage unavailable, retry later"}})
     );
     // What the backend said stays in the server's log.
     assert!(!text.contains("simulated"), "{text}");

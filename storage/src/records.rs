@@ -29,6 +29,8 @@ RecordKind {
     ContactConversation => "contact_conversation",
     Snooze => "snooze",
     QueueEntry => "queue_entry",
+    WidgetKey => "widget_key",
+    File => "file",
 });
 
 /// Where a record is stored: records of one tenant never meet another tenant's.
@@ -220,6 +222,7 @@ where
 
 /// A customer or prospect the team talks to (over the web widget, SMS, email, …).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Contact {
     pub contact_id: String,
     pub name: String,
@@ -233,6 +236,7 @@ pub struct Contact {
     #[serde(default)]
     pub external_ids: BTreeMap<String, String>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub custom_attributes: serde_json::Map<String, serde_json::Value>,
     pub created_at: Timestamp,
 }
@@ -247,6 +251,7 @@ impl RecordBody for Contact {
 /// How an inbox reaches its contacts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Channel {
     WebWidget {
         widget_key: String,
@@ -270,6 +275,7 @@ pub enum Channel {
 
 /// A team inbox: where conversations of one channel arrive.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Inbox {
     pub inbox_id: String,
     pub name: String,
@@ -313,6 +319,7 @@ RatingScore {
 
 /// The latest message of a conversation, as an inbox list shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LastMessage {
     pub seq: u64,
     pub message_id: String,
@@ -325,6 +332,7 @@ pub struct LastMessage {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Rating {
     pub score: RatingScore,
     #[serde(default)]
@@ -334,6 +342,7 @@ pub struct Rating {
 
 /// Counters and milestones of a conversation (its metrics).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConversationMetrics {
     /// Messages by sender type (`customer`, `agent`, …), notes not included.
     #[serde(default)]
@@ -368,6 +377,7 @@ pub struct ConversationMetrics {
 /// A conversation's inbox state; the conversation's messages and participants are its room's
 /// (same tenant and id).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Conversation {
     pub room_id: String,
     /// `support` or `prospect`.
@@ -532,6 +542,48 @@ fn room_record_id(room: &RoomKey) -> String {
         room.tenant_id,
         room.room_id
     )
+}
+
+/// Which inbox a website widget key opens. Keys are one namespace for every tenant (a widget
+/// session starts from the key alone), kept under [`WidgetKey::TENANT`]; the inbox is the
+/// truth: a key whose inbox moved to another key opens nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WidgetKey {
+    pub tenant_id: String,
+    pub inbox_id: String,
+}
+
+impl RecordBody for WidgetKey {
+    const KIND: RecordKind = RecordKind::WidgetKey;
+}
+
+impl WidgetKey {
+    /// The tenant the keys are kept under (no token's tenant holds a control character).
+    pub const TENANT: &'static str = "\u{1}widget-key";
+}
+
+/// An uploaded file: what is known of it (its bytes are in the file store, under the same
+/// tenant and id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FileRecord {
+    pub file_id: String,
+    /// The name it was uploaded with.
+    pub name: String,
+    pub content_type: String,
+    /// Bytes.
+    pub size: u64,
+    /// The conversation it was uploaded for: who may read that conversation may read it.
+    #[serde(default)]
+    pub room_id: Option<String>,
+    pub uploaded_by: String,
+    /// Hex SHA-256 of the bytes.
+    pub sha256: String,
+    pub created_at: Timestamp,
+}
+
+impl RecordBody for FileRecord {
+    const KIND: RecordKind = RecordKind::File;
 }
 
 /// The pointer from a contact to its conversation of one kind.

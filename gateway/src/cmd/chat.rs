@@ -8,12 +8,12 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use storage::{Appended, Direction, MessageType, NewMessage, RoomKey, RoomKind, Timestamp};
 
-use super::{check_sender, content, mark_mine, marks_mine, parse_data, Code, RoomCall};
-use crate::auth::Role;
+use super::{check_sender, content, mark_mine, marks_mine, parse_data, Code, Posted, RoomCall};
+use crate::auth::{may_join, Role};
 use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
 use crate::metrics::OutCode;
 use crate::outbox::FrameClass;
-use crate::shard::{AppendContext, ConnRef, Member, Route, Shard, Slot};
+use crate::shard::{access_error, AppendContext, ConnRef, Member, Route, Shard, Slot};
 
 /// Longest client-chosen `message_id`, in bytes.
 pub const MAX_MESSAGE_ID_BYTES: usize = 64;
@@ -133,6 +133,33 @@ impl Shard {
             message,
             attempts: 0,
         });
+    }
+
+    /// A message posted over the HTTP API: `join`'s access rule instead of a membership, then
+    /// the same path as a member's `chat` or `note`.
+    pub(crate) fn post(&mut self, call: RoomCall, posted: Posted) {
+        let Some(Slot::Ready(state)) = self.rooms.get(&call.room) else {
+            return;
+        };
+        let refusal = access_error(may_join(&call.conn.claims, &state.room)).or_else(|| {
+            let note_by_customer =
+                matches!(posted, Posted::Note(_)) && !call.conn.claims.role.sees_notes();
+            note_by_customer.then(|| {
+                ProtocolError::new(ErrorCode::Forbidden, "only agents and admins write notes")
+            })
+        });
+        if let Some(error) = refusal {
+            let code = match posted {
+                Posted::Chat(_) => Code::Chat,
+                Posted::Note(_) => Code::Note,
+            };
+            self.reply_error(&call.conn, code, &call.room, call.reference.as_deref(), error);
+            return self.maybe_unload(&call.room);
+        }
+        match posted {
+            Posted::Chat(chat) => self.chat(call, chat),
+            Posted::Note(note) => self.note(call, note),
+        }
     }
 
     /// Answers a stored message (a `chat`, or a `note`: `code`) once the store has (after any

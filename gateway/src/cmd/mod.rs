@@ -335,6 +335,15 @@ pub enum RoomAction {
     End(end::End),
     Rate(rate::Rate),
     Escalate(escalate::Escalate),
+    /// A message sent over the HTTP API, by a caller that has not joined the room.
+    Post(Posted),
+}
+
+/// A `chat` or `note` posted without a membership: allowed to whoever may join the room
+/// (`join`'s rule), then stored, answered and fanned out like one from a member.
+pub enum Posted {
+    Chat(chat::Chat),
+    Note(note::Note),
 }
 
 impl RoomAction {
@@ -352,6 +361,8 @@ impl RoomAction {
             RoomAction::End(_) => Code::End,
             RoomAction::Rate(_) => Code::Rate,
             RoomAction::Escalate(_) => Code::Escalate,
+            RoomAction::Post(Posted::Chat(_)) => Code::Chat,
+            RoomAction::Post(Posted::Note(_)) => Code::Note,
         }
     }
 
@@ -380,6 +391,7 @@ impl RoomAction {
                 | RoomAction::End(_)
                 | RoomAction::Rate(_)
                 | RoomAction::Escalate(_)
+                | RoomAction::Post(_)
         )
     }
 
@@ -398,6 +410,7 @@ impl RoomAction {
             RoomAction::End(end) => shard.end(call, end),
             RoomAction::Rate(rate) => shard.rate(call, rate),
             RoomAction::Escalate(escalate) => shard.escalate(call, escalate),
+            RoomAction::Post(posted) => shard.post(call, posted),
         }
     }
 }

@@ -1,0 +1,503 @@
+//! Files: `POST /api/v1/files` uploads one (`multipart/form-data`, a `file` part and an
+//! optional `room_id`), `GET /api/v1/files/{id}` reads it back (ranges included). What is
+//! known of a file is a record of its tenant ([`FileRecord`]); its bytes live in a
+//! [`FileStore`] under the same tenant and id.
+//!
+//! Access: a file uploaded for a conversation is readable by whoever may read that
+//! conversation (`join`'s rule, so a customer only its own); one uploaded without a room by the
+//! team and its uploader. Another tenant's file does not exist (`404`).
+
+use std::io::SeekFrom;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http_body_util::BodyStream;
+use hyper::body::Incoming;
+use hyper::header::{
+    HeaderValue, ACCEPT_RANGES, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_RANGE,
+    CONTENT_TYPE, ETAG, RANGE,
+};
+use hyper::{Method, Request, Response, StatusCode};
+use sha2::{Digest, Sha256};
+use storage::records::{self, FileRecord, Versioned};
+use storage::{RoomKey, Store, Timestamp};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use utoipa::ToSchema;
+
+use super::{caller, reply, ApiError, ApiResult, ErrorBody, TEAM};
+use crate::auth::{may_join, Access, Claims, Role};
+use crate::server::{Body, Shared};
+
+/// Longest file name kept, in bytes.
+const MAX_NAME_BYTES: usize = 255;
+/// Room for the form's other fields and part headers beyond the file itself.
+const FORM_OVERHEAD: u64 = 64 * 1024;
+
+/// Where files' bytes are kept. The embedded default is a directory ([`LocalFiles`]).
+pub trait FileStore: Send + Sync {
+    /// Stores a file's bytes (all or nothing: a failed write leaves no file behind).
+    fn put<'a>(
+        &'a self,
+        tenant: &'a str,
+        file_id: &'a str,
+        bytes: Bytes,
+    ) -> futures_util::future::BoxFuture<'a, std::io::Result<()>>;
+
+    /// Reads `len` bytes of a file from `offset`.
+    fn read<'a>(
+        &'a self,
+        tenant: &'a str,
+        file_id: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> futures_util::future::BoxFuture<'a, std::io::Result<Bytes>>;
+}
+
+/// Files in a directory: `<dir>/<tenant digest>/<file id>`, written to a temporary name and
+/// renamed into place.
+pub struct LocalFiles {
+    dir: PathBuf,
+}
+
+impl LocalFiles {
+    pub fn new(dir: PathBuf) -> LocalFiles {
+        LocalFiles { dir }
+    }
+
+    /// A tenant's folder: named by a digest, as tenant names may hold any character.
+    fn path(&self, tenant: &str, file_id: &str) -> PathBuf {
+        let digest = Sha256::digest(tenant.as_bytes());
+        let folder: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        self.dir.join(folder).join(file_id)
+    }
+}
+
+impl FileStore for LocalFiles {
+    fn put<'a>(
+        &'a self,
+        tenant: &'a str,
+        file_id: &'a str,
+        bytes: Bytes,
+    ) -> futures_util::future::BoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move {
+            let path = self.path(tenant, file_id);
+            if let Some(folder) = path.parent() {
+                tokio::fs::create_dir_all(folder).await?;
+            }
+            let partial = path.with_extension("partial");
+            let mut file = tokio::fs::File::create(&partial).await?;
+            let written = async {
+                file.write_all(&bytes).await?;
+                file.sync_all().await
+            }
+            .await;
+            if let Err(e) = written {
+                let _ = tokio::fs::remove_file(&partial).await;
+                return Err(e);
+            }
+            tokio::fs::rename(&partial, &path).await
+        })
+    }
+
+    fn read<'a>(
+        &'a self,
+        tenant: &'a str,
+        file_id: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> futures_util::future::BoxFuture<'a, std::io::Result<Bytes>> {
+        Box::pin(async move {
+            let mut file = tokio::fs::File::open(self.path(tenant, file_id)).await?;
+            file.seek(SeekFrom::Start(offset)).await?;
+            let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+            file.take(len).read_to_end(&mut bytes).await?;
+            Ok(Bytes::from(bytes))
+        })
+    }
+}
+
+/// The upload form (`multipart/form-data`).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct UploadForm {
+    /// The file; its part's `Content-Type` is the file's.
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+    /// The conversation it is for (required of customers: their own).
+    room_id: Option<String>,
+}
+
+fn too_large(max: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "TOO_LARGE",
+        format!("files are at most {max} bytes"),
+    )
+}
+
+/// Whether `content_type` is one of `allowed` (`image/*` takes every image type).
+fn type_allowed(content_type: &str, allowed: &[String]) -> bool {
+    let content_type = content_type.to_ascii_lowercase();
+    allowed.iter().any(|a| {
+        let a = a.trim().to_ascii_lowercase();
+        match a.strip_suffix("/*") {
+            Some(family) => content_type
+                .split_once('/')
+                .is_some_and(|(f, sub)| f == family && !sub.is_empty()),
+            None => a == content_type,
+        }
+    })
+}
+
+/// Uploads a file; its id goes into a message's `attached_files`.
+#[utoipa::path(post, path = "/api/v1/files", tag = "files",
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 201, body = FileRecord),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 413, description = "Over the size limit", body = ErrorBody),
+        (status = 415, description = "Not an allowed content type", body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ))]
+pub(crate) async fn upload(shared: Arc<Shared>, req: Request<Incoming>) -> ApiResult {
+    let claims = caller(&shared, &req)?;
+    let config = &shared.config;
+    let max = config.max_file_bytes;
+    let boundary = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| multer::parse_boundary(v).ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UNSUPPORTED_MEDIA_TYPE",
+                "the body must be multipart/form-data",
+            )
+        })?;
+    if let Some(length) = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if length > max + FORM_OVERHEAD {
+            return Err(too_large(max));
+        }
+    }
+    let stream = BodyStream::new(req.into_body())
+        .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) });
+    let constraints = multer::Constraints::new().size_limit(
+        multer::SizeLimit::new()
+            .whole_stream(max + FORM_OVERHEAD)
+            .per_field(max),
+    );
+    let mut form = multer::Multipart::with_constraints(stream, boundary, constraints);
+    let form_error = |e: multer::Error| match e {
+        multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => {
+            too_large(max)
+        }
+        e => ApiError::bad_request(format!("invalid form: {e}")),
+    };
+    let mut file: Option<(String, String, Bytes)> = None;
+    let mut room_id: Option<String> = None;
+    while let Some(field) = form.next_field().await.map_err(form_error)? {
+        match field.name() {
+            Some("file") if file.is_none() => {
+                let name = field.file_name().unwrap_or("file").to_owned();
+                let content_type = field
+                    .content_type()
+                    .map(|m| m.essence_str().to_owned())
+                    .unwrap_or_else(|| "application/octet-stream".to_owned());
+                if !type_allowed(&content_type, &config.file_types) {
+                    return Err(ApiError::new(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "UNSUPPORTED_MEDIA_TYPE",
+                        format!("{content_type} files are not accepted"),
+                    ));
+                }
+                let bytes = field.bytes().await.map_err(form_error)?;
+                if bytes.len() as u64 > max {
+                    return Err(too_large(max));
+                }
+                file = Some((name, content_type, bytes));
+            }
+            Some("room_id") if room_id.is_none() => {
+                room_id = Some(field.text().await.map_err(form_error)?);
+            }
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "unexpected form field {other:?} (or given twice)"
+                )))
+            }
+            None => return Err(ApiError::bad_request("a form part has no name")),
+        }
+    }
+    let (name, content_type, bytes) =
+        file.ok_or_else(|| ApiError::bad_request("the form has no file part"))?;
+    let tenant = claims.tenant.as_str();
+    match &room_id {
+        Some(room_id) => check_room(&shared, &claims, room_id).await?,
+        None if claims.role == Role::Customer => {
+            return Err(ApiError::bad_request(
+                "room_id: a customer uploads into its conversation",
+            ))
+        }
+        None => {}
+    }
+    let mut name: String = name.chars().filter(|c| !c.is_control()).collect();
+    while name.len() > MAX_NAME_BYTES {
+        name.pop();
+    }
+    let file_id = ulid::Ulid::new().to_string();
+    let record = FileRecord {
+        file_id: file_id.clone(),
+        name,
+        content_type,
+        size: bytes.len() as u64,
+        room_id,
+        uploaded_by: claims.sub.clone(),
+        sha256: Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        created_at: Timestamp::now(),
+    };
+    shared.files.put(tenant, &file_id, bytes).await.map_err(|e| {
+        tracing::warn!(error = %e, tenant, "writing an uploaded file failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "file storage unavailable, retry later",
+        )
+    })?;
+    let saved = records::save(
+        &shared.store,
+        tenant,
+        &file_id,
+        Versioned {
+            value: record,
+            version: 0,
+        },
+    )
+    .await
+    .map_err(|e| ApiError::storage(&e, tenant, "saving a file record"))?;
+    reply(StatusCode::CREATED, &saved.value)
+}
+
+/// `404` unless the caller may read room `room_id` of its tenant.
+async fn check_room(shared: &Shared, claims: &Claims, room_id: &str) -> Result<(), ApiError> {
+    let room = shared
+        .store
+        .room(&RoomKey::new(&claims.tenant, room_id))
+        .await
+        .map_err(|e| ApiError::storage(&e, &claims.tenant, "reading a room"))?;
+    match room.map(|room| may_join(claims, &room)) {
+        Some(Access::Allowed) => Ok(()),
+        _ => Err(ApiError::not_found("no such room")),
+    }
+}
+
+/// A single byte range of a file of `size` bytes (`bytes=a-b`, `bytes=a-`, `bytes=-n`), as
+/// `(offset, len)`; `Ok(None)` for a header this answer ignores (several ranges: the whole
+/// file is answered); `Err` when it cannot be satisfied.
+fn byte_range(header: &str, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let (start, end) = spec.split_once('-').ok_or(())?;
+    let (start, end) = (start.trim(), end.trim());
+    let (offset, last) = if start.is_empty() {
+        let suffix: u64 = end.parse().map_err(|_| ())?;
+        if suffix == 0 || size == 0 {
+            return Err(());
+        }
+        (size.saturating_sub(suffix), size - 1)
+    } else {
+        let start: u64 = start.parse().map_err(|_| ())?;
+        let end: u64 = if end.is_empty() {
+            size.saturating_sub(1)
+        } else {
+            end.parse::<u64>().map_err(|_| ())?.min(size.saturating_sub(1))
+        };
+        if start >= size || end < start {
+            return Err(());
+        }
+        (start, end)
+    };
+    Ok(Some((offset, last - offset + 1)))
+}
+
+/// Reads a file: the tenant and conversation access check, ranges (`206`), its type and name.
+#[utoipa::path(get, path = "/api/v1/files/{file_id}", tag = "files",
+    params(("file_id" = String, Path),
+        ("Range" = Option<String>, Header, description = "One byte range: `bytes=0-99`")),
+    responses(
+        (status = 200, description = "The file", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "The range asked for", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 416, description = "The range is outside the file", body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ))]
+pub(crate) async fn download(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    file_id: &str,
+) -> ApiResult {
+    let claims = caller(&shared, &req)?;
+    let tenant = claims.tenant.as_str();
+    let file = records::load::<FileRecord, _>(&shared.store, tenant, file_id)
+        .await
+        .map_err(|e| ApiError::storage(&e, tenant, "reading a file record"))?
+        .ok_or_else(|| ApiError::not_found("no such file"))?
+        .value;
+    match &file.room_id {
+        Some(room_id) => check_room(&shared, &claims, room_id)
+            .await
+            .map_err(|_| ApiError::not_found("no such file"))?,
+        None if TEAM.contains(&claims.role) || claims.sub == file.uploaded_by => {}
+        None => return Err(ApiError::not_found("no such file")),
+    }
+    let range = req
+        .headers()
+        .get(RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| byte_range(v, file.size));
+    let (status, offset, len) = match range {
+        None | Some(Ok(None)) => (StatusCode::OK, 0, file.size),
+        Some(Ok(Some((offset, len)))) => (StatusCode::PARTIAL_CONTENT, offset, len),
+        Some(Err(())) => {
+            let mut response = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "RANGE_NOT_SATISFIABLE",
+                format!("the file has {} bytes", file.size),
+            )
+            .response();
+            if let Ok(value) = HeaderValue::from_str(&format!("bytes */{}", file.size)) {
+                response.headers_mut().insert(CONTENT_RANGE, value);
+            }
+            return Ok(response);
+        }
+    };
+    let bytes = if req.method() == Method::HEAD {
+        Bytes::new()
+    } else {
+        shared
+            .files
+            .read(tenant, &file.file_id, offset, len)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, tenant, "reading a stored file failed");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UNAVAILABLE",
+                    "file storage unavailable, retry later",
+                )
+            })?
+    };
+    let mut response = Response::new(Body::from(bytes));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    let header = |text: String| HeaderValue::from_str(&text).ok();
+    if let Some(value) = header(file.content_type.clone()) {
+        headers.insert(CONTENT_TYPE, value);
+    }
+    if let Some(value) = header(content_disposition(&file)) {
+        headers.insert(CONTENT_DISPOSITION, value);
+    }
+    if let Some(value) = header(format!("\"{}\"", file.sha256)) {
+        headers.insert(ETAG, value);
+    }
+    if status == StatusCode::PARTIAL_CONTENT {
+        let last = offset + len - 1;
+        if let Some(value) = header(format!("bytes {offset}-{last}/{}", file.size)) {
+            headers.insert(CONTENT_RANGE, value);
+        }
+    }
+    if req.method() == Method::HEAD {
+        if let Some(value) = header(len.to_string()) {
+            headers.insert(CONTENT_LENGTH, value);
+        }
+    }
+    headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    // Uploaded bytes are never run as a page of this origin.
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        "content-security-policy",
+        HeaderValue::from_static("sandbox"),
+    );
+    Ok(response)
+}
+
+/// Shown in the browser for media and PDFs, saved otherwise (an SVG can carry script);
+/// the name in ASCII and, per RFC 6266, in UTF-8.
+fn content_disposition(file: &FileRecord) -> String {
+    let inline = ["image/", "audio/", "video/"]
+        .iter()
+        .any(|family| file.content_type.starts_with(family))
+        && file.content_type != "image/svg+xml"
+        || file.content_type == "application/pdf";
+    let kind = if inline { "inline" } else { "attachment" };
+    let ascii: String = file
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let encoded: String = file
+        .name
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    format!("{kind}; filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_follow_rfc_9110() {
+        assert_eq!(byte_range("bytes=0-99", 1000), Ok(Some((0, 100))));
+        assert_eq!(byte_range("bytes=990-", 1000), Ok(Some((990, 10))));
+        assert_eq!(byte_range("bytes=-10", 1000), Ok(Some((990, 10))));
+        assert_eq!(byte_range("bytes=900-5000", 1000), Ok(Some((900, 100))));
+        assert_eq!(byte_range("bytes=0-1,5-6", 1000), Ok(None));
+        assert_eq!(byte_range("items=0-1", 1000), Ok(None));
+        assert_eq!(byte_range("bytes=1000-", 1000), Err(()));
+        assert_eq!(byte_range("bytes=5-1", 1000), Err(()));
+        assert_eq!(byte_range("bytes=-0", 1000), Err(()));
+        assert_eq!(byte_range("bytes=x-1", 1000), Err(()));
+    }
+
+    #[test]
+    fn content_types_match_exactly_or_by_family() {
+        let allowed = vec!["image/*".to_owned(), "application/pdf".to_owned()];
+        assert!(type_allowed("image/png", &allowed));
+        assert!(type_allowed("IMAGE/PNG", &allowed));
+        assert!(type_allowed("application/pdf", &allowed));
+        assert!(!type_allowed("application/pdfx", &allowed));
+        assert!(!type_allowed("text/html", &allowed));
+        assert!(!type_allowed("image/", &allowed));
+    }
+}
