@@ -297,7 +297,11 @@ pub struct Config {
     pub analytics_retention_days: u32,
 
     /// Widget sessions (`POST /api/v1/widget/sessions`) one client address may open a minute.
-    #[arg(long, env = "GATEWAY_WIDGET_SESSIONS_PER_IP_MINUTE", default_value_t = 20)]
+    #[arg(
+        long,
+        env = "GATEWAY_WIDGET_SESSIONS_PER_IP_MINUTE",
+        default_value_t = 20
+    )]
     pub widget_sessions_per_ip_minute: u32,
 
     /// How long a widget session's customer token lasts, in seconds.

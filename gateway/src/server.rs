@@ -500,11 +500,7 @@ fn websocket(shared: Arc<Shared>, req: Request<Incoming>, shard_index: usize) ->
                 .handshake_rejects
                 .with_label_values(&["forbidden_origin"])
                 .inc();
-            return api_error(
-                StatusCode::FORBIDDEN,
-                "FORBIDDEN",
-                "origin not allowed",
-            );
+            return api_error(StatusCode::FORBIDDEN, "FORBIDDEN", "origin not allowed");
         }
     }
     let claims = match authenticate(&shared, &req) {

@@ -94,7 +94,10 @@ async fn contacts_and_inboxes_are_created_replaced_and_validated() {
     )
     .await;
     assert_eq!(status, 400, "{error}");
-    assert!(error["error"]["message"].as_str().unwrap().contains("channel"));
+    assert!(error["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("channel"));
     server.stop().await;
 }
 

@@ -153,7 +153,13 @@ impl Shard {
                 Posted::Chat(_) => Code::Chat,
                 Posted::Note(_) => Code::Note,
             };
-            self.reply_error(&call.conn, code, &call.room, call.reference.as_deref(), error);
+            self.reply_error(
+                &call.conn,
+                code,
+                &call.room,
+                call.reference.as_deref(),
+                error,
+            );
             return self.maybe_unload(&call.room);
         }
         match posted {

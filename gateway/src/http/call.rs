@@ -109,10 +109,12 @@ async fn reply(shared: &Shared, outbox: &Outbox) -> Result<Data, ProtocolError> 
     let wait = Duration::from_millis(shared.config.store_timeout_ms) + REPLY_SLACK;
     let taken = tokio::time::timeout(
         wait,
-        std::future::poll_fn(|cx| match outbox.poll_take(cx, &mut frames, Written::default()) {
-            Poll::Ready(_) => Poll::Ready(()),
-            Poll::Pending => Poll::Pending,
-        }),
+        std::future::poll_fn(
+            |cx| match outbox.poll_take(cx, &mut frames, Written::default()) {
+                Poll::Ready(_) => Poll::Ready(()),
+                Poll::Pending => Poll::Pending,
+            },
+        ),
     )
     .await;
     let timed_out = || ProtocolError::new(ErrorCode::Unavailable, "no answer in time, retry later");
@@ -123,7 +125,9 @@ async fn reply(shared: &Shared, outbox: &Outbox) -> Result<Data, ProtocolError> 
 
 fn parse(frame: &Bytes) -> Result<Data, ProtocolError> {
     let malformed = || ProtocolError::new(ErrorCode::Unavailable, "malformed internal reply");
-    let frame: Frame<'_> = serde_json::from_slice(frame).map_err(|_| malformed())?;
+    // A reply is a whole WebSocket frame, as a socket's would be.
+    let payload = crate::codec::ws::payload_of(frame);
+    let frame: Frame<'_> = serde_json::from_slice(payload).map_err(|_| malformed())?;
     if frame.status == "success" {
         return Ok(frame.data.to_owned());
     }

@@ -59,7 +59,11 @@ impl Query {
         self.0.get(name).map(String::as_str)
     }
 
-    fn number(&self, name: &str, range: std::ops::RangeInclusive<u64>) -> Result<Option<u64>, ApiError> {
+    fn number(
+        &self,
+        name: &str,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<Option<u64>, ApiError> {
         let Some(text) = self.text(name) else {
             return Ok(None);
         };
@@ -87,13 +91,20 @@ async fn room_call(
 }
 
 /// A code's `data` built from JSON, parsed by the code itself.
-fn parse_command(code: Code, data: &serde_json::Value, claims: &Claims) -> Result<Command, ApiError> {
+fn parse_command(
+    code: Code,
+    data: &serde_json::Value,
+    claims: &Claims,
+) -> Result<Command, ApiError> {
     let raw = serde_json::value::to_raw_value(data)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
     Command::parse(code, &raw, &claims.sub).map_err(|e| {
         // The code names its fields `data.x`; over HTTP they are the body's.
         ApiError::from(ProtocolError {
-            message: e.message.replace("data.", "body.").replace("invalid data", "invalid body"),
+            message: e
+                .message
+                .replace("data.", "body.")
+                .replace("invalid data", "invalid body"),
             ..e
         })
     })
@@ -127,7 +138,10 @@ pub(crate) struct ListParams {
     ))]
 pub(crate) async fn list(shared: Arc<Shared>, req: Request<Incoming>) -> ApiResult {
     let claims = caller(&shared, &req)?;
-    let query = Query::of(&req, &["filter", "sort", "inbox_id", "label", "limit", "next"])?;
+    let query = Query::of(
+        &req,
+        &["filter", "sort", "inbox_id", "label", "limit", "next"],
+    )?;
     let mut data = serde_json::Map::new();
     for name in ["filter", "sort", "inbox_id", "label", "next"] {
         if let Some(value) = query.text(name) {
@@ -333,7 +347,14 @@ pub(crate) async fn send(shared: Arc<Shared>, req: Request<Incoming>, room_id: &
     let claims = caller(&shared, &req)?;
     let body: SendMessage = json_body(req).await?;
     let posted = body.posted(&claims)?;
-    room_call(&shared, claims, room_id, RoomAction::Post(posted), StatusCode::CREATED).await
+    room_call(
+        &shared,
+        claims,
+        room_id,
+        RoomAction::Post(posted),
+        StatusCode::CREATED,
+    )
+    .await
 }
 
 /// One message for many rooms.

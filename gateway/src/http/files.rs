@@ -16,8 +16,8 @@ use futures_util::TryStreamExt;
 use http_body_util::BodyStream;
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderValue, ACCEPT_RANGES, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_RANGE,
-    CONTENT_TYPE, ETAG, RANGE,
+    HeaderValue, ACCEPT_RANGES, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE,
+    ETAG, RANGE,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
@@ -266,14 +266,18 @@ pub(crate) async fn upload(shared: Arc<Shared>, req: Request<Incoming>) -> ApiRe
             .collect(),
         created_at: Timestamp::now(),
     };
-    shared.files.put(tenant, &file_id, bytes).await.map_err(|e| {
-        tracing::warn!(error = %e, tenant, "writing an uploaded file failed");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UNAVAILABLE",
-            "file storage unavailable, retry later",
-        )
-    })?;
+    shared
+        .files
+        .put(tenant, &file_id, bytes)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, tenant, "writing an uploaded file failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                "file storage unavailable, retry later",
+            )
+        })?;
     let saved = records::save(
         &shared.store,
         tenant,
@@ -324,7 +328,9 @@ fn byte_range(header: &str, size: u64) -> Result<Option<(u64, u64)>, ()> {
         let end: u64 = if end.is_empty() {
             size.saturating_sub(1)
         } else {
-            end.parse::<u64>().map_err(|_| ())?.min(size.saturating_sub(1))
+            end.parse::<u64>()
+                .map_err(|_| ())?
+                .min(size.saturating_sub(1))
         };
         if start >= size || end < start {
             return Err(());

@@ -148,10 +148,10 @@ impl From<ProtocolError> for ApiError {
 
 /// The caller's verified claims; `401` without a valid bearer token.
 pub(crate) fn caller(shared: &Shared, req: &Request<Incoming>) -> Result<Arc<Claims>, ApiError> {
-    let unauthorized = |message: String| {
-        ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message)
-    };
-    let token = token_from_request(req).ok_or_else(|| unauthorized("missing bearer token".into()))?;
+    let unauthorized =
+        |message: String| ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message);
+    let token =
+        token_from_request(req).ok_or_else(|| unauthorized("missing bearer token".into()))?;
     shared
         .verifier
         .verify(&token)
@@ -314,7 +314,11 @@ pub(crate) async fn route(
 fn allowed(segments: &[&str]) -> Option<&'static str> {
     Some(match segments {
         ["openapi.json"] | ["docs"] => "GET",
-        ["widget", "sessions"] | ["rooms"] | ["contacts"] | ["inboxes"] | ["broadcast"]
+        ["widget", "sessions"]
+        | ["rooms"]
+        | ["contacts"]
+        | ["inboxes"]
+        | ["broadcast"]
         | ["files"] => "POST",
         ["contacts", _] | ["inboxes", _] => "GET",
         ["conversations"] | ["conversations", _, "messages"] => "GET, POST",

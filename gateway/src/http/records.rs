@@ -255,10 +255,7 @@ pub(crate) async fn put_contact(shared: Arc<Shared>, req: Request<Incoming>) -> 
 async fn read<T: RecordBody>(shared: &Shared, claims: &Claims, id: &str) -> Result<T, ApiError> {
     match records::load::<T, _>(&shared.store, &claims.tenant, id).await {
         Ok(Some(found)) => Ok(found.value),
-        Ok(None) => Err(ApiError::not_found(format!(
-            "no such {}",
-            T::KIND.as_str()
-        ))),
+        Ok(None) => Err(ApiError::not_found(format!("no such {}", T::KIND.as_str()))),
         Err(e) => Err(ApiError::storage(&e, &claims.tenant, "reading a record")),
     }
 }
@@ -271,7 +268,11 @@ async fn read<T: RecordBody>(shared: &Shared, claims: &Claims, id: &str) -> Resu
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 503, body = ErrorBody),
     ))]
-pub(crate) async fn get_contact(shared: Arc<Shared>, req: Request<Incoming>, id: &str) -> ApiResult {
+pub(crate) async fn get_contact(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    id: &str,
+) -> ApiResult {
     let claims = caller(&shared, &req)?;
     require(&claims, TEAM, "read contacts")?;
     let contact: Contact = read(&shared, &claims, id).await?;
@@ -350,7 +351,10 @@ async fn claim_widget_key(
             .map_err(|e| ApiError::storage(&e, tenant, "reading a widget key"))?;
         let version = current.as_ref().map_or(0, |c| c.version);
         if let Some(current) = &current {
-            let holder = (current.value.tenant_id.clone(), current.value.inbox_id.clone());
+            let holder = (
+                current.value.tenant_id.clone(),
+                current.value.inbox_id.clone(),
+            );
             let mine = holder.0 == tenant && holder.1 == inbox_id;
             if !mine && holder_checked.as_ref() != Some(&holder) {
                 // Held by another inbox: taken while that inbox still uses it.
@@ -523,7 +527,13 @@ pub(crate) async fn open(
             ))
         }
         Ok(_) => {}
-        Err(e) => return Err(ApiError::storage(&e, tenant, "creating a conversation's room")),
+        Err(e) => {
+            return Err(ApiError::storage(
+                &e,
+                tenant,
+                "creating a conversation's room",
+            ))
+        }
     }
     let first = Versioned {
         value: conversation,
@@ -560,9 +570,7 @@ pub(crate) async fn open(
                     other => other,
                 };
                 match result {
-                    Ok(Some(existing)) => {
-                        (existing, false, opening.when_open == WhenOpen::Reopen)
-                    }
+                    Ok(Some(existing)) => (existing, false, opening.when_open == WhenOpen::Reopen),
                     Ok(None) => {
                         let moved = storage::Error::NotApplied("the conversation moved".into());
                         return Err(ApiError::storage(&moved, tenant, "opening a conversation"));
@@ -577,7 +585,14 @@ pub(crate) async fn open(
         Ok(None) | Err(_) => Vec::new(),
     };
     if created || reopened {
-        announce(shared, claims, room, &conversation, opening.participants, created);
+        announce(
+            shared,
+            claims,
+            room,
+            &conversation,
+            opening.participants,
+            created,
+        );
     }
     Ok(Opened {
         conversation,

@@ -87,8 +87,15 @@ pub(crate) async fn open_session(
         .and_then(|o| o.to_str().ok())
         .map(str::to_owned);
     let body: SessionBody = json_body(req).await?;
-    for (field, value) in [("name", &body.name), ("email", &body.email), ("phone", &body.phone)] {
-        if value.as_ref().is_some_and(|v| v.is_empty() || v.len() > MAX_DETAIL_BYTES) {
+    for (field, value) in [
+        ("name", &body.name),
+        ("email", &body.email),
+        ("phone", &body.phone),
+    ] {
+        if value
+            .as_ref()
+            .is_some_and(|v| v.is_empty() || v.len() > MAX_DETAIL_BYTES)
+        {
             return Err(ApiError::bad_request(format!(
                 "{field} must be 1 to 256 bytes"
             )));
@@ -191,7 +198,11 @@ pub(crate) async fn open_session(
 }
 
 fn unknown_key() -> ApiError {
-    ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "unknown widget key")
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "UNAUTHORIZED",
+        "unknown widget key",
+    )
 }
 
 fn valid_device_id(id: &str) -> bool {
@@ -227,13 +238,15 @@ async fn widget_inbox(shared: &Shared, widget_key: &str) -> Result<(String, Inbo
 /// (`https://shop.example.com`).
 fn origin_allowed(origin: &str, domains: &[String]) -> bool {
     let host_port = origin.split_once("://").map_or(origin, |(_, rest)| rest);
-    let host = host_port.rsplit_once(':').map_or(host_port, |(host, port)| {
-        if port.bytes().all(|b| b.is_ascii_digit()) {
-            host
-        } else {
-            host_port
-        }
-    });
+    let host = host_port
+        .rsplit_once(':')
+        .map_or(host_port, |(host, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                host
+            } else {
+                host_port
+            }
+        });
     let host = host.to_ascii_lowercase();
     domains.iter().any(|domain| {
         let domain = domain.trim().to_ascii_lowercase();
@@ -265,7 +278,10 @@ mod tests {
         assert!(!origin_allowed("http://localhost:4000", &domains));
         assert!(!origin_allowed("https://acme.io", &domains));
         assert!(!origin_allowed("https://evilshop.example.com", &domains));
-        assert!(!origin_allowed("https://shop.example.com.evil.net", &domains));
+        assert!(!origin_allowed(
+            "https://shop.example.com.evil.net",
+            &domains
+        ));
         assert!(!origin_allowed("null", &domains));
     }
 
