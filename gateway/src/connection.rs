@@ -370,7 +370,7 @@ impl Session {
 
     /// Checks and parses one text message. Whatever the connection can answer itself is
     /// answered here; a room request comes back with the index of the shard that owns the room.
-    fn on_text(&mut self, payload: &[u8], received: Instant) -> Option<(usize, ShardCommand)> {
+    fn on_text(&mut self, payload: &[u8], received: Instant) -> Option<Dispatch> {
         // The token is taken before anything else, so malformed frames and unknown codes cost
         // a client its budget like valid ones.
         let allowed = self.requests.take(received);
@@ -536,14 +536,50 @@ impl Session {
             }
             _ => {}
         }
-        let request = RoomRequest {
-            conn: self.conn.clone(),
-            room,
-            reference: reference_owned,
-            received,
-            action,
-        };
-        Some((shard_index, ShardCommand::Room(request)))
+        let file_ids = action.file_ids();
+        if file_ids.is_empty() {
+            let request = RoomRequest {
+                conn: self.conn.clone(),
+                room,
+                reference: reference_owned,
+                received,
+                action,
+            };
+            return Some(Dispatch::Now(shard_index, ShardCommand::Room(request)));
+        }
+        // A message attaching uploaded files goes to its room once they are found to exist;
+        // this connection reads nothing more until then, so its requests keep their order.
+        let (shared, conn) = (self.shared.clone(), self.conn.clone());
+        Some(Dispatch::Later(Box::pin(async move {
+            let checked = crate::http::files::check_attachments(&shared, &room, &file_ids).await;
+            match checked {
+                Ok(()) => {
+                    let request = RoomRequest {
+                        conn,
+                        room,
+                        reference: reference_owned,
+                        received,
+                        action,
+                    };
+                    let _ = shared.shards[shard_index]
+                        .commands
+                        .send(ShardCommand::Room(request))
+                        .await;
+                }
+                Err(error) => {
+                    shared.metrics.error(error.code);
+                    shared.metrics.frames_out(OutCode::Response(code), 1);
+                    let frame = FrameBuilder::error(
+                        code.response(),
+                        Some(&conn.claims.sub),
+                        Some(&room.room_id),
+                        reference_owned.as_deref(),
+                        &error,
+                    );
+                    conn.outbox.push(frame, FrameClass::Durable);
+                }
+            }
+        })))
     }
 
     async fn on_close(self) {
@@ -601,8 +637,18 @@ fn send_to_shard(shared: &Arc<Shared>, shard: usize, command: ShardCommand) -> O
     }
 }
 
-/// A send to a busy shard's queue, waiting for room.
+/// A send to a busy shard's queue, waiting for room (or a request's check before its send).
 type ShardSend = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Where a request read from the socket goes.
+// `Now` is nearly every request: boxing it would cost an allocation per frame.
+#[allow(clippy::large_enum_variant)]
+enum Dispatch {
+    /// To this shard's queue now.
+    Now(usize, ShardCommand),
+    /// Once this future, which sends it or answers it, has run.
+    Later(ShardSend),
+}
 
 /// What handling the input already read left to do.
 enum Handled {
@@ -889,9 +935,13 @@ impl Connection {
         }
         match self.reader.next_frame() {
             Ok(Some((head, payload))) => {
-                let send = self
-                    .on_frame(head, payload)
-                    .and_then(|(shard, command)| send_to_shard(&self.shared, shard, command));
+                let send = match self.on_frame(head, payload) {
+                    Some(Dispatch::Now(shard, command)) => {
+                        send_to_shard(&self.shared, shard, command)
+                    }
+                    Some(Dispatch::Later(send)) => Some(send),
+                    None => None,
+                };
                 Handled::Frame(send)
             }
             Ok(None) => Handled::NeedBytes,
@@ -904,7 +954,7 @@ impl Connection {
     }
 
     /// Handles one client frame; a room request comes back for the caller to hand to its shard.
-    fn on_frame(&mut self, head: ws::ClientHead, payload: Bytes) -> Option<(usize, ShardCommand)> {
+    fn on_frame(&mut self, head: ws::ClientHead, payload: Bytes) -> Option<Dispatch> {
         let (opcode, message) = match head.opcode {
             OpCode::Close => {
                 match ws::check_close_payload(&payload) {

@@ -361,21 +361,74 @@ async fn chat_with_attached_files_may_have_an_empty_message() {
     let server = TestServer::start().await;
     let mut a = agent(&server, "alice").await;
     a.join("files").await;
+    let bearer = token("alice", "acme", Role::Agent);
+    let pdf = upload_file(&server, &bearer, "b.pdf", "application/pdf", None).await;
     let v = a
         .request(
             "chat",
             Some("files"),
             json!({"message": "", "sender": "alice", "type": "image",
-                   "attached_files": ["https://cdn.example/a.png", "b.pdf"]}),
+                   "attached_files": ["https://cdn.example/a.png", pdf]}),
         )
         .await;
     assert_eq!(v["status"], "success", "{v}");
     assert_eq!(v["data"]["message"], "");
     assert_eq!(
         v["data"]["attached_files"],
-        json!(["https://cdn.example/a.png", "b.pdf"])
+        json!(["https://cdn.example/a.png", pdf])
     );
     assert_eq!(v["data"]["type"], "image");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_attached_file_id_must_name_an_uploaded_file_of_the_tenant_and_room() {
+    let server = TestServer::start().await;
+    support_room(&server, "att-1", "cust-1").await;
+    support_room(&server, "att-2", "cust-2").await;
+    let mut a = agent(&server, "alice").await;
+    a.join("att-1").await;
+    let bearer = token("alice", "acme", Role::Agent);
+    let here = upload_file(&server, &bearer, "a.png", "image/png", Some("att-1")).await;
+    let there = upload_file(&server, &bearer, "b.png", "image/png", Some("att-2")).await;
+    let globex = upload_file(
+        &server,
+        &token("g", "globex", Role::Agent),
+        "c.png",
+        "image/png",
+        None,
+    )
+    .await;
+    for unknown in ["file_789", there.as_str(), globex.as_str()] {
+        let data = json!({"message": "look", "sender": "alice", "attached_files": [here, unknown]});
+        let refused = a.request("chat", Some("att-1"), data).await;
+        assert_eq!(refused["data"]["error_code"], "BAD_REQUEST", "{refused}");
+        let message = refused["data"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("data.attached_files[1]: no file"),
+            "{message}"
+        );
+    }
+    // Pipelined behind a message whose files are being looked up, a plain one keeps its place.
+    let first = json!({"code": "chat", "user_id": "alice", "room_id": "att-1", "ref": "1",
+                       "data": {"message": "with file", "sender": "alice", "attached_files": [here]}});
+    let second = json!({"code": "chat", "user_id": "alice", "room_id": "att-1", "ref": "2",
+                        "data": {"message": "plain", "sender": "alice"}});
+    a.send(first).await;
+    a.send(second).await;
+    let one = a.recv_code("chat_response").await;
+    let two = a.recv_code("chat_response").await;
+    assert_eq!(
+        (one["ref"].as_str(), two["ref"].as_str()),
+        (Some("1"), Some("2"))
+    );
+    assert!(one["data"]["seq"].as_u64() < two["data"]["seq"].as_u64());
+    let page = a.request("historic", Some("att-1"), json!({})).await;
+    assert_eq!(
+        page["data"]["messages"].as_array().unwrap().len(),
+        2,
+        "{page}"
+    );
     server.stop().await;
 }
 
@@ -394,11 +447,14 @@ async fn typed_messages_carry_described_attachments_and_rich_payloads() {
             "chat",
             Some("typed"),
             json!({"message": "", "sender": "alice", "type": "image",
-                   "attached_files": ["file_789"], "metadata": {"attachments": [png]}}),
+                   "attached_files": ["https://cdn.example/file_789"], "metadata": {"attachments": [png]}}),
         )
         .await;
     assert_eq!(image["status"], "success", "{image}");
-    assert_eq!(image["data"]["attached_files"], json!(["file_789"]));
+    assert_eq!(
+        image["data"]["attached_files"],
+        json!(["https://cdn.example/file_789"])
+    );
     assert_eq!(image["data"]["metadata"]["attachments"], json!([png]));
     let event = b.recv_code("chat_response").await;
     assert_eq!(event["data"]["metadata"]["attachments"][0], png);
@@ -454,7 +510,10 @@ async fn typed_messages_carry_described_attachments_and_rich_payloads() {
     let page = a.request("historic", Some("typed"), json!({})).await;
     let stored = page["data"]["messages"].as_array().unwrap();
     assert_eq!(stored.len(), 2, "{page}");
-    assert_eq!(stored[0]["attached_files"], json!(["file_789"]));
+    assert_eq!(
+        stored[0]["attached_files"],
+        json!(["https://cdn.example/file_789"])
+    );
     assert_eq!(stored[0]["metadata"]["attachments"], json!([png]));
     assert_eq!(stored[1]["type"], "carousel");
     server.stop().await;

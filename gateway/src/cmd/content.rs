@@ -8,7 +8,8 @@
 //!   shape (see [`Payload`]); `message` is the text a client without the type shows.
 //!
 //! An attachment is a reference in `attached_files` (a file id or URL string, as PROTOCOL.md
-//! states it), or a described file in `metadata.attachments`
+//! states it: an id names a file uploaded with `POST /api/v1/files` and must exist, see
+//! [`crate::http::files::check_attachments`]), or a described file in `metadata.attachments`
 //! (`{"url", "content_type", "name"?, "size"?}`): structured content lives in `metadata`, so
 //! the message keeps the contract's shape.
 
@@ -31,6 +32,13 @@ const MAX_BUTTONS: usize = 10;
 const MAX_OPTIONS: usize = 50;
 const MAX_TITLE_BYTES: usize = 256;
 const MAX_VALUE_BYTES: usize = 1024;
+
+/// Whether an `attached_files` reference names an uploaded file (anything but an `http(s)`
+/// URL).
+pub fn is_file_id(reference: &str) -> bool {
+    let lower = reference.get(..8).unwrap_or(reference).to_ascii_lowercase();
+    !(lower.starts_with("http://") || lower.starts_with("https://"))
+}
 
 /// Checks `type`, `message`, `attached_files`, `metadata.attachments` and `metadata.payload`
 /// together; returns the message type.

@@ -395,6 +395,24 @@ impl RoomAction {
         )
     }
 
+    /// The uploaded files the message refers to: the references in its `attached_files` that
+    /// are not `http(s)` URLs. Each must name a file of the room's tenant (and of this room,
+    /// when it was uploaded for one) before the message goes to the room.
+    pub fn file_ids(&self) -> Vec<String> {
+        let attached = match self {
+            RoomAction::Chat(chat) | RoomAction::Post(Posted::Chat(chat)) => &chat.attached_files,
+            RoomAction::Note(note) | RoomAction::Post(Posted::Note(note)) => {
+                &note.body.attached_files
+            }
+            _ => return Vec::new(),
+        };
+        attached
+            .iter()
+            .filter(|reference| content::is_file_id(reference))
+            .cloned()
+            .collect()
+    }
+
     /// Runs the code's handler on a loaded room the caller passed the shared access rule for.
     pub(crate) fn apply(self, shard: &mut Shard, call: RoomCall) {
         match self {

@@ -90,6 +90,22 @@ async fn room_call(
     reply_raw(status, &data)
 }
 
+/// Posts a message into a room as the caller, once the files it attaches are found.
+async fn post(
+    shared: &Arc<Shared>,
+    claims: Arc<Claims>,
+    room_id: &str,
+    posted: Posted,
+) -> Result<call::Data, ProtocolError> {
+    let action = RoomAction::Post(posted);
+    let file_ids = action.file_ids();
+    if !file_ids.is_empty() {
+        let room = storage::RoomKey::new(&claims.tenant, room_id);
+        super::files::check_attachments(shared, &room, &file_ids).await?;
+    }
+    call::room(shared, claims, room_id, action).await
+}
+
 /// A code's `data` built from JSON, parsed by the code itself.
 fn parse_command(
     code: Code,
@@ -437,9 +453,9 @@ pub(crate) async fn broadcast(shared: Arc<Shared>, req: Request<Incoming>) -> Ap
         return Err(ApiError::bad_request("a broadcast is not a note"));
     };
     let sends = body.room_ids.iter().map(|room_id| {
-        let action = RoomAction::Post(Posted::Chat(chat.clone()));
+        let posted = Posted::Chat(chat.clone());
         let (shared, claims) = (&shared, claims.clone());
-        async move { call::room(shared, claims, room_id, action).await }
+        async move { post(shared, claims, room_id, posted).await }
     });
     let outcomes = join_all(sends).await;
     let results: Vec<BroadcastResult> = body

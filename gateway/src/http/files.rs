@@ -292,6 +292,38 @@ pub(crate) async fn upload(shared: Arc<Shared>, req: Request<Incoming>) -> ApiRe
     reply(StatusCode::CREATED, &saved.value)
 }
 
+/// Checks that every file id a message attaches names a file of the room's tenant, uploaded
+/// for this room or for none: `BAD_REQUEST` for an unknown one (another tenant's, or another
+/// conversation's, is unknown here too).
+pub(crate) async fn check_attachments(
+    shared: &Shared,
+    room: &RoomKey,
+    file_ids: &[String],
+) -> Result<(), crate::codec::ProtocolError> {
+    use crate::codec::{ErrorCode, ProtocolError};
+    for (i, id) in file_ids.iter().enumerate() {
+        let file = records::load::<FileRecord, _>(&shared.store, &room.tenant_id, id)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "reading a file record failed");
+                ProtocolError::new(ErrorCode::Unavailable, "storage unavailable, retry later")
+            })?;
+        let known = file.is_some_and(|file| {
+            file.value
+                .room_id
+                .as_deref()
+                .is_none_or(|r| r == room.room_id)
+        });
+        if !known {
+            return Err(ProtocolError::bad_request(format!(
+                "data.attached_files[{i}]: no file {id:?} (upload files with POST \
+                 /api/v1/files; links start with https://)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `404` unless the caller may read room `room_id` of its tenant.
 async fn check_room(shared: &Shared, claims: &Claims, room_id: &str) -> Result<(), ApiError> {
     let room = shared

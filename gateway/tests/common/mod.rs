@@ -327,6 +327,35 @@ pub async fn http_post(
     http_request(addr, &raw).await
 }
 
+/// Uploads a small file through `POST /api/v1/files` (for `room` if given); returns its id.
+#[allow(dead_code)]
+pub async fn upload_file(
+    server: &TestServer,
+    bearer: &str,
+    name: &str,
+    content_type: &str,
+    room: Option<&str>,
+) -> String {
+    let part = reqwest::multipart::Part::bytes(b"%PDF-1.4 test bytes".to_vec())
+        .file_name(name.to_owned())
+        .mime_str(content_type)
+        .unwrap();
+    let mut form = reqwest::multipart::Form::new().part("file", part);
+    if let Some(room) = room {
+        form = form.text("room_id", room.to_owned());
+    }
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/files", server.addr))
+        .bearer_auth(bearer)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let file: Value = response.json().await.unwrap();
+    file["file_id"].as_str().unwrap().to_owned()
+}
+
 /// Creates a room through `POST /api/rooms`; panics unless it answers 200 or 201.
 pub async fn create_room(server: &TestServer, bearer: &str, body: Value) -> Value {
     let (status, text) =
