@@ -289,6 +289,7 @@ pub(crate) async fn messages(
 pub(crate) struct SendMessage {
     /// The text (at most 16384 bytes); may be empty only with `attached_files`.
     #[serde(default)]
+    #[schema(max_length = 16384)]
     message: String,
     /// `text` (default), `markdown`, `image`, `audio`, `video`, `file`, `location`,
     /// `carousel`, `card`, `dropdown`, `choice`, or `note`.
@@ -301,7 +302,7 @@ pub(crate) struct SendMessage {
     #[serde(default)]
     attached_files: Vec<String>,
     reply_to: Option<String>,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     metadata: Option<serde_json::Map<String, serde_json::Value>>,
     /// A note's mentioned users (at most 20).
     #[serde(default)]
@@ -389,7 +390,7 @@ pub(crate) struct BroadcastBody {
     message_id: Option<String>,
     #[serde(default)]
     attached_files: Vec<String>,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 

@@ -377,8 +377,8 @@ fn byte_range(header: &str, size: u64) -> Result<Option<(u64, u64)>, ()> {
     params(("file_id" = String, Path),
         ("Range" = Option<String>, Header, description = "One byte range: `bytes=0-99`")),
     responses(
-        (status = 200, description = "The file", content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 206, description = "The range asked for", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 200, description = "The file, with the type it was uploaded with", content_type = "*/*", body = Vec<u8>),
+        (status = 206, description = "The range asked for", content_type = "*/*", body = Vec<u8>),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 416, description = "The range is outside the file", body = ErrorBody),
         (status = 503, body = ErrorBody),

@@ -104,8 +104,10 @@ pub(crate) struct Saved<T: Serialize + ToSchema> {
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateRoomBody {
     /// 1–128 bytes; a ULID when absent.
+    #[schema(min_length = 1, max_length = 128)]
     room_id: Option<String>,
     /// `team`, `support` or `prospect`.
+    #[schema(pattern = "^(team|support|prospect)$")]
     kind: String,
     title: Option<String>,
     status: Option<String>,
@@ -195,7 +197,9 @@ pub(crate) async fn create_room(shared: Arc<Shared>, req: Request<Incoming>) -> 
 #[serde(deny_unknown_fields)]
 pub(crate) struct ContactBody {
     /// 1–128 bytes; a ULID when absent. An existing contact is replaced.
+    #[schema(min_length = 1, max_length = 128)]
     contact_id: Option<String>,
+    #[schema(min_length = 1, max_length = 256)]
     name: String,
     email: Option<String>,
     phone: Option<String>,
@@ -203,7 +207,7 @@ pub(crate) struct ContactBody {
     #[serde(default)]
     external_ids: BTreeMap<String, String>,
     #[serde(default)]
-    #[schema(value_type = Object)]
+    #[schema(value_type = Object, required = false)]
     custom_attributes: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -286,7 +290,9 @@ pub(crate) async fn get_contact(
 #[serde(deny_unknown_fields)]
 pub(crate) struct InboxBody {
     /// 1–128 bytes; a ULID when absent. An existing inbox is replaced.
+    #[schema(min_length = 1, max_length = 128)]
     inbox_id: Option<String>,
+    #[schema(min_length = 1, max_length = 256)]
     name: String,
     channel: Channel,
 }

@@ -31,6 +31,7 @@ const MAX_DETAIL_BYTES: usize = 256;
 #[serde(deny_unknown_fields)]
 pub(crate) struct SessionBody {
     /// The inbox's public widget key.
+    #[schema(min_length = 1, max_length = 128)]
     widget_key: String,
     /// The visitor's id from an earlier session (16–128 of `A-Z a-z 0-9 - _`); a new visitor
     /// gets one in the answer, to keep.
