@@ -308,6 +308,11 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_WIDGET_SESSION_TTL_SECS", default_value_t = 3600)]
     pub widget_session_ttl_secs: u64,
 
+    /// An S3-compatible bucket for uploaded files (`s3://bucket[/prefix]`; endpoint, region and
+    /// credentials from the `AWS_*` variables). Without it files are kept in `--files-dir`.
+    #[arg(long, env = "GATEWAY_FILES_URL")]
+    pub files_url: Option<String>,
+
     /// Where uploaded files are kept (the embedded file store); default `<data-dir>/files`.
     #[arg(long, env = "GATEWAY_FILES_DIR")]
     pub files_dir: Option<PathBuf>,

@@ -215,7 +215,8 @@ impl Gateway {
             metrics.analytics_dropped.clone(),
         )?;
         let widget_sessions = TenantBudgets::per_minute(config.widget_sessions_per_ip_minute);
-        let files = Box::new(crate::http::files::LocalFiles::new(config.files_dir()));
+        let files =
+            crate::http::files::file_store(config.files_url.as_deref(), config.files_dir())?;
         let shared = Arc::new(Shared {
             config,
             store,

@@ -118,6 +118,101 @@ impl FileStore for LocalFiles {
     }
 }
 
+/// Files in an S3-compatible object store (`--files-url s3://bucket/prefix`), through the
+/// `object_store` crate: objects `<prefix>/<tenant digest>/<file id>`. The endpoint, region and
+/// credentials come from the usual `AWS_*` variables (`AWS_ENDPOINT`, `AWS_DEFAULT_REGION`,
+/// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`, …).
+pub struct S3Files {
+    store: object_store::aws::AmazonS3,
+    prefix: object_store::path::Path,
+}
+
+impl S3Files {
+    /// The store behind `url` (`s3://bucket[/prefix]`).
+    pub fn new(url: &str) -> Result<S3Files, object_store::Error> {
+        let rest = url.strip_prefix("s3://").unwrap_or(url);
+        let prefix = rest.split_once('/').map_or("", |(_, prefix)| prefix);
+        let store = object_store::aws::AmazonS3Builder::from_env()
+            .with_url(url)
+            .build()?;
+        Ok(S3Files {
+            store,
+            prefix: object_store::path::Path::from(prefix),
+        })
+    }
+
+    fn path(&self, tenant: &str, file_id: &str) -> object_store::path::Path {
+        let digest = Sha256::digest(tenant.as_bytes());
+        let folder: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        self.prefix.clone().join(folder).join(file_id)
+    }
+}
+
+fn io_error(error: object_store::Error) -> std::io::Error {
+    match error {
+        object_store::Error::NotFound { .. } => {
+            std::io::Error::new(std::io::ErrorKind::NotFound, error)
+        }
+        error => std::io::Error::other(error),
+    }
+}
+
+impl FileStore for S3Files {
+    fn put<'a>(
+        &'a self,
+        tenant: &'a str,
+        file_id: &'a str,
+        bytes: Bytes,
+    ) -> futures_util::future::BoxFuture<'a, std::io::Result<()>> {
+        use object_store::ObjectStoreExt;
+        Box::pin(async move {
+            let path = self.path(tenant, file_id);
+            self.store
+                .put(&path, bytes.into())
+                .await
+                .map(|_| ())
+                .map_err(io_error)
+        })
+    }
+
+    fn read<'a>(
+        &'a self,
+        tenant: &'a str,
+        file_id: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> futures_util::future::BoxFuture<'a, std::io::Result<Bytes>> {
+        use object_store::ObjectStoreExt;
+        Box::pin(async move {
+            if len == 0 {
+                return Ok(Bytes::new());
+            }
+            let path = self.path(tenant, file_id);
+            self.store
+                .get_range(&path, offset..offset + len)
+                .await
+                .map_err(io_error)
+        })
+    }
+}
+
+/// The file store `files_url` names: the directory `dir` without one, an S3 bucket with
+/// `s3://…`.
+pub fn file_store(
+    files_url: Option<&str>,
+    dir: PathBuf,
+) -> Result<Box<dyn FileStore>, std::io::Error> {
+    match files_url {
+        None => Ok(Box::new(LocalFiles::new(dir))),
+        Some(url) if url.starts_with("s3://") => S3Files::new(url)
+            .map(|s3| Box::new(s3) as Box<dyn FileStore>)
+            .map_err(|e| std::io::Error::other(format!("--files-url {url}: {e}"))),
+        Some(url) => Err(std::io::Error::other(format!(
+            "--files-url {url}: only s3://bucket[/prefix] is supported"
+        ))),
+    }
+}
+
 /// The upload form (`multipart/form-data`).
 #[derive(ToSchema)]
 #[allow(dead_code)]
