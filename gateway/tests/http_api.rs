@@ -750,3 +750,55 @@ async fn the_openapi_document_and_its_page_are_served() {
     assert!(html.contains("/api/v1/conversations/{room_id}/messages"));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_tenant_sets_its_own_upload_limits_within_the_gateways() {
+    let server = TestServer::start_with(|config| config.max_file_bytes = 4096).await;
+    let api = Api::of(&server);
+    let (status, limits) = api.get("/settings/files", &agent()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(limits["max_file_bytes"], 4096);
+    let put = |bearer: String, body: Value| {
+        let request = api
+            .http
+            .put(format!("{}/settings/files", api.base))
+            .bearer_auth(bearer)
+            .json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, _) = put(agent(), json!({"max_file_bytes": 100})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    for bad in [
+        json!({"max_file_bytes": 5000}),
+        json!({"max_file_bytes": 0}),
+        json!({"file_types": ["png"]}),
+        json!({"file_types": ["image/png; q=1"]}),
+    ] {
+        let (status, error) = put(admin(), bad.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {error}");
+    }
+    let (status, limits) = put(
+        admin(),
+        json!({"max_file_bytes": 100, "file_types": ["image/png"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{limits}");
+    assert_eq!(
+        limits,
+        json!({"max_file_bytes": 100, "file_types": ["image/png"]})
+    );
+    let (status, _) = upload(&api, &agent(), png(200), "image/png", None).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, _) = upload(&api, &agent(), png(10), "image/jpeg", None).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let (status, _) = upload(&api, &agent(), png(10), "image/png", None).await;
+    assert_eq!(status, StatusCode::CREATED);
+    // Another tenant keeps the gateway's limits.
+    let globex = token("g", "globex", Role::Agent);
+    let (status, _) = upload(&api, &globex, png(200), "image/jpeg", None).await;
+    assert_eq!(status, StatusCode::CREATED);
+    server.stop().await;
+}

@@ -31,6 +31,7 @@ RecordKind {
     QueueEntry => "queue_entry",
     WidgetKey => "widget_key",
     File => "file",
+    FileLimits => "file_limits",
 });
 
 /// Where a record is stored: records of one tenant never meet another tenant's.
@@ -584,6 +585,28 @@ pub struct FileRecord {
 
 impl RecordBody for FileRecord {
     const KIND: RecordKind = RecordKind::File;
+}
+
+/// A tenant's own upload limits (its one record, id [`FileLimits::ID`]); what it leaves out
+/// is the gateway's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FileLimits {
+    /// Largest upload, in bytes (never above the gateway's own limit).
+    #[serde(default)]
+    pub max_file_bytes: Option<u64>,
+    /// Content types an upload may have (`image/*` takes a family).
+    #[serde(default)]
+    pub file_types: Option<Vec<String>>,
+}
+
+impl RecordBody for FileLimits {
+    const KIND: RecordKind = RecordKind::FileLimits;
+}
+
+impl FileLimits {
+    /// The id of a tenant's record.
+    pub const ID: &'static str = "files";
 }
 
 /// The pointer from a contact to its conversation of one kind.

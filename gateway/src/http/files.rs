@@ -20,8 +20,9 @@ use hyper::header::{
     ETAG, RANGE,
 };
 use hyper::{Method, Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use storage::records::{self, FileRecord, Versioned};
+use storage::records::{self, FileLimits, FileRecord, Versioned};
 use storage::{RoomKey, Store, Timestamp};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use utoipa::ToSchema;
@@ -213,6 +214,105 @@ pub fn file_store(
     }
 }
 
+/// The upload limits in effect for a tenant.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Limits {
+    /// Largest upload, in bytes.
+    max_file_bytes: u64,
+    /// Content types an upload may have (`image/*` takes a family).
+    file_types: Vec<String>,
+}
+
+/// The tenant's limits where it set them, the gateway's elsewhere; never above the gateway's
+/// size limit (uploads are held in memory while they arrive).
+async fn limits(shared: &Shared, tenant: &str) -> Result<Limits, ApiError> {
+    let own = records::load::<FileLimits, _>(&shared.store, tenant, FileLimits::ID)
+        .await
+        .map_err(|e| ApiError::storage(&e, tenant, "reading file limits"))?
+        .map(|found| found.value)
+        .unwrap_or_default();
+    let config = &shared.config;
+    Ok(Limits {
+        max_file_bytes: own
+            .max_file_bytes
+            .map_or(config.max_file_bytes, |max| max.min(config.max_file_bytes)),
+        file_types: own.file_types.unwrap_or_else(|| config.file_types.clone()),
+    })
+}
+
+/// A tenant's upload limits.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LimitsBody {
+    /// Largest upload, in bytes (at most the gateway's limit); `null` for the gateway's.
+    #[schema(minimum = 1)]
+    max_file_bytes: Option<u64>,
+    /// Content types (`type/subtype` or `type/*`, at most 50); `null` for the gateway's.
+    file_types: Option<Vec<String>>,
+}
+
+/// The upload limits in effect for the caller's tenant (the team).
+#[utoipa::path(get, path = "/api/v1/settings/files", tag = "files",
+    responses(
+        (status = 200, body = Limits),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ))]
+pub(crate) async fn get_limits(shared: Arc<Shared>, req: Request<Incoming>) -> ApiResult {
+    let claims = caller(&shared, &req)?;
+    super::require(&claims, TEAM, "read file limits")?;
+    reply(StatusCode::OK, &limits(&shared, &claims.tenant).await?)
+}
+
+/// Sets the tenant's own upload limits (admins); answers the limits now in effect.
+#[utoipa::path(put, path = "/api/v1/settings/files", tag = "files", request_body = LimitsBody,
+    responses(
+        (status = 200, body = Limits),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 503, body = ErrorBody),
+    ))]
+pub(crate) async fn put_limits(shared: Arc<Shared>, req: Request<Incoming>) -> ApiResult {
+    let claims = caller(&shared, &req)?;
+    super::require(&claims, &[Role::Admin], "set file limits")?;
+    let body: LimitsBody = super::json_body(req).await?;
+    let max = shared.config.max_file_bytes;
+    if body.max_file_bytes.is_some_and(|n| n == 0 || n > max) {
+        return Err(ApiError::bad_request(format!(
+            "max_file_bytes must be 1 to {max} (the gateway's limit)"
+        )));
+    }
+    if let Some(types) = &body.file_types {
+        let valid = |t: &String| {
+            t.len() <= 127
+                && t.split_once('/').is_some_and(|(family, sub)| {
+                    let token = |s: &str| {
+                        !s.is_empty()
+                            && s.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+                    };
+                    token(family) && (sub == "*" || token(sub))
+                })
+        };
+        if types.len() > 50 || !types.iter().all(valid) {
+            return Err(ApiError::bad_request(
+                "file_types: at most 50 content types, each type/subtype or type/*",
+            ));
+        }
+    }
+    let own = FileLimits {
+        max_file_bytes: body.max_file_bytes,
+        file_types: body.file_types,
+    };
+    let tenant = claims.tenant.as_str();
+    records::update::<FileLimits, _, _>(&shared.store, tenant, FileLimits::ID, |_| {
+        Ok(Some(own.clone()))
+    })
+    .await
+    .map_err(|e| ApiError::storage(&e, tenant, "saving file limits"))?;
+    reply(StatusCode::OK, &limits(&shared, tenant).await?)
+}
+
 /// The upload form (`multipart/form-data`).
 #[derive(ToSchema)]
 #[allow(dead_code)]
@@ -259,8 +359,8 @@ fn type_allowed(content_type: &str, allowed: &[String]) -> bool {
     ))]
 pub(crate) async fn upload(shared: Arc<Shared>, req: Request<Incoming>) -> ApiResult {
     let claims = caller(&shared, &req)?;
-    let config = &shared.config;
-    let max = config.max_file_bytes;
+    let limits = limits(&shared, &claims.tenant).await?;
+    let max = limits.max_file_bytes;
     let boundary = req
         .headers()
         .get(CONTENT_TYPE)
@@ -307,7 +407,7 @@ pub(crate) async fn upload(shared: Arc<Shared>, req: Request<Incoming>) -> ApiRe
                     .content_type()
                     .map(|m| m.essence_str().to_owned())
                     .unwrap_or_else(|| "application/octet-stream".to_owned());
-                if !type_allowed(&content_type, &config.file_types) {
+                if !type_allowed(&content_type, &limits.file_types) {
                     return Err(ApiError::new(
                         StatusCode::UNSUPPORTED_MEDIA_TYPE,
                         "UNSUPPORTED_MEDIA_TYPE",

@@ -301,6 +301,8 @@ pub(crate) async fn route(
         }
         (["broadcast"], &Method::POST) => conversations::broadcast(shared, req).await,
         (["files"], &Method::POST) => files::upload(shared, req).await,
+        (["settings", "files"], &Method::GET) => files::get_limits(shared, req).await,
+        (["settings", "files"], &Method::PUT) => files::put_limits(shared, req).await,
         (["files", id], &Method::GET | &Method::HEAD) => files::download(shared, req, id).await,
         (segments, _) => match allowed(segments) {
             Some(allow) => return Some(method_not_allowed(allow)),
@@ -324,6 +326,7 @@ fn allowed(segments: &[&str]) -> Option<&'static str> {
         ["conversations"] | ["conversations", _, "messages"] => "GET, POST",
         ["conversations", _] => "GET, PATCH",
         ["files", _] => "GET, HEAD",
+        ["settings", "files"] => "GET, PUT",
         _ => return None,
     })
 }

@@ -41,6 +41,8 @@ use crate::server::Body;
         widget::open_session,
         files::upload,
         files::download,
+        files::get_limits,
+        files::put_limits,
     ),
     components(schemas(super::ErrorBody, storage::Message, storage::records::FileRecord)),
     modifiers(&BearerAuth),
