@@ -2,8 +2,8 @@
 //! error codes, shard numbers), never room or user ids.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::cmd::Code;
@@ -75,6 +75,10 @@ pub struct Metrics {
     /// Analytics events written to the sink's files, and dropped (its queue was full).
     pub analytics_written: IntCounter,
     pub analytics_dropped: IntCounter,
+    /// HTTP API requests, by route (its pattern), method and status.
+    pub http_requests: IntCounterVec,
+    /// How long HTTP API requests took, by route.
+    pub http_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -211,8 +215,29 @@ impl Metrics {
         )
         .unwrap();
 
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "gateway_http_requests_total",
+                "HTTP API requests, by route pattern, method and status",
+            ),
+            &["route", "method", "status"],
+        )
+        .unwrap();
+        let http_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_http_request_seconds",
+                "time to answer an HTTP API request, by route pattern",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["route"],
+        )
+        .unwrap();
         for collector in [
             Box::new(connections_vec.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_requests.clone()),
+            Box::new(http_seconds.clone()),
             Box::new(rooms_vec.clone()),
             Box::new(frames_in_vec.clone()),
             Box::new(frames_out_vec.clone()),
@@ -296,6 +321,8 @@ impl Metrics {
             handle_seconds,
             analytics_written,
             analytics_dropped,
+            http_requests,
+            http_seconds,
         }
     }
 

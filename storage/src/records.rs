@@ -244,6 +244,11 @@ pub struct Contact {
 
 impl RecordBody for Contact {
     const KIND: RecordKind = RecordKind::Contact;
+
+    /// Contacts are listed by when they were created.
+    fn list_key(&self) -> Option<i64> {
+        Some(self.created_at.0)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -286,6 +291,11 @@ pub struct Inbox {
 
 impl RecordBody for Inbox {
     const KIND: RecordKind = RecordKind::Inbox;
+
+    /// Inboxes are listed by when they were created.
+    fn list_key(&self) -> Option<i64> {
+        Some(self.created_at.0)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

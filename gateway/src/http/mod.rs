@@ -280,14 +280,18 @@ pub(crate) async fn route(
     let rest = rest.strip_prefix("v1/").unwrap_or(rest);
     let segments: Vec<&str> = rest.split('/').collect();
     let method = req.method().clone();
+    let started = std::time::Instant::now();
+    let metrics_handle = shared.metrics.clone();
     let result = match (segments.as_slice(), &method) {
         (["openapi.json"], &Method::GET) => Ok(openapi::document()),
         (["docs"], &Method::GET) => Ok(openapi::page()),
         (["widget", "sessions"], &Method::POST) => widget::open_session(shared, req, peer).await,
         (["rooms"], &Method::POST) => records::create_room(shared, req).await,
         (["contacts"], &Method::POST) => records::put_contact(shared, req).await,
+        (["contacts"], &Method::GET) => records::list_contacts(shared, req).await,
         (["contacts", id], &Method::GET) => records::get_contact(shared, req, id).await,
         (["inboxes"], &Method::POST) => records::put_inbox(shared, req).await,
+        (["inboxes"], &Method::GET) => records::list_inboxes(shared, req).await,
         (["inboxes", id], &Method::GET) => records::get_inbox(shared, req, id).await,
         (["conversations"], &Method::POST) => records::open_conversation(shared, req).await,
         (["conversations"], &Method::GET) => conversations::list(shared, req).await,
@@ -304,29 +308,60 @@ pub(crate) async fn route(
         (["settings", "files"], &Method::GET) => files::get_limits(shared, req).await,
         (["settings", "files"], &Method::PUT) => files::put_limits(shared, req).await,
         (["files", id], &Method::GET | &Method::HEAD) => files::download(shared, req, id).await,
-        (segments, _) => match allowed(segments) {
-            Some(allow) => return Some(method_not_allowed(allow)),
+        (segments, _) => match template(segments) {
+            Some((_, allow)) => Ok(method_not_allowed(allow)),
             None => Err(ApiError::not_found("no such route")),
         },
     };
-    Some(result.unwrap_or_else(ApiError::response))
+    let response = result.unwrap_or_else(ApiError::response);
+    let route = template(&segments).map_or("unknown", |(route, _)| route);
+    let metrics = &metrics_handle;
+    metrics
+        .http_requests
+        .with_label_values(&[route, method_label(&method), response.status().as_str()])
+        .inc();
+    metrics
+        .http_seconds
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+    Some(response)
 }
 
-/// The methods a known path takes.
-fn allowed(segments: &[&str]) -> Option<&'static str> {
+/// The metrics' `method` label: the standard methods by name, any other as `OTHER` (a client
+/// must not be able to grow the label set).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// A known path's pattern (the metrics' `route` label) and the methods it takes.
+fn template(segments: &[&str]) -> Option<(&'static str, &'static str)> {
     Some(match segments {
-        ["openapi.json"] | ["docs"] => "GET",
-        ["widget", "sessions"]
-        | ["rooms"]
-        | ["contacts"]
-        | ["inboxes"]
-        | ["broadcast"]
-        | ["files"] => "POST",
-        ["contacts", _] | ["inboxes", _] => "GET",
-        ["conversations"] | ["conversations", _, "messages"] => "GET, POST",
-        ["conversations", _] => "GET, PATCH",
-        ["files", _] => "GET, HEAD",
-        ["settings", "files"] => "GET, PUT",
+        ["openapi.json"] => ("/api/v1/openapi.json", "GET"),
+        ["docs"] => ("/api/v1/docs", "GET"),
+        ["widget", "sessions"] => ("/api/v1/widget/sessions", "POST"),
+        ["rooms"] => ("/api/v1/rooms", "POST"),
+        ["broadcast"] => ("/api/v1/broadcast", "POST"),
+        ["files"] => ("/api/v1/files", "POST"),
+        ["contacts"] => ("/api/v1/contacts", "GET, POST"),
+        ["inboxes"] => ("/api/v1/inboxes", "GET, POST"),
+        ["contacts", _] => ("/api/v1/contacts/{contact_id}", "GET"),
+        ["inboxes", _] => ("/api/v1/inboxes/{inbox_id}", "GET"),
+        ["conversations"] => ("/api/v1/conversations", "GET, POST"),
+        ["conversations", _, "messages"] => {
+            ("/api/v1/conversations/{room_id}/messages", "GET, POST")
+        }
+        ["conversations", _] => ("/api/v1/conversations/{room_id}", "GET, PATCH"),
+        ["files", _] => ("/api/v1/files/{file_id}", "GET, HEAD"),
+        ["settings", "files"] => ("/api/v1/settings/files", "GET, PUT"),
         _ => return None,
     })
 }

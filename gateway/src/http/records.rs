@@ -283,8 +283,143 @@ pub(crate) async fn get_contact(
     reply(StatusCode::OK, &contact)
 }
 
+/// Lists' page size unless `limit` says otherwise, and its largest.
+const DEFAULT_LIST: u32 = 50;
+const MAX_LIST: u32 = 200;
+
+/// Where a walk through a list is: the time its first page was read at and the last place
+/// answered (a `next` cursor, base64url JSON).
+#[derive(Serialize, Deserialize)]
+struct ListCursor {
+    as_of: i64,
+    key: i64,
+    id: String,
+}
+
+/// A page of the caller's tenant's records of one kind, newest first; `next` continues it.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ListReply<T: Serialize + ToSchema> {
+    items: Vec<T>,
+    /// Pass as `next` for the following page; `null` at the end.
+    next: Option<String>,
+}
+
+/// `GET` list parameters.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub(crate) struct ListParams {
+    /// 1–200, default 50.
+    #[param(minimum = 1, maximum = 200)]
+    limit: Option<u32>,
+    /// The previous page's `next`.
+    next: Option<String>,
+}
+
+/// A page of `T` records of the caller's tenant, from `?limit=&next=`.
+async fn list<T: RecordBody + Serialize + ToSchema>(
+    shared: &Shared,
+    claims: &Claims,
+    req: &Request<Incoming>,
+) -> ApiResult {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut limit = DEFAULT_LIST;
+    let mut cursor: Option<ListCursor> = None;
+    for (key, value) in super::form_pairs(req.uri().query().unwrap_or("")) {
+        match key.as_str() {
+            "limit" => {
+                limit = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIST).contains(n))
+                    .ok_or_else(|| ApiError::bad_request("limit must be 1 to 200"))?;
+            }
+            "next" => {
+                let parsed = b64
+                    .decode(value.as_bytes())
+                    .ok()
+                    .and_then(|json| serde_json::from_slice::<ListCursor>(&json).ok())
+                    .ok_or_else(|| ApiError::bad_request("next is not a cursor of this list"))?;
+                cursor = Some(parsed);
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?}"
+                )))
+            }
+        }
+    }
+    if let Some(cursor) = &cursor {
+        // The store keeps a list's old places this long; past it a walk could skip records.
+        let age = Timestamp::now().0 - cursor.as_of;
+        if age > records::LIST_SNAPSHOT_MILLIS - 30_000 {
+            return Err(ApiError::bad_request(
+                "next has expired: start the list again",
+            ));
+        }
+    }
+    let query = records::ListQuery {
+        as_of: cursor.as_ref().map(|c| Timestamp(c.as_of)),
+        descending: true,
+        after: cursor.map(|c| (c.key, c.id)),
+        limit,
+    };
+    let tenant = claims.tenant.as_str();
+    let page = shared
+        .store
+        .list_records(tenant, T::KIND, query)
+        .await
+        .map_err(|e| ApiError::storage(&e, tenant, "listing records"))?;
+    let full = page.entries.len() == limit as usize;
+    let mut items = Vec::with_capacity(page.entries.len());
+    for entry in &page.entries {
+        match serde_json::from_str::<T>(&entry.record.body) {
+            Ok(item) => items.push(item),
+            Err(e) => {
+                tracing::warn!(error = %e, id = %entry.record.key.id, "an unreadable record was left out of a list")
+            }
+        }
+    }
+    let next = page.entries.last().filter(|_| full).map(|last| {
+        let cursor = ListCursor {
+            as_of: page.as_of.0,
+            key: last.list_key,
+            id: last.record.key.id.clone(),
+        };
+        b64.encode(serde_json::to_vec(&cursor).unwrap_or_default())
+    });
+    reply(StatusCode::OK, &ListReply { items, next })
+}
+
+/// The caller's tenant's contacts, newest first (team roles).
+#[utoipa::path(get, path = "/api/v1/contacts", tag = "contacts", params(ListParams),
+    responses(
+        (status = 200, body = ListReply<Contact>),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody),
+    ))]
+pub(crate) async fn list_contacts(shared: Arc<Shared>, req: Request<Incoming>) -> ApiResult {
+    let claims = caller(&shared, &req)?;
+    require(&claims, TEAM, "list contacts")?;
+    list::<Contact>(&shared, &claims, &req).await
+}
+
 // ---------------------------------------------------------------------------------------------
 // Inboxes
+
+/// The caller's tenant's inboxes, newest first (team roles).
+#[utoipa::path(get, path = "/api/v1/inboxes", tag = "inboxes", params(ListParams),
+    responses(
+        (status = 200, body = ListReply<Inbox>),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody),
+    ))]
+pub(crate) async fn list_inboxes(shared: Arc<Shared>, req: Request<Incoming>) -> ApiResult {
+    let claims = caller(&shared, &req)?;
+    require(&claims, TEAM, "list inboxes")?;
+    list::<Inbox>(&shared, &claims, &req).await
+}
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
