@@ -296,6 +296,11 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_ANALYTICS_RETENTION_DAYS", default_value_t = 30)]
     pub analytics_retention_days: u32,
 
+    /// Most events waiting for the integration bus, in MiB; past it the oldest are dropped
+    /// (counted in `gateway_bus_events_total{outcome="dropped"}`).
+    #[arg(long, env = "GATEWAY_BUS_BUFFER_MIB", default_value_t = 64)]
+    pub bus_buffer_mib: usize,
+
     /// Widget sessions (`POST /api/v1/widget/sessions`) one client address may open a minute.
     #[arg(
         long,

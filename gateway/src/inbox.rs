@@ -167,6 +167,24 @@ pub enum ChangeKind {
     Seen,
 }
 
+impl ChangeKind {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Updated => "updated",
+            ChangeKind::Activity => "activity",
+            ChangeKind::Reopened => "reopened",
+            ChangeKind::Created => "created",
+            ChangeKind::Ended => "ended",
+            ChangeKind::Rated => "rated",
+            ChangeKind::Woke => "woke",
+            ChangeKind::Escalated => "escalated",
+            ChangeKind::AgentJoined => "agent_joined",
+            ChangeKind::Seen => "seen",
+        }
+    }
+}
+
 /// Deserializes a field that may be absent (`None`), `null` (`Some(None)`) or a value.
 fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     d: D,
@@ -830,6 +848,15 @@ impl Shard {
         except: Option<ConnId>,
         to_members: bool,
     ) {
+        // A message's activity is its `message.created` event already.
+        if change != ChangeKind::Activity {
+            self.shared.integration.conversation_changed(
+                self.index,
+                room_id,
+                change.as_str(),
+                conversation,
+            );
+        }
         let mut participants = Vec::new();
         let mut member_ids = Vec::new();
         let route = Route::new(&self.shared.shards, self.index);

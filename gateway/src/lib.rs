@@ -12,6 +12,8 @@
 //! - [`presence`]: who is online, across rooms, and how to reach a user's connections.
 //! - [`inbox`]: conversations as the team's inbox sees them: subscriptions, views, changes
 //!   and the activity messages cause.
+//! - [`integration`]: the gateway on the integration bus: events out, inbound messages and
+//!   delivery states in.
 //! - [`auth`]: JWT verification, claims, access rules, token minting.
 //! - [`server`]: the HTTP front, start-up and graceful shutdown.
 //! - [`http`]: the HTTP API (`/api/v1`) and its OpenAPI document.
@@ -39,6 +41,7 @@ pub mod config;
 pub mod connection;
 pub mod http;
 pub mod inbox;
+pub mod integration;
 pub mod limits;
 pub mod liveness;
 pub mod mailbox;

@@ -55,6 +55,8 @@ pub struct Shared {
     pub room_creations: TenantBudgets,
     /// How fast each client address may open widget sessions.
     pub widget_sessions: TenantBudgets,
+    /// The integration bus and the events waiting for it.
+    pub integration: crate::integration::Integration,
     /// Where uploaded files' bytes are kept.
     pub files: Box<dyn crate::http::files::FileStore>,
     /// Permits for presence broadcasts (each a task collecting members from the shards): at
@@ -217,6 +219,15 @@ impl Gateway {
         let widget_sessions = TenantBudgets::per_minute(config.widget_sessions_per_ip_minute);
         let files =
             crate::http::files::file_store(config.files_url.as_deref(), config.files_dir())?;
+        // The in-process bus holds what its readers have not committed, up to this per topic.
+        let bus = integrations::InProcessBus::new(64 << 20);
+        let integration = crate::integration::Integration::new(
+            bus,
+            integrations::Topics::default(),
+            config.bus_buffer_mib.saturating_mul(1 << 20),
+            shard_count,
+            &metrics,
+        );
         let shared = Arc::new(Shared {
             config,
             store,
@@ -230,6 +241,7 @@ impl Gateway {
             room_creations,
             widget_sessions,
             files,
+            integration,
             presence_tasks: Arc::new(tokio::sync::Semaphore::new(PRESENCE_TASKS)),
             shards,
             verifier,
@@ -247,6 +259,7 @@ impl Gateway {
         shared.ready.store(true, Ordering::Release);
         let accept_task = tokio::spawn(accept_loop(shared.clone(), listener, stop_rx));
         tokio::spawn(crate::inbox::run_wake_ups(shared.clone()));
+        crate::integration::start(&shared);
         tokio::spawn(crate::queue::run_restore(shared.clone()));
         tokio::spawn(crate::analytics::run_dashboards(shared.clone()));
         tracing::info!(

@@ -128,6 +128,16 @@ const SCHEMA_COMPONENT: &str = "gateway";
 pub const DEFAULT_MAX_PENDING: usize = 4096;
 /// Default of `timeout_ms`.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of each schema statement: a node agrees on a schema change with its peers and
+/// flushes it, which takes seconds on a busy node. They are all idempotent (`IF NOT EXISTS`).
+const SCHEMA_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A schema statement, with [`SCHEMA_REQUEST_TIMEOUT`].
+fn schema_statement(text: impl Into<String>) -> scylla::statement::unprepared::Statement {
+    let mut statement = scylla::statement::unprepared::Statement::new(text.into());
+    statement.set_request_timeout(Some(SCHEMA_REQUEST_TIMEOUT));
+    statement
+}
 /// Page size of a history query whose `limit` is 0.
 const DEFAULT_HISTORY_LIMIT: u32 = 50;
 /// Most rows one read request asks for; a longer read continues with another request.
@@ -1039,7 +1049,7 @@ async fn migrate_to(url: &str, options: &Options, target: u32) -> Result<u32> {
                 config.replication_map()?
             );
             session
-                .query_unpaged(create, ())
+                .query_unpaged(schema_statement(create), ())
                 .await
                 .map_err(|e| request_error(Access::Write, "creating the keyspace", &e))?;
             session
@@ -1055,6 +1065,7 @@ async fn migrate_to(url: &str, options: &Options, target: u32) -> Result<u32> {
                     continue;
                 }
                 for statement in statements_of(cql) {
+                    let statement = schema_statement(statement);
                     session.query_unpaged(statement, ()).await.map_err(|e| {
                         request_error(Access::Write, &format!("applying {name}"), &e)
                     })?;

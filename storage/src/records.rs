@@ -29,9 +29,11 @@ RecordKind {
     ContactConversation => "contact_conversation",
     Snooze => "snooze",
     QueueEntry => "queue_entry",
-    WidgetKey => "widget_key",
+    ChannelKey => "channel_key",
     File => "file",
     FileLimits => "file_limits",
+    ContactAddress => "contact_address",
+    Delivery => "delivery",
 });
 
 /// Where a record is stored: records of one tenant never meet another tenant's.
@@ -555,22 +557,84 @@ fn room_record_id(room: &RoomKey) -> String {
     )
 }
 
-/// Which inbox a website widget key opens. Keys are one namespace for every tenant (a widget
-/// session starts from the key alone), kept under [`WidgetKey::TENANT`]; the inbox is the
-/// truth: a key whose inbox moved to another key opens nothing.
+/// Which inbox a channel's public address opens: a website widget's key, an SMS or WhatsApp
+/// number, an email address. They are one namespace for every tenant (a widget session starts
+/// from the key alone, an inbound SMS from the number it was sent to), kept under
+/// [`ChannelKey::TENANT`]; the inbox is the truth: a key whose inbox moved to another opens
+/// nothing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WidgetKey {
+pub struct ChannelKey {
     pub tenant_id: String,
     pub inbox_id: String,
 }
 
-impl RecordBody for WidgetKey {
-    const KIND: RecordKind = RecordKind::WidgetKey;
+impl RecordBody for ChannelKey {
+    const KIND: RecordKind = RecordKind::ChannelKey;
 }
 
-impl WidgetKey {
+impl ChannelKey {
     /// The tenant the keys are kept under (no token's tenant holds a control character).
-    pub const TENANT: &'static str = "\u{1}widget-key";
+    pub const TENANT: &'static str = "\u{1}channel-key";
+
+    /// The record id of a channel's key: `widget:<key>`, `sms:<number>`, `whatsapp:<number>`,
+    /// `email:<address>` (lower-cased).
+    pub fn id(channel: &Channel) -> String {
+        match channel {
+            Channel::WebWidget { widget_key, .. } => format!("widget:{widget_key}"),
+            Channel::Sms { phone_number } => format!("sms:{phone_number}"),
+            Channel::Whatsapp { phone_number } => format!("whatsapp:{phone_number}"),
+            Channel::Email { address } => format!("email:{}", address.to_ascii_lowercase()),
+        }
+    }
+}
+
+/// The contact a phone number or email address belongs to in a tenant: record id
+/// `phone:<number>` or `email:<address>` (lower-cased). The first contact saved with an
+/// address keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContactAddress {
+    pub contact_id: String,
+}
+
+impl RecordBody for ContactAddress {
+    const KIND: RecordKind = RecordKind::ContactAddress;
+}
+
+impl ContactAddress {
+    pub fn phone(number: &str) -> String {
+        format!("phone:{number}")
+    }
+
+    pub fn email(address: &str) -> String {
+        format!("email:{}", address.to_ascii_lowercase())
+    }
+}
+
+/// What became of an outbound message (SMS, WhatsApp, email): record id
+/// [`Delivery::id`] of the message's room and id, in the room's tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// `queued`, `sent`, `delivered`, `read`, `failed`, `undelivered`.
+    pub status: String,
+    #[serde(default)]
+    pub provider_id: Option<String>,
+    #[serde(default)]
+    pub error_code: Option<String>,
+    #[serde(default)]
+    pub error_message: Option<String>,
+    pub updated_at: Timestamp,
+}
+
+impl RecordBody for Delivery {
+    const KIND: RecordKind = RecordKind::Delivery;
+}
+
+impl Delivery {
+    /// The record id of message `message_id` of room `room_id` (length-prefixed: room ids may
+    /// hold any character).
+    pub fn id(room_id: &str, message_id: &str) -> String {
+        format!("{}:{room_id}/{message_id}", room_id.len())
+    }
 }
 
 /// An uploaded file: what is known of it (its bytes are in the file store, under the same

@@ -327,6 +327,15 @@ impl Shard {
             .fanout_latency
             .observe(received.elapsed().as_secs_f64());
         if announce {
+            if let Some(Slot::Ready(state)) = self.rooms.get(&room_id) {
+                self.shared.integration.message_stored(
+                    self.index,
+                    &room_id,
+                    state.room.kind,
+                    &appended.message,
+                    &state.room.participants,
+                );
+            }
             if !appended.message.mentions.is_empty() {
                 self.notify_mentions(&room_id, &appended.message);
             }

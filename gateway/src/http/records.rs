@@ -16,8 +16,8 @@ use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use serde::{Deserialize, Serialize};
 use storage::records::{
-    self, Channel, Contact, ContactConversation, Conversation, Inbox, RecordBody, Versioned,
-    WidgetKey,
+    self, Channel, ChannelKey, Contact, ContactAddress, ContactConversation, Conversation, Inbox,
+    RecordBody, Versioned,
 };
 use storage::{NewRoom, RoomKey, RoomKind, Store, Timestamp};
 use utoipa::ToSchema;
@@ -211,19 +211,38 @@ pub(crate) struct ContactBody {
     custom_attributes: serde_json::Map<String, serde_json::Value>,
 }
 
-/// Saves a contact, created now or replaced (`created_at` kept).
+/// Saves a contact, created now or replaced (`created_at` kept), and points its phone number
+/// and email address at it unless another contact has them already.
 pub(crate) async fn save_contact(
     shared: &Shared,
     tenant: &str,
     contact: Contact,
 ) -> Result<(Contact, bool), ApiError> {
     let id = contact.contact_id.clone();
-    upsert(&shared.store, tenant, &id, contact, |c| &mut c.created_at)
+    let saved = upsert(&shared.store, tenant, &id, contact, |c| &mut c.created_at)
         .await
         .map_err(|e| match e {
             storage::Error::Invalid(message) => ApiError::bad_request(message),
             e => ApiError::storage(&e, tenant, "saving a contact"),
-        })
+        })?;
+    let addresses = [
+        saved.0.phone.as_deref().map(ContactAddress::phone),
+        saved.0.email.as_deref().map(ContactAddress::email),
+    ];
+    for address in addresses.into_iter().flatten() {
+        let pointer = Versioned {
+            value: ContactAddress {
+                contact_id: id.clone(),
+            },
+            version: 0,
+        };
+        match records::save(&shared.store, tenant, &address, pointer).await {
+            // Taken: the first contact with the address keeps it.
+            Ok(_) | Err(storage::Error::VersionConflict { .. }) => {}
+            Err(e) => return Err(ApiError::storage(&e, tenant, "saving a contact's address")),
+        }
+    }
+    Ok(saved)
 }
 
 /// Creates or replaces a contact of the caller's tenant (team roles).
@@ -451,8 +470,13 @@ pub(crate) async fn put_inbox(shared: Arc<Shared>, req: Request<Incoming>) -> Ap
     check_name(&body.name, "name")?;
     let tenant = claims.tenant.as_str();
     if let Channel::WebWidget { widget_key, .. } = &body.channel {
-        claim_widget_key(&shared, tenant, &inbox_id, widget_key).await?;
+        if widget_key.len() < 8 || widget_key.len() > MAX_ID_BYTES {
+            return Err(ApiError::bad_request(
+                "channel.widget_key must be 8 to 128 bytes",
+            ));
+        }
     }
+    claim_channel_key(&shared, tenant, &inbox_id, &body.channel).await?;
     let inbox = Inbox {
         inbox_id: inbox_id.clone(),
         name: body.name,
@@ -470,68 +494,60 @@ pub(crate) async fn put_inbox(shared: Arc<Shared>, req: Request<Incoming>) -> Ap
     reply(created_or_ok(created), &Saved { value, created })
 }
 
-/// Points `widget_key` at the inbox, unless another inbox holds it (`409`). A key whose inbox
-/// no longer uses it is free again.
-async fn claim_widget_key(
+/// Points the channel's public address (widget key, number, email address) at the inbox,
+/// unless another inbox uses it (`409`). An address whose inbox no longer uses it is free again.
+async fn claim_channel_key(
     shared: &Shared,
     tenant: &str,
     inbox_id: &str,
-    widget_key: &str,
+    channel: &Channel,
 ) -> Result<(), ApiError> {
-    if widget_key.len() < 8 || widget_key.len() > MAX_ID_BYTES {
-        return Err(ApiError::bad_request(
-            "channel.widget_key must be 8 to 128 bytes",
-        ));
-    }
     let store = &shared.store;
-    let mut taken = false;
+    let key = ChannelKey::id(channel);
     let mut holder_checked: Option<(String, String)> = None;
+    let mut taken = false;
     for _ in 0..records::MAX_UPDATE_ROUNDS {
-        let current = records::load::<WidgetKey, _>(store, WidgetKey::TENANT, widget_key)
+        let current = records::load::<ChannelKey, _>(store, ChannelKey::TENANT, &key)
             .await
-            .map_err(|e| ApiError::storage(&e, tenant, "reading a widget key"))?;
+            .map_err(|e| ApiError::storage(&e, tenant, "reading a channel key"))?;
         let version = current.as_ref().map_or(0, |c| c.version);
         if let Some(current) = &current {
             let holder = (
                 current.value.tenant_id.clone(),
                 current.value.inbox_id.clone(),
             );
-            let mine = holder.0 == tenant && holder.1 == inbox_id;
-            if !mine && holder_checked.as_ref() != Some(&holder) {
+            if holder.0 == tenant && holder.1 == inbox_id {
+                return Ok(());
+            }
+            if holder_checked.as_ref() != Some(&holder) {
                 // Held by another inbox: taken while that inbox still uses it.
                 let inbox = records::load::<Inbox, _>(store, &holder.0, &holder.1)
                     .await
                     .map_err(|e| ApiError::storage(&e, tenant, "reading an inbox"))?;
-                taken = inbox.is_some_and(|inbox| {
-                    matches!(&inbox.value.channel,
-                        Channel::WebWidget { widget_key: key, .. } if key == widget_key)
-                });
+                taken = inbox.is_some_and(|inbox| ChannelKey::id(&inbox.value.channel) == key);
                 holder_checked = Some(holder);
-            }
-            if mine {
-                return Ok(());
             }
             if taken {
                 return Err(ApiError::conflict(
-                    "channel.widget_key is used by another inbox",
+                    "the channel's widget key, number or address is used by another inbox",
                 ));
             }
         }
         let claim = Versioned {
-            value: WidgetKey {
+            value: ChannelKey {
                 tenant_id: tenant.to_owned(),
                 inbox_id: inbox_id.to_owned(),
             },
             version,
         };
-        match records::save(store, WidgetKey::TENANT, widget_key, claim).await {
+        match records::save(store, ChannelKey::TENANT, &key, claim).await {
             Ok(_) => return Ok(()),
             Err(storage::Error::VersionConflict { .. }) => continue,
-            Err(e) => return Err(ApiError::storage(&e, tenant, "claiming a widget key")),
+            Err(e) => return Err(ApiError::storage(&e, tenant, "claiming a channel key")),
         }
     }
     Err(ApiError::conflict(
-        "channel.widget_key is being claimed by another request, retry",
+        "the channel is being claimed by another request, retry",
     ))
 }
 

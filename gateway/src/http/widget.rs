@@ -13,7 +13,7 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use serde::{Deserialize, Serialize};
-use storage::records::{self, Channel, Contact, Inbox, WidgetKey};
+use storage::records::{self, Channel, ChannelKey, Contact, Inbox};
 use storage::{RoomKind, Timestamp};
 use utoipa::ToSchema;
 
@@ -218,11 +218,20 @@ async fn widget_inbox(shared: &Shared, widget_key: &str) -> Result<(String, Inbo
     if widget_key.is_empty() || widget_key.len() > 128 {
         return Err(unknown_key());
     }
-    let key = records::load::<WidgetKey, _>(&shared.store, WidgetKey::TENANT, widget_key)
-        .await
-        .map_err(|e| ApiError::storage(&e, "-", "reading a widget key"))?
-        .ok_or_else(unknown_key)?
-        .value;
+    let channel = Channel::WebWidget {
+        widget_key: widget_key.to_owned(),
+        brand_color: None,
+        authorized_domains: Vec::new(),
+    };
+    let key = records::load::<ChannelKey, _>(
+        &shared.store,
+        ChannelKey::TENANT,
+        &ChannelKey::id(&channel),
+    )
+    .await
+    .map_err(|e| ApiError::storage(&e, "-", "reading a widget key"))?
+    .ok_or_else(unknown_key)?
+    .value;
     let inbox = records::load::<Inbox, _>(&shared.store, &key.tenant_id, &key.inbox_id)
         .await
         .map_err(|e| ApiError::storage(&e, &key.tenant_id, "reading an inbox"))?

@@ -1,0 +1,867 @@
+//! The gateway on the integration bus (`integrations` crate, `docs/integrations.md`).
+//!
+//! Out: every stored message (never a note) and every conversation change to
+//! `conversation.events`; an agent's message in an SMS, WhatsApp or email conversation to
+//! `outbound.sms` / `outbound.email`; a push for a participant with no live connection to
+//! `notifications.push`. The shards hand events to a buffer bounded in bytes and go on: chat
+//! never waits for the bus. When the bus cannot take them (Kafka down) they wait there and are
+//! retried; when the buffer is full the oldest event is dropped and counted
+//! (`gateway_bus_events_total{outcome="dropped"}`).
+//!
+//! In: `inbound.messages` (stored as the contact's `INCOMING` message in its prospect
+//! conversation, fanned out like any message) and `delivery.status` (a message's delivery
+//! state, forward only, told to the team in the room). Each record is committed after its
+//! effect; every effect is idempotent (the provider's message id is the stored message's id);
+//! a payload that does not parse goes to the dead-letter topic with the reason.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use integrations::events::{
+    self, ConversationEvent, DeadLetter, DeliveryState, DeliveryStatus, InboundChannel,
+    InboundMessage, OutboundEmail, OutboundSms, PushNotification, PushReason, SmsChannel,
+};
+use integrations::{Bus, Consumer, Record, Topics};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use serde::Serialize;
+use storage::records::{
+    self, Channel, ChannelKey, Contact, ContactAddress, Conversation, Delivery, Inbox, Versioned,
+};
+use storage::{Direction, Message, RoomKey, RoomKind, Timestamp};
+use tokio::sync::Notify;
+
+use crate::auth::{Claims, Role};
+use crate::cmd::{chat::Chat, Posted, RoomAction};
+use crate::codec::{ErrorCode, FrameBuilder};
+use crate::http::records::{open, Opening, WhenOpen};
+use crate::outbox::FrameClass;
+use crate::presence::UserKey;
+use crate::server::Shared;
+use crate::shard::{shard_of, Route, Shard, ShardCommand, Slot};
+
+/// The code of the frames that tell the team about a message's delivery.
+pub const DELIVERY_RESPONSE: &str = "delivery_response";
+/// The consumer group the gateway reads its topics in.
+const GROUP: &str = "gateway";
+/// Characters of a message a push quotes.
+const PUSH_PREVIEW_CHARS: usize = 140;
+
+/// An event on its way to the bus.
+// Messages are nearly every event: boxing them would add an allocation to each.
+#[allow(clippy::large_enum_variant)]
+enum Pending {
+    Message {
+        room: RoomKey,
+        kind: RoomKind,
+        message: Message,
+        /// The room's participants (conversations only: the push candidates).
+        participants: Vec<String>,
+    },
+    Change {
+        room: RoomKey,
+        change: &'static str,
+        conversation: Box<Conversation>,
+    },
+}
+
+impl Pending {
+    /// What it holds, roughly, in bytes (the buffer's bound).
+    fn size(&self) -> usize {
+        match self {
+            Pending::Message { message, .. } => 512 + message.message.len(),
+            Pending::Change { .. } => 1024,
+        }
+    }
+}
+
+/// The bus metrics: events published and dropped, publish failures, what waits.
+struct BusMetrics {
+    published: IntCounter,
+    dropped: IntCounter,
+    publish_failures: IntCounter,
+    buffered_bytes: IntGauge,
+    consumed: IntCounterVec,
+}
+
+/// The gateway's side of the bus.
+pub struct Integration {
+    pub bus: Arc<dyn Bus>,
+    pub topics: Topics,
+    /// One buffer per shard, so that shards never wait on each other for it; each holds its
+    /// share of the bound.
+    buffers: Vec<Mutex<(VecDeque<Pending>, usize)>>,
+    max_shard_bytes: usize,
+    /// Where the publisher looks first next (it takes from the buffers in turn).
+    next_buffer: std::sync::atomic::AtomicUsize,
+    ready: Notify,
+    metrics: BusMetrics,
+    /// Whether the last publish succeeded (`/readyz` detail).
+    healthy: std::sync::atomic::AtomicBool,
+}
+
+impl Integration {
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        topics: Topics,
+        max_buffer_bytes: usize,
+        shards: usize,
+        registry: &crate::metrics::Metrics,
+    ) -> Integration {
+        let events = IntCounterVec::new(
+            Opts::new(
+                "gateway_bus_events_total",
+                "events for the bus, by outcome: published, or dropped (the buffer was full: the oldest goes)",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
+        let publish_failures = IntCounter::new(
+            "gateway_bus_publish_failures_total",
+            "publishes the bus refused or failed (each is retried)",
+        )
+        .unwrap();
+        let buffered_bytes = IntGauge::new(
+            "gateway_bus_buffered_bytes",
+            "bytes of events waiting for the bus",
+        )
+        .unwrap();
+        let consumed = IntCounterVec::new(
+            Opts::new(
+                "gateway_bus_consumed_total",
+                "records the gateway read from the bus, by topic and outcome (handled, dead_letter, retried)",
+            ),
+            &["topic", "outcome"],
+        )
+        .unwrap();
+        for collector in [
+            Box::new(events.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(publish_failures.clone()),
+            Box::new(buffered_bytes.clone()),
+            Box::new(consumed.clone()),
+        ] {
+            registry.register(collector);
+        }
+        for topic in [&topics.inbound_messages, &topics.delivery_status] {
+            for outcome in ["handled", "dead_letter", "retried"] {
+                consumed.with_label_values(&[topic, outcome]);
+            }
+        }
+        Integration {
+            bus,
+            topics,
+            buffers: (0..shards.max(1))
+                .map(|_| Mutex::new((VecDeque::new(), 0)))
+                .collect(),
+            max_shard_bytes: max_buffer_bytes / shards.max(1),
+            next_buffer: std::sync::atomic::AtomicUsize::new(0),
+            ready: Notify::new(),
+            metrics: BusMetrics {
+                published: events.with_label_values(&["published"]),
+                dropped: events.with_label_values(&["dropped"]),
+                publish_failures,
+                buffered_bytes,
+                consumed,
+            },
+            healthy: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// Whether the bus took the latest publish.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn push(&self, shard: usize, pending: Pending) {
+        let size = pending.size();
+        {
+            let mut buffer = self.buffers[shard % self.buffers.len()]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            buffer.1 += size;
+            buffer.0.push_back(pending);
+            while buffer.1 > self.max_shard_bytes {
+                let Some(oldest) = buffer.0.pop_front() else {
+                    break;
+                };
+                buffer.1 -= oldest.size();
+                self.metrics.dropped.inc();
+            }
+        }
+        self.metrics.buffered_bytes.add(size as i64);
+        self.ready.notify_one();
+    }
+
+    async fn pop(&self) -> Pending {
+        use std::sync::atomic::Ordering;
+        loop {
+            let notified = self.ready.notified();
+            let start = self.next_buffer.fetch_add(1, Ordering::Relaxed);
+            for i in 0..self.buffers.len() {
+                let index = (start + i) % self.buffers.len();
+                let mut buffer = self.buffers[index]
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if let Some(pending) = buffer.0.pop_front() {
+                    buffer.1 -= pending.size();
+                    drop(buffer);
+                    self.metrics.buffered_bytes.sub(pending.size() as i64);
+                    return pending;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// A message was stored and announced (called on the room's shard; never waits).
+    pub(crate) fn message_stored(
+        &self,
+        shard: usize,
+        room: &RoomKey,
+        kind: RoomKind,
+        message: &Message,
+        participants: &[String],
+    ) {
+        let participants = if kind == RoomKind::Team {
+            Vec::new()
+        } else {
+            participants.to_vec()
+        };
+        self.push(
+            shard,
+            Pending::Message {
+                room: room.clone(),
+                kind,
+                message: message.clone(),
+                participants,
+            },
+        );
+    }
+
+    /// A conversation changed (called on the room's shard; never waits).
+    pub(crate) fn conversation_changed(
+        &self,
+        shard: usize,
+        room: &RoomKey,
+        change: &'static str,
+        conversation: &Conversation,
+    ) {
+        self.push(
+            shard,
+            Pending::Change {
+                room: room.clone(),
+                change,
+                conversation: Box::new(conversation.clone()),
+            },
+        );
+    }
+
+    /// Publishes until the bus takes it, backing off while it cannot.
+    async fn publish(&self, topic: &str, key: &str, payload: Bytes) {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.bus.publish(topic, key, payload.clone()).await {
+                Ok(()) => {
+                    self.metrics.published.inc();
+                    self.healthy
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    self.metrics.publish_failures.inc();
+                    self.healthy
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(topic, error = %e, "the bus did not take an event; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Starts the publisher and the consumers of the gateway's topics.
+pub(crate) fn start(shared: &Arc<Shared>) {
+    tokio::spawn(run_publisher(shared.clone()));
+    let integration = &shared.integration;
+    let inbound = integration
+        .bus
+        .subscribe(&integration.topics.inbound_messages, GROUP);
+    tokio::spawn(consume(shared.clone(), inbound, Topic::Inbound));
+    let status = integration
+        .bus
+        .subscribe(&integration.topics.delivery_status, GROUP);
+    tokio::spawn(consume(shared.clone(), status, Topic::Delivery));
+}
+
+async fn run_publisher(shared: Arc<Shared>) {
+    let integration = &shared.integration;
+    let mut shutdown = shared.shutdown_signal();
+    loop {
+        let pending = tokio::select! {
+            pending = integration.pop() => pending,
+            _ = shutdown.changed() => return,
+        };
+        match pending {
+            Pending::Message {
+                room,
+                kind,
+                message,
+                participants,
+            } => publish_message(&shared, &room, kind, &message, &participants).await,
+            Pending::Change {
+                room,
+                change,
+                conversation,
+            } => {
+                let event = ConversationEvent::ConversationChanged {
+                    v: events::VERSION,
+                    tenant_id: room.tenant_id.clone(),
+                    room_id: room.room_id.clone(),
+                    change: change.to_owned(),
+                    conversation: serde_json::to_value(&*conversation).unwrap_or_default(),
+                };
+                let topic = &integration.topics.conversation_events;
+                integration
+                    .publish(topic, &room.room_id, events::encode(&event))
+                    .await;
+            }
+        }
+    }
+}
+
+async fn publish_message(
+    shared: &Shared,
+    room: &RoomKey,
+    kind: RoomKind,
+    message: &Message,
+    participants: &[String],
+) {
+    let integration = &shared.integration;
+    let topics = &integration.topics;
+    // Notes stay inside: no topic carries them; a mention pushes the conversation's name only.
+    if message.direction == Direction::Note {
+        for user in &message.mentions {
+            push(shared, room, message, user, PushReason::Mention).await;
+        }
+        return;
+    }
+    let event = ConversationEvent::MessageCreated {
+        v: events::VERSION,
+        tenant_id: room.tenant_id.clone(),
+        room_id: room.room_id.clone(),
+        message: serde_json::to_value(message).unwrap_or_default(),
+    };
+    integration
+        .publish(
+            &topics.conversation_events,
+            &room.room_id,
+            events::encode(&event),
+        )
+        .await;
+    if kind == RoomKind::Team {
+        return;
+    }
+    for user in participants.iter().filter(|p| **p != message.sender) {
+        push(shared, room, message, user, PushReason::Message).await;
+    }
+    if message.direction == Direction::Outgoing {
+        outbound(shared, room, message).await;
+    }
+}
+
+/// A push for `user` when it has no live connection.
+async fn push(shared: &Shared, room: &RoomKey, message: &Message, user: &str, reason: PushReason) {
+    let key = UserKey {
+        tenant: room.tenant_id.clone(),
+        user_id: user.to_owned(),
+    };
+    if !shared.presence.connections(&key).is_empty() {
+        return;
+    }
+    let body = match reason {
+        PushReason::Mention => format!("{} mentioned you", message.sender),
+        PushReason::Message => message.message.chars().take(PUSH_PREVIEW_CHARS).collect(),
+    };
+    let notification = PushNotification {
+        v: events::VERSION,
+        tenant_id: room.tenant_id.clone(),
+        user_id: user.to_owned(),
+        room_id: room.room_id.clone(),
+        message_id: message.message_id.clone(),
+        reason,
+        title: room.room_id.clone(),
+        body,
+    };
+    let integration = &shared.integration;
+    integration
+        .publish(
+            &integration.topics.notifications_push,
+            &room.room_id,
+            events::encode(&notification),
+        )
+        .await;
+}
+
+/// An agent's message in an SMS, WhatsApp or email conversation goes to its worker.
+async fn outbound(shared: &Shared, room: &RoomKey, message: &Message) {
+    let store = &shared.store;
+    let tenant = room.tenant_id.as_str();
+    let load = async {
+        let Some(conversation) =
+            records::load::<Conversation, _>(store, tenant, &room.room_id).await?
+        else {
+            return Ok(None);
+        };
+        let conversation = conversation.value;
+        let (Some(inbox_id), Some(contact_id)) = (&conversation.inbox_id, &conversation.contact_id)
+        else {
+            return Ok(None);
+        };
+        let inbox = records::load::<Inbox, _>(store, tenant, inbox_id).await?;
+        let contact = records::load::<Contact, _>(store, tenant, contact_id).await?;
+        Ok::<_, storage::Error>(
+            inbox
+                .zip(contact)
+                .map(|(i, c)| (conversation, i.value, c.value)),
+        )
+    };
+    let (conversation, inbox, contact) = match load.await {
+        Ok(Some(found)) => found,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "an outbound message's conversation could not be read; not sent");
+            return;
+        }
+    };
+    let topics = &shared.integration.topics;
+    let media_urls: Vec<String> = message
+        .attached_files
+        .iter()
+        .filter(|f| f.starts_with("https://") || f.starts_with("http://"))
+        .cloned()
+        .collect();
+    let (topic, payload) = match (&inbox.channel, &contact) {
+        (
+            Channel::Sms { phone_number },
+            Contact {
+                phone: Some(to), ..
+            },
+        )
+        | (
+            Channel::Whatsapp { phone_number },
+            Contact {
+                phone: Some(to), ..
+            },
+        ) => {
+            let channel = match inbox.channel {
+                Channel::Whatsapp { .. } => SmsChannel::Whatsapp,
+                _ => SmsChannel::Sms,
+            };
+            let sms = OutboundSms {
+                v: events::VERSION,
+                tenant_id: tenant.to_owned(),
+                room_id: room.room_id.clone(),
+                message_id: message.message_id.clone(),
+                channel,
+                from: phone_number.clone(),
+                to: to.clone(),
+                body: message.message.clone(),
+                media_urls,
+            };
+            (&topics.outbound_sms, events::encode(&sms))
+        }
+        (
+            Channel::Email { address },
+            Contact {
+                email: Some(to), ..
+            },
+        ) => {
+            let email = OutboundEmail {
+                v: events::VERSION,
+                tenant_id: tenant.to_owned(),
+                room_id: room.room_id.clone(),
+                message_id: message.message_id.clone(),
+                from: address.clone(),
+                to: to.clone(),
+                subject: format!("Re: {}", conversation.title),
+                text: message.message.clone(),
+                in_reply_to: None,
+                references: Vec::new(),
+            };
+            (&topics.outbound_email, events::encode(&email))
+        }
+        _ => return,
+    };
+    let key = room.room_id.clone();
+    shared.integration.publish(topic, &key, payload).await;
+    // Queued: the worker moves it on.
+    let status = DeliveryStatus {
+        v: events::VERSION,
+        tenant_id: tenant.to_owned(),
+        room_id: room.room_id.clone(),
+        message_id: message.message_id.clone(),
+        status: DeliveryState::Queued,
+        provider_id: None,
+        error_code: None,
+        error_message: None,
+    };
+    if let Err(e) = apply_delivery(shared, &status).await {
+        tracing::warn!(error = %e, "a queued delivery state could not be saved");
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Topic {
+    Inbound,
+    Delivery,
+}
+
+/// What handling a record came to.
+enum Outcome {
+    Handled,
+    /// Not readable, or refused for good: to the dead-letter topic.
+    Dead(String),
+    /// A passing failure (storage): read again.
+    Retry(String),
+}
+
+async fn consume(shared: Arc<Shared>, mut consumer: Box<dyn Consumer>, topic: Topic) {
+    let mut shutdown = shared.shutdown_signal();
+    loop {
+        let record = tokio::select! {
+            record = consumer.next() => match record {
+                Some(record) => record,
+                None => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let outcome = match topic {
+                Topic::Inbound => handle_inbound(&shared, &record).await,
+                Topic::Delivery => handle_delivery(&shared, &record).await,
+            };
+            let metrics = &shared.integration.metrics.consumed;
+            match outcome {
+                Outcome::Handled => {
+                    metrics.with_label_values(&[&record.topic, "handled"]).inc();
+                    break;
+                }
+                Outcome::Dead(reason) => {
+                    metrics
+                        .with_label_values(&[&record.topic, "dead_letter"])
+                        .inc();
+                    dead_letter(&shared, &record, reason).await;
+                    break;
+                }
+                Outcome::Retry(reason) => {
+                    metrics.with_label_values(&[&record.topic, "retried"]).inc();
+                    tracing::warn!(topic = %record.topic, reason, "a record will be handled again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        // After the effect: a crash before this reads the record again.
+        consumer.commit(&record);
+    }
+}
+
+async fn dead_letter(shared: &Shared, record: &Record, reason: String) {
+    tracing::warn!(topic = %record.topic, reason, "a record went to the dead-letter topic");
+    let letter = DeadLetter {
+        v: events::VERSION,
+        topic: record.topic.to_string(),
+        key: record.key.clone(),
+        reason,
+        payload: String::from_utf8_lossy(&record.payload).into_owned(),
+    };
+    let integration = &shared.integration;
+    integration
+        .publish(
+            &integration.topics.dead_letters,
+            &record.key,
+            events::encode(&letter),
+        )
+        .await;
+}
+
+/// The id an inbound message is stored under: the provider's, made to fit a message id
+/// (1–64 bytes) when it is longer (an email's `Message-ID`).
+fn inbound_message_id(provider_id: &str) -> String {
+    if !provider_id.is_empty() && provider_id.len() <= 64 {
+        return provider_id.to_owned();
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(provider_id.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("in-{}", &hex[..48])
+}
+
+async fn handle_inbound(shared: &Arc<Shared>, record: &Record) -> Outcome {
+    let inbound: InboundMessage = match events::decode(&record.payload) {
+        Ok(inbound) => inbound,
+        Err(e) => return Outcome::Dead(e.to_string()),
+    };
+    let store = &shared.store;
+    let channel = match inbound.channel {
+        InboundChannel::Sms => Channel::Sms {
+            phone_number: inbound.to.clone(),
+        },
+        InboundChannel::Whatsapp => Channel::Whatsapp {
+            phone_number: inbound.to.clone(),
+        },
+        InboundChannel::Email => Channel::Email {
+            address: inbound.to.clone(),
+        },
+    };
+    let retry = |e: storage::Error| Outcome::Retry(e.to_string());
+    let key =
+        match records::load::<ChannelKey, _>(store, ChannelKey::TENANT, &ChannelKey::id(&channel))
+            .await
+        {
+            Ok(Some(key)) => key.value,
+            Ok(None) => return Outcome::Dead(format!("no inbox receives at {:?}", inbound.to)),
+            Err(e) => return retry(e),
+        };
+    let tenant = key.tenant_id.as_str();
+    match records::load::<Inbox, _>(store, tenant, &key.inbox_id).await {
+        Ok(Some(inbox)) if ChannelKey::id(&inbox.value.channel) == ChannelKey::id(&channel) => {}
+        Ok(_) => return Outcome::Dead(format!("no inbox receives at {:?}", inbound.to)),
+        Err(e) => return retry(e),
+    }
+    let contact = match contact_of(shared, tenant, &inbound).await {
+        Ok(contact) => contact,
+        Err(outcome) => return outcome,
+    };
+    let claims = Claims {
+        sub: contact.contact_id.clone(),
+        tenant: tenant.to_owned(),
+        role: Role::Customer,
+        exp: u64::MAX,
+        name: Some(contact.name.clone()),
+        aud: None,
+        iss: None,
+    };
+    let opened = open(
+        shared,
+        &claims,
+        Opening {
+            room_id: None,
+            kind: RoomKind::Prospect,
+            contact: Some(contact.clone()),
+            inbox_id: Some(key.inbox_id.clone()),
+            title: None,
+            participants: vec![contact.contact_id.clone()],
+            when_open: WhenOpen::Reopen,
+        },
+    )
+    .await;
+    let room_id = match opened {
+        Ok(opened) => opened.conversation.room_id,
+        Err(e) if e.status.is_server_error() => return Outcome::Retry(e.message),
+        Err(e) => return Outcome::Dead(e.message),
+    };
+    let mut metadata = serde_json::Map::new();
+    metadata.insert(
+        "inbound".to_owned(),
+        serde_json::json!({
+            "channel": inbound.channel,
+            "provider_id": inbound.provider_id,
+            "from": inbound.from,
+            "subject": inbound.subject,
+            "attachments": inbound.attachments,
+        }),
+    );
+    let text = if inbound.text.is_empty() && !inbound.attachments.is_empty() {
+        "(attachment)".to_owned()
+    } else {
+        inbound.text
+    };
+    if text.len() > crate::cmd::chat::MAX_TEXT_BYTES {
+        return Outcome::Dead("the message is longer than 16384 bytes".to_owned());
+    }
+    let chat = Chat {
+        message: text,
+        message_id: Some(inbound_message_id(&inbound.provider_id)),
+        attached_files: Vec::new(),
+        reply_to: None,
+        kind: storage::MessageType::Text,
+        metadata,
+    };
+    let action = RoomAction::Post(Posted::Chat(chat));
+    match crate::http::call::room(shared, Arc::new(claims), &room_id, action).await {
+        Ok(_) => Outcome::Handled,
+        Err(e) if e.code == ErrorCode::Unavailable => Outcome::Retry(e.message),
+        // A redelivery of a stored message answers it again: handled.
+        Err(e) => Outcome::Dead(e.message),
+    }
+}
+
+/// The contact an inbound message is from: found by its number or address, or made now.
+async fn contact_of(
+    shared: &Shared,
+    tenant: &str,
+    inbound: &InboundMessage,
+) -> Result<Contact, Outcome> {
+    let store = &shared.store;
+    let retry = |e: storage::Error| Outcome::Retry(e.to_string());
+    let address = match inbound.channel {
+        InboundChannel::Email => ContactAddress::email(&inbound.from),
+        _ => ContactAddress::phone(&inbound.from),
+    };
+    let existing = records::load::<ContactAddress, _>(store, tenant, &address)
+        .await
+        .map_err(retry)?;
+    if let Some(pointer) = existing {
+        if let Some(contact) = records::load::<Contact, _>(store, tenant, &pointer.value.contact_id)
+            .await
+            .map_err(retry)?
+        {
+            return Ok(contact.value);
+        }
+    }
+    let (email, phone) = match inbound.channel {
+        InboundChannel::Email => (Some(inbound.from.clone()), None),
+        _ => (None, Some(inbound.from.clone())),
+    };
+    let contact = Contact {
+        contact_id: ulid::Ulid::new().to_string(),
+        name: inbound
+            .from_name
+            .clone()
+            .filter(|n| !n.is_empty() && n.len() <= 256)
+            .unwrap_or_else(|| inbound.from.clone()),
+        email,
+        phone,
+        avatar_url: None,
+        external_ids: Default::default(),
+        custom_attributes: Default::default(),
+        created_at: Timestamp::now(),
+    };
+    // The pointer first: of two messages racing from a new number, one makes the contact.
+    let claim = Versioned {
+        value: ContactAddress {
+            contact_id: contact.contact_id.clone(),
+        },
+        version: 0,
+    };
+    match records::save(store, tenant, &address, claim).await {
+        Ok(_) => {}
+        Err(storage::Error::VersionConflict { .. }) => {
+            return Err(Outcome::Retry(
+                "the contact is being made by another message".into(),
+            ))
+        }
+        Err(e) => return Err(retry(e)),
+    }
+    crate::http::records::save_contact(shared, tenant, contact)
+        .await
+        .map(|(contact, _)| contact)
+        .map_err(|e| Outcome::Retry(e.message))
+}
+
+/// Moves a message's delivery state forward; `Ok(Some)` with the new state when it moved.
+async fn apply_delivery(
+    shared: &Shared,
+    status: &DeliveryStatus,
+) -> Result<Option<Delivery>, storage::Error> {
+    let id = Delivery::id(&status.room_id, &status.message_id);
+    let mut moved = false;
+    let saved =
+        records::update::<Delivery, _, _>(&shared.store, &status.tenant_id, &id, |current| {
+            let state = current.and_then(|c| {
+                serde_json::from_value::<DeliveryState>(serde_json::Value::String(c.status.clone()))
+                    .ok()
+            });
+            moved = state.is_none_or(|state| state.may_become(status.status));
+            if !moved {
+                return Ok(None);
+            }
+            Ok(Some(Delivery {
+                status: status.status.as_str().to_owned(),
+                provider_id: status
+                    .provider_id
+                    .clone()
+                    .or_else(|| current.and_then(|c| c.provider_id.clone())),
+                error_code: status.error_code.clone(),
+                error_message: status.error_message.clone(),
+                updated_at: Timestamp::now(),
+            }))
+        })
+        .await?;
+    Ok(saved.filter(|_| moved).map(|s| s.value))
+}
+
+#[derive(Serialize)]
+struct DeliveryData<'a> {
+    message_id: &'a str,
+    status: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_message: Option<&'a str>,
+}
+
+async fn handle_delivery(shared: &Arc<Shared>, record: &Record) -> Outcome {
+    let status: DeliveryStatus = match events::decode(&record.payload) {
+        Ok(status) => status,
+        Err(e) => return Outcome::Dead(e.to_string()),
+    };
+    let moved = match apply_delivery(shared, &status).await {
+        Ok(moved) => moved,
+        Err(e) => return Outcome::Retry(e.to_string()),
+    };
+    if let Some(delivery) = moved {
+        tell_team(shared, &status, &delivery);
+    }
+    Outcome::Handled
+}
+
+/// Tells the team members in the room (if it is loaded) about a delivery state.
+fn tell_team(shared: &Shared, status: &DeliveryStatus, delivery: &Delivery) {
+    let room = RoomKey::new(&status.tenant_id, &status.room_id);
+    let frame = FrameBuilder::success(
+        DELIVERY_RESPONSE,
+        "system",
+        Some(&room.room_id),
+        None,
+        DeliveryData {
+            message_id: &status.message_id,
+            status: &delivery.status,
+            provider_id: delivery.provider_id.as_deref(),
+            error_code: delivery.error_code.as_deref(),
+            error_message: delivery.error_message.as_deref(),
+        },
+    );
+    let shard = &shared.shards[shard_of(&room, shared.shards.len())];
+    let work = ShardCommand::Run(Box::new(move |shard: &mut Shard| {
+        shard.tell_team(&room, &frame);
+    }));
+    if shard.commands.try_send(work).is_err() {
+        tracing::warn!("a delivery event was dropped: the room's shard is overloaded");
+    }
+}
+
+impl Shard {
+    /// Sends `frame` to the room's team members (agents and admins), if the room is loaded.
+    pub(crate) fn tell_team(&mut self, room: &RoomKey, frame: &Bytes) {
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let route = Route::new(&self.shared.shards, self.index);
+        let members = state
+            .members
+            .values_mut()
+            .filter(|m| m.conn.claims.role.sees_notes());
+        let n = route.broadcast(&mut self.lists, members, frame, FrameClass::Durable);
+        self.shared.metrics.deliveries.inc_by(n);
+    }
+}
