@@ -219,12 +219,21 @@ pub struct ConversationPatch {
     /// Assign to a user; `null` unassigns.
     #[serde(default, deserialize_with = "nullable")]
     pub assignee: Option<Option<String>>,
+    /// A precondition: change it only while this is its assignee (`null`: nobody). Of agents
+    /// racing to take a conversation with `"if_assignee": null`, one wins; the others are
+    /// refused, told who has it.
+    #[serde(default, deserialize_with = "nullable")]
+    pub if_assignee: Option<Option<String>>,
 }
 
 impl ConversationPatch {
     /// Checks the bounds; an empty patch is refused too.
     pub fn validate(&self, now: Timestamp) -> Result<(), ProtocolError> {
-        if *self == ConversationPatch::default() {
+        let changes = ConversationPatch {
+            if_assignee: None,
+            ..self.clone()
+        };
+        if changes == ConversationPatch::default() {
             return Err(ProtocolError::bad_request("data: nothing to change"));
         }
         if let Some(Some(until)) = self.snoozed_until {
@@ -452,7 +461,17 @@ impl ConversationChange {
 
     fn apply_at(&self, c: &mut Conversation, now: Timestamp) -> Result<bool, ProtocolError> {
         match self {
-            ConversationChange::Update(patch) => Ok(patch.apply(c)),
+            ConversationChange::Update(patch) => {
+                if let Some(expected) = &patch.if_assignee {
+                    if c.assignee != *expected {
+                        return Err(ProtocolError::bad_request(match &c.assignee {
+                            Some(agent) => format!("data.if_assignee: {agent} has it now"),
+                            None => "data.if_assignee: nobody has it now".to_owned(),
+                        }));
+                    }
+                }
+                Ok(patch.apply(c))
+            }
             ConversationChange::End(reason) => {
                 if c.status == ConversationStatus::Ended {
                     return Err(ProtocolError::bad_request(

@@ -256,3 +256,54 @@ async fn two_agents_racing_to_take_one_conversation_make_one_agent_joined() {
     assert!(metrics.contains("gateway_conversation_queue_seconds_count 1"));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_conditional_take_lets_one_of_two_racing_agents_win() {
+    let server = TestServer::start().await;
+    let mut watcher = subscribed(&server, "watcher").await;
+    let mut cust = waiting_customer(&server, "race2").await;
+    let queued = cust.request("escalate", Some("race2"), json!({})).await;
+    assert_eq!(queued["status"], "success", "{queued}");
+    let mut alice = server.connect("alice", TENANT, Role::Agent).await;
+    let mut bob = server.connect("bob", TENANT, Role::Agent).await;
+    for (client, user) in [(&mut alice, "alice"), (&mut bob, "bob")] {
+        client
+            .send(
+                json!({"code": "conversation_update", "user_id": user, "room_id": "race2",
+                         "ref": format!("take-{user}"),
+                         "data": {"assignee": user, "if_assignee": null}}),
+            )
+            .await;
+    }
+    let a = alice.recv_code("conversation_update_response").await;
+    let b = bob.recv_code("conversation_update_response").await;
+    let (won, lost, winner) = match (a["status"].as_str(), b["status"].as_str()) {
+        (Some("success"), Some("error")) => (a, b, "alice"),
+        (Some("error"), Some("success")) => (b, a, "bob"),
+        other => panic!("exactly one take must win: {other:?} {a} {b}"),
+    };
+    assert_eq!(won["data"]["assignee"], winner, "{won}");
+    assert_eq!(lost["data"]["error_code"], "BAD_REQUEST");
+    let message = lost["data"]["message"].as_str().unwrap();
+    assert_eq!(message, format!("data.if_assignee: {winner} has it now"));
+    // One event: the winner joined; the refused take changed nothing.
+    let mut changes = Vec::new();
+    while let Some(event) = watcher.recv_within(Duration::from_millis(500)).await {
+        if event["code"] == "conversation_response" && event["room_id"] == "race2" {
+            changes.push(event["data"]["change"].clone());
+        }
+    }
+    let joined = changes.iter().filter(|c| **c == "agent_joined").count();
+    let updated = changes.iter().filter(|c| **c == "updated").count();
+    assert_eq!((joined, updated), (1, 0), "{changes:?}");
+    // A precondition alone changes nothing.
+    let nothing = alice
+        .request(
+            "conversation_update",
+            Some("race2"),
+            json!({"if_assignee": winner}),
+        )
+        .await;
+    assert_eq!(nothing["data"]["error_code"], "BAD_REQUEST", "{nothing}");
+    server.stop().await;
+}
