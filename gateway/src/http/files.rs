@@ -56,6 +56,13 @@ pub trait FileStore: Send + Sync {
     ) -> futures_util::future::BoxFuture<'a, std::io::Result<Bytes>>;
 }
 
+/// A tenant's folder in a file store: named by a digest, as tenant names may hold any
+/// character.
+fn tenant_folder(tenant: &str) -> String {
+    let digest = Sha256::digest(tenant.as_bytes());
+    digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Files in a directory: `<dir>/<tenant digest>/<file id>`, written to a temporary name and
 /// renamed into place.
 pub struct LocalFiles {
@@ -67,11 +74,8 @@ impl LocalFiles {
         LocalFiles { dir }
     }
 
-    /// A tenant's folder: named by a digest, as tenant names may hold any character.
     fn path(&self, tenant: &str, file_id: &str) -> PathBuf {
-        let digest = Sha256::digest(tenant.as_bytes());
-        let folder: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-        self.dir.join(folder).join(file_id)
+        self.dir.join(tenant_folder(tenant)).join(file_id)
     }
 }
 
@@ -143,9 +147,10 @@ impl S3Files {
     }
 
     fn path(&self, tenant: &str, file_id: &str) -> object_store::path::Path {
-        let digest = Sha256::digest(tenant.as_bytes());
-        let folder: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-        self.prefix.clone().join(folder).join(file_id)
+        self.prefix
+            .clone()
+            .join(tenant_folder(tenant))
+            .join(file_id)
     }
 }
 
