@@ -326,6 +326,11 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_MAX_FILE_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub max_file_bytes: u64,
 
+    /// Most bytes of uploads held at once across the process, in MiB (an upload is held in
+    /// memory while it arrives); an upload that does not fit gets 503 with `Retry-After`.
+    #[arg(long, env = "GATEWAY_UPLOADS_IN_FLIGHT_MIB", default_value_t = 256)]
+    pub uploads_in_flight_mib: u32,
+
     /// Content types an upload may have (comma-separated; `image/*` takes every image type).
     #[arg(
         long,

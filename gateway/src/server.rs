@@ -57,6 +57,9 @@ pub struct Shared {
     pub widget_sessions: TenantBudgets,
     /// The integration bus and the events waiting for it.
     pub integration: crate::integration::Integration,
+    /// Uploads in flight, in KiB: every upload holds its size (its declared length, or the
+    /// largest a file may be) while it arrives.
+    pub upload_budget: Arc<tokio::sync::Semaphore>,
     /// Where uploaded files' bytes are kept.
     pub files: Box<dyn crate::http::files::FileStore>,
     /// Permits for presence broadcasts (each a task collecting members from the shards): at
@@ -217,6 +220,9 @@ impl Gateway {
             metrics.analytics_dropped.clone(),
         )?;
         let widget_sessions = TenantBudgets::per_minute(config.widget_sessions_per_ip_minute);
+        let upload_budget = Arc::new(tokio::sync::Semaphore::new(
+            config.uploads_in_flight_mib as usize * 1024,
+        ));
         let files =
             crate::http::files::file_store(config.files_url.as_deref(), config.files_dir())?;
         // The in-process bus holds what its readers have not committed, up to this per topic.
@@ -240,6 +246,7 @@ impl Gateway {
             dashboards: Default::default(),
             room_creations,
             widget_sessions,
+            upload_budget,
             files,
             integration,
             presence_tasks: Arc::new(tokio::sync::Semaphore::new(PRESENCE_TASKS)),

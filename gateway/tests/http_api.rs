@@ -858,3 +858,36 @@ async fn contacts_and_inboxes_are_listed_newest_first_page_by_page_per_tenant() 
     assert_eq!(page["next"], Value::Null);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn uploads_in_flight_are_bounded_in_bytes() {
+    let server = TestServer::start_with(|config| {
+        config.max_file_bytes = 4 << 20;
+        config.uploads_in_flight_mib = 1;
+    })
+    .await;
+    let api = Api::of(&server);
+    // Larger than all the process may hold at once: refused before it is read, retry later.
+    let part = reqwest::multipart::Part::bytes(png(2 << 20))
+        .file_name("big.png")
+        .mime_str("image/png")
+        .unwrap();
+    let response = api
+        .http
+        .post(format!("{}/files", api.base))
+        .bearer_auth(agent())
+        .multipart(reqwest::multipart::Form::new().part("file", part))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(code_of(&error), "UNAVAILABLE");
+    // What fits goes through, and gives its share back.
+    for _ in 0..3 {
+        let (status, _) = upload(&api, &agent(), png(600 << 10), "image/png", None).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    server.stop().await;
+}

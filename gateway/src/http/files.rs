@@ -378,16 +378,36 @@ pub(crate) async fn upload(shared: Arc<Shared>, req: Request<Incoming>) -> ApiRe
                 "the body must be multipart/form-data",
             )
         })?;
-    if let Some(length) = req
+    let declared = req
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if length > max + FORM_OVERHEAD {
-            return Err(too_large(max));
-        }
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > max + FORM_OVERHEAD) {
+        return Err(too_large(max));
     }
+    // Held in memory while it arrives: the process holds a bounded number of bytes of uploads
+    // at once, counting each at its declared length (or the largest it may be).
+    let kib = declared
+        .unwrap_or(max + FORM_OVERHEAD)
+        .div_ceil(1024)
+        .max(1);
+    let _held = u32::try_from(kib)
+        .ok()
+        .and_then(|kib| {
+            shared
+                .upload_budget
+                .clone()
+                .try_acquire_many_owned(kib)
+                .ok()
+        })
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                "too many uploads in progress, retry later",
+            )
+        })?;
     let stream = BodyStream::new(req.into_body())
         .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) });
     let constraints = multer::Constraints::new().size_limit(
