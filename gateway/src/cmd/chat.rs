@@ -153,14 +153,7 @@ impl Shard {
                 Posted::Chat(_) => Code::Chat,
                 Posted::Note(_) => Code::Note,
             };
-            self.reply_error(
-                &call.conn,
-                code,
-                &call.room,
-                call.reference.as_deref(),
-                error,
-            );
-            return self.maybe_unload(&call.room);
+            return self.refuse(call, code, error);
         }
         match posted {
             Posted::Chat(chat) => self.chat(call, chat),
