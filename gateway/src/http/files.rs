@@ -392,22 +392,31 @@ pub(crate) async fn upload(shared: Arc<Shared>, req: Request<Incoming>) -> ApiRe
         .unwrap_or(max + FORM_OVERHEAD)
         .div_ceil(1024)
         .max(1);
-    let _held = u32::try_from(kib)
-        .ok()
-        .and_then(|kib| {
-            shared
-                .upload_budget
-                .clone()
-                .try_acquire_many_owned(kib)
-                .ok()
-        })
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UNAVAILABLE",
-                "too many uploads in progress, retry later",
-            )
-        })?;
+    let held = u32::try_from(kib).ok().and_then(|kib| {
+        shared
+            .upload_budget
+            .clone()
+            .try_acquire_many_owned(kib)
+            .ok()
+    });
+    let Some(_held) = held else {
+        // Read and dropped as it arrives (nothing is held), so that the client, still sending,
+        // gets the answer instead of a broken connection.
+        let mut body = req.into_body();
+        let mut left = max + FORM_OVERHEAD;
+        while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+            let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+            match left.checked_sub(len) {
+                Some(rest) => left = rest,
+                None => break,
+            }
+        }
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "too many uploads in progress, retry later",
+        ));
+    };
     let stream = BodyStream::new(req.into_body())
         .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) });
     let constraints = multer::Constraints::new().size_limit(
