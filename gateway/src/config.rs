@@ -301,6 +301,33 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_BUS_BUFFER_MIB", default_value_t = 64)]
     pub bus_buffer_mib: usize,
 
+    /// Apache Kafka brokers (`host:port,…`) to carry the integration bus. Without it the bus
+    /// is in-process and the workers configured here run inside the gateway.
+    #[arg(long, env = "GATEWAY_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+
+    /// Most bytes, in MiB, of records the Kafka producer holds for the brokers (while Kafka is
+    /// down they wait there; past it events wait in `--bus-buffer-mib`).
+    #[arg(long, env = "GATEWAY_KAFKA_BUFFER_MIB", default_value_t = 64)]
+    pub kafka_buffer_mib: usize,
+
+    /// A prefix of every bus topic's name (`staging.` makes `staging.outbound.sms`, …); the
+    /// workers take the same with `--topic-prefix`.
+    #[arg(long, env = "GATEWAY_BUS_TOPIC_PREFIX", default_value = "")]
+    pub bus_topic_prefix: String,
+
+    /// The SMS worker (Twilio): inside the gateway when it is configured and there is no Kafka.
+    #[command(flatten)]
+    pub sms: workers::sms::SmsConfig,
+
+    /// The email worker (SMTP out, inbound-parse webhook in): as the SMS worker.
+    #[command(flatten)]
+    pub email: workers::email::EmailConfig,
+
+    /// The push worker (FCM): as the SMS worker.
+    #[command(flatten)]
+    pub push: workers::push::PushConfig,
+
     /// Widget sessions (`POST /api/v1/widget/sessions`) one client address may open a minute.
     #[arg(
         long,

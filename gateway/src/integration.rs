@@ -15,22 +15,24 @@
 //! a payload that does not parse goes to the dead-letter topic with the reason.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use integrations::consume::publish_until_taken;
 use integrations::events::{
-    self, ConversationEvent, DeadLetter, DeliveryState, DeliveryStatus, InboundChannel,
-    InboundMessage, OutboundEmail, OutboundSms, PushNotification, PushReason, SmsChannel,
+    self, ConversationEvent, DeliveryState, DeliveryStatus, InboundChannel, InboundMessage,
+    OutboundEmail, OutboundSms, PushNotification, PushReason, SmsChannel,
 };
-use integrations::{Bus, Consumer, Record, Topics};
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use integrations::{Bus, ConsumeContext, Consumer, Outcome, PublishError, Record, Topics};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use serde::Serialize;
 use storage::records::{
     self, Channel, ChannelKey, Contact, ContactAddress, Conversation, Delivery, Inbox, Versioned,
 };
 use storage::{Direction, Message, RoomKey, RoomKind, Timestamp};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::auth::{Claims, Role};
 use crate::cmd::{chat::Chat, Posted, RoomAction};
@@ -45,6 +47,9 @@ use crate::shard::{shard_of, Route, Shard, ShardCommand, Slot};
 pub const DELIVERY_RESPONSE: &str = "delivery_response";
 /// The consumer group the gateway reads its topics in.
 const GROUP: &str = "gateway";
+/// Deliveries the publisher awaits at once (the records themselves wait in the bus's own
+/// bounded buffer).
+const MAX_IN_FLIGHT: usize = 65_536;
 /// Characters of a message a push quotes.
 const PUSH_PREVIEW_CHARS: usize = 140;
 
@@ -78,11 +83,11 @@ impl Pending {
 
 /// The bus metrics: events published and dropped, publish failures, what waits.
 struct BusMetrics {
-    published: IntCounter,
     dropped: IntCounter,
-    publish_failures: IntCounter,
     buffered_bytes: IntGauge,
     consumed: IntCounterVec,
+    /// Records of a consumed topic the gateway's group has not committed.
+    consumer_lag: IntGaugeVec,
 }
 
 /// The gateway's side of the bus.
@@ -94,11 +99,14 @@ pub struct Integration {
     buffers: Vec<Mutex<(VecDeque<Pending>, usize)>>,
     max_shard_bytes: usize,
     /// Where the publisher looks first next (it takes from the buffers in turn).
-    next_buffer: std::sync::atomic::AtomicUsize,
+    next_buffer: AtomicUsize,
     ready: Notify,
     metrics: BusMetrics,
-    /// Whether the last publish succeeded (`/readyz` detail).
-    healthy: std::sync::atomic::AtomicBool,
+    settle: Arc<Settle>,
+    /// Deliveries awaited at once: each holds a permit until the bus has the record.
+    in_flight: Arc<Semaphore>,
+    /// Whether the last send was taken (`/readyz` detail).
+    healthy: AtomicBool,
 }
 
 impl Integration {
@@ -112,14 +120,14 @@ impl Integration {
         let events = IntCounterVec::new(
             Opts::new(
                 "gateway_bus_events_total",
-                "events for the bus, by outcome: published, or dropped (the buffer was full: the oldest goes)",
+                "events for the bus, by outcome: published; dropped (the buffer was full: the oldest goes); rejected (the bus refused it for good)",
             ),
             &["outcome"],
         )
         .unwrap();
         let publish_failures = IntCounter::new(
             "gateway_bus_publish_failures_total",
-            "publishes the bus refused or failed (each is retried)",
+            "sends the bus could not take for now (each is retried)",
         )
         .unwrap();
         let buffered_bytes = IntGauge::new(
@@ -135,11 +143,20 @@ impl Integration {
             &["topic", "outcome"],
         )
         .unwrap();
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "gateway_bus_consumer_lag",
+                "records of a topic the gateway reads that its group has not committed",
+            ),
+            &["topic"],
+        )
+        .unwrap();
         for collector in [
             Box::new(events.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(publish_failures.clone()),
             Box::new(buffered_bytes.clone()),
             Box::new(consumed.clone()),
+            Box::new(consumer_lag.clone()),
         ] {
             registry.register(collector);
         }
@@ -155,22 +172,32 @@ impl Integration {
                 .map(|_| Mutex::new((VecDeque::new(), 0)))
                 .collect(),
             max_shard_bytes: max_buffer_bytes / shards.max(1),
-            next_buffer: std::sync::atomic::AtomicUsize::new(0),
+            next_buffer: AtomicUsize::new(0),
             ready: Notify::new(),
             metrics: BusMetrics {
-                published: events.with_label_values(&["published"]),
                 dropped: events.with_label_values(&["dropped"]),
-                publish_failures,
                 buffered_bytes,
                 consumed,
+                consumer_lag,
             },
-            healthy: std::sync::atomic::AtomicBool::new(true),
+            settle: Arc::new(Settle {
+                published: events.with_label_values(&["published"]),
+                rejected: events.with_label_values(&["rejected"]),
+                publish_failures,
+            }),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            healthy: AtomicBool::new(true),
         }
     }
 
-    /// Whether the bus took the latest publish.
+    /// Whether the bus is reachable and took the latest send (`/readyz` detail).
     pub fn healthy(&self) -> bool {
-        self.healthy.load(std::sync::atomic::Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed) && self.bus.healthy()
+    }
+
+    /// Bytes of events waiting in the gateway's buffer for the bus.
+    pub fn buffered_bytes(&self) -> i64 {
+        self.metrics.buffered_bytes.get()
     }
 
     fn push(&self, shard: usize, pending: Pending) {
@@ -257,22 +284,53 @@ impl Integration {
         );
     }
 
-    /// Publishes until the bus takes it, backing off while it cannot.
+    /// Hands an event to the bus, backing off while the bus cannot take it, and goes on without
+    /// waiting for it to be durable: many deliveries are in flight at once (a key's records
+    /// keep their order on the bus) and each is settled by a task of its own.
     async fn publish(&self, topic: &str, key: &str, payload: Bytes) {
         let mut wait = Duration::from_millis(50);
         loop {
-            match self.bus.publish(topic, key, payload.clone()).await {
-                Ok(()) => {
-                    self.metrics.published.inc();
-                    self.healthy
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
+            // The semaphore is never closed.
+            let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            match self.bus.send(topic, key, payload.clone()) {
+                Ok(mut delivery) => {
+                    use futures_util::FutureExt;
+                    let settle = self.settle.clone();
+                    // The in-process bus answers at once: no task for it.
+                    match (&mut delivery).now_or_never() {
+                        Some(result) => settle.settled(topic, key, payload, result),
+                        None => {
+                            let (topic, key) = (topic.to_owned(), key.to_owned());
+                            let bus = self.bus.clone();
+                            tokio::spawn(async move {
+                                let result = delivery.await;
+                                if let Err(PublishError::Unavailable(_)) = result {
+                                    // The producer failed for good (a fatal error): the record
+                                    // is sent anew rather than lost.
+                                    settle.publish_failures.inc();
+                                    publish_until_taken(bus.as_ref(), &topic, &key, payload).await;
+                                    settle.published.inc();
+                                } else {
+                                    settle.settled(&topic, &key, payload, result);
+                                }
+                                drop(permit);
+                            });
+                        }
+                    }
+                    self.healthy.store(true, Ordering::Relaxed);
+                    return;
+                }
+                Err(PublishError::Rejected(reason)) => {
+                    self.settle.rejected(topic, &reason);
                     return;
                 }
                 Err(e) => {
-                    self.metrics.publish_failures.inc();
-                    self.healthy
-                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                    self.settle.publish_failures.inc();
+                    self.healthy.store(false, Ordering::Relaxed);
                     tracing::warn!(topic, error = %e, "the bus did not take an event; retrying");
+                    drop(permit);
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
@@ -281,18 +339,47 @@ impl Integration {
     }
 }
 
+/// Counts what became of each event handed to the bus.
+struct Settle {
+    published: IntCounter,
+    rejected: IntCounter,
+    publish_failures: IntCounter,
+}
+
+impl Settle {
+    fn settled(&self, topic: &str, key: &str, payload: Bytes, result: Result<(), PublishError>) {
+        match result {
+            Ok(()) => self.published.inc(),
+            Err(PublishError::Rejected(reason)) => self.rejected(topic, &reason),
+            Err(e) => {
+                // Only a bus that answers at once gets here (a full in-process topic): it has
+                // not taken the record.
+                self.publish_failures.inc();
+                tracing::warn!(topic, key, bytes = payload.len(), error = %e, "an event was not published");
+            }
+        }
+    }
+
+    fn rejected(&self, topic: &str, reason: &str) {
+        self.rejected.inc();
+        tracing::error!(topic, reason, "the bus refused an event for good");
+    }
+}
+
 /// Starts the publisher and the consumers of the gateway's topics.
 pub(crate) fn start(shared: &Arc<Shared>) {
     tokio::spawn(run_publisher(shared.clone()));
     let integration = &shared.integration;
-    let inbound = integration
-        .bus
-        .subscribe(&integration.topics.inbound_messages, GROUP);
-    tokio::spawn(consume(shared.clone(), inbound, Topic::Inbound));
-    let status = integration
-        .bus
-        .subscribe(&integration.topics.delivery_status, GROUP);
-    tokio::spawn(consume(shared.clone(), status, Topic::Delivery));
+    let inbound = integration.bus.subscribe(
+        &integration.topics.inbound_messages,
+        &integration.topics.group(GROUP),
+    );
+    tokio::spawn(consume(shared.clone(), inbound, true));
+    let status = integration.bus.subscribe(
+        &integration.topics.delivery_status,
+        &integration.topics.group(GROUP),
+    );
+    tokio::spawn(consume(shared.clone(), status, false));
 }
 
 async fn run_publisher(shared: Arc<Shared>) {
@@ -393,6 +480,7 @@ async fn push(shared: &Shared, room: &RoomKey, message: &Message, user: &str, re
         reason,
         title: room.room_id.clone(),
         body,
+        device_tokens: Vec::new(),
     };
     let integration = &shared.integration;
     integration
@@ -512,83 +600,31 @@ async fn outbound(shared: &Shared, room: &RoomKey, message: &Message) {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Topic {
-    Inbound,
-    Delivery,
-}
-
-/// What handling a record came to.
-enum Outcome {
-    Handled,
-    /// Not readable, or refused for good: to the dead-letter topic.
-    Dead(String),
-    /// A passing failure (storage): read again.
-    Retry(String),
-}
-
-async fn consume(shared: Arc<Shared>, mut consumer: Box<dyn Consumer>, topic: Topic) {
-    let mut shutdown = shared.shutdown_signal();
-    loop {
-        let record = tokio::select! {
-            record = consumer.next() => match record {
-                Some(record) => record,
-                None => return,
-            },
-            _ = shutdown.changed() => return,
-        };
-        let mut wait = Duration::from_millis(100);
-        loop {
-            let outcome = match topic {
-                Topic::Inbound => handle_inbound(&shared, &record).await,
-                Topic::Delivery => handle_delivery(&shared, &record).await,
-            };
-            let metrics = &shared.integration.metrics.consumed;
-            match outcome {
-                Outcome::Handled => {
-                    metrics.with_label_values(&[&record.topic, "handled"]).inc();
-                    break;
-                }
-                Outcome::Dead(reason) => {
-                    metrics
-                        .with_label_values(&[&record.topic, "dead_letter"])
-                        .inc();
-                    dead_letter(&shared, &record, reason).await;
-                    break;
-                }
-                Outcome::Retry(reason) => {
-                    metrics.with_label_values(&[&record.topic, "retried"]).inc();
-                    tracing::warn!(topic = %record.topic, reason, "a record will be handled again");
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.changed() => return,
-                    }
-                    wait = (wait * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
-        // After the effect: a crash before this reads the record again.
-        consumer.commit(&record);
-    }
-}
-
-async fn dead_letter(shared: &Shared, record: &Record, reason: String) {
-    tracing::warn!(topic = %record.topic, reason, "a record went to the dead-letter topic");
-    let letter = DeadLetter {
-        v: events::VERSION,
-        topic: record.topic.to_string(),
-        key: record.key.clone(),
-        reason,
-        payload: String::from_utf8_lossy(&record.payload).into_owned(),
-    };
+/// Reads one of the gateway's topics until shutdown.
+async fn consume(shared: Arc<Shared>, consumer: Box<dyn Consumer>, inbound: bool) {
     let integration = &shared.integration;
-    integration
-        .publish(
-            &integration.topics.dead_letters,
-            &record.key,
-            events::encode(&letter),
-        )
-        .await;
+    let topic = if inbound {
+        &integration.topics.inbound_messages
+    } else {
+        &integration.topics.delivery_status
+    };
+    let context = ConsumeContext {
+        bus: integration.bus.clone(),
+        dead_letters: integration.topics.dead_letters.clone(),
+        consumed: integration.metrics.consumed.clone(),
+        lag: integration.metrics.consumer_lag.with_label_values(&[topic]),
+        max_backoff: Duration::from_secs(10),
+    };
+    let stop = shared.shutdown_signal();
+    let handler = &shared;
+    integrations::consume::run(context, consumer, stop, |record| async move {
+        if inbound {
+            handle_inbound(handler, &record).await
+        } else {
+            handle_delivery(handler, &record).await
+        }
+    })
+    .await;
 }
 
 /// The id an inbound message is stored under: the provider's, made to fit a message id

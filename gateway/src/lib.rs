@@ -51,6 +51,7 @@ pub mod presence;
 pub mod queue;
 pub mod server;
 pub mod shard;
+pub mod worker_tasks;
 
 /// Builds the token verifier from the configuration. In development mode (no key configured)
 /// a random secret is generated and returned so the caller can announce it.

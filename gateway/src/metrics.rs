@@ -83,6 +83,11 @@ pub struct Metrics {
 
 impl Metrics {
     /// Adds metrics kept elsewhere (the store's) to what `/metrics` shows.
+    /// The registry, for metrics registered outside this module (the in-process workers').
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
         self.registry
             .register(collector)

@@ -225,11 +225,19 @@ impl Gateway {
         ));
         let files =
             crate::http::files::file_store(config.files_url.as_deref(), config.files_dir())?;
-        // The in-process bus holds what its readers have not committed, up to this per topic.
-        let bus = integrations::InProcessBus::new(64 << 20);
+        let bus: Arc<dyn integrations::Bus> = match &config.kafka_brokers {
+            Some(brokers) => integrations::KafkaBus::connect(integrations::KafkaSettings {
+                brokers: brokers.clone(),
+                max_buffer_bytes: config.kafka_buffer_mib.saturating_mul(1 << 20),
+                client_id: "gateway".into(),
+            })
+            .map_err(|e| std::io::Error::other(format!("--kafka-brokers: {e}")))?,
+            // It holds what its readers have not committed, up to this per topic.
+            None => integrations::InProcessBus::new(64 << 20),
+        };
         let integration = crate::integration::Integration::new(
             bus,
-            integrations::Topics::default(),
+            integrations::Topics::with_prefix(&config.bus_topic_prefix),
             config.bus_buffer_mib.saturating_mul(1 << 20),
             shard_count,
             &metrics,
@@ -267,6 +275,7 @@ impl Gateway {
         let accept_task = tokio::spawn(accept_loop(shared.clone(), listener, stop_rx));
         tokio::spawn(crate::inbox::run_wake_ups(shared.clone()));
         crate::integration::start(&shared);
+        crate::worker_tasks::start(&shared).await?;
         tokio::spawn(crate::queue::run_restore(shared.clone()));
         tokio::spawn(crate::analytics::run_dashboards(shared.clone()));
         tracing::info!(
@@ -459,7 +468,17 @@ async fn route(
         }
         (&Method::GET, "/readyz") => {
             if shared.ready.load(Ordering::Acquire) {
-                json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+                // The bus being down does not stop chat: it is detail, not unreadiness.
+                let integration = &shared.integration;
+                let bus = serde_json::json!({
+                    "kind": if shared.config.kafka_brokers.is_some() { "kafka" } else { "in-process" },
+                    "status": if integration.healthy() { "ok" } else { "unavailable" },
+                    "buffered_bytes": integration.buffered_bytes(),
+                });
+                json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({"status": "ready", "bus": bus}),
+                )
             } else {
                 api_error(
                     StatusCode::SERVICE_UNAVAILABLE,

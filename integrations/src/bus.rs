@@ -19,7 +19,9 @@ pub struct Record {
     /// The key (a `room_id`): records of one key keep their order.
     pub key: String,
     pub payload: Bytes,
-    /// Its place in the topic.
+    /// The topic's partition it was read from (the in-process bus has one).
+    pub partition: i32,
+    /// Its place in the partition.
     pub offset: u64,
 }
 
@@ -31,20 +33,43 @@ pub enum PublishError {
     Full,
     #[error("the bus is unavailable: {0}")]
     Unavailable(String),
+    /// The bus will never take this record (too large, a topic it refuses): retrying is
+    /// pointless.
+    #[error("the bus refused the record: {0}")]
+    Rejected(String),
 }
 
 /// A future of the bus traits (object safe).
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
+/// A record taken by the bus: it resolves once the record is durable (as the bus defines it).
+pub type Delivery = BoxFuture<'static, Result<(), PublishError>>;
+
 /// Where records are published and read.
 pub trait Bus: Send + Sync + 'static {
-    /// Publishes a record; it is durable (as the bus defines it) when this returns `Ok`.
+    /// Hands a record to the bus without waiting: `Err` when the bus cannot take it now (its
+    /// buffer is full), else a [`Delivery`] to await. Records sent one after another with one
+    /// key keep their order, so a publisher may keep many deliveries in flight.
+    fn send(&self, topic: &str, key: &str, payload: Bytes) -> Result<Delivery, PublishError>;
+
+    /// Sends a record and waits until it is durable.
     fn publish<'a>(
         &'a self,
         topic: &'a str,
         key: &'a str,
         payload: Bytes,
-    ) -> BoxFuture<'a, Result<(), PublishError>>;
+    ) -> BoxFuture<'a, Result<(), PublishError>> {
+        let sent = self.send(topic, key, payload);
+        Box::pin(async move { sent?.await })
+    }
+
+    /// Whether the bus is reachable now (`/readyz` detail): the in-process bus always is.
+    fn healthy(&self) -> bool {
+        true
+    }
+
+    /// Waits up to `timeout` for the records sent so far to be durable (at shutdown).
+    fn flush(&self, _timeout: std::time::Duration) {}
 
     /// A consumer of `topic` in consumer group `group`, from the group's first uncommitted
     /// record.
@@ -56,8 +81,11 @@ pub trait Consumer: Send {
     /// The next record (waits for one); `None` once the bus is closed.
     fn next(&mut self) -> BoxFuture<'_, Option<Record>>;
 
-    /// Marks `record` and everything before it handled by the group.
+    /// Marks `record` and everything before it (in its partition) handled by the group.
     fn commit(&mut self, record: &Record);
+
+    /// Records of the topic the group has not committed yet, as last known.
+    fn lag(&self) -> u64;
 }
 
 /// The in-process bus: a bounded log per topic, kept until every group that reads it has
@@ -88,6 +116,11 @@ struct LogState {
 impl LogState {
     fn next_offset(&self) -> u64 {
         self.first + self.records.len() as u64
+    }
+
+    fn lag(&self, group: &str) -> u64 {
+        let committed = self.committed.get(group).copied().unwrap_or(self.first);
+        self.next_offset() - committed.max(self.first)
     }
 
     /// Drops the records every group has committed (all of them while no group reads).
@@ -133,8 +166,7 @@ impl InProcessBus {
     pub fn lag(&self, topic: &str, group: &str) -> u64 {
         let log = self.topic(topic);
         let state = log.state.lock().unwrap_or_else(|p| p.into_inner());
-        let committed = state.committed.get(group).copied().unwrap_or(state.first);
-        state.next_offset() - committed
+        state.lag(group)
     }
 
     /// Stops every consumer (their `next` answers `None`).
@@ -148,31 +180,21 @@ impl InProcessBus {
 }
 
 impl Bus for InProcessBus {
-    fn publish<'a>(
-        &'a self,
-        topic: &'a str,
-        key: &'a str,
-        payload: Bytes,
-    ) -> BoxFuture<'a, Result<(), PublishError>> {
+    fn send(&self, topic: &str, key: &str, payload: Bytes) -> Result<Delivery, PublishError> {
         let log = self.topic(topic);
-        let result = {
+        {
             let mut state = log.state.lock().unwrap_or_else(|p| p.into_inner());
-            if state.committed.is_empty() {
-                // Nobody reads this topic in this process: there is no one to keep it for.
-                return Box::pin(std::future::ready(Ok(())));
-            }
-            if state.bytes + payload.len() > self.max_topic_bytes {
-                Err(PublishError::Full)
-            } else {
+            // With no reader in this process there is no one to keep it for.
+            if !state.committed.is_empty() {
+                if state.bytes + payload.len() > self.max_topic_bytes {
+                    return Err(PublishError::Full);
+                }
                 state.bytes += payload.len();
                 state.records.push_back((key.to_owned(), payload));
-                Ok(())
             }
-        };
-        if result.is_ok() {
-            log.grown.notify_waiters();
         }
-        Box::pin(std::future::ready(result))
+        log.grown.notify_waiters();
+        Ok(Box::pin(std::future::ready(Ok(()))))
     }
 
     fn subscribe(&self, topic: &str, group: &str) -> Box<dyn Consumer> {
@@ -216,6 +238,7 @@ impl Consumer for InProcessConsumer {
                             topic: self.log.name.clone(),
                             key: key.clone(),
                             payload: payload.clone(),
+                            partition: 0,
                             offset: self.position,
                         };
                         self.position += 1;
@@ -232,6 +255,11 @@ impl Consumer for InProcessConsumer {
         let committed = state.committed.entry(self.group.clone()).or_insert(0);
         *committed = (*committed).max(record.offset + 1);
         state.trim();
+    }
+
+    fn lag(&self) -> u64 {
+        let state = self.log.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.lag(&self.group)
     }
 }
 

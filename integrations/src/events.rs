@@ -26,8 +26,13 @@ pub struct Topics {
     pub inbound_messages: String,
     /// Workers → gateway: what became of an outbound message.
     pub delivery_status: String,
+    /// push-worker → gateway: a device token the push service no longer knows.
+    pub device_tokens: String,
     /// Where a payload that does not parse goes, with the reason.
     pub dead_letters: String,
+    /// What every name above starts with (and every consumer group's name: a deployment's
+    /// groups are its own).
+    pub prefix: String,
 }
 
 impl Default for Topics {
@@ -39,7 +44,34 @@ impl Default for Topics {
             notifications_push: "notifications.push".into(),
             inbound_messages: "inbound.messages".into(),
             delivery_status: "delivery.status".into(),
+            device_tokens: "device.tokens".into(),
             dead_letters: "dead.letters".into(),
+            prefix: String::new(),
+        }
+    }
+}
+
+impl Topics {
+    /// The name of consumer group `group` in this deployment.
+    pub fn group(&self, group: &str) -> String {
+        format!("{}{group}", self.prefix)
+    }
+
+    /// The documented topics, each name behind `prefix` (`""` leaves them as they are): one
+    /// Kafka cluster can carry several deployments (or test runs) apart.
+    pub fn with_prefix(prefix: &str) -> Topics {
+        let named = |name: String| format!("{prefix}{name}");
+        let topics = Topics::default();
+        Topics {
+            conversation_events: named(topics.conversation_events),
+            outbound_sms: named(topics.outbound_sms),
+            outbound_email: named(topics.outbound_email),
+            notifications_push: named(topics.notifications_push),
+            inbound_messages: named(topics.inbound_messages),
+            delivery_status: named(topics.delivery_status),
+            device_tokens: named(topics.device_tokens),
+            dead_letters: named(topics.dead_letters),
+            prefix: prefix.to_owned(),
         }
     }
 }
@@ -138,6 +170,21 @@ pub struct PushNotification {
     pub reason: PushReason,
     pub title: String,
     pub body: String,
+    /// The user's registered device tokens (FCM registration tokens) when it was produced.
+    #[serde(default)]
+    pub device_tokens: Vec<String>,
+}
+
+/// `device.tokens`: the push service said a device token is no longer valid (the app was
+/// uninstalled, the token rotated): the gateway forgets it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceTokenGone {
+    pub v: u32,
+    pub tenant_id: String,
+    pub user_id: String,
+    pub token: String,
+    /// The push service's error (`UNREGISTERED`).
+    pub reason: String,
 }
 
 /// The network an inbound message came over.
@@ -181,6 +228,9 @@ pub struct InboundMessage {
     /// The contact's name, when the provider knows it.
     #[serde(default)]
     pub from_name: Option<String>,
+    /// Mail only: the `Message-ID`s the mail answers (`In-Reply-To`, then `References`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_reply_to: Vec<String>,
 }
 
 /// Where an outbound message is. It only moves forward: `queued` → `sent` → `delivered` →

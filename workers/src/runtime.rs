@@ -1,0 +1,526 @@
+//! What every worker is made of: its place on the bus, its metrics, the ledger of effects
+//! already done (so that a record read twice is sent once), a small HTTP server (`/healthz`,
+//! `/metrics` and the worker's webhooks) and a graceful stop.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use integrations::{Bus, ConsumeContext, KafkaBus, KafkaSettings, Outcome, Record, Topics};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How a worker process reaches Kafka (the standalone binaries).
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Apache Kafka brokers, `host:port,…`.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: String,
+
+    /// Most bytes, in MiB, of records the producer holds for the brokers.
+    #[arg(long, env = "WORKER_KAFKA_BUFFER_MIB", default_value_t = 16)]
+    pub kafka_buffer_mib: usize,
+
+    /// A prefix of every topic name (as the gateway's `--bus-topic-prefix`).
+    #[arg(long, env = "BUS_TOPIC_PREFIX", default_value = "")]
+    pub topic_prefix: String,
+
+    /// Where the worker keeps its ledger of sends (a SQLite file in it).
+    #[arg(long, env = "WORKER_STATE_DIR", default_value = "worker-state")]
+    pub state_dir: std::path::PathBuf,
+}
+
+impl KafkaArgs {
+    /// Connects the Kafka bus as `client_id`.
+    pub fn connect(&self, client_id: &str) -> Result<Arc<dyn Bus>, String> {
+        let bus = KafkaBus::connect(KafkaSettings {
+            brokers: self.kafka_brokers.clone(),
+            max_buffer_bytes: self.kafka_buffer_mib.saturating_mul(1 << 20),
+            client_id: client_id.to_owned(),
+        })
+        .map_err(|e| format!("--kafka-brokers: {e}"))?;
+        Ok(bus)
+    }
+}
+
+/// What a worker shares with its tasks.
+pub struct Worker {
+    /// `sms`, `email`, `push`: the `worker` label of its metrics, and its consumer group's
+    /// suffix.
+    pub name: &'static str,
+    pub bus: Arc<dyn Bus>,
+    pub topics: Topics,
+    pub metrics: WorkerMetrics,
+    pub ledger: Ledger,
+    pub stop: watch::Receiver<bool>,
+}
+
+impl Worker {
+    /// The consumer group a worker of this kind reads in.
+    pub fn group(&self) -> String {
+        self.topics.group(&format!("{}-worker", self.name))
+    }
+
+    /// Reads `topic` in the worker's group until the stop, handling each record with `handle`
+    /// and committing it after the effect.
+    pub async fn consume<H, F>(&self, topic: &str, handle: H)
+    where
+        H: FnMut(Record) -> F,
+        F: Future<Output = Outcome>,
+    {
+        let consumer = self.bus.subscribe(topic, &self.group());
+        let context = ConsumeContext {
+            bus: self.bus.clone(),
+            dead_letters: self.topics.dead_letters.clone(),
+            consumed: self.metrics.records.clone(),
+            lag: self.metrics.consumer_lag.with_label_values(&[topic]),
+            max_backoff: Duration::from_secs(30),
+        };
+        integrations::consume::run(context, consumer, self.stop.clone(), handle).await;
+    }
+
+    /// Publishes a record, waiting while the bus cannot take it.
+    pub async fn publish(&self, topic: &str, key: &str, payload: Bytes) {
+        integrations::consume::publish_until_taken(self.bus.as_ref(), topic, key, payload).await;
+    }
+}
+
+/// A worker's metrics. In the gateway (in-process workers) they share its registry, told apart
+/// by the `worker` label.
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    /// Records read, by topic and outcome (`handled`, `dead_letter`, `retried`).
+    pub records: IntCounterVec,
+    pub consumer_lag: IntGaugeVec,
+    /// Calls to the provider (Twilio, SMTP, FCM), by outcome: `sent`, `duplicate` (found in the
+    /// ledger: not sent again), `retried` (429, 5xx, unreachable), `failed` (refused for good).
+    pub provider_calls: IntCounterVec,
+    pub provider_seconds: Histogram,
+    /// Webhook requests, by route and status.
+    pub webhooks: IntCounterVec,
+}
+
+impl WorkerMetrics {
+    pub fn new(worker: &str, registry: &Registry) -> Result<WorkerMetrics, prometheus::Error> {
+        let labelled =
+            |name: &str, help: &str| Opts::new(name, help).const_label("worker", worker.to_owned());
+        let metrics = WorkerMetrics {
+            records: IntCounterVec::new(
+                labelled(
+                    "worker_records_total",
+                    "records a worker read, by topic and outcome (handled, dead_letter, retried)",
+                ),
+                &["topic", "outcome"],
+            )?,
+            consumer_lag: IntGaugeVec::new(
+                labelled(
+                    "worker_consumer_lag",
+                    "records of a topic the worker's group has not committed",
+                ),
+                &["topic"],
+            )?,
+            provider_calls: IntCounterVec::new(
+                labelled(
+                    "worker_provider_calls_total",
+                    "calls to the provider, by outcome (sent, duplicate, retried, failed)",
+                ),
+                &["outcome"],
+            )?,
+            provider_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "worker_provider_seconds",
+                    "how long the provider took to answer a send",
+                )
+                .const_label("worker", worker.to_owned())
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+            )?,
+            webhooks: IntCounterVec::new(
+                labelled(
+                    "worker_webhook_requests_total",
+                    "webhook requests the worker answered, by route and status",
+                ),
+                &["route", "status"],
+            )?,
+        };
+        registry.register(Box::new(metrics.records.clone()))?;
+        registry.register(Box::new(metrics.consumer_lag.clone()))?;
+        registry.register(Box::new(metrics.provider_calls.clone()))?;
+        registry.register(Box::new(metrics.provider_seconds.clone()))?;
+        registry.register(Box::new(metrics.webhooks.clone()))?;
+        for outcome in ["sent", "duplicate", "retried", "failed"] {
+            metrics.provider_calls.with_label_values(&[outcome]);
+        }
+        Ok(metrics)
+    }
+}
+
+/// The ledger: what the worker has done, keyed by idempotency key (a message id, a provider's
+/// id), in a SQLite file. A send is looked up before it is made and written right after the
+/// provider took it, so a record read again is not sent again.
+pub struct Ledger {
+    connection: Mutex<rusqlite::Connection>,
+}
+
+impl Ledger {
+    pub fn open(path: &Path) -> Result<Ledger, rusqlite::Error> {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let connection = rusqlite::Connection::open(path)?;
+        connection.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             CREATE TABLE IF NOT EXISTS ledger (
+                 key TEXT PRIMARY KEY,
+                 value TEXT NOT NULL,
+                 at INTEGER NOT NULL
+             );",
+        )?;
+        Ok(Ledger {
+            connection: Mutex::new(connection),
+        })
+    }
+
+    fn connection(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+        self.connection.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What was written under `key`, if anything.
+    pub fn get(&self, key: &str) -> Result<Option<String>, rusqlite::Error> {
+        use rusqlite::OptionalExtension;
+        self.connection()
+            .query_row("SELECT value FROM ledger WHERE key = ?1", [key], |row| {
+                row.get(0)
+            })
+            .optional()
+    }
+
+    /// Writes `value` under `key`, replacing what was there.
+    pub fn put(&self, key: &str, value: &str) -> Result<(), rusqlite::Error> {
+        self.connection().execute(
+            "INSERT INTO ledger (key, value, at) VALUES (?1, ?2, unixepoch())
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, at = excluded.at",
+            [key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Writes `value` under `key` unless something is there: whether it was new.
+    pub fn put_new(&self, key: &str, value: &str) -> Result<bool, rusqlite::Error> {
+        let inserted = self.connection().execute(
+            "INSERT INTO ledger (key, value, at) VALUES (?1, ?2, unixepoch())
+             ON CONFLICT (key) DO NOTHING",
+            [key, value],
+        )?;
+        Ok(inserted == 1)
+    }
+}
+
+/// How a provider answered a send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sent {
+    /// Taken, under the provider's id.
+    Accepted(String),
+    /// Not now (429, 5xx, unreachable): try again, after `after` when the provider said.
+    Later {
+        after: Option<Duration>,
+        reason: String,
+    },
+    /// Refused for good, with the provider's error code.
+    Refused { code: String, message: String },
+}
+
+/// `Retry-After`, in seconds or as an HTTP date, capped at `cap`.
+pub fn retry_after(headers: &reqwest::header::HeaderMap, cap: Duration) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    let wait = match value.trim().parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let at = time::OffsetDateTime::parse(
+                value.trim(),
+                &time::format_description::well_known::Rfc2822,
+            )
+            .ok()?;
+            let now = time::OffsetDateTime::now_utc();
+            Duration::try_from(at - now).unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(cap))
+}
+
+/// The outcome of a provider's "not now": wait as it asked (or back off) and try again.
+pub fn later(after: Option<Duration>, reason: String) -> Outcome {
+    match after {
+        Some(after) => Outcome::RetryAfter(after, reason),
+        None => Outcome::Retry(reason),
+    }
+}
+
+/// An HTTP client for providers: rustls with the ring provider, bounded timeouts.
+pub fn http_client() -> reqwest::Client {
+    install_crypto();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// Makes ring the process's TLS provider (once; a provider already installed stays).
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A request a webhook handles: its body is read whole (bounded) first.
+pub struct WebRequest {
+    pub method: Method,
+    /// The path and query, as received.
+    pub uri: hyper::Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub peer: SocketAddr,
+}
+
+/// The answer to a webhook request.
+pub type WebResponse = Response<Full<Bytes>>;
+
+/// A future of a webhook handler.
+pub type WebFuture = Pin<Box<dyn Future<Output = WebResponse> + Send>>;
+
+/// A worker's webhooks: `route` names the request's route (for the metrics) and answers it,
+/// or says it has no such route (404).
+pub trait Webhooks: Send + Sync + 'static {
+    fn route(&self, request: WebRequest) -> Option<(&'static str, WebFuture)>;
+}
+
+/// A worker with no webhooks.
+pub struct NoWebhooks;
+
+impl Webhooks for NoWebhooks {
+    fn route(&self, _: WebRequest) -> Option<(&'static str, WebFuture)> {
+        None
+    }
+}
+
+/// A response with a body and its content type.
+pub fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> WebResponse {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// A JSON error body, `{"error": {"code", "message"}}`, as the gateway's API answers.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> WebResponse {
+    let body = serde_json::json!({"error": {"code": code, "message": message}});
+    respond(status, "application/json", body.to_string())
+}
+
+/// Serves `/healthz`, `/metrics` and `webhooks` on `listener` until `stop` turns true;
+/// request bodies past `max_body_bytes` are refused with 413.
+pub async fn serve(
+    listener: TcpListener,
+    webhooks: Arc<dyn Webhooks>,
+    registry: Registry,
+    metrics: WorkerMetrics,
+    max_body_bytes: usize,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a webhook connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let (webhooks, registry, metrics) = (webhooks.clone(), registry.clone(), metrics.clone());
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let (webhooks, registry, metrics) =
+                (webhooks.clone(), registry.clone(), metrics.clone());
+            async move {
+                Ok::<_, Infallible>(
+                    answer(request, peer, webhooks, registry, metrics, max_body_bytes).await,
+                )
+            }
+        });
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(io, service);
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "a webhook connection ended");
+            }
+        });
+    }
+}
+
+async fn answer(
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    webhooks: Arc<dyn Webhooks>,
+    registry: Registry,
+    metrics: WorkerMetrics,
+    max_body_bytes: usize,
+) -> WebResponse {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/healthz") => {
+            return respond(StatusCode::OK, "application/json", r#"{"status":"ok"}"#)
+        }
+        (&Method::GET, "/metrics") => {
+            let mut out = Vec::new();
+            let encoded = prometheus::Encoder::encode(
+                &prometheus::TextEncoder::new(),
+                &registry.gather(),
+                &mut out,
+            );
+            return match encoded {
+                Ok(()) => respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    out,
+                ),
+                Err(e) => error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "INTERNAL",
+                    &e.to_string(),
+                ),
+            };
+        }
+        _ => {}
+    }
+    let (parts, body) = request.into_parts();
+    let body = match Limited::new(body, max_body_bytes).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            let too_large = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            return if too_large {
+                error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "TOO_LARGE",
+                    &format!("the body is over {max_body_bytes} bytes"),
+                )
+            } else {
+                error_response(
+                    StatusCode::BAD_REQUEST,
+                    "BAD_REQUEST",
+                    "the body could not be read",
+                )
+            };
+        }
+    };
+    let request = WebRequest {
+        method: parts.method,
+        uri: parts.uri,
+        headers: parts.headers,
+        body,
+        peer,
+    };
+    match webhooks.route(request) {
+        Some((route, handler)) => {
+            let response = handler.await;
+            metrics
+                .webhooks
+                .with_label_values(&[route, response.status().as_str()])
+                .inc();
+            response
+        }
+        None => error_response(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route"),
+    }
+}
+
+/// A watch that turns true at SIGTERM or Ctrl-C: the worker stops taking records, finishes
+/// the one under way, commits it and exits.
+pub fn stop_on_signal() -> watch::Receiver<bool> {
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate => {}
+        }
+        tracing::info!("stopping");
+        let _ = stop_tx.send(true);
+    });
+    stop
+}
+
+/// Runs a worker as its own process over Kafka: logging, the bus, the ledger
+/// (`{state_dir}/{name}.sqlite`), the stop on SIGTERM, the HTTP listener on `listen`; `body`
+/// runs the worker (serving the listener) until the stop; then the producer is flushed.
+pub async fn run_standalone<F, Fut>(
+    name: &'static str,
+    kafka: &KafkaArgs,
+    listen: SocketAddr,
+    body: F,
+) -> Result<(), String>
+where
+    F: FnOnce(Arc<Worker>, TcpListener, Registry) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    init_logging();
+    install_crypto();
+    let bus = kafka.connect(&format!("{name}-worker"))?;
+    let registry = Registry::new();
+    let metrics = WorkerMetrics::new(name, &registry).map_err(|e| e.to_string())?;
+    let ledger_path = kafka.state_dir.join(format!("{name}.sqlite"));
+    let ledger = Ledger::open(&ledger_path)
+        .map_err(|e| format!("the ledger {}: {e}", ledger_path.display()))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("listening on {listen}: {e}"))?;
+    tracing::info!(addr = %listen, brokers = kafka.kafka_brokers, "{name}-worker started");
+    let worker = Arc::new(Worker {
+        name,
+        bus: bus.clone(),
+        topics: Topics::with_prefix(&kafka.topic_prefix),
+        metrics,
+        ledger,
+        stop: stop_on_signal(),
+    });
+    body(worker, listener, registry).await;
+    bus.flush(Duration::from_secs(10));
+    tracing::info!("{name}-worker stopped");
+    Ok(())
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+}
