@@ -22,8 +22,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use integrations::consume::publish_until_taken;
 use integrations::events::{
-    self, ConversationEvent, DeliveryState, DeliveryStatus, InboundChannel, InboundMessage,
-    OutboundEmail, OutboundSms, PushNotification, PushReason, SmsChannel,
+    self, ConversationEvent, DeliveryState, DeliveryStatus, DeviceTokenGone, InboundChannel,
+    InboundMessage, OutboundEmail, OutboundSms, PushNotification, PushReason, SmsChannel,
 };
 use integrations::{Bus, ConsumeContext, Consumer, Outcome, PublishError, Record, Topics};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
@@ -160,7 +160,11 @@ impl Integration {
         ] {
             registry.register(collector);
         }
-        for topic in [&topics.inbound_messages, &topics.delivery_status] {
+        for topic in [
+            &topics.inbound_messages,
+            &topics.delivery_status,
+            &topics.device_tokens,
+        ] {
             for outcome in ["handled", "dead_letter", "retried"] {
                 consumed.with_label_values(&[topic, outcome]);
             }
@@ -370,16 +374,15 @@ impl Settle {
 pub(crate) fn start(shared: &Arc<Shared>) {
     tokio::spawn(run_publisher(shared.clone()));
     let integration = &shared.integration;
-    let inbound = integration.bus.subscribe(
-        &integration.topics.inbound_messages,
-        &integration.topics.group(GROUP),
-    );
-    tokio::spawn(consume(shared.clone(), inbound, true));
-    let status = integration.bus.subscribe(
-        &integration.topics.delivery_status,
-        &integration.topics.group(GROUP),
-    );
-    tokio::spawn(consume(shared.clone(), status, false));
+    for reads in [Reads::Inbound, Reads::Delivery, Reads::DeviceTokens] {
+        // Subscribed before anything runs: the in-process bus keeps records only for a topic
+        // somebody reads.
+        let consumer = integration.bus.subscribe(
+            reads.topic(&integration.topics),
+            &integration.topics.group(GROUP),
+        );
+        tokio::spawn(consume(shared.clone(), reads, consumer));
+    }
 }
 
 async fn run_publisher(shared: Arc<Shared>) {
@@ -467,6 +470,17 @@ async fn push(shared: &Shared, room: &RoomKey, message: &Message, user: &str, re
     if !shared.presence.connections(&key).is_empty() {
         return;
     }
+    let devices = match crate::http::devices::user_devices(shared, &room.tenant_id, user).await {
+        Ok(devices) => devices,
+        Err(e) => {
+            tracing::warn!(error = %e, user, "a user's devices could not be read; no push");
+            return;
+        }
+    };
+    // Nowhere to push to.
+    if devices.is_empty() {
+        return;
+    }
     let body = match reason {
         PushReason::Mention => format!("{} mentioned you", message.sender),
         PushReason::Message => message.message.chars().take(PUSH_PREVIEW_CHARS).collect(),
@@ -480,7 +494,7 @@ async fn push(shared: &Shared, room: &RoomKey, message: &Message, user: &str, re
         reason,
         title: room.room_id.clone(),
         body,
-        device_tokens: Vec::new(),
+        device_tokens: devices.into_iter().map(|d| d.token).collect(),
     };
     let integration = &shared.integration;
     integration
@@ -600,17 +614,32 @@ async fn outbound(shared: &Shared, room: &RoomKey, message: &Message) {
     }
 }
 
+/// The topics the gateway reads.
+#[derive(Clone, Copy)]
+enum Reads {
+    Inbound,
+    Delivery,
+    DeviceTokens,
+}
+
+impl Reads {
+    fn topic(self, topics: &Topics) -> &str {
+        match self {
+            Reads::Inbound => &topics.inbound_messages,
+            Reads::Delivery => &topics.delivery_status,
+            Reads::DeviceTokens => &topics.device_tokens,
+        }
+    }
+}
+
 /// Reads one of the gateway's topics until shutdown.
-async fn consume(shared: Arc<Shared>, consumer: Box<dyn Consumer>, inbound: bool) {
+async fn consume(shared: Arc<Shared>, reads: Reads, consumer: Box<dyn Consumer>) {
     let integration = &shared.integration;
-    let topic = if inbound {
-        &integration.topics.inbound_messages
-    } else {
-        &integration.topics.delivery_status
-    };
+    let topics = &integration.topics;
+    let topic = reads.topic(topics);
     let context = ConsumeContext {
         bus: integration.bus.clone(),
-        dead_letters: integration.topics.dead_letters.clone(),
+        dead_letters: topics.dead_letters.clone(),
         consumed: integration.metrics.consumed.clone(),
         lag: integration.metrics.consumer_lag.with_label_values(&[topic]),
         max_backoff: Duration::from_secs(10),
@@ -618,13 +647,25 @@ async fn consume(shared: Arc<Shared>, consumer: Box<dyn Consumer>, inbound: bool
     let stop = shared.shutdown_signal();
     let handler = &shared;
     integrations::consume::run(context, consumer, stop, |record| async move {
-        if inbound {
-            handle_inbound(handler, &record).await
-        } else {
-            handle_delivery(handler, &record).await
+        match reads {
+            Reads::Inbound => handle_inbound(handler, &record).await,
+            Reads::Delivery => handle_delivery(handler, &record).await,
+            Reads::DeviceTokens => handle_device_token(handler, &record).await,
         }
     })
     .await;
+}
+
+/// The push service no longer knows a device token: the user's devices forget it.
+async fn handle_device_token(shared: &Arc<Shared>, record: &Record) -> Outcome {
+    let gone: DeviceTokenGone = match events::decode(&record.payload) {
+        Ok(gone) => gone,
+        Err(e) => return Outcome::Dead(e.to_string()),
+    };
+    match crate::http::devices::forget(shared, &gone.tenant_id, &gone.user_id, &gone.token).await {
+        Ok(_) => Outcome::Handled,
+        Err(e) => Outcome::Retry(format!("forgetting a device token: {e}")),
+    }
 }
 
 /// The id an inbound message is stored under: the provider's, made to fit a message id

@@ -291,6 +291,17 @@ async fn an_offline_participant_gets_a_push_and_a_mention_never_quotes_the_note(
     let server = TestServer::start().await;
     let bus = bus(&server);
     let mut pushes = bus.subscribe("notifications.push", "test");
+    for user in ["agent-7", "agent-8"] {
+        let device = json!({"token": format!("fcm-{user}"), "platform": "android"});
+        let (status, reply) = post(
+            &server,
+            "/api/v1/devices",
+            &token(user, TENANT, Role::Agent),
+            device,
+        )
+        .await;
+        assert_eq!(status, 201, "{reply}");
+    }
     let body = json!({"room_id": "s1", "kind": "support", "participants": ["cust-1", "agent-7"]});
     let (status, _) = post(&server, "/api/v1/conversations", &admin(), body).await;
     assert_eq!(status, 201);
@@ -322,6 +333,7 @@ async fn an_offline_participant_gets_a_push_and_a_mention_never_quotes_the_note(
         (Some("agent-7"), Some("message"))
     );
     assert_eq!(push["body"], "Anyone there?");
+    assert_eq!(push["device_tokens"], json!(["fcm-agent-7"]));
     send(
         &server,
         "s1",
@@ -335,5 +347,114 @@ async fn an_offline_participant_gets_a_push_and_a_mention_never_quotes_the_note(
         !mention.to_string().contains("refund in secret"),
         "{mention}"
     );
+    // A user without a registered device gets no push at all.
+    send(
+        &server,
+        "s1",
+        json!({"type": "note", "message": "fyi", "mentions": ["agent-9"]}),
+    )
+    .await;
+    nothing(&mut pushes).await;
     server.stop().await;
+}
+
+#[tokio::test]
+async fn devices_are_registered_listed_and_forgotten_when_the_push_service_says_so() {
+    let server = TestServer::start().await;
+    let bus = bus(&server);
+    let agent = token("agent-3", TENANT, Role::Agent);
+    let other_tenant = token("agent-3", "other-tenant", Role::Agent);
+    let register = |token: &str, platform: &str| json!({"token": token, "platform": platform});
+    // Bad input: a clear 400 each, nothing stored.
+    for bad in [
+        register("", "android"),
+        register("has space", "android"),
+        register("tok", "blackberry"),
+        json!({"token": "tok"}),
+        json!({"token": "tok", "platform": "ios", "extra": 1}),
+    ] {
+        let (status, reply) = post(&server, "/api/v1/devices", &agent, bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {reply}");
+        assert_eq!(reply["error"]["code"], "BAD_REQUEST", "{reply}");
+    }
+    let long = "x".repeat(4097);
+    let (status, _) = post(&server, "/api/v1/devices", &agent, register(&long, "web")).await;
+    assert_eq!(status, 400);
+    for i in 0..12 {
+        let (status, reply) = post(
+            &server,
+            "/api/v1/devices",
+            &agent,
+            register(&format!("tok:{i}"), "ios"),
+        )
+        .await;
+        assert_eq!(status, 201, "{reply}");
+        assert_eq!(reply["token"], format!("tok:{i}"));
+    }
+    // Registered again: it moves to the newest place.
+    post(&server, "/api/v1/devices", &agent, register("tok:5", "ios")).await;
+    let (status, body) = http_get_bearer(&server, "/api/v1/devices", &agent).await;
+    assert_eq!(status, 200, "{body}");
+    let tokens: Vec<String> = body["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["token"].as_str().unwrap().to_owned())
+        .collect();
+    // At most 10, the oldest gone first.
+    let mut expected: Vec<String> = (2..12)
+        .filter(|i| *i != 5)
+        .map(|i| format!("tok:{i}"))
+        .collect();
+    expected.push("tok:5".into());
+    assert_eq!(tokens, expected);
+    // Another tenant's user of the same id has none.
+    let (_, theirs) = http_get_bearer(&server, "/api/v1/devices", &other_tenant).await;
+    assert_eq!(theirs["devices"], json!([]));
+
+    // The push worker reports a token gone; a poison record does not stop the reading.
+    publish(&bus, "device.tokens", json!({"v": 1})).await;
+    let gone = json!({"v": 1, "tenant_id": TENANT, "user_id": "agent-3", "token": "tok:7",
+                      "reason": "UNREGISTERED"});
+    publish(&bus, "device.tokens", gone).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = http_get_bearer(&server, "/api/v1/devices", &agent).await;
+        if !body.to_string().contains("tok:7") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tok:7 not forgotten: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Removed by its user: 204, then 404; `:` and `+` survive the path.
+    let (status, _) = http_delete_bearer(&server, "/api/v1/devices/tok%3A8", &agent).await;
+    assert_eq!(status, 204);
+    let (status, body) = http_delete_bearer(&server, "/api/v1/devices/tok:8", &agent).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "NOT_FOUND");
+    server.stop().await;
+}
+
+async fn http_get_bearer(server: &TestServer, path: &str, bearer: &str) -> (u16, Value) {
+    bearer_request(server, "GET", path, bearer).await
+}
+
+async fn http_delete_bearer(server: &TestServer, path: &str, bearer: &str) -> (u16, Value) {
+    bearer_request(server, "DELETE", path, bearer).await
+}
+
+async fn bearer_request(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    bearer: &str,
+) -> (u16, Value) {
+    let raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {bearer}\r\n\r\n"
+    );
+    let (status, text) = http_request(server.addr, &raw).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }

@@ -34,6 +34,7 @@ RecordKind {
     FileLimits => "file_limits",
     ContactAddress => "contact_address",
     Delivery => "delivery",
+    Devices => "devices",
 });
 
 /// Where a record is stored: records of one tenant never meet another tenant's.
@@ -634,6 +635,48 @@ impl Delivery {
     /// hold any character).
     pub fn id(room_id: &str, message_id: &str) -> String {
         format!("{}:{room_id}/{message_id}", room_id.len())
+    }
+}
+
+/// The devices a user gets pushes on: record id the user's id, in the user's tenant.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Devices {
+    /// Oldest first; at most [`Devices::MAX`] (a new one pushes out the oldest).
+    pub devices: Vec<Device>,
+}
+
+/// A device's push registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Device {
+    /// The push service's registration token (FCM's).
+    pub token: String,
+    /// `android`, `ios` or `web`.
+    pub platform: String,
+    pub registered_at: Timestamp,
+}
+
+impl RecordBody for Devices {
+    const KIND: RecordKind = RecordKind::Devices;
+}
+
+impl Devices {
+    /// Most devices a user has registered at once.
+    pub const MAX: usize = 10;
+
+    /// Registers `device` (again: its token moves to the newest place).
+    pub fn register(&mut self, device: Device) {
+        self.devices.retain(|d| d.token != device.token);
+        self.devices.push(device);
+        let excess = self.devices.len().saturating_sub(Self::MAX);
+        self.devices.drain(..excess);
+    }
+
+    /// Forgets `token`; whether it was there.
+    pub fn forget(&mut self, token: &str) -> bool {
+        let before = self.devices.len();
+        self.devices.retain(|d| d.token != token);
+        self.devices.len() != before
     }
 }
 

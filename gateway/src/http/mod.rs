@@ -14,6 +14,7 @@
 
 pub(crate) mod call;
 pub(crate) mod conversations;
+pub(crate) mod devices;
 pub mod files;
 pub(crate) mod openapi;
 pub(crate) mod records;
@@ -228,13 +229,25 @@ pub(crate) fn form_pairs(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A path segment with its `%XX` escapes decoded (`+` stays `+`); `400` when that is not
+/// UTF-8.
+pub(crate) fn percent_decoded(segment: &str) -> Result<String, ApiError> {
+    String::from_utf8(percent_decode_bytes(segment, false))
+        .map_err(|_| ApiError::bad_request("the path is not UTF-8 once decoded"))
+}
+
 fn percent_decode(text: &str) -> String {
+    String::from_utf8_lossy(&percent_decode_bytes(text, true)).into_owned()
+}
+
+/// `%XX` escapes decoded; `+` is a space in a form (`plus_is_space`), itself in a path.
+fn percent_decode_bytes(text: &str, plus_is_space: bool) -> Vec<u8> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'+' => out.push(b' '),
+            b'+' if plus_is_space => out.push(b' '),
             b'%' if i + 2 < bytes.len() => {
                 let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
                 match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
@@ -249,7 +262,7 @@ fn percent_decode(text: &str) -> String {
         }
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// A JSON answer with `status`.
@@ -308,6 +321,9 @@ pub(crate) async fn route(
         (["settings", "files"], &Method::GET) => files::get_limits(shared, req).await,
         (["settings", "files"], &Method::PUT) => files::put_limits(shared, req).await,
         (["files", id], &Method::GET | &Method::HEAD) => files::download(shared, req, id).await,
+        (["devices"], &Method::POST) => devices::register(shared, req).await,
+        (["devices"], &Method::GET) => devices::list(shared, req).await,
+        (["devices", token], &Method::DELETE) => devices::remove(shared, req, token).await,
         (segments, _) => match template(segments) {
             Some((_, allow)) => Ok(method_not_allowed(allow)),
             None => Err(ApiError::not_found("no such route")),
@@ -362,6 +378,8 @@ fn template(segments: &[&str]) -> Option<(&'static str, &'static str)> {
         ["conversations", _] => ("/api/v1/conversations/{room_id}", "GET, PATCH"),
         ["files", _] => ("/api/v1/files/{file_id}", "GET, HEAD"),
         ["settings", "files"] => ("/api/v1/settings/files", "GET, PUT"),
+        ["devices"] => ("/api/v1/devices", "GET, POST"),
+        ["devices", _] => ("/api/v1/devices/{token}", "DELETE"),
         _ => return None,
     })
 }

@@ -14,7 +14,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{RefOr, Required};
 use utoipa::{Modify, OpenApi};
 
-use super::{conversations, files, records, widget};
+use super::{conversations, devices, files, records, widget};
 use crate::server::Body;
 
 #[derive(OpenApi)]
@@ -45,6 +45,9 @@ use crate::server::Body;
         files::download,
         files::get_limits,
         files::put_limits,
+        devices::register,
+        devices::list,
+        devices::remove,
     ),
     components(schemas(super::ErrorBody, storage::Message, storage::records::FileRecord)),
     modifiers(&BearerAuth),
@@ -55,6 +58,7 @@ use crate::server::Body;
         (name = "contacts"), (name = "inboxes"), (name = "rooms"),
         (name = "widget", description = "Sessions of the website widget"),
         (name = "files", description = "Uploads and downloads"),
+        (name = "devices", description = "The devices a user gets pushes on"),
     )
 )]
 struct ApiDoc;
