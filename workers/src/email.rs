@@ -529,7 +529,7 @@ impl EmailWorker {
                     "the inbound-parse webhook takes multipart/form-data with a boundary, as SendGrid's Inbound Parse posts",
                 )
             })?;
-        let parts = form::parse(&request.body, &boundary).map_err(|e| {
+        let parts = form::parse(request.body.clone(), &boundary).await.map_err(|e| {
             error_response(
                 StatusCode::BAD_REQUEST,
                 "BAD_REQUEST",
@@ -1391,9 +1391,8 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-/// `multipart/form-data` (RFC 7578) read from a body already in memory (the webhook server
-/// reads bodies whole, bounded): each part's name, file name, type and bytes (shared with the
-/// body, not copied).
+/// `multipart/form-data` (RFC 7578) read with multer from a body already in memory (the
+/// webhook server reads bodies whole, bounded): each part's name, file name, type and bytes.
 mod form {
     use bytes::Bytes;
 
@@ -1408,141 +1407,52 @@ mod form {
 
     /// The boundary of a `multipart/form-data` content type; none for any other type.
     pub(super) fn boundary(content_type: &str) -> Option<String> {
-        let mut params = split_params(content_type).into_iter();
-        let media_type = params.next()?;
-        if !media_type
-            .trim()
-            .eq_ignore_ascii_case("multipart/form-data")
-        {
+        let media_type = content_type.split(';').next()?.trim();
+        if !media_type.eq_ignore_ascii_case("multipart/form-data") {
             return None;
         }
-        params
-            .filter_map(|param| param_value(param, "boundary"))
-            .find(|boundary| !boundary.is_empty() && boundary.len() <= 200)
+        multer::parse_boundary(content_type)
+            .ok()
+            .filter(|boundary| !boundary.is_empty() && boundary.len() <= 200)
     }
 
     /// The parts of `body`, delimited by `boundary`; `Err` says what is malformed.
-    pub(super) fn parse(body: &Bytes, boundary: &str) -> Result<Vec<Part>, String> {
-        let delimiter = format!("--{boundary}");
-        let delimiter = delimiter.as_bytes();
-        let closing = [b"\r\n".as_slice(), delimiter].concat();
-        // The first delimiter opens the body or follows a preamble's CRLF.
-        let mut at = if body.starts_with(delimiter) {
-            0
-        } else {
-            find(body, &closing, 0).ok_or("no part starts with the boundary")? + 2
-        };
+    pub(super) async fn parse(body: Bytes, boundary: &str) -> Result<Vec<Part>, String> {
+        let whole = futures_util::stream::once(async move { Ok::<_, std::io::Error>(body) });
+        let mut multipart = multer::Multipart::new(whole, boundary);
         let mut parts = Vec::new();
-        loop {
-            at += delimiter.len();
-            if body[at..].starts_with(b"--") {
-                return Ok(parts);
-            }
-            let line_end = find(body, b"\r\n", at).ok_or("the body ends after a boundary")?;
-            if !body[at..line_end].iter().all(|b| *b == b' ' || *b == b'\t') {
-                return Err("a boundary line holds more than the boundary".to_owned());
-            }
-            let headers_start = line_end + 2;
-            let (headers_end, content_start) = if body[headers_start..].starts_with(b"\r\n") {
-                (headers_start, headers_start + 2)
-            } else {
-                let end =
-                    find(body, b"\r\n\r\n", headers_start).ok_or("a part's headers do not end")?;
-                (end, end + 4)
+        while let Some(field) = multipart.next_field().await.map_err(|e| e.to_string())? {
+            let Some(name) = field.name().map(str::to_owned) else {
+                continue;
             };
-            let content_end = find(body, &closing, content_start)
-                .ok_or("the body ends inside a part (no closing boundary)")?;
-            let headers = String::from_utf8_lossy(&body[headers_start..headers_end]);
-            let (mut name, mut filename, mut content_type) = (None, None, None);
-            for line in headers.split("\r\n") {
-                let Some((header, value)) = line.split_once(':') else {
-                    continue;
-                };
-                if header.trim().eq_ignore_ascii_case("content-disposition") {
-                    let params = split_params(value);
-                    let mut extended = None;
-                    for param in params.iter().skip(1) {
-                        name = name.or_else(|| param_value(param, "name"));
-                        filename = filename.or_else(|| param_value(param, "filename"));
-                        extended = extended.or_else(|| param_value(param, "filename*"));
-                    }
-                    // RFC 5987: `UTF-8''na%C3%AFve.txt`.
-                    if let Some(extended) = extended {
-                        let encoded = extended.rsplit("''").next().unwrap_or(&extended);
-                        filename = Some(super::percent_decode(encoded));
-                    }
-                } else if header.trim().eq_ignore_ascii_case("content-type") {
-                    content_type = Some(value.trim().to_owned());
-                }
-            }
-            if let Some(name) = name {
-                parts.push(Part {
-                    name,
-                    filename,
-                    content_type,
-                    body: body.slice(content_start..content_end),
-                });
-            }
-            at = content_end + 2;
+            let filename = field
+                .file_name()
+                .map(str::to_owned)
+                .or_else(|| extended_filename(field.headers()));
+            let content_type = field.content_type().map(|t| t.to_string());
+            let body = field.bytes().await.map_err(|e| e.to_string())?;
+            parts.push(Part {
+                name,
+                filename,
+                content_type,
+                body,
+            });
         }
+        Ok(parts)
     }
 
-    /// `a; b="x;y"; c` → `a`, `b="x;y"`, `c`.
-    fn split_params(value: &str) -> Vec<&str> {
-        let (mut params, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
-        for (i, c) in value.char_indices() {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' if quoted => escaped = true,
-                '"' => quoted = !quoted,
-                ';' if !quoted => {
-                    params.push(value[start..i].trim());
-                    start = i + 1;
-                }
-                _ => {}
-            }
-        }
-        params.push(value[start..].trim());
-        params
-    }
-
-    /// The value of `param` when it is `key=value` (the key in any case), unquoted.
-    fn param_value(param: &str, key: &str) -> Option<String> {
-        let (name, value) = param.split_once('=')?;
-        if !name.trim().eq_ignore_ascii_case(key) {
-            return None;
-        }
-        let value = value.trim();
-        Some(
-            match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
-                Some(quoted) => {
-                    let mut out = String::with_capacity(quoted.len());
-                    let mut chars = quoted.chars();
-                    while let Some(c) = chars.next() {
-                        match c {
-                            '\\' => out.extend(chars.next()),
-                            c => out.push(c),
-                        }
-                    }
-                    out
-                }
-                None => value.to_owned(),
-            },
-        )
-    }
-
-    /// Where `needle` first occurs in `haystack` from `from` on.
-    fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-        let first = *needle.first()?;
-        let mut at = from;
-        while at < haystack.len() {
-            let next = at + haystack[at..].iter().position(|&b| b == first)?;
-            if haystack[next..].starts_with(needle) {
-                return Some(next);
-            }
-            at = next + 1;
-        }
-        None
+    /// RFC 5987's `filename*=UTF-8''na%C3%AFve.txt`, which multer leaves aside.
+    fn extended_filename(headers: &hyper::HeaderMap) -> Option<String> {
+        let disposition = headers.get(hyper::header::CONTENT_DISPOSITION)?.to_str().ok()?;
+        let value = disposition
+            .split(';')
+            .filter_map(|param| param.split_once('='))
+            .find(|(key, _)| key.trim().eq_ignore_ascii_case("filename*"))?
+            .1
+            .trim()
+            .trim_matches('"');
+        let encoded = value.rsplit("''").next().unwrap_or(value);
+        Some(super::percent_decode(encoded))
     }
 }
 
@@ -1691,14 +1601,14 @@ mod tests {
         assert_eq!(percent_decode("p%40ss%20word%zz"), "p@ss word%zz");
     }
 
-    #[test]
-    fn a_sendgrid_form_parses_into_its_parts() {
+    #[tokio::test]
+    async fn a_sendgrid_form_parses_into_its_parts() {
         let body = Bytes::from_static(
             b"preamble\r\n--xYzZY\r\nContent-Disposition: form-data; name=\"from\"\r\n\r\nJane <jane@example.com>\r\n--xYzZY\r\nContent-Disposition: form-data; name=\"attachment1\"; filename=\"a;b \\\"c\\\".pdf\"\r\nContent-Type: application/pdf\r\n\r\n%PDF\r\n--x\r\n--xYzZY\r\ncontent-disposition: form-data; name=\"attachment2\"; filename*=UTF-8''na%C3%AFve.txt\r\n\r\n\r\n--xYzZY--\r\n",
         );
         let boundary =
             form::boundary("multipart/form-data; charset=utf-8; boundary=\"xYzZY\"").unwrap();
-        let parts = form::parse(&body, &boundary).unwrap();
+        let parts = form::parse(body, &boundary).await.unwrap();
         assert_eq!(parts.len(), 3);
         assert_eq!(
             (parts[0].name.as_str(), parts[0].body.as_ref()),
@@ -1712,8 +1622,8 @@ mod tests {
 
         assert_eq!(form::boundary("application/json"), None);
         assert_eq!(form::boundary("multipart/form-data"), None);
-        assert!(form::parse(&Bytes::from_static(b"--b\r\n\r\nno end"), "b").is_err());
-        assert!(form::parse(&Bytes::from_static(b"nothing"), "b").is_err());
+        let unended = form::parse(Bytes::from_static(b"--b\r\n\r\nno end"), "b").await;
+        assert!(unended.is_err(), "{unended:?}");
     }
 
     fn field(name: &str, value: &str) -> form::Part {
