@@ -195,11 +195,14 @@ def regex_escape(value):
 
 
 def interpolate(text, values):
-    """Replaces $var, ${var}, ${var:fmt} and [[var]]; returns (text, unknown variable names)."""
+    """Replaces $var, ${var}, ${var:fmt} and [[var]]; returns (text, unknown variable names).
+    `$1` / `${1}` are label_replace's capture references: Grafana leaves them alone."""
     unknown = []
 
     def sub(m):
         name = m.group(1) or m.group(3) or m.group(4)
+        if name.isdigit():
+            return m.group(0)
         if name in BUILTINS:
             return BUILTINS[name]
         if name in values:

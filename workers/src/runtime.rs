@@ -79,6 +79,11 @@ impl Worker {
         F: Future<Output = Outcome>,
     {
         let consumer = self.bus.subscribe(topic, &self.group());
+        // Every outcome's series exists from the start: an alert on the first dead letter sees
+        // it rise from 0.
+        for outcome in ["handled", "dead_letter", "retried"] {
+            self.metrics.records.with_label_values(&[topic, outcome]);
+        }
         let context = ConsumeContext {
             bus: self.bus.clone(),
             dead_letters: self.topics.dead_letters.clone(),
@@ -522,5 +527,8 @@ where
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
