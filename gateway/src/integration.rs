@@ -587,7 +587,7 @@ async fn outbound(shared: &Shared, room: &RoomKey, message: &Message) {
                 message_id: message.message_id.clone(),
                 from: address.clone(),
                 to: to.clone(),
-                subject: format!("Re: {}", conversation.title),
+                subject: reply_subject(&conversation.title),
                 text: message.message.clone(),
                 in_reply_to: None,
                 references: Vec::new(),
@@ -668,6 +668,18 @@ async fn handle_device_token(shared: &Arc<Shared>, record: &Record) -> Outcome {
     }
 }
 
+/// The subject of a reply in a conversation titled `title`: `Re: title`, once.
+fn reply_subject(title: &str) -> String {
+    let answered = title
+        .get(..3)
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case("re:"));
+    if answered {
+        title.to_owned()
+    } else {
+        format!("Re: {title}")
+    }
+}
+
 /// The id an inbound message is stored under: the provider's, made to fit a message id
 /// (1–64 bytes) when it is longer (an email's `Message-ID`).
 fn inbound_message_id(provider_id: &str) -> String {
@@ -733,7 +745,17 @@ async fn handle_inbound(shared: &Arc<Shared>, record: &Record) -> Outcome {
             kind: RoomKind::Prospect,
             contact: Some(contact.clone()),
             inbox_id: Some(key.inbox_id.clone()),
-            title: None,
+            // A mail's conversation is called by its subject (so replies say `Re:` it); a
+            // reopened one keeps its first title.
+            title: match inbound.channel {
+                InboundChannel::Email => inbound
+                    .subject
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty() && s.len() <= 256)
+                    .map(str::to_owned),
+                _ => None,
+            },
             participants: vec![contact.contact_id.clone()],
             when_open: WhenOpen::Reopen,
         },

@@ -230,6 +230,7 @@ impl Gateway {
                 brokers: brokers.clone(),
                 max_buffer_bytes: config.kafka_buffer_mib.saturating_mul(1 << 20),
                 client_id: "gateway".into(),
+                linger_ms: 5,
             })
             .map_err(|e| std::io::Error::other(format!("--kafka-brokers: {e}")))?,
             // It holds what its readers have not committed, up to this per topic.

@@ -12,33 +12,16 @@ mod kafka;
 mod twilio;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::inbox::{admin, post, TENANT};
 use common::*;
 use gateway::auth::Role;
-use kafka::{brokers, frame, gateway_on_kafka, prefix, produce, read_topic, repo_root};
+use kafka::{brokers, frame, gateway_on_kafka, prefix, produce, read_topic, worker_binary};
 use serde_json::{json, Value};
 use twilio::{post_webhook, Scripted, Twilio, ACCOUNT_SID, AUTH_TOKEN};
-
-/// A binary of the `workers` package, built when it is missing.
-fn worker_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/debug/deps/kafka-… → target/debug/{name}
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "workers", "--bin", name])
-            .current_dir(repo_root())
-            .status()
-            .unwrap();
-        assert!(status.success(), "building {name}");
-    }
-    path
-}
 
 /// The `sms-worker` process.
 struct SmsWorker {

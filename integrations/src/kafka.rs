@@ -34,6 +34,9 @@ pub struct KafkaSettings {
     pub max_buffer_bytes: usize,
     /// `client.id`, which names this process in the brokers' logs and quotas.
     pub client_id: String,
+    /// How long the producer waits to fill a batch (`linger.ms`): the gateway keeps many
+    /// records in flight and gains from batches; a worker awaits each record it produces.
+    pub linger_ms: u32,
 }
 
 /// What librdkafka's statistics say, kept for `healthy` and `lag`.
@@ -134,7 +137,7 @@ impl KafkaBus {
                 (settings.max_buffer_bytes / 1024).max(1).to_string(),
             )
             .set("queue.buffering.max.messages", "1000000")
-            .set("linger.ms", "5")
+            .set("linger.ms", settings.linger_ms.to_string())
             .set("compression.type", "lz4")
             .set("statistics.interval.ms", "1000")
             .create_with_context(context.clone())?;

@@ -529,13 +529,15 @@ impl EmailWorker {
                     "the inbound-parse webhook takes multipart/form-data with a boundary, as SendGrid's Inbound Parse posts",
                 )
             })?;
-        let parts = form::parse(request.body.clone(), &boundary).await.map_err(|e| {
-            error_response(
-                StatusCode::BAD_REQUEST,
-                "BAD_REQUEST",
-                &format!("the multipart body: {e}"),
-            )
-        })?;
+        let parts = form::parse(request.body.clone(), &boundary)
+            .await
+            .map_err(|e| {
+                error_response(
+                    StatusCode::BAD_REQUEST,
+                    "BAD_REQUEST",
+                    &format!("the multipart body: {e}"),
+                )
+            })?;
         let mail = read_inbound(parts, &self.domain)
             .map_err(|e| error_response(StatusCode::BAD_REQUEST, "BAD_REQUEST", &e))?;
         let provider_id = mail.message.provider_id.clone();
@@ -1443,7 +1445,10 @@ mod form {
 
     /// RFC 5987's `filename*=UTF-8''na%C3%AFve.txt`, which multer leaves aside.
     fn extended_filename(headers: &hyper::HeaderMap) -> Option<String> {
-        let disposition = headers.get(hyper::header::CONTENT_DISPOSITION)?.to_str().ok()?;
+        let disposition = headers
+            .get(hyper::header::CONTENT_DISPOSITION)?
+            .to_str()
+            .ok()?;
         let value = disposition
             .split(';')
             .filter_map(|param| param.split_once('='))

@@ -47,6 +47,9 @@ impl KafkaArgs {
             brokers: self.kafka_brokers.clone(),
             max_buffer_bytes: self.kafka_buffer_mib.saturating_mul(1 << 20),
             client_id: client_id.to_owned(),
+            // A worker awaits each record it produces (a delivery state) before it commits
+            // what caused it: no waiting for a batch to fill.
+            linger_ms: 0,
         })
         .map_err(|e| format!("--kafka-brokers: {e}"))?;
         Ok(bus)
@@ -214,12 +217,22 @@ impl Ledger {
 
     /// Writes `value` under `key`, replacing what was there.
     pub fn put(&self, key: &str, value: &str) -> Result<(), rusqlite::Error> {
-        self.connection().execute(
-            "INSERT INTO ledger (key, value, at) VALUES (?1, ?2, unixepoch())
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value, at = excluded.at",
-            [key, value],
-        )?;
-        Ok(())
+        self.put_all(&[(key, value)])
+    }
+
+    /// Writes each `(key, value)` (replacing what was there) in one transaction: one sync to
+    /// disk for all of them.
+    pub fn put_all(&self, entries: &[(&str, &str)]) -> Result<(), rusqlite::Error> {
+        let mut connection = self.connection();
+        let transaction = connection.transaction()?;
+        for (key, value) in entries {
+            transaction.execute(
+                "INSERT INTO ledger (key, value, at) VALUES (?1, ?2, unixepoch())
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, at = excluded.at",
+                [key, value],
+            )?;
+        }
+        transaction.commit()
     }
 
     /// Writes `value` under `key` unless something is there: whether it was new.

@@ -185,12 +185,9 @@ impl Twilio {
                     message_id: sms.message_id.clone(),
                     sid: sid.clone(),
                 };
-                let written = ledger.put(&sent_key, &sid).and_then(|()| {
-                    ledger.put(
-                        &format!("sms:sid:{sid}"),
-                        &serde_json::to_string(&entry).unwrap_or_default(),
-                    )
-                });
+                let entry = serde_json::to_string(&entry).unwrap_or_default();
+                let written =
+                    ledger.put_all(&[(&sent_key, &sid), (&format!("sms:sid:{sid}"), &entry)]);
                 if let Err(e) = written {
                     // Sent but not remembered: a redelivery would send it again. Say so loudly.
                     tracing::error!(error = %e, sid, "a sent message could not be written to the ledger");

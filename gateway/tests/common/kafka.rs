@@ -119,3 +119,137 @@ pub async fn gateway_on_kafka(brokers: &str, prefix: &str) -> TestServer {
     })
     .await
 }
+
+/// A binary of the `workers` package (next to the test binary), built when it is missing.
+pub fn worker_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/debug/deps/kafka-… → target/debug/{name}
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "workers", "--bin", name])
+            .current_dir(repo_root())
+            .status()
+            .unwrap();
+        assert!(status.success(), "building {name}");
+    }
+    path
+}
+
+/// A worker binary (`email-worker`, `push-worker`, …) as a child process on the Kafka bus: its
+/// topics behind `prefix`, its ledger in `state`, its HTTP server (`/healthz`, webhooks) on a
+/// free port given in `listen_var`; its log in `state/{name}.log`, shown when a test fails.
+/// Killed when dropped.
+pub struct WorkerProcess {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+    name: String,
+    log: PathBuf,
+}
+
+impl WorkerProcess {
+    /// Starts `name` and waits until its `/healthz` answers 200 (a port taken meanwhile: another).
+    pub async fn start(
+        name: &str,
+        brokers: &str,
+        prefix: &str,
+        state: &Path,
+        listen_var: &str,
+        env: &[(&str, String)],
+    ) -> WorkerProcess {
+        let binary = worker_binary(name);
+        let log = state.join(format!("{name}.log"));
+        for _ in 0..5 {
+            let addr: std::net::SocketAddr = format!("127.0.0.1:{}", crate::common::free_port())
+                .parse()
+                .unwrap();
+            // Its stdout and stderr both (wherever its logging writes).
+            let stderr = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .unwrap();
+            let child = Command::new(&binary)
+                .env("KAFKA_BROKERS", brokers)
+                .env("BUS_TOPIC_PREFIX", prefix)
+                .env("WORKER_STATE_DIR", state)
+                .env(listen_var, addr.to_string())
+                .env("RUST_LOG", "info,librdkafka=warn")
+                .env("NO_COLOR", "1")
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::null())
+                .stdout(stderr.try_clone().unwrap())
+                .stderr(stderr)
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+            let mut worker = WorkerProcess {
+                child,
+                addr,
+                name: name.to_owned(),
+                log: log.clone(),
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while std::time::Instant::now() < deadline {
+                if worker.child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if crate::common::try_get_status(addr, "/healthz").await == Some(200) {
+                    return worker;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            let _ = worker.child.kill();
+            let _ = worker.child.wait();
+        }
+        panic!(
+            "{name} did not start:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// What the worker logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM (with kill(1): the workspace forbids unsafe code), and its exit status within
+    /// `within`.
+    pub async fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} did not stop within {within:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- the last lines {} logged:", self.name);
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}

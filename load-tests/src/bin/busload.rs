@@ -36,7 +36,10 @@ use rdkafka::message::Message;
 use rdkafka::ClientConfig;
 
 #[derive(Parser)]
-#[command(name = "busload", about = "Events/s and per-hop latency through the integration bus")]
+#[command(
+    name = "busload",
+    about = "Events/s and per-hop latency through the integration bus"
+)]
 struct Args {
     /// The gateway (host:port).
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -64,6 +67,10 @@ struct Args {
     /// Measured seconds.
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Seconds of load before measuring (consumers joining their groups, topics' metadata
+    /// reaching every client); the measurement starts once all of it reached the provider.
+    #[arg(long, default_value_t = 3)]
+    warmup: u64,
     /// Connections posting at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -91,20 +98,34 @@ async fn main() {
     let times = Arc::new(Mutex::new(Times::default()));
     serve_provider(args.provider_listen, times.clone()).await;
     create_topic(&args).await;
-    let reader = tokio::spawn(read_appends(args.kafka_brokers.clone(), args.topic_prefix.clone(), times.clone()));
+    let reader = tokio::spawn(read_appends(
+        args.kafka_brokers.clone(),
+        args.topic_prefix.clone(),
+        times.clone(),
+    ));
 
     let admin = target.token("busload-admin", Role::Admin);
     let agent = target.token("busload-agent", Role::Agent);
-    let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .build()
+        .unwrap();
     let api = format!("http://{}/api/v1", args.server);
     let run = format!("{:x}", now_us());
     let post = |path: String, bearer: &str, body: serde_json::Value| {
-        client.post(format!("{api}{path}")).bearer_auth(bearer).json(&body).send()
+        client
+            .post(format!("{api}{path}"))
+            .bearer_auth(bearer)
+            .json(&body)
+            .send()
     };
     let number = |i: usize| format!("+1555{:07}", i);
     let inbox = serde_json::json!({"inbox_id": format!("bench-{run}"), "name": "bench",
         "channel": {"type": "sms", "phone_number": format!("+1444{}", &run[run.len() - 7..])}});
-    let status = post("/inboxes".into(), &admin, inbox).await.unwrap().status();
+    let status = post("/inboxes".into(), &admin, inbox)
+        .await
+        .unwrap()
+        .status();
     assert!(status.is_success(), "creating the inbox: {status}");
     let mut rooms = Vec::new();
     for i in 0..args.conversations {
@@ -114,51 +135,112 @@ async fn main() {
         let room = format!("r-{run}-{i}");
         let body = serde_json::json!({"room_id": room, "kind": "prospect", "contact_id": contact,
             "inbox_id": format!("bench-{run}"), "participants": [contact]});
-        let status = post("/conversations".into(), &admin, body).await.unwrap().status();
+        let status = post("/conversations".into(), &admin, body)
+            .await
+            .unwrap()
+            .status();
         assert!(status.is_success(), "opening a conversation: {status}");
         rooms.push(room);
     }
-    eprintln!("busload: {} conversations ready; posting {}/s for {} s", rooms.len(), args.rate, args.duration);
+    eprintln!(
+        "busload: {} conversations ready; posting {}/s for {} s",
+        rooms.len(),
+        args.rate,
+        args.duration
+    );
 
+    let load = Load {
+        client: &client,
+        api: &api,
+        agent: &agent,
+        run: &run,
+        rooms: &rooms,
+        times: &times,
+    };
+    let warmup = load
+        .post_for(args.rate, args.warmup, args.concurrency, "w")
+        .await;
+    load.wait_provided(warmup.0).await;
+    *times.lock().unwrap() = Times::default();
     let total = args.rate * args.duration;
-    let interval = Duration::from_nanos(1_000_000_000 / args.rate.max(1));
-    let permits = Arc::new(tokio::sync::Semaphore::new(args.concurrency));
-    let started = tokio::time::Instant::now();
-    let mut errors = 0u64;
-    let mut tasks = Vec::with_capacity(total as usize);
-    for n in 0..total {
-        tokio::time::sleep_until(started + interval * n as u32).await;
-        let Ok(permit) = permits.clone().acquire_owned().await else { break };
-        let room = &rooms[n as usize % rooms.len()];
-        let id = format!("b{run}-{n}");
-        let request = client
-            .post(format!("{api}/conversations/{room}/messages"))
-            .bearer_auth(&agent)
-            .json(&serde_json::json!({"message": format!("bench {id}"), "message_id": id}));
-        times.lock().unwrap().posted.insert(id, now_us());
-        tasks.push(tokio::spawn(async move {
-            let ok = matches!(request.send().await, Ok(r) if r.status().is_success());
-            drop(permit);
-            ok
-        }));
-    }
-    for task in tasks {
-        if !task.await.unwrap_or(false) {
-            errors += 1;
-        }
-    }
-    let posting = started.elapsed();
-    // What is still on its way arrives within a few seconds.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let provided = times.lock().unwrap().provided.len() as u64;
-        if provided + errors >= total || tokio::time::Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (posted, errors, posting) = load
+        .post_for(args.rate, args.duration, args.concurrency, "m")
+        .await;
+    let errors = errors + (total - posted);
+    load.wait_provided(total - errors).await;
     reader.abort();
     report(&times.lock().unwrap(), total, errors, posting);
+}
+
+/// What posting replies needs.
+struct Load<'a> {
+    client: &'a reqwest::Client,
+    api: &'a str,
+    agent: &'a str,
+    run: &'a str,
+    rooms: &'a [String],
+    times: &'a Arc<Mutex<Times>>,
+}
+
+impl Load<'_> {
+    /// Posts `rate` replies a second for `seconds` (open loop, `concurrency` at once): how
+    /// many were posted and failed, and how long it took.
+    async fn post_for(
+        &self,
+        rate: u64,
+        seconds: u64,
+        concurrency: usize,
+        phase: &str,
+    ) -> (u64, u64, Duration) {
+        let total = rate * seconds;
+        let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
+        let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
+        let started = tokio::time::Instant::now();
+        let mut errors = 0u64;
+        let mut tasks = Vec::with_capacity(total as usize);
+        let (client, api, agent, run, rooms, times) = (
+            self.client,
+            self.api,
+            self.agent,
+            self.run,
+            self.rooms,
+            self.times,
+        );
+        for n in 0..total {
+            tokio::time::sleep_until(started + interval * n as u32).await;
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let room = &rooms[n as usize % rooms.len()];
+            let id = format!("b{run}-{phase}{n}");
+            let request = client
+                .post(format!("{api}/conversations/{room}/messages"))
+                .bearer_auth(agent)
+                .json(&serde_json::json!({"message": format!("bench {id}"), "message_id": id}));
+            times.lock().unwrap().posted.insert(id, now_us());
+            tasks.push(tokio::spawn(async move {
+                let ok = matches!(request.send().await, Ok(r) if r.status().is_success());
+                drop(permit);
+                ok
+            }));
+        }
+        for task in tasks {
+            if !task.await.unwrap_or(false) {
+                errors += 1;
+            }
+        }
+        (total, errors, started.elapsed())
+    }
+
+    /// Waits (up to 60 s) until `n` replies reached the provider.
+    async fn wait_provided(&self, n: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while (self.times.lock().unwrap().provided.len() as u64) < n
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 fn report(times: &Times, total: u64, errors: u64, posting: Duration) {
@@ -167,7 +249,9 @@ fn report(times: &Times, total: u64, errors: u64, posting: Duration) {
     let mut end_to_end = Histogram::<u64>::new(3).unwrap();
     let (mut first, mut last) = (u64::MAX, 0);
     for (id, &t0) in &times.posted {
-        let Some(&t2) = times.provided.get(id) else { continue };
+        let Some(&t2) = times.provided.get(id) else {
+            continue;
+        };
         first = first.min(t2);
         last = last.max(t2);
         let _ = end_to_end.record(t2.saturating_sub(t0));
@@ -226,49 +310,78 @@ async fn read_appends(brokers: String, prefix: String, times: Arc<Mutex<Times>>)
         .set("allow.auto.create.topics", "true")
         .create()
         .expect("a Kafka consumer");
-    consumer.subscribe(&[&format!("{prefix}outbound.sms")]).expect("subscribing");
+    consumer
+        .subscribe(&[&format!("{prefix}outbound.sms")])
+        .expect("subscribing");
     loop {
-        let Ok(message) = consumer.recv().await else { continue };
-        let Some(at_ms) = message.timestamp().to_millis() else { continue };
-        let Some(payload) = message.payload() else { continue };
+        let Ok(message) = consumer.recv().await else {
+            continue;
+        };
+        let Some(at_ms) = message.timestamp().to_millis() else {
+            continue;
+        };
+        let Some(payload) = message.payload() else {
+            continue;
+        };
         #[derive(serde::Deserialize)]
         struct Sms {
             message_id: String,
         }
         if let Ok(sms) = serde_json::from_slice::<Sms>(payload) {
-            times.lock().unwrap().appended.insert(sms.message_id, at_ms as u64 * 1000);
+            times
+                .lock()
+                .unwrap()
+                .appended
+                .insert(sms.message_id, at_ms as u64 * 1000);
         }
     }
 }
 
 /// The provider stand-in: answers each Messages API call `201` and notes when it arrived.
 async fn serve_provider(listen: SocketAddr, times: Arc<Mutex<Times>>) {
-    let listener = tokio::net::TcpListener::bind(listen).await.expect("the provider's address");
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .expect("the provider's address");
     tokio::spawn(async move {
         let mut sid = 0u64;
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             sid += 1;
             let times = times.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                    let times = times.clone();
-                    async move {
-                        let arrived = now_us();
-                        let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                        let text = form_urlencoded::parse(&body)
-                            .find(|(k, _)| k == "Body")
-                            .map(|(_, v)| v.into_owned())
-                            .unwrap_or_default();
-                        if let Some(id) = text.strip_prefix("bench ") {
-                            times.lock().unwrap().provided.entry(id.to_owned()).or_insert(arrived);
+                let service = hyper::service::service_fn(
+                    move |request: hyper::Request<hyper::body::Incoming>| {
+                        let times = times.clone();
+                        async move {
+                            let arrived = now_us();
+                            let body = request
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let text = form_urlencoded::parse(&body)
+                                .find(|(k, _)| k == "Body")
+                                .map(|(_, v)| v.into_owned())
+                                .unwrap_or_default();
+                            if let Some(id) = text.strip_prefix("bench ") {
+                                times
+                                    .lock()
+                                    .unwrap()
+                                    .provided
+                                    .entry(id.to_owned())
+                                    .or_insert(arrived);
+                            }
+                            let answer =
+                                format!(r#"{{"sid":"SM{arrived:x}{sid:x}","status":"queued"}}"#);
+                            let mut response = hyper::Response::new(Full::new(Bytes::from(answer)));
+                            *response.status_mut() = hyper::StatusCode::CREATED;
+                            Ok::<_, Infallible>(response)
                         }
-                        let answer = format!(r#"{{"sid":"SM{arrived:x}{sid:x}","status":"queued"}}"#);
-                        let mut response = hyper::Response::new(Full::new(Bytes::from(answer)));
-                        *response.status_mut() = hyper::StatusCode::CREATED;
-                        Ok::<_, Infallible>(response)
-                    }
-                });
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
