@@ -100,6 +100,41 @@ async fn reply(server: &TestServer, room: &str, body: Value) -> Value {
     sent
 }
 
+/// One test's world: a gateway and an `sms-worker` on Kafka behind a prefix of their own, a
+/// Twilio stand-in, an inbox (`kind`, `number`) and an agent watching the inbox.
+struct World {
+    brokers: String,
+    prefix: String,
+    twilio: Twilio,
+    server: TestServer,
+    state: tempfile::TempDir,
+    worker: SmsWorker,
+    watcher: Client,
+}
+
+impl World {
+    /// `None` when no broker is configured (outside CI).
+    async fn start(inbox_id: &str, kind: &str, number: &str) -> Option<World> {
+        let brokers = brokers()?;
+        let prefix = prefix();
+        let twilio = Twilio::start().await;
+        let server = gateway_on_kafka(&brokers, &prefix).await;
+        let state = tempfile::tempdir().unwrap();
+        let worker = SmsWorker::start(&brokers, &prefix, &twilio, state.path(), free_port());
+        inbox(&server, inbox_id, kind, number).await;
+        let watcher = common::inbox::subscribed(&server, "agent-1").await;
+        Some(World {
+            brokers,
+            prefix,
+            twilio,
+            server,
+            state,
+            worker,
+            watcher,
+        })
+    }
+}
+
 const WAIT: Duration = Duration::from_secs(30);
 
 /// A contact's message in: the signed webhook → `inbound.messages` → the agent's socket.
@@ -128,14 +163,18 @@ async fn inbound(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sms_goes_in_and_out_over_kafka_once_with_its_delivery_state_and_notes_stay_in() {
-    let Some(brokers) = brokers() else { return };
-    let prefix = prefix();
-    let twilio = Twilio::start().await;
-    let server = gateway_on_kafka(&brokers, &prefix).await;
-    let state = tempfile::tempdir().unwrap();
-    let worker = SmsWorker::start(&brokers, &prefix, &twilio, state.path(), free_port());
-    inbox(&server, "sms", "sms", "+15550100").await;
-    let mut watcher = common::inbox::subscribed(&server, "agent-1").await;
+    let Some(world) = World::start("sms", "sms", "+15550100").await else {
+        return;
+    };
+    let World {
+        brokers,
+        prefix,
+        twilio,
+        server,
+        worker,
+        mut watcher,
+        ..
+    } = world;
 
     // Signatures: a tampered parameter, another URL, no header: 403, and nothing goes on.
     let params = [
@@ -297,14 +336,16 @@ async fn an_sms_goes_in_and_out_over_kafka_once_with_its_delivery_state_and_note
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whatsapp_conversation_goes_both_ways_over_kafka() {
-    let Some(brokers) = brokers() else { return };
-    let prefix = prefix();
-    let twilio = Twilio::start().await;
-    let server = gateway_on_kafka(&brokers, &prefix).await;
-    let state = tempfile::tempdir().unwrap();
-    let worker = SmsWorker::start(&brokers, &prefix, &twilio, state.path(), free_port());
-    inbox(&server, "wa", "whatsapp", "+15550101").await;
-    let mut watcher = common::inbox::subscribed(&server, "agent-1").await;
+    let Some(world) = World::start("wa", "whatsapp", "+15550101").await else {
+        return;
+    };
+    let World {
+        twilio,
+        server,
+        worker,
+        mut watcher,
+        ..
+    } = world;
     let room = inbound(
         &worker,
         &mut watcher,
@@ -356,17 +397,21 @@ async fn a_whatsapp_conversation_goes_both_ways_over_kafka() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_batch_sends_every_message_once_after_its_restart() {
-    let Some(brokers) = brokers() else { return };
-    let prefix = prefix();
-    let twilio = Twilio::start().await;
+    let Some(world) = World::start("sms", "sms", "+15550100").await else {
+        return;
+    };
+    let World {
+        brokers,
+        prefix,
+        twilio,
+        server,
+        state,
+        mut worker,
+        mut watcher,
+    } = world;
     // A slow provider: the kill lands while sends are under way.
     twilio.delay(Duration::from_millis(150));
-    let server = gateway_on_kafka(&brokers, &prefix).await;
-    let state = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut worker = SmsWorker::start(&brokers, &prefix, &twilio, state.path(), port);
-    inbox(&server, "sms", "sms", "+15550100").await;
-    let mut watcher = common::inbox::subscribed(&server, "agent-1").await;
+    let port = worker.addr.port();
     let room = inbound(
         &worker,
         &mut watcher,
@@ -414,14 +459,18 @@ async fn a_worker_killed_mid_batch_sends_every_message_once_after_its_restart() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_record_on_every_consumed_topic_is_dead_lettered_and_reading_goes_on() {
-    let Some(brokers) = brokers() else { return };
-    let prefix = prefix();
-    let twilio = Twilio::start().await;
-    let server = gateway_on_kafka(&brokers, &prefix).await;
-    let state = tempfile::tempdir().unwrap();
-    let worker = SmsWorker::start(&brokers, &prefix, &twilio, state.path(), free_port());
-    inbox(&server, "sms", "sms", "+15550100").await;
-    let mut watcher = common::inbox::subscribed(&server, "agent-1").await;
+    let Some(world) = World::start("sms", "sms", "+15550100").await else {
+        return;
+    };
+    let World {
+        brokers,
+        prefix,
+        twilio,
+        server,
+        worker,
+        mut watcher,
+        ..
+    } = world;
     for topic in ["inbound.messages", "delivery.status", "outbound.sms"] {
         produce(&brokers, &format!("{prefix}{topic}"), "poison", "{not json");
     }

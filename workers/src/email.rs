@@ -38,8 +38,7 @@ use base64::Engine as _;
 use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{HeaderMap, Method, StatusCode};
 use integrations::events::{
-    DeliveryState, DeliveryStatus, InboundAttachment, InboundChannel, InboundMessage,
-    OutboundEmail, VERSION,
+    DeliveryState, InboundAttachment, InboundChannel, InboundMessage, OutboundEmail, VERSION,
 };
 use integrations::{Outcome, Record};
 use lettre::message::header::{ContentType, MIME_VERSION_1_0};
@@ -54,7 +53,8 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::runtime::{
-    self, error_response, respond, Ledger, WebFuture, WebRequest, WebResponse, Webhooks, Worker,
+    self, error_response, respond, Ledger, MessageRef, WebFuture, WebRequest, WebResponse,
+    Webhooks, Worker,
 };
 
 /// Most Message-IDs a thread keeps (the newest): plenty for any mail client to thread a reply.
@@ -469,20 +469,13 @@ impl EmailWorker {
         provider_id: Option<String>,
         error: Option<(String, String)>,
     ) {
-        let (error_code, error_message) = error.unzip();
-        let status = DeliveryStatus {
-            v: VERSION,
-            tenant_id: email.tenant_id.clone(),
-            room_id: email.room_id.clone(),
-            message_id: email.message_id.clone(),
-            status,
-            provider_id,
-            error_code,
-            error_message,
+        let message = MessageRef {
+            tenant_id: &email.tenant_id,
+            room_id: &email.room_id,
+            message_id: &email.message_id,
         };
-        let topic = &self.worker.topics.delivery_status;
         self.worker
-            .publish(topic, &email.room_id, integrations::encode(&status))
+            .tell_delivery(message, status, provider_id, error)
             .await;
     }
 

@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use integrations::events::{DeliveryState, DeliveryStatus};
 use integrations::{Bus, ConsumeContext, KafkaBus, KafkaSettings, Outcome, Record, Topics};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::net::TcpListener;
@@ -97,10 +98,42 @@ impl Worker {
         integrations::consume::run(context, consumer, self.stop.clone(), handle).await;
     }
 
+    /// Tells `delivery.status` what became of an outbound message (keyed by its room).
+    pub async fn tell_delivery(
+        &self,
+        message: MessageRef<'_>,
+        status: DeliveryState,
+        provider_id: Option<String>,
+        error: Option<(String, String)>,
+    ) {
+        let (error_code, error_message) = error.unzip();
+        let update = DeliveryStatus {
+            v: integrations::events::VERSION,
+            tenant_id: message.tenant_id.to_owned(),
+            room_id: message.room_id.to_owned(),
+            message_id: message.message_id.to_owned(),
+            status,
+            provider_id,
+            error_code,
+            error_message,
+        };
+        let topic = &self.topics.delivery_status;
+        self.publish(topic, message.room_id, integrations::encode(&update))
+            .await;
+    }
+
     /// Publishes a record, waiting while the bus cannot take it.
     pub async fn publish(&self, topic: &str, key: &str, payload: Bytes) {
         integrations::consume::publish_until_taken(self.bus.as_ref(), topic, key, payload).await;
     }
+}
+
+/// Which stored message an outbound record is.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageRef<'a> {
+    pub tenant_id: &'a str,
+    pub room_id: &'a str,
+    pub message_id: &'a str,
 }
 
 /// A worker's metrics. In the gateway (in-process workers) they share its registry, told apart

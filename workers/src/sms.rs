@@ -19,16 +19,15 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use hyper::{Method, StatusCode};
 use integrations::events::{
-    self, DeliveryState, DeliveryStatus, InboundAttachment, InboundChannel, InboundMessage,
-    OutboundSms, SmsChannel,
+    self, DeliveryState, InboundAttachment, InboundChannel, InboundMessage, OutboundSms, SmsChannel,
 };
 use integrations::{Outcome, Record};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::runtime::{
-    self, error_response, respond, retry_after, Sent, WebFuture, WebRequest, WebResponse, Webhooks,
-    Worker,
+    self, error_response, respond, retry_after, MessageRef, Sent, WebFuture, WebRequest,
+    WebResponse, Webhooks, Worker,
 };
 
 /// The SMS worker's settings.
@@ -297,20 +296,13 @@ impl Twilio {
         provider_id: Option<String>,
         error: Option<(String, String)>,
     ) {
-        let (error_code, error_message) = error.unzip();
-        let update = DeliveryStatus {
-            v: events::VERSION,
-            tenant_id: sms.tenant_id.clone(),
-            room_id: sms.room_id.clone(),
-            message_id: sms.message_id.clone(),
-            status,
-            provider_id,
-            error_code,
-            error_message,
+        let message = MessageRef {
+            tenant_id: &sms.tenant_id,
+            room_id: &sms.room_id,
+            message_id: &sms.message_id,
         };
-        let topic = &self.worker.topics.delivery_status;
         self.worker
-            .publish(topic, &sms.room_id, events::encode(&update))
+            .tell_delivery(message, status, provider_id, error)
             .await;
     }
 
@@ -330,12 +322,7 @@ impl Twilio {
 
     /// A contact wrote: to `inbound.messages`, once per `MessageSid`.
     async fn inbound(self: Arc<Self>, params: Vec<(String, String)>) -> WebResponse {
-        let param = |name: &str| {
-            params
-                .iter()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.clone())
-        };
+        let param = |name: &str| param(&params, name);
         let (Some(sid), Some(from), Some(to)) = (param("MessageSid"), param("From"), param("To"))
         else {
             return error_response(
@@ -406,12 +393,7 @@ impl Twilio {
 
     /// A status callback: to `delivery.status`.
     async fn status(self: Arc<Self>, params: Vec<(String, String)>) -> WebResponse {
-        let param = |name: &str| {
-            params
-                .iter()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.clone())
-        };
+        let param = |name: &str| param(&params, name);
         let (Some(sid), Some(state)) = (param("MessageSid"), param("MessageStatus")) else {
             return error_response(
                 StatusCode::BAD_REQUEST,
@@ -441,22 +423,27 @@ impl Twilio {
             );
             return twiml();
         };
-        let update = DeliveryStatus {
-            v: events::VERSION,
-            tenant_id: sent.tenant_id,
-            room_id: sent.room_id.clone(),
-            message_id: sent.message_id,
-            status: state,
-            provider_id: Some(sid),
-            error_code: param("ErrorCode").filter(|c| !c.is_empty()),
-            error_message: param("ErrorMessage").filter(|m| !m.is_empty()),
+        let error = param("ErrorCode")
+            .filter(|code| !code.is_empty())
+            .map(|code| (code, param("ErrorMessage").unwrap_or_default()));
+        let message = MessageRef {
+            tenant_id: &sent.tenant_id,
+            room_id: &sent.room_id,
+            message_id: &sent.message_id,
         };
-        let topic = &self.worker.topics.delivery_status;
         self.worker
-            .publish(topic, &sent.room_id, events::encode(&update))
+            .tell_delivery(message, state, Some(sid), error)
             .await;
         twiml()
     }
+}
+
+/// The first value of form parameter `name`.
+fn param(params: &[(String, String)], name: &str) -> Option<String> {
+    params
+        .iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.clone())
 }
 
 fn twiml() -> WebResponse {
