@@ -25,6 +25,28 @@ pub(crate) async fn start(shared: &Arc<Shared>) -> std::io::Result<()> {
             registry,
         ));
     }
+    if config.email.smtp_url.is_some() {
+        // A relay URL that cannot work stops the start, as the email-worker binary does.
+        config.email.check().map_err(std::io::Error::other)?;
+        let (worker, listener) = prepare(shared, "email", config.email.email_listen).await?;
+        let registry = shared.metrics.registry().clone();
+        tokio::spawn(workers::email::run(
+            worker,
+            config.email.clone(),
+            listener,
+            registry,
+        ));
+    }
+    if config.push.fcm_credentials.is_some() {
+        let (worker, listener) = prepare(shared, "push", config.push.push_listen).await?;
+        let registry = shared.metrics.registry().clone();
+        tokio::spawn(workers::push::run(
+            worker,
+            config.push.clone(),
+            listener,
+            registry,
+        ));
+    }
     Ok(())
 }
 

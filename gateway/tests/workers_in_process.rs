@@ -1,6 +1,6 @@
 //! The workers inside the gateway (no Kafka: the default): configured with the workers' own
-//! flags, the SMS worker runs as tasks on the in-process bus, serves Twilio's webhooks on its
-//! own address and reports in the gateway's `/metrics`.
+//! flags, each runs as tasks on the in-process bus, serves its webhooks on its own address and
+//! reports in the gateway's `/metrics`.
 
 mod common;
 #[path = "common/twilio.rs"]
@@ -70,6 +70,83 @@ async fn the_sms_worker_runs_inside_the_gateway_when_there_is_no_kafka() {
         }
         assert!(tokio::time::Instant::now() < deadline, "{metrics}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_email_and_push_workers_run_inside_the_gateway_too() {
+    let email_listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let push_listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The push worker reads its service account at start; nothing is sent in this test.
+    let key = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ])
+        .output()
+        .expect("openssl");
+    assert!(key.status.success());
+    let account = json!({"type": "service_account", "project_id": "acme-push",
+        "private_key_id": "k1", "private_key": String::from_utf8(key.stdout).unwrap(),
+        "client_email": "push@acme-push.iam.gserviceaccount.com",
+        "token_uri": "http://127.0.0.1:9/token"});
+    let credentials = dir.path().join("service-account.json");
+    std::fs::write(&credentials, account.to_string()).unwrap();
+    let server = TestServer::start_with(move |config| {
+        // No relay answers here: the worker starts, and mail it would send waits.
+        config.email.smtp_url = Some("smtp://127.0.0.1:9".into());
+        config.email.email_listen = email_listen;
+        config.push.fcm_credentials = Some(credentials);
+        config.push.push_listen = push_listen;
+    })
+    .await;
+    let inbox = json!({"inbox_id": "mail", "name": "Mail",
+                       "channel": {"type": "email", "address": "help@acme.example"}});
+    let (status, reply) = post(&server, "/api/v1/inboxes", &admin(), inbox).await;
+    assert_eq!(status, 201, "{reply}");
+    let mut watcher = common::inbox::subscribed(&server, "agent-1").await;
+    let form = reqwest::multipart::Form::new()
+        .text(
+            "headers",
+            "Message-ID: <in-1@example.com>\r\nSubject: Hello\r\n",
+        )
+        .text("from", "Kim Lee <kim@example.com>")
+        .text("to", "help@acme.example")
+        .text("subject", "Hello")
+        .text("text", "Is my order on its way?")
+        .text(
+            "envelope",
+            r#"{"to":["help@acme.example"],"from":"kim@example.com"}"#,
+        );
+    let response = reqwest::Client::new()
+        .post(format!("http://{email_listen}/inbound"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let created = watcher.recv_code("conversation_response").await;
+    assert_eq!(
+        created["data"]["conversation"]["title"], "Hello",
+        "{created}"
+    );
+    for addr in [email_listen, push_listen] {
+        let (status, _) = http_get(addr, "/healthz").await;
+        assert_eq!(status, 200, "{addr}");
+    }
+    let metrics = server.metrics().await;
+    for worker in ["email", "push"] {
+        assert!(
+            metrics.contains(&format!(
+                r#"worker_provider_calls_total{{outcome="sent",worker="{worker}"}} 0"#
+            )),
+            "{worker}: {metrics}"
+        );
     }
     server.stop().await;
 }
