@@ -386,8 +386,14 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> WebRespo
     respond(status, "application/json", body.to_string())
 }
 
-/// Serves `/healthz`, `/metrics` and `webhooks` on `listener` until `stop` turns true;
-/// request bodies past `max_body_bytes` are refused with 413.
+/// Connections a worker's HTTP server holds at once; one more is closed as it is accepted.
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// Serves `/healthz`, `/metrics` and `webhooks` on `listener` until `stop` turns true.
+/// Bounded: a request body past `max_body_bytes` is refused with 413; the bodies being read or
+/// handled hold at most 8 × `max_body_bytes` together (each reserves its declared length, or
+/// the limit when it declares none), past which a request is answered 503 with `Retry-After`;
+/// and at most [`MAX_CONNECTIONS`] connections are open.
 pub async fn serve(
     listener: TcpListener,
     webhooks: Arc<dyn Webhooks>,
@@ -396,6 +402,10 @@ pub async fn serve(
     max_body_bytes: usize,
     mut stop: watch::Receiver<bool>,
 ) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let body_budget = Arc::new(tokio::sync::Semaphore::new(
+        (max_body_bytes.saturating_mul(8)).div_ceil(1024).max(1),
+    ));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -408,17 +418,25 @@ pub async fn serve(
             },
             _ = stop.changed() => return,
         };
+        let Ok(connection_permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many webhook connections: one closed");
+            continue;
+        };
         let (webhooks, registry, metrics) = (webhooks.clone(), registry.clone(), metrics.clone());
+        let budget = body_budget.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let (webhooks, registry, metrics) =
                 (webhooks.clone(), registry.clone(), metrics.clone());
+            let budget = budget.clone();
             async move {
+                let limits = (max_body_bytes, budget);
                 Ok::<_, Infallible>(
-                    answer(request, peer, webhooks, registry, metrics, max_body_bytes).await,
+                    answer(request, peer, webhooks, registry, metrics, limits).await,
                 )
             }
         });
         tokio::spawn(async move {
+            let _held = connection_permit;
             let io = hyper_util::rt::TokioIo::new(stream);
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -437,7 +455,7 @@ async fn answer(
     webhooks: Arc<dyn Webhooks>,
     registry: Registry,
     metrics: WorkerMetrics,
-    max_body_bytes: usize,
+    (max_body_bytes, body_budget): (usize, Arc<tokio::sync::Semaphore>),
 ) -> WebResponse {
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => {
@@ -465,6 +483,25 @@ async fn answer(
         }
         _ => {}
     }
+    let declared = request
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let reserve = declared.unwrap_or(max_body_bytes).min(max_body_bytes);
+    let kib = u32::try_from(reserve.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    // Held until the request is answered.
+    let Ok(_reserved) = body_budget.try_acquire_many_owned(kib) else {
+        let mut response = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "too many request bodies at once: try again",
+        );
+        response
+            .headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
     let (parts, body) = request.into_parts();
     let body = match Limited::new(body, max_body_bytes).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -577,4 +614,97 @@ pub fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn server(max_body_bytes: usize) -> (SocketAddr, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let registry = Registry::new();
+        let metrics = WorkerMetrics::new("test", &registry).unwrap();
+        let (stop_tx, stop) = watch::channel(false);
+        tokio::spawn(serve(
+            listener,
+            Arc::new(NoWebhooks),
+            registry,
+            metrics,
+            max_body_bytes,
+            stop,
+        ));
+        (addr, stop_tx)
+    }
+
+    /// Opens a request that declares a body and never sends it.
+    async fn stalled(addr: SocketAddr, length: usize) -> TcpStream {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let head = format!("POST /hook HTTP/1.1\r\nHost: w\r\nContent-Length: {length}\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream
+    }
+
+    #[tokio::test]
+    async fn bodies_in_flight_are_bounded_together_and_the_next_one_waits_its_turn() {
+        let (addr, _stop) = server(1024).await;
+        // 8 × 1 KiB: the whole budget, held by requests whose bodies never come.
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            held.push(stalled(addr, 1024).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut next = stalled(addr, 10).await;
+        let mut answer = vec![0; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), next.read(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("retry-after: 1"),
+            "{answer}"
+        );
+        assert!(answer.contains(r#""code":"UNAVAILABLE""#), "{answer}");
+        // One gives up: there is room again (the next request reads its body, then is a 404).
+        drop(held.pop());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"POST /hook HTTP/1.1\r\nHost: w\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_bound_are_closed_as_they_are_accepted() {
+        let (addr, _stop) = server(1024).await;
+        let mut open = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            open.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // The server has taken them all before the next one.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut byte = [0; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut byte))
+            .await
+            .expect("closed at once, not left waiting");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        // One of the first is still served.
+        let mut first = open.pop().unwrap();
+        first
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        first.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
 }
