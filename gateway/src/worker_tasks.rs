@@ -16,37 +16,45 @@ pub(crate) async fn start(shared: &Arc<Shared>) -> std::io::Result<()> {
         return Ok(());
     }
     if config.sms.twilio_account_sid.is_some() {
-        let (worker, listener) = prepare(shared, "sms", config.sms.sms_listen).await?;
-        let registry = shared.metrics.registry().clone();
-        tokio::spawn(workers::sms::run(
-            worker,
-            config.sms.clone(),
-            listener,
-            registry,
-        ));
+        let sms = config.sms.clone();
+        spawn(shared, "sms", sms.sms_listen, |w, l, r| {
+            workers::sms::run(w, sms, l, r)
+        })
+        .await?;
     }
     if config.email.smtp_url.is_some() {
         // A relay URL that cannot work stops the start, as the email-worker binary does.
         config.email.check().map_err(std::io::Error::other)?;
-        let (worker, listener) = prepare(shared, "email", config.email.email_listen).await?;
-        let registry = shared.metrics.registry().clone();
-        tokio::spawn(workers::email::run(
-            worker,
-            config.email.clone(),
-            listener,
-            registry,
-        ));
+        let email = config.email.clone();
+        spawn(shared, "email", email.email_listen, |w, l, r| {
+            workers::email::run(w, email, l, r)
+        })
+        .await?;
     }
     if config.push.fcm_credentials.is_some() {
-        let (worker, listener) = prepare(shared, "push", config.push.push_listen).await?;
-        let registry = shared.metrics.registry().clone();
-        tokio::spawn(workers::push::run(
-            worker,
-            config.push.clone(),
-            listener,
-            registry,
-        ));
+        let push = config.push.clone();
+        spawn(shared, "push", push.push_listen, |w, l, r| {
+            workers::push::run(w, push, l, r)
+        })
+        .await?;
     }
+    Ok(())
+}
+
+/// Runs worker `name` as a task: `run` gets its share of the gateway, its listener and the
+/// gateway's registry.
+async fn spawn<F, Fut>(
+    shared: &Arc<Shared>,
+    name: &'static str,
+    listen: std::net::SocketAddr,
+    run: F,
+) -> std::io::Result<()>
+where
+    F: FnOnce(Arc<Worker>, tokio::net::TcpListener, prometheus::Registry) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (worker, listener) = prepare(shared, name, listen).await?;
+    tokio::spawn(run(worker, listener, shared.metrics.registry().clone()));
     Ok(())
 }
 

@@ -3,6 +3,8 @@
 //! reports in the gateway's `/metrics`.
 
 mod common;
+#[path = "../../workers/tests/support/fcm.rs"]
+mod fcm;
 #[path = "common/twilio.rs"]
 mod twilio;
 
@@ -80,23 +82,7 @@ async fn the_email_and_push_workers_run_inside_the_gateway_too() {
     let push_listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
     // The push worker reads its service account at start; nothing is sent in this test.
-    let key = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-        ])
-        .output()
-        .expect("openssl");
-    assert!(key.status.success());
-    let account = json!({"type": "service_account", "project_id": "acme-push",
-        "private_key_id": "k1", "private_key": String::from_utf8(key.stdout).unwrap(),
-        "client_email": "push@acme-push.iam.gserviceaccount.com",
-        "token_uri": "http://127.0.0.1:9/token"});
-    let credentials = dir.path().join("service-account.json");
-    std::fs::write(&credentials, account.to_string()).unwrap();
+    let (_fcm, credentials) = fcm::start_with_account(dir.path()).await;
     let server = TestServer::start_with(move |config| {
         // No relay answers here: the worker starts, and mail it would send waits.
         config.email.smtp_url = Some("smtp://127.0.0.1:9".into());
