@@ -7,6 +7,13 @@
 //! rebuilt at start from the store's [`QueueEntry`] list ([`restore`]). Whenever a waiting
 //! conversation's position or estimate changes, its members get a `queue_response`
 //! ([`Shard::queue_update`]).
+//!
+//! One change can move every waiting conversation, so telling all of them at each change costs
+//! frames quadratic in the queue's length while it fills or drains. A conversation that itself
+//! changed hears its place at once; the others of its tenant are told at most once per
+//! [`TELL_INTERVAL_MS`] (the first change of a quiet queue at once, later ones together at the
+//! end of the interval, by [`run_ticker`]), so a queue of N sends at most about N frames per
+//! interval however busy it is.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,6 +34,10 @@ pub const QUEUE_RESPONSE: &str = "queue_response";
 /// How many of a tenant's latest takes (an agent taking a waiting conversation) the wait
 /// estimate looks at.
 const TAKES_REMEMBERED: usize = 20;
+
+/// The shortest time between two walks of a tenant's queue telling its conversations their
+/// new places.
+pub const TELL_INTERVAL_MS: i64 = 1_000;
 
 /// Conversations that left a queue are remembered this long (by version), so that a change
 /// observed late cannot put one back.
@@ -61,6 +72,10 @@ struct TenantQueue {
     left: HashMap<String, (u64, i64)>,
     /// When the latest conversations were taken (ms).
     takes: VecDeque<i64>,
+    /// When the waiting conversations were last told their places (ms).
+    told_at: Option<i64>,
+    /// The queue changed since: places still to tell, at the end of the interval.
+    untold: bool,
 }
 
 impl TenantQueue {
@@ -71,8 +86,44 @@ impl TenantQueue {
         (gaps > 0).then(|| (last - first) / gaps)
     }
 
+    /// The waiting conversation's new position, when its members were told something else.
+    fn changed_position(&mut self, room_id: &str) -> Option<QueuePosition> {
+        let interval = self.take_interval_ms();
+        let waiting = self.waiting.len() as u32;
+        let at = *self.joined_at.get(room_id)?;
+        let key = (at, room_id.to_owned());
+        let position = self.waiting.range(..&key).count() as u32 + 1;
+        let now = QueuePosition {
+            position,
+            waiting,
+            estimated_wait_seconds: estimate(position, interval),
+        };
+        let entry = self.waiting.get_mut(&key)?;
+        (entry.told != Some(now)).then(|| {
+            entry.told = Some(now);
+            now
+        })
+    }
+
+    /// Tells the others their places now when the interval since the last telling is over;
+    /// otherwise leaves it to the ticker ([`SupportQueues::due`]).
+    fn tell_or_defer(
+        &mut self,
+        tenant: &str,
+        now: Timestamp,
+        updates: &mut Vec<(RoomKey, QueuePosition)>,
+    ) {
+        if self.told_at.is_some_and(|at| now.0 - at < TELL_INTERVAL_MS) {
+            self.untold = true;
+        } else {
+            updates.extend(self.changed_positions(tenant, now));
+        }
+    }
+
     /// The new position of every waiting conversation whose members were told something else.
-    fn changed_positions(&mut self, tenant: &str) -> Vec<(RoomKey, QueuePosition)> {
+    fn changed_positions(&mut self, tenant: &str, now: Timestamp) -> Vec<(RoomKey, QueuePosition)> {
+        self.told_at = Some(now.0);
+        self.untold = false;
         let interval = self.take_interval_ms();
         let waiting = self.waiting.len() as u32;
         let mut changed = Vec::new();
@@ -140,7 +191,8 @@ impl SupportQueues {
                 .left
                 .retain(|_, &mut (_, at)| now.0 - at < LEFT_REMEMBERED_MS);
         }
-        match (current, conversation.waits_for_agent()) {
+        let waits = conversation.waits_for_agent();
+        match (current, waits) {
             (Some(at), true) => {
                 let told = queue
                     .waiting
@@ -180,7 +232,31 @@ impl SupportQueues {
                 return Vec::new();
             }
         }
-        queue.changed_positions(&room.tenant_id)
+        // The conversation that changed hears its place at once; the others may wait.
+        let mut updates = Vec::new();
+        if waits {
+            if let Some(position) = queue.changed_position(room_id) {
+                updates.push((room.clone(), position));
+            }
+        }
+        queue.tell_or_defer(&room.tenant_id, now, &mut updates);
+        updates
+    }
+
+    /// The places not yet told of every tenant whose interval is over (see [`run_ticker`]).
+    pub fn due(&self, now: Timestamp) -> Vec<(RoomKey, QueuePosition)> {
+        let mut tenants = self.lock();
+        let mut updates = Vec::new();
+        for (tenant, queue) in tenants.iter_mut() {
+            if queue.untold
+                && queue
+                    .told_at
+                    .is_none_or(|at| now.0 - at >= TELL_INTERVAL_MS)
+            {
+                updates.extend(queue.changed_positions(tenant, now));
+            }
+        }
+        updates
     }
 
     /// Where the room's conversation stands, when it is waiting.
@@ -208,6 +284,7 @@ impl SupportQueues {
             if let Some(&at) = queue.joined_at.get(&room.room_id) {
                 if let Some(entry) = queue.waiting.get_mut(&(at, room.room_id.clone())) {
                     entry.told = None;
+                    queue.untold = true;
                 }
             }
         }
@@ -290,6 +367,25 @@ pub async fn run_restore(shared: Arc<Shared>) {
         tokio::select! {
             _ = shutdown.changed() => return,
             () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Tells the places left untold by [`SupportQueues::sync`]'s interval, until shutdown.
+pub async fn run_ticker(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown_signal();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(
+        TELL_INTERVAL_MS as u64 / 4,
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let updates = shared.queue.due(Timestamp::now());
+        if !updates.is_empty() {
+            announce(&shared, None, updates);
         }
     }
 }
@@ -443,34 +539,99 @@ mod tests {
             RoomKey::new("t", "b"),
             RoomKey::new("t", "c"),
         );
-        let now = Timestamp(100);
         assert_eq!(
-            positions(&queues.sync(&a, &waiting(&a, 10), 1, now)),
+            positions(&queues.sync(&a, &waiting(&a, 10), 1, Timestamp(100))),
             [("a", 1, 1)]
         );
-        // b and c: everyone's `waiting` count changes.
+        // b and c join within the interval: each hears its own place at once ...
         assert_eq!(
-            positions(&queues.sync(&c, &waiting(&c, 30), 1, now)),
-            [("a", 1, 2), ("c", 2, 2)]
+            positions(&queues.sync(&c, &waiting(&c, 30), 1, Timestamp(200))),
+            [("c", 2, 2)]
         );
         assert_eq!(
-            positions(&queues.sync(&b, &waiting(&b, 20), 1, now)),
-            [("a", 1, 3), ("b", 2, 3), ("c", 3, 3)]
+            positions(&queues.sync(&b, &waiting(&b, 20), 1, Timestamp(300))),
+            [("b", 2, 3)]
         );
+        // ... and the others theirs (every `waiting` count changed) once the interval is over.
+        assert!(queues.due(Timestamp(1_099)).is_empty());
+        assert_eq!(
+            positions(&queues.due(Timestamp(1_100))),
+            [("a", 1, 3), ("c", 3, 3)]
+        );
+        assert!(queues.due(Timestamp(5_000)).is_empty());
         // The same state again tells nobody anything.
-        assert!(queues.sync(&b, &waiting(&b, 20), 2, now).is_empty());
+        assert!(queues
+            .sync(&b, &waiting(&b, 20), 2, Timestamp(5_000))
+            .is_empty());
         // Nor does a change of a conversation that is not in the queue.
         let other = RoomKey::new("t", "other");
         let not_queued = Conversation::new(&other, RoomKind::Support, None);
-        assert!(queues.sync(&other, &not_queued, 1, now).is_empty());
-        // a is taken: b and c move up.
+        assert!(queues
+            .sync(&other, &not_queued, 1, Timestamp(5_000))
+            .is_empty());
+        // a is taken in a quiet queue: b and c move up at once.
         assert_eq!(
-            positions(&queues.sync(&a, &taken(&a, 10), 2, now)),
+            positions(&queues.sync(&a, &taken(&a, 10), 2, Timestamp(7_000))),
             [("b", 1, 2), ("c", 2, 2)]
         );
         assert_eq!(queues.position(&c).map(|p| p.position), Some(2));
         assert_eq!(queues.position(&a), None);
         assert_eq!(queues.waiting(), 2);
+    }
+
+    /// A queue of N filling and draining within a few intervals sends about N frames per
+    /// interval, not one per conversation per change (N² in all), and what each was told last
+    /// is where it stands.
+    #[test]
+    fn a_busy_queue_tells_each_conversation_at_most_once_per_interval() {
+        const N: i64 = 1_000;
+        let queues = SupportQueues::default();
+        let rooms: Vec<RoomKey> = (0..N)
+            .map(|i| RoomKey::new("t", &format!("r{i:04}")))
+            .collect();
+        let mut told: HashMap<String, QueuePosition> = HashMap::new();
+        let mut frames = 0;
+        let mut record = |told: &mut HashMap<String, QueuePosition>,
+                          updates: Vec<(RoomKey, QueuePosition)>| {
+            frames += updates.len();
+            for (room, position) in updates {
+                told.insert(room.room_id, position);
+            }
+        };
+        // One joins every millisecond, the ticker runs every 250 ms.
+        for (i, room) in rooms.iter().enumerate() {
+            let now = Timestamp(i as i64);
+            record(
+                &mut told,
+                queues.sync(room, &waiting(room, i as i64), 1, now),
+            );
+            if i % 250 == 0 {
+                record(&mut told, queues.due(now));
+            }
+        }
+        record(&mut told, queues.due(Timestamp(N + TELL_INTERVAL_MS)));
+        for room in &rooms {
+            assert_eq!(told.get(&room.room_id), queues.position(room).as_ref());
+        }
+        // Then the first half is taken, one every millisecond.
+        let start = N + TELL_INTERVAL_MS;
+        for (i, room) in rooms.iter().take(N as usize / 2).enumerate() {
+            let now = Timestamp(start + i as i64);
+            record(&mut told, queues.sync(room, &taken(room, i as i64), 2, now));
+            if i % 250 == 0 {
+                record(&mut told, queues.due(now));
+            }
+        }
+        record(
+            &mut told,
+            queues.due(Timestamp(start + N + TELL_INTERVAL_MS)),
+        );
+        for room in rooms.iter().skip(N as usize / 2) {
+            assert_eq!(told.get(&room.room_id), queues.position(room).as_ref());
+        }
+        // Telling every change would be about N²/2 while it fills and 3N²/8 while half of it
+        // drains: some 875,000 frames here.
+        assert!(frames <= 8 * N as usize, "{frames} frames");
     }
 
     #[test]

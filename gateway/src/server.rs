@@ -278,6 +278,7 @@ impl Gateway {
         crate::integration::start(&shared);
         crate::worker_tasks::start(&shared).await?;
         tokio::spawn(crate::queue::run_restore(shared.clone()));
+        tokio::spawn(crate::queue::run_ticker(shared.clone()));
         tokio::spawn(crate::analytics::run_dashboards(shared.clone()));
         tracing::info!(
             addr = %local_addr,
