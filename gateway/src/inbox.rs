@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 use storage::records::{
-    self, Conversation, ConversationStatus, LastMessage, Priority, Rating, Versioned,
+    self, Conversation, ConversationStatus, DeliveryMarks, LastMessage, Priority, Rating, Versioned,
 };
 use storage::records::{ListQuery, Snooze};
 use storage::{Direction, Message, RecordKind, RoomKey, RoomKind, Store, Timestamp};
@@ -733,11 +733,13 @@ pub struct ActivityDelta {
     /// Whether the team replied at all, and the first contact message after its last reply.
     replied: bool,
     waiting_from: Option<Timestamp>,
+    /// How far each side received and read the other's messages meanwhile.
+    pub(crate) delivery: DeliveryMarks,
 }
 
 impl ActivityDelta {
     pub fn is_empty(&self) -> bool {
-        !self.has_messages() && self.seen_by.is_none()
+        !self.has_messages() && self.seen_by.is_none() && self.delivery == DeliveryMarks::default()
     }
 
     fn has_messages(&self) -> bool {
@@ -796,6 +798,7 @@ impl ActivityDelta {
             *c.metrics.messages.entry(sender_type.clone()).or_default() += n;
         }
         c.metrics.notes += self.notes;
+        c.delivery.merge(&self.delivery);
         // Never back in time (saves of a busy room may carry older reads).
         if let Some(at) = self.contact_seen_at {
             c.contact_last_seen_at = c.contact_last_seen_at.max(Some(at));
@@ -1099,7 +1102,7 @@ impl Shard {
         self.save_activity(room_id);
     }
 
-    fn save_activity(&mut self, room_id: &RoomKey) {
+    pub(crate) fn save_activity(&mut self, room_id: &RoomKey) {
         let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) else {
             return;
         };
@@ -1109,7 +1112,8 @@ impl Shard {
         let delta = std::mem::take(&mut state.activity);
         let actor = match (&delta.seen_by, delta.has_messages()) {
             (Some(reader), false) => Actor::Read(reader.clone()),
-            _ => Actor::Wrote,
+            (None, false) => Actor::Received,
+            (_, true) => Actor::Wrote,
         };
         state.saving_activity = true;
         // The room stays loaded until the save is answered.
@@ -1174,6 +1178,10 @@ impl Shard {
         state
             .activity
             .seen(&reader.claims.sub, by_team, Timestamp::now());
+        // Read up to `seq`: so are the messages for the reader's side (the read receipt told
+        // the room already).
+        state.delivery.side(by_team).read(seq);
+        state.activity.delivery.side(by_team).read(seq);
         self.save_activity(room_id);
     }
 
@@ -1185,17 +1193,25 @@ impl Shard {
         if let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) {
             state.saving_activity = false;
             state.inflight = state.inflight.saturating_sub(1);
+            // Marks saved before the room was loaded this time join the room's.
+            if let Ok(Some(saved)) = &result {
+                state.delivery.merge(&saved.value.delivery);
+            }
         }
         match result {
             Ok(Some(saved)) => {
                 let change = match &actor {
                     Actor::Wrote => {
                         let sender = saved.value.last_message.as_ref().map(|m| &m.sender);
-                        (ChangeKind::Activity, sender.map_or("", String::as_str))
+                        Some((ChangeKind::Activity, sender.map_or("", String::as_str)))
                     }
-                    Actor::Read(reader) => (ChangeKind::Seen, reader.as_str()),
+                    Actor::Read(reader) => Some((ChangeKind::Seen, reader.as_str())),
+                    // The other side heard of it (`delivery_response`); the inbox did not move.
+                    Actor::Received => None,
                 };
-                self.conversation_event(room_id, &saved.value, change, None, false)
+                if let Some(change) = change {
+                    self.conversation_event(room_id, &saved.value, change, None, false)
+                }
             }
             Ok(None) => {}
             // The messages are stored; only the inbox's view of them lags until the next one.
@@ -1208,10 +1224,12 @@ impl Shard {
     }
 }
 
-/// Who moved a conversation in an activity save: message senders, or only a reader.
+/// Who moved a conversation in an activity save: message senders, only a reader, or only a
+/// side receiving messages.
 enum Actor {
     Wrote,
     Read(String),
+    Received,
 }
 
 /// The team's `conversation_response` event.

@@ -39,6 +39,7 @@ pub mod cmd;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod delivery;
 pub mod http;
 pub mod inbox;
 pub mod integration;

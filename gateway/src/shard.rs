@@ -282,6 +282,9 @@ pub(crate) struct RoomState {
     /// The latest seq its customer, and the team, said they read while it was loaded: a
     /// receipt at or below it is no news for the conversation's last-seen times.
     pub(crate) seen_seq: [u64; 2],
+    /// How far each side received and read the other's messages (see [`crate::delivery`]):
+    /// what this server saw, joined with what was saved before once a save answers.
+    pub(crate) delivery: storage::records::DeliveryMarks,
 }
 
 // Most rooms are `Ready`, and every request reads one: boxing it would add a pointer chase
@@ -733,6 +736,7 @@ impl Shard {
                 activity: Default::default(),
                 saving_activity: false,
                 seen_seq: [0; 2],
+                delivery: Default::default(),
                 room,
             }),
         ) {

@@ -388,6 +388,130 @@ pub struct ConversationMetrics {
     pub handle_ms: Option<u64>,
 }
 
+/// What became of a conversation's message, as its `delivery` field says: stored (`sent`),
+/// received by a connection or device of the side it is for (`delivered`), read there
+/// (`read`), or refused by the provider that was to carry it (`failed`). Only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageDelivery {
+    Sent,
+    Failed,
+    Delivered,
+    Read,
+}
+
+impl MessageDelivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageDelivery::Sent => "sent",
+            MessageDelivery::Failed => "failed",
+            MessageDelivery::Delivered => "delivered",
+            MessageDelivery::Read => "read",
+        }
+    }
+
+    /// A provider's state of an outbound message ([`Delivery::status`]) as a message's.
+    pub fn of_provider(status: &str) -> Option<MessageDelivery> {
+        match status {
+            "queued" | "sent" => Some(MessageDelivery::Sent),
+            "delivered" => Some(MessageDelivery::Delivered),
+            "read" => Some(MessageDelivery::Read),
+            "failed" | "undelivered" => Some(MessageDelivery::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// How far one side of a conversation (its customer or contact, or its team) has received and
+/// read the other side's messages: every message for that side up to these seqs is
+/// `delivered` / `read`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SeqMarks {
+    #[serde(default)]
+    pub delivered_seq: u64,
+    #[serde(default)]
+    pub read_seq: u64,
+}
+
+impl SeqMarks {
+    /// Received up to `seq` (never back).
+    pub fn delivered(&mut self, seq: u64) -> bool {
+        let moved = seq > self.delivered_seq;
+        self.delivered_seq = self.delivered_seq.max(seq);
+        moved
+    }
+
+    /// Read (and so received) up to `seq` (never back).
+    pub fn read(&mut self, seq: u64) -> bool {
+        self.delivered(seq);
+        let moved = seq > self.read_seq;
+        self.read_seq = self.read_seq.max(seq);
+        moved
+    }
+
+    fn merge(&mut self, other: SeqMarks) {
+        self.delivered(other.delivered_seq);
+        self.read(other.read_seq);
+    }
+
+    fn state_of(&self, seq: u64) -> MessageDelivery {
+        if seq <= self.read_seq {
+            MessageDelivery::Read
+        } else if seq <= self.delivered_seq {
+            MessageDelivery::Delivered
+        } else {
+            MessageDelivery::Sent
+        }
+    }
+}
+
+/// Each side's [`SeqMarks`]: where a conversation's messages' `delivery` comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeliveryMarks {
+    /// How far the customer or contact has the team's messages.
+    #[serde(default)]
+    pub contact: SeqMarks,
+    /// How far the team has the customer's or contact's messages (and its own notes).
+    #[serde(default)]
+    pub team: SeqMarks,
+}
+
+impl DeliveryMarks {
+    /// The side a message is for: the team (`true`) for a customer's or contact's message and
+    /// for a note, the customer or contact for the team's; none in a team room.
+    pub fn for_team(direction: Direction) -> Option<bool> {
+        match direction {
+            Direction::Incoming | Direction::Note => Some(true),
+            Direction::Outgoing => Some(false),
+            Direction::Internal => None,
+        }
+    }
+
+    /// One side's marks: the team's (`true`) or the customer's/contact's.
+    pub fn side(&mut self, team: bool) -> &mut SeqMarks {
+        if team {
+            &mut self.team
+        } else {
+            &mut self.contact
+        }
+    }
+
+    /// Both marks moved to the later of the two (marks never move back).
+    pub fn merge(&mut self, other: &DeliveryMarks) {
+        self.contact.merge(other.contact);
+        self.team.merge(other.team);
+    }
+
+    /// A message's state as the marks of the side it is for tell it (none in a team room).
+    pub fn state_of(&self, direction: Direction, seq: u64) -> Option<MessageDelivery> {
+        let team = Self::for_team(direction)?;
+        let side = if team { &self.team } else { &self.contact };
+        Some(side.state_of(seq))
+    }
+}
+
 /// A conversation's inbox state; the conversation's messages and participants are its room's
 /// (same tenant and id).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -431,6 +555,9 @@ pub struct Conversation {
     pub rating: Option<Rating>,
     #[serde(default)]
     pub metrics: ConversationMetrics,
+    /// How far each side has received and read the other's messages.
+    #[serde(default)]
+    pub delivery: DeliveryMarks,
     pub created_at: Timestamp,
 }
 
@@ -478,6 +605,7 @@ impl Conversation {
             waiting_since: None,
             rating: None,
             metrics: ConversationMetrics::default(),
+            delivery: DeliveryMarks::default(),
             created_at: now,
         }
     }
@@ -754,5 +882,42 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a, "4:acme/eu/x");
         assert_eq!(Snooze::id(&RoomKey::new("acme/eu", "x")), "7:acme/eu/x");
+    }
+
+    #[test]
+    fn a_message_is_as_far_as_the_marks_of_the_side_it_is_for() {
+        let mut marks = DeliveryMarks::default();
+        assert!(marks.side(false).delivered(5));
+        assert!(marks.side(true).read(3));
+        // Never back.
+        assert!(!marks.side(false).delivered(4));
+        assert!(!marks.side(true).read(2));
+        let state = |direction, seq| marks.state_of(direction, seq);
+        assert_eq!(
+            state(Direction::Outgoing, 5),
+            Some(MessageDelivery::Delivered)
+        );
+        assert_eq!(state(Direction::Outgoing, 6), Some(MessageDelivery::Sent));
+        assert_eq!(state(Direction::Incoming, 3), Some(MessageDelivery::Read));
+        assert_eq!(state(Direction::Note, 4), Some(MessageDelivery::Sent));
+        assert_eq!(state(Direction::Internal, 1), None);
+        let mut later = DeliveryMarks::default();
+        later.side(false).read(4);
+        marks.merge(&later);
+        assert_eq!(
+            marks.contact,
+            SeqMarks {
+                delivered_seq: 5,
+                read_seq: 4
+            }
+        );
+        // Older records have no marks: everything is `sent`.
+        let old: DeliveryMarks = serde_json::from_str("{}").unwrap();
+        assert_eq!(old, DeliveryMarks::default());
+        assert!(MessageDelivery::Read > MessageDelivery::Delivered);
+        assert_eq!(
+            MessageDelivery::of_provider("undelivered"),
+            Some(MessageDelivery::Failed)
+        );
     }
 }

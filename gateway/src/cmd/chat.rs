@@ -6,11 +6,13 @@ use bytes::Bytes;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use storage::records::{DeliveryMarks, MessageDelivery};
 use storage::{Appended, Direction, MessageType, NewMessage, RoomKey, RoomKind, Timestamp};
 
 use super::{check_sender, content, mark_mine, marks_mine, parse_data, Code, Posted, RoomCall};
 use crate::auth::{may_join, Role};
 use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
+use crate::delivery::{mark_delivery, side_of};
 use crate::metrics::OutCode;
 use crate::outbox::FrameClass;
 use crate::shard::{access_error, AppendContext, ConnRef, Member, Route, Shard, Slot};
@@ -215,28 +217,27 @@ impl Shard {
         // The reply and the room's event carry the same message: it is serialized once and
         // copied into both frames (they differ only in `ref`).
         // (Serializing a stored message cannot fail: its maps have string keys.)
-        let message_json: Box<RawValue> =
+        let mut message_json: Box<RawValue> =
             serde_json::value::to_raw_value(&appended.message).unwrap_or_default();
-        let direct = if marks_mine(conn.claims.role) {
+        let direct = |message_json: &RawValue| {
+            let mine;
+            let data = if marks_mine(conn.claims.role) {
+                mine = customer_json(message_json, true);
+                &*mine
+            } else {
+                message_json
+            };
             FrameBuilder::success(
                 code.response(),
                 &conn.claims.sub,
                 Some(&room_id.room_id),
                 reference.as_deref(),
-                &*customer_json(&message_json, true),
-            )
-        } else {
-            FrameBuilder::success(
-                code.response(),
-                &conn.claims.sub,
-                Some(&room_id.room_id),
-                reference.as_deref(),
-                &*message_json,
+                data,
             )
         };
         let route = Route::new(&self.shared.shards, self.index);
         let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) else {
-            route.send(&conn, direct, FrameClass::Durable);
+            route.send(&conn, direct(&message_json), FrameClass::Durable);
             metrics.frames_out(OutCode::Response(code), 1);
             return;
         };
@@ -260,6 +261,25 @@ impl Shard {
         // room lookup it starts with).
         let conversation = state.room.kind != RoomKind::Team;
         let announce = !appended.duplicate || was_unknown;
+        if conversation {
+            let direction = appended.message.direction;
+            if let Some(for_team) = DeliveryMarks::for_team(direction) {
+                // Delivered at once when a connection of the side it is for gets it now.
+                let live = announce
+                    && state.members.values().any(|member| {
+                        member.conn.id != conn.id
+                            && (!appended.duplicate || member.joined_at_seq < seq)
+                            && side_of(member.conn.claims.role) == Some(for_team)
+                    });
+                if live && state.delivery.side(for_team).delivered(seq) {
+                    state.activity.delivery.side(for_team).delivered(seq);
+                }
+                if let Some(delivery) = state.delivery.state_of(direction, seq) {
+                    message_json = with_delivery(&message_json, delivery);
+                }
+            }
+        }
+        let direct = direct(&message_json);
         if announce {
             state.room.last_seq = state.room.last_seq.max(appended.message.seq);
             let event = FrameBuilder::success(
@@ -338,6 +358,14 @@ impl Shard {
         }
         self.maybe_unload(&room_id);
     }
+}
+
+/// A serialized message with its `delivery` state.
+fn with_delivery(message_json: &RawValue, delivery: MessageDelivery) -> Box<RawValue> {
+    let mut json = message_json.get().as_bytes().to_vec();
+    mark_delivery(&mut json, delivery);
+    let json = String::from_utf8(json).unwrap_or_default();
+    RawValue::from_string(json).unwrap_or_else(|_| message_json.to_owned())
 }
 
 /// A serialized message with the customer's `is_mine`.

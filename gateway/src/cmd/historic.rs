@@ -7,9 +7,12 @@ use storage::{HistoryPage, HistoryQuery, RoomKey, Store};
 use super::{mark_mine, marks_mine, parse_data, Code, RoomCall};
 use crate::auth::may_join;
 use crate::codec::{ErrorCode, FrameBuilder, ProtocolError};
+use crate::delivery::{mark_delivery, page_delivery, side_of, PageDelivery};
 use crate::metrics::OutCode;
 use crate::outbox::FrameClass;
-use crate::shard::{access_error, server_busy, storage_unavailable, ConnRef, Route, Shard, Slot};
+use crate::shard::{
+    access_error, server_busy, storage_unavailable, ConnRef, Route, Shard, ShardEvent, Slot,
+};
 
 pub const DEFAULT_LIMIT: u32 = 50;
 pub const MAX_LIMIT: u32 = 200;
@@ -80,6 +83,10 @@ impl Shard {
         let (shared, here) = (self.shared.clone(), self.index);
         let metrics = self.shared.metrics.clone();
         let budget = self.shared.config.max_reply_bytes;
+        // A conversation's messages carry their delivery state; the reader's side has them.
+        let marks = self.delivery_marks(&room_id);
+        let reader = side_of(conn.claims.role);
+        let events = self.events_tx.clone();
         // Paging forward keeps the oldest messages of a page cut to the budget, paging back
         // the newest, so the next page continues where this one stops.
         let keep = if historic.after_seq.is_some() {
@@ -111,15 +118,22 @@ impl Shard {
                 Some(search) => store.search(&room_id, search).await,
                 None => store.history(&room_id, query).await,
             };
+            let page = match (page, marks) {
+                (Ok(page), Some(live)) => page_delivery(&store, &room_id, live, &page.messages)
+                    .await
+                    .map(|delivery| (page, Some(delivery.read_by(reader)))),
+                (page, _) => page.map(|page| (page, None)),
+            };
+            let mut through = None;
             let frame = match page {
-                Ok(page) => {
+                Ok((page, delivery)) => {
                     let (user_id, room) = (conn.claims.sub.clone(), room_id.clone());
                     let role = conn.claims.role;
                     let reference = reference.clone();
                     // A page may be large: it is serialized off the shard's thread.
                     let built = tokio::task::spawn_blocking(move || {
                         let customer = marks_mine(role).then_some(user_id.as_str());
-                        let json = page_json(&page, budget, keep, customer);
+                        let json = page_json(&page, budget, keep, customer, delivery.as_ref());
                         // A page cut to the budget continues where it was cut; otherwise from
                         // where a search stopped at its row budget, if it did.
                         let (next_before_seq, next_after_seq) = match (json.cut_at, keep) {
@@ -127,7 +141,7 @@ impl Shard {
                             (Some(seq), PageEnd::Oldest) => (None, Some(seq)),
                             (None, _) => (page.next_before_seq, page.next_after_seq),
                         };
-                        FrameBuilder::success(
+                        let frame = FrameBuilder::success(
                             Code::Historic.response(),
                             &user_id,
                             Some(&room.room_id),
@@ -138,10 +152,17 @@ impl Shard {
                                 next_before_seq,
                                 next_after_seq,
                             },
-                        )
+                        );
+                        (frame, delivery.and(json.through))
                     })
                     .await;
-                    built.unwrap_or_else(|_| unavailable(&conn, &room_id, None))
+                    match built {
+                        Ok((frame, delivered)) => {
+                            through = delivered;
+                            frame
+                        }
+                        Err(_) => unavailable(&conn, &room_id, None),
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(room_id = %room_id.room_id, error = %e, "reading history failed");
@@ -150,6 +171,11 @@ impl Shard {
             };
             metrics.frames_out(OutCode::Response(Code::Historic), 1);
             Route::new(&shared.shards, here).send(&conn, frame, FrameClass::Durable);
+            if let (Some(team), Some(seq)) = (reader, through) {
+                let delivered =
+                    move |shard: &mut Shard| shard.delivered_through(&room_id, team, seq);
+                let _ = events.send(ShardEvent::Continue(Box::new(delivered))).await;
+            }
             drop(permit);
         });
     }
@@ -182,6 +208,8 @@ pub(crate) struct PageJson {
     pub has_more: bool,
     /// Where the budget cut the page: the `seq` of the last message kept at the cut end.
     pub cut_at: Option<u64>,
+    /// The highest `seq` on the page.
+    pub through: Option<u64>,
 }
 
 pub(crate) fn page_json(
@@ -189,11 +217,16 @@ pub(crate) fn page_json(
     budget: usize,
     keep: PageEnd,
     customer: Option<&str>,
+    delivery: Option<&PageDelivery>,
 ) -> PageJson {
     let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(page.messages.len());
     let mut total = 2;
+    let mut through = None;
     let mut push = |message: &storage::Message| -> bool {
         let mut json = serde_json::to_vec(message).expect("serializing a message cannot fail");
+        if let Some(state) = delivery.and_then(|d| d.state_of(message)) {
+            mark_delivery(&mut json, state);
+        }
         if let Some(customer) = customer {
             mark_mine(&mut json, message.sender == customer);
         }
@@ -202,6 +235,7 @@ pub(crate) fn page_json(
         }
         total += json.len() + 1;
         encoded.push(json);
+        through = through.max(Some(message.seq));
         true
     };
     let fitted = match keep {
@@ -231,5 +265,6 @@ pub(crate) fn page_json(
         messages,
         has_more: page.has_more || cut,
         cut_at,
+        through,
     }
 }

@@ -10,6 +10,7 @@ use super::presence::{presence_frame, PresenceStatus};
 use super::{marks_mine, parse_data, Code, RoomCall};
 use crate::auth::may_join;
 use crate::codec::{FrameBuilder, ProtocolError};
+use crate::delivery::{page_delivery, side_of};
 use crate::metrics::OutCode;
 use crate::outbox::FrameClass;
 use crate::presence::UserKey;
@@ -166,6 +167,9 @@ impl Shard {
         let store = self.shared.store.clone();
         let events = self.events_tx.clone();
         let budget = self.shared.config.max_reply_bytes;
+        // A conversation's messages carry their delivery state; the joiner's side has them.
+        let marks = self.delivery_marks(&room_id);
+        let reader = side_of(conn.claims.role);
         let query = HistoryQuery {
             after_seq: Some(since),
             before_seq: Some(last_seq + 1),
@@ -174,16 +178,25 @@ impl Shard {
             max_bytes: budget,
         };
         tokio::spawn(async move {
-            let (frame, ok) = match store.history(&room_id, query).await {
-                Ok(page) => {
+            let page = match (store.history(&room_id, query).await, marks) {
+                (Ok(page), Some(live)) => page_delivery(&store, &room_id, live, &page.messages)
+                    .await
+                    .map(|delivery| (page, Some(delivery.read_by(reader)))),
+                (page, _) => page.map(|page| (page, None)),
+            };
+            let mut through = None;
+            let (frame, ok) = match page {
+                Ok((page, delivery)) => {
                     let user_id = conn.claims.sub.clone();
                     let room = room_id.clone();
                     let role = conn.claims.role;
                     // A page may be large: it is serialized off the shard's thread.
                     let built = tokio::task::spawn_blocking(move || {
                         let customer = marks_mine(role).then_some(user_id.as_str());
-                        let missed = page_json(&page, budget, PageEnd::Oldest, customer);
-                        FrameBuilder::success(
+                        let missed =
+                            page_json(&page, budget, PageEnd::Oldest, customer, delivery.as_ref());
+                        let delivered = delivery.and(missed.through);
+                        let frame = FrameBuilder::success(
                             Code::Join.response(),
                             &user_id,
                             Some(&room.room_id),
@@ -194,11 +207,15 @@ impl Shard {
                                 missed: Some(missed.messages),
                                 has_more: Some(missed.has_more),
                             },
-                        )
+                        );
+                        (frame, delivered)
                     })
                     .await;
                     match built {
-                        Ok(frame) => (frame, true),
+                        Ok((frame, delivered)) => {
+                            through = delivered;
+                            (frame, true)
+                        }
                         Err(_) => (join_unavailable(&conn, &room_id, None), false),
                     }
                 }
@@ -212,12 +229,17 @@ impl Shard {
             };
             let _ = events
                 .send(ShardEvent::JoinReady {
-                    room_id,
+                    room_id: room_id.clone(),
                     conn: conn.id,
                     frame,
                     ok,
                 })
                 .await;
+            if let (Some(team), Some(seq)) = (reader, through) {
+                let delivered =
+                    move |shard: &mut Shard| shard.delivered_through(&room_id, team, seq);
+                let _ = events.send(ShardEvent::Continue(Box::new(delivered))).await;
+            }
             drop(permit);
         });
     }
