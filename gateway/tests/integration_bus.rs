@@ -231,6 +231,40 @@ async fn delivery_states_only_move_forward_and_reach_the_team_only() {
         frames.iter().all(|f| f["code"] != "delivery_response"),
         "{frames:?}"
     );
+
+    // With the contact's socket gone, a refused message is `failed` in the message itself.
+    drop(contact);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(
+        &server,
+        "d1",
+        json!({"message": "Are you there?", "message_id": "m-10"}),
+    )
+    .await;
+    next(&mut sms).await;
+    let failed = json!({"v": 1, "tenant_id": TENANT, "room_id": "d1", "message_id": "m-10",
+                        "status": "undelivered", "error_code": "30003"});
+    publish(&bus, "delivery.status", failed).await;
+    loop {
+        let told = agent.recv_code("delivery_response").await;
+        if told["data"]["message_id"] == "m-10" {
+            assert_eq!(told["data"]["status"], "undelivered", "{told}");
+            break;
+        }
+    }
+    let page = agent.request("historic", Some("d1"), json!({})).await;
+    let states: Vec<(&str, &str)> = page["data"]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["message_id"].as_str().unwrap(),
+                m["delivery"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(states, [("m-9", "delivered"), ("m-10", "failed")], "{page}");
     server.stop().await;
 }
 
