@@ -362,16 +362,18 @@ impl Shard {
 
 /// A serialized message with its `delivery` state.
 fn with_delivery(message_json: &RawValue, delivery: MessageDelivery) -> Box<RawValue> {
-    let mut json = message_json.get().as_bytes().to_vec();
-    mark_delivery(&mut json, delivery);
-    let json = String::from_utf8(json).unwrap_or_default();
-    RawValue::from_string(json).unwrap_or_else(|_| message_json.to_owned())
+    amended(message_json, |json| mark_delivery(json, delivery))
 }
 
 /// A serialized message with the customer's `is_mine`.
 fn customer_json(message_json: &RawValue, mine: bool) -> Box<RawValue> {
+    amended(message_json, |json| mark_mine(json, mine))
+}
+
+/// A copy of a serialized message with a field appended by `append`.
+fn amended(message_json: &RawValue, append: impl FnOnce(&mut Vec<u8>)) -> Box<RawValue> {
     let mut json = message_json.get().as_bytes().to_vec();
-    mark_mine(&mut json, mine);
+    append(&mut json);
     let json = String::from_utf8(json).unwrap_or_default();
     RawValue::from_string(json).unwrap_or_else(|_| message_json.to_owned())
 }
