@@ -53,7 +53,7 @@ pub(crate) struct PageDelivery {
 impl PageDelivery {
     /// The page as the reader's side (the team's, `Some(true)`) gets it: the messages for it
     /// on the page are delivered by this very page.
-    pub(crate) fn read_by(mut self, reader: Option<bool>) -> PageDelivery {
+    pub(crate) fn for_reader(mut self, reader: Option<bool>) -> PageDelivery {
         self.reader = reader;
         self
     }

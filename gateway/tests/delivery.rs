@@ -197,3 +197,40 @@ async fn team_rooms_carry_no_delivery_state() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_search_moves_no_marks() {
+    let server = TestServer::start().await;
+    conversation_with(&server, "d2", None).await;
+    let mut alice = server.connect("alice", TENANT, Role::Agent).await;
+    alice.join("d2").await;
+    alice.chat("d2", "your invoice is ready").await;
+    alice.chat("d2", "anything else?").await;
+    let mut customer = server.connect("cust-d2", TENANT, Role::Customer).await;
+    let found = customer
+        .request("historic", Some("d2"), json!({"search": "invoice"}))
+        .await;
+    assert_eq!(
+        states(&found["data"]["messages"]),
+        pairs(&[("your invoice is ready", "sent")]),
+        "{found}"
+    );
+    // Scattered hits say nothing about the messages between them: nobody is told.
+    let frames = alice.drain(Duration::from_millis(300)).await;
+    assert!(
+        frames.iter().all(|f| f["code"] != "delivery_response"),
+        "{frames:?}"
+    );
+    // A page does.
+    let page = customer.request("historic", Some("d2"), json!({})).await;
+    assert_eq!(
+        states(&page["data"]["messages"]),
+        pairs(&[
+            ("your invoice is ready", "delivered"),
+            ("anything else?", "delivered")
+        ])
+    );
+    let told = alice.recv_code("delivery_response").await;
+    assert_eq!(told["data"]["through_seq"], 2, "{told}");
+    server.stop().await;
+}

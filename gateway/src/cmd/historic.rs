@@ -83,9 +83,10 @@ impl Shard {
         let (shared, here) = (self.shared.clone(), self.index);
         let metrics = self.shared.metrics.clone();
         let budget = self.shared.config.max_reply_bytes;
-        // A conversation's messages carry their delivery state; the reader's side has them.
+        // A conversation's messages carry their delivery state; the reader's side has them
+        // (the whole span of a page, not of a search's scattered hits).
         let marks = self.delivery_marks(&room_id);
-        let reader = side_of(conn.claims.role);
+        let reader = side_of(conn.claims.role).filter(|_| historic.search.is_none());
         let events = self.events_tx.clone();
         // Paging forward keeps the oldest messages of a page cut to the budget, paging back
         // the newest, so the next page continues where this one stops.
@@ -121,7 +122,7 @@ impl Shard {
             let page = match (page, marks) {
                 (Ok(page), Some(live)) => page_delivery(&store, &room_id, live, &page.messages)
                     .await
-                    .map(|delivery| (page, Some(delivery.read_by(reader)))),
+                    .map(|delivery| (page, Some(delivery.for_reader(reader)))),
                 (page, _) => page.map(|page| (page, None)),
             };
             let mut through = None;

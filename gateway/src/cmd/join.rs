@@ -181,7 +181,7 @@ impl Shard {
             let page = match (store.history(&room_id, query).await, marks) {
                 (Ok(page), Some(live)) => page_delivery(&store, &room_id, live, &page.messages)
                     .await
-                    .map(|delivery| (page, Some(delivery.read_by(reader)))),
+                    .map(|delivery| (page, Some(delivery.for_reader(reader)))),
                 (page, _) => page.map(|page| (page, None)),
             };
             let mut through = None;
