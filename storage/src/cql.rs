@@ -3956,6 +3956,84 @@ mod tests {
         );
     }
 
+    /// A throwaway CA (not the node's) and a client certificate it signed, in `dir`:
+    /// `(ca.pem, client.pem, client.key)`.
+    fn foreign_client_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let openssl = |command: &str| {
+            let made = std::process::Command::new("openssl")
+                .args(command.split_whitespace())
+                .current_dir(dir)
+                .output()
+                .expect("openssl");
+            assert!(made.status.success(), "{made:?}");
+        };
+        openssl(
+            "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=other-ca \
+             -keyout other-ca.key -out other-ca.pem",
+        );
+        openssl(
+            "req -newkey rsa:2048 -nodes -subj /CN=stranger -keyout client.key -out client.csr",
+        );
+        // Extensions make it an X.509 v3 certificate, as TLS clients require.
+        std::fs::write(
+            dir.join("client.ext"),
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=clientAuth\n",
+        )
+        .unwrap();
+        openssl(
+            "x509 -req -days 1 -in client.csr -CA other-ca.pem -CAkey other-ca.key \
+             -CAcreateserial -extfile client.ext -out client.pem",
+        );
+        (
+            dir.join("other-ca.pem"),
+            dir.join("client.pem"),
+            dir.join("client.key"),
+        )
+    }
+
+    /// Mutual TLS: the node (`scripts/cassandra`) requires a client certificate signed by its
+    /// CA over TLS. Trusting the node but showing no certificate, or one from another CA, is
+    /// refused before any request (not applied); the node's own certificate shown by
+    /// [`tls_with_the_node_ca_migrates_stores_and_reads`] is accepted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_without_a_client_certificate_the_node_trusts_is_refused_as_not_applied() {
+        let Some((url, node)) = tls_node() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (_, stranger_cert, stranger_key) = foreign_client_certificate(dir.path());
+        let (url, _) = unique_keyspace_url(&url);
+        let url = with_tls(&format!("{url}&timeout_ms=5000"));
+        let attempts = [
+            (
+                "no client certificate",
+                "CertificateRequired",
+                Options {
+                    tls_ca: Some(node.join("tls/ca.pem")),
+                    ..Options::default()
+                },
+            ),
+            (
+                "a client certificate of another CA",
+                "over TLS",
+                Options {
+                    tls_ca: Some(node.join("tls/ca.pem")),
+                    tls_cert: Some(stranger_cert),
+                    tls_key: Some(stranger_key),
+                    ..Options::default()
+                },
+            ),
+        ];
+        for (what, says, options) in attempts {
+            let error = migrate(&url, &options).await.unwrap_err();
+            assert!(
+                matches!(&error, Error::NotApplied(text) if text.contains(says)),
+                "{what}: {error:?}"
+            );
+        }
+    }
+
     #[test]
     fn tls_settings_are_parsed_and_their_files_checked() {
         let dir = tempfile::tempdir().unwrap();
