@@ -9,6 +9,12 @@ use gateway::config::{Cli, CliCommand, Config, MigrateArgs, TokenArgs};
 use gateway::server::Gateway;
 use storage::{NewRoom, RoomKind, Store, Timestamp};
 
+// Each chat allocates a handful of small buffers (the frame, the message, the store's row) on
+// the shard and frees them on another thread: glibc's malloc took about 13 % of the server's
+// CPU in the chat-heavy run; see bench/FINDINGS.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The room development mode prepares, with both printed users in it.
 const DEV_ROOM: &str = "lobby";
 const DEV_TENANT: &str = "dev";
