@@ -31,7 +31,7 @@ use serde::Serialize;
 use storage::records::{
     self, Channel, ChannelKey, Contact, ContactAddress, Conversation, Delivery, Inbox, Versioned,
 };
-use storage::{Direction, Message, RoomKey, RoomKind, Timestamp};
+use storage::{Direction, Message, RoomKey, RoomKind, Store, Timestamp};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::auth::{Claims, Role};
@@ -461,6 +461,21 @@ async fn publish_message(
     }
 }
 
+/// What a push is titled: its conversation's title (a contact's name, an email's subject, or
+/// what the team set), else the room's title, else its id. Read only for a push that goes out.
+async fn push_title(shared: &Shared, room: &RoomKey) -> String {
+    let store = &shared.store;
+    match records::load::<Conversation, _>(store, &room.tenant_id, &room.room_id).await {
+        Ok(Some(conversation)) => return conversation.value.title,
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "a push's conversation could not be read"),
+    }
+    match store.room(room).await {
+        Ok(Some(found)) if !found.title.is_empty() => found.title,
+        _ => room.room_id.clone(),
+    }
+}
+
 /// A push for `user` when it has no live connection.
 async fn push(shared: &Shared, room: &RoomKey, message: &Message, user: &str, reason: PushReason) {
     let key = UserKey {
@@ -492,7 +507,7 @@ async fn push(shared: &Shared, room: &RoomKey, message: &Message, user: &str, re
         room_id: room.room_id.clone(),
         message_id: message.message_id.clone(),
         reason,
-        title: room.room_id.clone(),
+        title: push_title(shared, room).await,
         body,
         device_tokens: devices.into_iter().map(|d| d.token).collect(),
     };

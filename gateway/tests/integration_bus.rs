@@ -336,9 +336,10 @@ async fn an_offline_participant_gets_a_push_and_a_mention_never_quotes_the_note(
         .await;
         assert_eq!(status, 201, "{reply}");
     }
-    let body = json!({"room_id": "s1", "kind": "support", "participants": ["cust-1", "agent-7"]});
-    let (status, _) = post(&server, "/api/v1/conversations", &admin(), body).await;
-    assert_eq!(status, 201);
+    let body = json!({"room_id": "s1", "kind": "support", "participants": ["cust-1", "agent-7"],
+                      "title": "Order 1042"});
+    let (status, reply) = post(&server, "/api/v1/conversations", &admin(), body).await;
+    assert_eq!(status, 201, "{reply}");
     // agent-7 is online: no push for it.
     let mut online = server.connect("agent-7", TENANT, Role::Agent).await;
     online.join("s1").await;
@@ -367,6 +368,8 @@ async fn an_offline_participant_gets_a_push_and_a_mention_never_quotes_the_note(
         (Some("agent-7"), Some("message"))
     );
     assert_eq!(push["body"], "Anyone there?");
+    // Titled by the conversation, not its id.
+    assert_eq!(push["title"], "Order 1042", "{push}");
     assert_eq!(push["device_tokens"], json!(["fcm-agent-7"]));
     send(
         &server,
@@ -377,6 +380,7 @@ async fn an_offline_participant_gets_a_push_and_a_mention_never_quotes_the_note(
     let mention = next(&mut pushes).await;
     assert_eq!(mention["user_id"], "agent-8");
     assert_eq!(mention["reason"], "mention");
+    assert_eq!(mention["title"], "Order 1042");
     assert!(
         !mention.to_string().contains("refund in secret"),
         "{mention}"
