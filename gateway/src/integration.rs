@@ -601,6 +601,7 @@ async fn outbound(shared: &Shared, room: &RoomKey, message: &Message) {
                 room_id: room.room_id.clone(),
                 message_id: message.message_id.clone(),
                 from: address.clone(),
+                from_name: Some(inbox.name.clone()).filter(|name| !name.trim().is_empty()),
                 to: to.clone(),
                 subject: reply_subject(&conversation.title),
                 text: message.message.clone(),

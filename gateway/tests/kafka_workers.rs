@@ -213,7 +213,7 @@ async fn a_mail_comes_in_the_reply_goes_out_threaded_once_and_the_answer_threads
     let server = gateway_on_kafka(&brokers, &prefix).await;
     let state = tempfile::tempdir().unwrap();
     let worker = email_worker(&brokers, &prefix, &smtp, state.path()).await;
-    let inbox = json!({"inbox_id": "mail", "name": "Mail",
+    let inbox = json!({"inbox_id": "mail", "name": "Acme Support",
                        "channel": {"type": "email", "address": INBOX_ADDRESS}});
     let (status, reply) = post(&server, "/api/v1/inboxes", &admin(), inbox).await;
     assert_eq!(status, 201, "{reply}");
@@ -266,7 +266,11 @@ async fn a_mail_comes_in_the_reply_goes_out_threaded_once_and_the_answer_threads
     assert!(mail.authenticated, "the relay's credentials were not used");
     assert_eq!(mail.mail_from, INBOX_ADDRESS);
     assert_eq!(mail.rcpt_tos, ["kim@example.com"]);
-    assert_eq!(mail.header("From").as_deref(), Some(INBOX_ADDRESS));
+    // The inbox's name is the sender's.
+    assert_eq!(
+        mail.header("From"),
+        Some(format!("Acme Support <{INBOX_ADDRESS}>"))
+    );
     assert_eq!(mail.header("To").as_deref(), Some("kim@example.com"));
     // `Re: ` and the conversation's title: the subject of the mail that opened it.
     assert_eq!(

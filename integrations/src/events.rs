@@ -138,6 +138,9 @@ pub struct OutboundEmail {
     pub message_id: String,
     /// The inbox's address.
     pub from: String,
+    /// The inbox's name, shown as the sender's (`Acme Help <help@acme.example>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_name: Option<String>,
     pub to: String,
     pub subject: String,
     pub text: String,

@@ -340,7 +340,7 @@ impl EmailWorker {
             Ok(None) => {}
         }
         let (from, to) = match (mailbox(&email.from), mailbox(&email.to)) {
-            (Ok(from), Ok(to)) => (from, to),
+            (Ok(from), Ok(to)) => (with_name(from, email.from_name.as_deref()), to),
             (Err(e), _) | (_, Err(e)) => {
                 calls.with_label_values(&["failed"]).inc();
                 let error = ("INVALID_ADDRESS".to_owned(), e);
@@ -664,6 +664,18 @@ fn mailbox(text: &str) -> Result<Mailbox, String> {
 }
 
 /// The mail of an outbound message: plain text, threaded.
+/// `mailbox` shown with `name` (the inbox's), unless it has a name of its own already.
+fn with_name(mailbox: Mailbox, name: Option<&str>) -> Mailbox {
+    match name {
+        Some(name) if mailbox.name.is_none() && !name.trim().is_empty() => {
+            // A header line never holds a line break.
+            let name = name.replace(['\r', '\n'], " ");
+            Mailbox::new(Some(name), mailbox.email)
+        }
+        _ => mailbox,
+    }
+}
+
 fn compose(
     email: &OutboundEmail,
     from: Mailbox,

@@ -156,7 +156,9 @@ fn outbound(message_id: &str, to: &str) -> OutboundEmail {
         tenant_id: "acme".into(),
         room_id: "conv-1".into(),
         message_id: message_id.into(),
-        from: "Acme Help <help@acme.example>".into(),
+        // As the gateway sends it: the inbox's address, and its name beside it.
+        from: "help@acme.example".into(),
+        from_name: Some("Acme Help".into()),
         to: to.into(),
         subject: "Your order".into(),
         text: "Your order shipped.\nTracking: 42".into(),
