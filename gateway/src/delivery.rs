@@ -31,12 +31,13 @@ pub(crate) fn side_of(role: Role) -> Option<bool> {
 
 /// Appends `"delivery":"<state>"` to a serialized message (a JSON object).
 pub(crate) fn mark_delivery(message_json: &mut Vec<u8>, state: MessageDelivery) {
-    if message_json.last() == Some(&b'}') {
-        message_json.pop();
-        message_json.extend_from_slice(b",\"delivery\":\"");
-        message_json.extend_from_slice(state.as_str().as_bytes());
-        message_json.extend_from_slice(b"\"}");
-    }
+    let value: &[u8] = match state {
+        MessageDelivery::Sent => b"\"sent\"",
+        MessageDelivery::Failed => b"\"failed\"",
+        MessageDelivery::Delivered => b"\"delivered\"",
+        MessageDelivery::Read => b"\"read\"",
+    };
+    crate::cmd::append_field(message_json, "delivery", value);
 }
 
 /// What a page of a conversation's messages needs to tell each one's state.

@@ -262,15 +262,20 @@ pub(crate) fn parse_data<T: DeserializeOwned>(data: &RawValue) -> Result<T, Prot
 /// Adds `is_mine` (whether `viewer` sent it) to a serialized message, for a customer's eyes:
 /// customers see which messages are theirs; the team's frames go without it.
 pub(crate) fn mark_mine(message_json: &mut Vec<u8>, mine: bool) {
+    let value: &[u8] = if mine { b"true" } else { b"false" };
+    append_field(message_json, "is_mine", value);
+}
+
+/// Appends `"name":value` (`value` already JSON) to a serialized message.
+pub(crate) fn append_field(message_json: &mut Vec<u8>, name: &str, value: &[u8]) {
     // A serialized message is a JSON object: its last byte is the closing brace.
     if message_json.last() == Some(&b'}') {
         message_json.pop();
-        let field: &[u8] = if mine {
-            b",\"is_mine\":true}"
-        } else {
-            b",\"is_mine\":false}"
-        };
-        message_json.extend_from_slice(field);
+        message_json.extend_from_slice(b",\"");
+        message_json.extend_from_slice(name.as_bytes());
+        message_json.extend_from_slice(b"\":");
+        message_json.extend_from_slice(value);
+        message_json.push(b'}');
     }
 }
 
