@@ -42,6 +42,7 @@ macro_rules! conformance_tests {
             duplicate_message_id_returns_the_original,
             a_retry_after_a_crash_gets_the_original,
             duplicates_within_one_batch_are_stored_once,
+            a_refused_append_names_the_last_seq_stored_before_it,
             pipelined_appends_are_applied_in_call_order,
             append_to_a_missing_room_is_invalid,
             invalid_request_does_not_fail_the_rest_of_its_batch,
@@ -318,6 +319,34 @@ pub async fn duplicates_within_one_batch_are_stored_once<S: Store>(store: S) {
     assert_eq!(
         seqs(&page(&store, "r", Some(0), None, 10).await),
         range(1, 2)
+    );
+}
+
+/// Pipelined appends, every other one at a seq the fence refuses: each refused one names the
+/// room's last seq at its place in the call order, not the seq later appends of its batch
+/// reached, since the owner renumbers it (and what follows it) from there.
+pub async fn a_refused_append_names_the_last_seq_stored_before_it<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    let room = key("r");
+    let mut pending = Vec::new();
+    for seq in 1..=100 {
+        pending.push((
+            store.append(NewMessage::text(&room, seq, "alice", "kept")),
+            None,
+        ));
+        let stale = NewMessage::text(&room, seq + 1000, "alice", "refused");
+        pending.push((store.append(stale), Some(seq)));
+    }
+    for (appended, refused_after) in pending {
+        match (appended.await, refused_after) {
+            (Ok(appended), None) => assert!(!appended.duplicate),
+            (Err(Error::SeqConflict { last_seq }), Some(seq)) => assert_eq!(last_seq, seq),
+            (answer, expected) => panic!("{answer:?}, expected a refusal after {expected:?}"),
+        }
+    }
+    assert_eq!(
+        seqs(&page(&store, "r", Some(0), None, 200).await),
+        range(1, 100)
     );
 }
 

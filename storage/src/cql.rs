@@ -1388,12 +1388,19 @@ impl MarkerRow {
 enum Plan {
     /// Answered already (invalid, or a duplicate of a stored message).
     Answered,
-    /// Refused by the fence; answered with the room's last seq once the group is done.
-    Conflict,
+    /// Refused by the fence after this many of the group's rows: answered with the room's
+    /// last seq at that point of the call order, as if the appends had run one by one, not
+    /// with the seq the whole group ends at (the owner renumbers from it).
+    Conflict { rows_before: usize },
     /// The same id as the append at this index of the group.
     SameAs(usize),
     /// To store, at this index of `rows`.
     Store(usize),
+}
+
+/// The answer to an append of a group that an earlier failed write of the room kept back.
+fn not_sent_after_a_failure() -> Error {
+    Error::NotApplied("not sent: an earlier write of the room failed".to_owned())
 }
 
 /// A message to store with its row values.
@@ -1783,7 +1790,9 @@ impl Inner {
                     duplicate: true,
                 }))
             } else if message.seq != next_seq {
-                Plan::Conflict
+                Plan::Conflict {
+                    rows_before: rows.len(),
+                }
             } else {
                 match serde_json::to_string(&message.metadata) {
                     Err(e) => answer_now(Err(Error::Invalid(format!("metadata: {e}")))),
@@ -1886,9 +1895,7 @@ impl Inner {
             } else {
                 match &failure {
                     Some((failed, error)) if *failed == row => Err(clone_error(error)),
-                    _ => Err(Error::NotApplied(
-                        "not sent: an earlier write of the room failed".to_owned(),
-                    )),
+                    _ => Err(not_sent_after_a_failure()),
                 }
             }
         };
@@ -1898,7 +1905,12 @@ impl Inner {
             };
             let answer = match plans[index] {
                 Plan::Answered => continue,
-                Plan::Conflict => Err(Error::SeqConflict { last_seq }),
+                Plan::Conflict { rows_before } if rows_before <= stored => {
+                    Err(Error::SeqConflict {
+                        last_seq: current.last_seq + rows_before as u64,
+                    })
+                }
+                Plan::Conflict { .. } => Err(not_sent_after_a_failure()),
                 Plan::Store(row) => outcome(row),
                 Plan::SameAs(first) => match plans[first] {
                     Plan::Store(row) => outcome(row).map(|mut appended| {
