@@ -206,10 +206,15 @@ impl Integration {
 
     fn push(&self, shard: usize, pending: Pending) {
         let size = pending.size();
+        let was_empty;
         {
             let mut buffer = self.buffers[shard % self.buffers.len()]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
+            // The publisher empties the buffers before it waits, so it needs waking only for
+            // the first event after that: one wake (a syscall on a parked runtime thread) per
+            // drained buffer, not one per message.
+            was_empty = buffer.0.is_empty();
             buffer.1 += size;
             buffer.0.push_back(pending);
             while buffer.1 > self.max_shard_bytes {
@@ -221,7 +226,9 @@ impl Integration {
             }
         }
         self.metrics.buffered_bytes.add(size as i64);
-        self.ready.notify_one();
+        if was_empty {
+            self.ready.notify_one();
+        }
     }
 
     async fn pop(&self) -> Pending {
@@ -437,27 +444,50 @@ async fn publish_message(
         }
         return;
     }
-    let event = ConversationEvent::MessageCreated {
-        v: events::VERSION,
-        tenant_id: room.tenant_id.clone(),
-        room_id: room.room_id.clone(),
-        message: serde_json::to_value(message).unwrap_or_default(),
-    };
-    integration
-        .publish(
-            &topics.conversation_events,
-            &room.room_id,
-            events::encode(&event),
-        )
-        .await;
+    // Built only when the bus keeps it for someone (with no Kafka and no in-process reader of
+    // the topic, nobody ever would).
+    if integration.bus.keeps(&topics.conversation_events) {
+        let event = MessageCreated::new(room, message);
+        integration
+            .publish(
+                &topics.conversation_events,
+                &room.room_id,
+                events::encode(&event),
+            )
+            .await;
+    }
     if kind == RoomKind::Team {
         return;
     }
-    for user in participants.iter().filter(|p| **p != message.sender) {
-        push(shared, room, message, user, PushReason::Message).await;
+    if integration.bus.keeps(&topics.notifications_push) {
+        for user in participants.iter().filter(|p| **p != message.sender) {
+            push(shared, room, message, user, PushReason::Message).await;
+        }
     }
     if message.direction == Direction::Outgoing {
         outbound(shared, room, message).await;
+    }
+}
+
+/// [`ConversationEvent::MessageCreated`] as it is sent: serialized straight from the stored
+/// message, with no JSON tree built in between (the tests check that it reads back as one).
+#[derive(Serialize)]
+#[serde(tag = "type", rename = "message.created")]
+struct MessageCreated<'a> {
+    v: u32,
+    tenant_id: &'a str,
+    room_id: &'a str,
+    message: &'a Message,
+}
+
+impl<'a> MessageCreated<'a> {
+    fn new(room: &'a RoomKey, message: &'a Message) -> Self {
+        MessageCreated {
+            v: events::VERSION,
+            tenant_id: &room.tenant_id,
+            room_id: &room.room_id,
+            message,
+        }
     }
 }
 
@@ -978,5 +1008,33 @@ impl Shard {
             .filter(|m| m.conn.claims.role.sees_notes());
         let n = route.broadcast(&mut self.lists, members, frame, FrameClass::Durable);
         self.shared.metrics.deliveries.inc_by(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use storage::NewMessage;
+
+    #[test]
+    fn message_created_reads_back_as_the_conversation_event() {
+        let room = RoomKey {
+            tenant_id: "acme".into(),
+            room_id: "r \"1\"".into(),
+        };
+        let mut message =
+            NewMessage::text(&room, 7, "alice", "hi \u{1F600} \"there\"").into_message();
+        message.mentions = vec!["bob".into()];
+        let sent = events::encode(&MessageCreated::new(&room, &message));
+        let read: ConversationEvent = events::decode(&sent).unwrap();
+        assert_eq!(
+            read,
+            ConversationEvent::MessageCreated {
+                v: events::VERSION,
+                tenant_id: room.tenant_id.clone(),
+                room_id: room.room_id.clone(),
+                message: serde_json::to_value(&message).unwrap(),
+            }
+        );
     }
 }

@@ -63,6 +63,13 @@ pub trait Bus: Send + Sync + 'static {
         Box::pin(async move { sent?.await })
     }
 
+    /// Whether a record sent to `topic` now would be kept for a reader. A broker keeps every
+    /// record; the in-process bus keeps none for a topic no group reads, so a publisher may skip
+    /// building records for it.
+    fn keeps(&self, _topic: &str) -> bool {
+        true
+    }
+
     /// Whether the bus is reachable now (`/readyz` detail): the in-process bus always is.
     fn healthy(&self) -> bool {
         true
@@ -180,6 +187,14 @@ impl InProcessBus {
 }
 
 impl Bus for InProcessBus {
+    fn keeps(&self, topic: &str) -> bool {
+        let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics.get(topic).is_some_and(|log| {
+            let state = log.state.lock().unwrap_or_else(|p| p.into_inner());
+            !state.committed.is_empty()
+        })
+    }
+
     fn send(&self, topic: &str, key: &str, payload: Bytes) -> Result<Delivery, PublishError> {
         let log = self.topic(topic);
         {
@@ -291,6 +306,20 @@ mod tests {
         // Another group reads everything still held.
         let mut other = bus.subscribe("t", "audit");
         assert_eq!(other.next().await.unwrap().payload, "b");
+    }
+
+    #[tokio::test]
+    async fn a_topic_keeps_records_once_a_group_reads_it() {
+        let bus = InProcessBus::new(1 << 20);
+        assert!(!bus.keeps("t"));
+        // Sent while no group reads: nothing to keep, and a later reader does not see it.
+        publish(&bus, "k", "early").await.unwrap();
+        assert!(!bus.keeps("t"));
+        let mut consumer = bus.subscribe("t", "g");
+        assert!(bus.keeps("t"));
+        assert!(!bus.keeps("other"));
+        publish(&bus, "k", "late").await.unwrap();
+        assert_eq!(consumer.next().await.unwrap().payload, "late");
     }
 
     #[tokio::test]
