@@ -50,6 +50,8 @@ const GROUP: &str = "gateway";
 /// Deliveries the publisher awaits at once (the records themselves wait in the bus's own
 /// bounded buffer).
 const MAX_IN_FLIGHT: usize = 65_536;
+/// Events a shard hands over before it wakes the publisher even while it has more to do.
+const WAKE_AFTER_EVENTS: usize = 256;
 /// Characters of a message a push quotes.
 const PUSH_PREVIEW_CHARS: usize = 140;
 
@@ -101,6 +103,9 @@ pub struct Integration {
     /// Where the publisher looks first next (it takes from the buffers in turn).
     next_buffer: AtomicUsize,
     ready: Notify,
+    /// Per shard: an event went into an empty buffer and the publisher has not been woken for
+    /// it yet (see [`Integration::wake_owed`]).
+    wake_owed: Vec<AtomicBool>,
     metrics: BusMetrics,
     settle: Arc<Settle>,
     /// Deliveries awaited at once: each holds a permit until the bus has the record.
@@ -178,6 +183,7 @@ impl Integration {
             max_shard_bytes: max_buffer_bytes / shards.max(1),
             next_buffer: AtomicUsize::new(0),
             ready: Notify::new(),
+            wake_owed: (0..shards.max(1)).map(|_| AtomicBool::new(false)).collect(),
             metrics: BusMetrics {
                 dropped: events.with_label_values(&["dropped"]),
                 buffered_bytes,
@@ -206,17 +212,15 @@ impl Integration {
 
     fn push(&self, shard: usize, pending: Pending) {
         let size = pending.size();
-        let was_empty;
+        let (was_empty, queued);
         {
             let mut buffer = self.buffers[shard % self.buffers.len()]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            // The publisher empties the buffers before it waits, so it needs waking only for
-            // the first event after that: one wake (a syscall on a parked runtime thread) per
-            // drained buffer, not one per message.
             was_empty = buffer.0.is_empty();
             buffer.1 += size;
             buffer.0.push_back(pending);
+            queued = buffer.0.len();
             while buffer.1 > self.max_shard_bytes {
                 let Some(oldest) = buffer.0.pop_front() else {
                     break;
@@ -226,9 +230,27 @@ impl Integration {
             }
         }
         self.metrics.buffered_bytes.add(size as i64);
+        // The publisher empties the buffers before it waits, so it needs waking only for the
+        // first event after that. The wake (an eventfd write that may switch to the publisher's
+        // thread on a shared core) is left to the shard, which makes it once it has nothing
+        // else ready: one per burst of stored messages, not one per message.
+        // A shard that stays busy wakes it every WAKE_AFTER_EVENTS events all the same.
         if was_empty {
-            self.ready.notify_one();
+            self.wake_owed[shard % self.wake_owed.len()].store(true, Ordering::Relaxed);
+        } else if queued >= WAKE_AFTER_EVENTS && self.wake_owed(shard) {
+            self.wake(shard);
         }
+    }
+
+    /// Whether shard `shard` handed over events without waking the publisher for them.
+    pub(crate) fn wake_owed(&self, shard: usize) -> bool {
+        self.wake_owed[shard % self.wake_owed.len()].load(Ordering::Relaxed)
+    }
+
+    /// Wakes the publisher for the events shard `shard` handed over.
+    pub(crate) fn wake(&self, shard: usize) {
+        self.wake_owed[shard % self.wake_owed.len()].store(false, Ordering::Relaxed);
+        self.ready.notify_one();
     }
 
     async fn pop(&self) -> Pending {

@@ -500,11 +500,19 @@ impl Shard {
                     Some(ShardCommand::Shutdown) | None => stopping = true,
                     Some(command) => self.on_command(command),
                 },
+                // Last, so that it runs once nothing above is ready (and at the latest when
+                // the task's scheduling budget runs out): see `Integration::push`.
+                () = std::future::ready(()), if self.shared.integration.wake_owed(self.index) => {
+                    self.shared.integration.wake(self.index);
+                }
                 else => break,
             }
             if stopping && self.appends.is_empty() {
                 break;
             }
+        }
+        if self.shared.integration.wake_owed(self.index) {
+            self.shared.integration.wake(self.index);
         }
         tracing::debug!(shard = self.index, "shard stopped");
     }
