@@ -15,7 +15,7 @@
 //! a payload that does not parse goes to the dead-letter topic with the reason.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +50,10 @@ const GROUP: &str = "gateway";
 /// Deliveries the publisher awaits at once (the records themselves wait in the bus's own
 /// bounded buffer).
 const MAX_IN_FLIGHT: usize = 65_536;
+/// [`Integration::kept`]: the bus keeps `conversation.events`.
+const KEPT_EVENTS: u64 = 1;
+/// [`Integration::kept`]: the bus keeps `notifications.push`.
+const KEPT_PUSH: u64 = 2;
 /// Events a shard hands over before it wakes the publisher even while it has more to do.
 const WAKE_AFTER_EVENTS: usize = 256;
 /// Characters of a message a push quotes.
@@ -106,6 +110,9 @@ pub struct Integration {
     /// Per shard: an event went into an empty buffer and the publisher has not been woken for
     /// it yet (see [`Integration::wake_owed`]).
     wake_owed: Vec<AtomicBool>,
+    /// Which topics of a stored message the bus keeps ([`KEPT_EVENTS`], [`KEPT_PUSH`]), with
+    /// the bus's subscription count plus one above them: read again after a subscription.
+    kept: AtomicU64,
     metrics: BusMetrics,
     settle: Arc<Settle>,
     /// Deliveries awaited at once: each holds a permit until the bus has the record.
@@ -184,6 +191,7 @@ impl Integration {
             next_buffer: AtomicUsize::new(0),
             ready: Notify::new(),
             wake_owed: (0..shards.max(1)).map(|_| AtomicBool::new(false)).collect(),
+            kept: AtomicU64::new(0),
             metrics: BusMetrics {
                 dropped: events.with_label_values(&["dropped"]),
                 buffered_bytes,
@@ -274,6 +282,27 @@ impl Integration {
         }
     }
 
+    /// Which of [`KEPT_EVENTS`] and [`KEPT_PUSH`] the bus keeps now. Asked of the bus only
+    /// after a subscription; between them it is one atomic load.
+    fn kept(&self) -> u64 {
+        let subscriptions = self.bus.subscriptions();
+        let cached = self.kept.load(Ordering::Acquire);
+        if cached >> 2 == subscriptions + 1 {
+            return cached & (KEPT_EVENTS | KEPT_PUSH);
+        }
+        let mut kept = 0;
+        if self.bus.keeps(&self.topics.conversation_events) {
+            kept |= KEPT_EVENTS;
+        }
+        if self.bus.keeps(&self.topics.notifications_push) {
+            kept |= KEPT_PUSH;
+        }
+        // Read against the count before it: a subscription in between only means reading again.
+        self.kept
+            .store(((subscriptions + 1) << 2) | kept, Ordering::Release);
+        kept
+    }
+
     /// A message was stored and announced (called on the room's shard; never waits).
     pub(crate) fn message_stored(
         &self,
@@ -283,6 +312,18 @@ impl Integration {
         message: &Message,
         participants: &[String],
     ) {
+        // Nothing is handed over for what would come to nothing (see `publish_message`): with
+        // the in-process bus and no reader, a team chat costs the shard no copy of it.
+        let kept = self.kept();
+        let conversation = kind != RoomKind::Team;
+        let wanted = match message.direction {
+            Direction::Note => kept & KEPT_PUSH != 0 && !message.mentions.is_empty(),
+            Direction::Outgoing if conversation => true,
+            _ => kept & KEPT_EVENTS != 0 || (conversation && kept & KEPT_PUSH != 0),
+        };
+        if !wanted {
+            return;
+        }
         let participants = if kind == RoomKind::Team {
             Vec::new()
         } else {
@@ -307,6 +348,9 @@ impl Integration {
         change: &'static str,
         conversation: &Conversation,
     ) {
+        if self.kept() & KEPT_EVENTS == 0 {
+            return;
+        }
         self.push(
             shard,
             Pending::Change {
@@ -1037,6 +1081,44 @@ impl Shard {
 mod tests {
     use super::*;
     use storage::NewMessage;
+
+    #[tokio::test]
+    async fn what_the_bus_keeps_is_read_again_after_each_subscription() {
+        let bus = integrations::InProcessBus::new(1 << 20);
+        let topics = Topics::default();
+        let metrics = crate::metrics::Metrics::new(1);
+        let integration = Integration::new(bus.clone(), topics.clone(), 1 << 20, 1, &metrics);
+        let room = RoomKey {
+            tenant_id: "acme".into(),
+            room_id: "r".into(),
+        };
+        let message = storage::NewMessage::text(&room, 1, "alice", "hi").into_message();
+        let stored = || integration.message_stored(0, &room, RoomKind::Team, &message, &[]);
+        assert_eq!(integration.kept(), 0);
+        stored();
+        assert_eq!(
+            integration.buffered_bytes(),
+            0,
+            "no reader: nothing handed over"
+        );
+
+        let _push = bus.subscribe(&topics.notifications_push, "push");
+        assert_eq!(integration.kept(), KEPT_PUSH);
+        stored();
+        assert_eq!(
+            integration.buffered_bytes(),
+            0,
+            "a team chat pushes nothing"
+        );
+
+        let _events = bus.subscribe(&topics.conversation_events, "audit");
+        assert_eq!(integration.kept(), KEPT_EVENTS | KEPT_PUSH);
+        stored();
+        assert!(
+            integration.buffered_bytes() > 0,
+            "a reader of the events gets it"
+        );
+    }
 
     #[test]
     fn message_created_reads_back_as_the_conversation_event() {

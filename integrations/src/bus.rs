@@ -7,6 +7,7 @@
 //! cut short is read again. Effects are idempotent (by message or provider id).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -70,6 +71,12 @@ pub trait Bus: Send + Sync + 'static {
         true
     }
 
+    /// Subscriptions taken so far: what [`Bus::keeps`] answers changes only when this does, so
+    /// a caller may keep its answers until then.
+    fn subscriptions(&self) -> u64 {
+        0
+    }
+
     /// Whether the bus is reachable now (`/readyz` detail): the in-process bus always is.
     fn healthy(&self) -> bool {
         true
@@ -99,6 +106,8 @@ pub trait Consumer: Send {
 /// committed past a record. A topic no group has subscribed to keeps nothing.
 pub struct InProcessBus {
     topics: Mutex<HashMap<String, Arc<TopicLog>>>,
+    /// Counted after each subscription is in place (see [`Bus::subscriptions`]).
+    subscriptions: AtomicU64,
     /// Most payload bytes one topic holds; past it a publish is [`PublishError::Full`].
     max_topic_bytes: usize,
 }
@@ -151,6 +160,7 @@ impl InProcessBus {
     pub fn new(max_topic_bytes: usize) -> Arc<InProcessBus> {
         Arc::new(InProcessBus {
             topics: Mutex::new(HashMap::new()),
+            subscriptions: AtomicU64::new(0),
             max_topic_bytes,
         })
     }
@@ -187,6 +197,10 @@ impl InProcessBus {
 }
 
 impl Bus for InProcessBus {
+    fn subscriptions(&self) -> u64 {
+        self.subscriptions.load(Ordering::Acquire)
+    }
+
     fn keeps(&self, topic: &str) -> bool {
         let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
         topics.get(topic).is_some_and(|log| {
@@ -219,6 +233,7 @@ impl Bus for InProcessBus {
             let first = state.first;
             *state.committed.entry(group.to_owned()).or_insert(first)
         };
+        self.subscriptions.fetch_add(1, Ordering::Release);
         Box::new(InProcessConsumer {
             log,
             group: group.to_owned(),
@@ -312,10 +327,12 @@ mod tests {
     async fn a_topic_keeps_records_once_a_group_reads_it() {
         let bus = InProcessBus::new(1 << 20);
         assert!(!bus.keeps("t"));
+        assert_eq!(bus.subscriptions(), 0);
         // Sent while no group reads: nothing to keep, and a later reader does not see it.
         publish(&bus, "k", "early").await.unwrap();
         assert!(!bus.keeps("t"));
         let mut consumer = bus.subscribe("t", "g");
+        assert_eq!(bus.subscriptions(), 1);
         assert!(bus.keeps("t"));
         assert!(!bus.keeps("other"));
         publish(&bus, "k", "late").await.unwrap();
