@@ -6,9 +6,17 @@ pub(crate) fn words(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut current = String::new();
     for c in text.chars() {
-        if c.is_alphanumeric() {
+        // ASCII first: most text is, and its rules are a byte compare away from Unicode's.
+        if c.is_ascii() {
+            if c.is_ascii_alphanumeric() {
+                current.push(c.to_ascii_lowercase());
+                continue;
+            }
+        } else if c.is_alphanumeric() {
             current.extend(c.to_lowercase());
-        } else if !current.is_empty() {
+            continue;
+        }
+        if !current.is_empty() {
             out.push(std::mem::take(&mut current));
         }
     }
@@ -44,6 +52,21 @@ pub(crate) fn contains_words(text: &str, wanted: &[String]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ascii_follows_the_unicode_rules() {
+        // Every ASCII character next to letters and digits, against the rule for any character.
+        for byte in 0u8..128 {
+            let c = char::from(byte);
+            let text = format!("Ab{c}9z");
+            let expected: Vec<String> = if c.is_alphanumeric() {
+                vec![format!("ab{}9z", c.to_lowercase())]
+            } else {
+                vec!["ab".to_owned(), "9z".to_owned()]
+            };
+            assert_eq!(words(&text), expected, "{c:?}");
+        }
+    }
 
     #[test]
     fn contains_words_agrees_with_words() {

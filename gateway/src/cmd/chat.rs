@@ -219,6 +219,7 @@ impl Shard {
         // (Serializing a stored message cannot fail: its maps have string keys.)
         let mut message_json: Box<RawValue> =
             serde_json::value::to_raw_value(&appended.message).unwrap_or_default();
+        let now = Timestamp::now();
         let direct = |message_json: &RawValue| {
             let mine;
             let data = if marks_mine(conn.claims.role) {
@@ -227,11 +228,12 @@ impl Shard {
             } else {
                 message_json
             };
-            FrameBuilder::success(
+            FrameBuilder::success_raw(
                 code.response(),
                 &conn.claims.sub,
                 Some(&room_id.room_id),
                 reference.as_deref(),
+                now,
                 data,
             )
         };
@@ -282,12 +284,13 @@ impl Shard {
         let direct = direct(&message_json);
         if announce {
             state.room.last_seq = state.room.last_seq.max(appended.message.seq);
-            let event = FrameBuilder::success(
+            let event = FrameBuilder::success_raw(
                 code.response(),
                 &conn.claims.sub,
                 Some(&room_id.room_id),
                 None,
-                &*message_json,
+                now,
+                &message_json,
             );
             let customer_hidden = appended.message.direction == Direction::Note;
             let receives = |member: &Member| {
@@ -315,12 +318,13 @@ impl Shard {
                     }
                     let mine = member.conn.claims.sub == *sender;
                     let frame = frames[usize::from(mine)].get_or_insert_with(|| {
-                        FrameBuilder::success(
+                        FrameBuilder::success_raw(
                             code.response(),
                             &conn.claims.sub,
                             Some(&room_id.room_id),
                             None,
-                            &*customer_json(&message_json, mine),
+                            now,
+                            &customer_json(&message_json, mine),
                         )
                     });
                     route.deliver(member, frame.clone(), FrameClass::Durable);

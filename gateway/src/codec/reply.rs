@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use storage::Timestamp;
 
 use super::ws::{FrameBuf, OpCode};
@@ -64,7 +65,13 @@ pub struct FrameBuilder;
 impl FrameBuilder {
     /// Serializes a reply into one shareable frame.
     pub fn encode<D: Serialize>(reply: &Reply<'_, D>) -> Bytes {
-        let mut buf = FrameBuf::with_capacity(256);
+        Self::encode_sized(reply, 256)
+    }
+
+    /// [`Self::encode`] into a buffer of `capacity` payload bytes to start with: one that
+    /// fits spares the copies of growing it.
+    fn encode_sized<D: Serialize>(reply: &Reply<'_, D>, capacity: usize) -> Bytes {
+        let mut buf = FrameBuf::with_capacity(capacity);
         serde_json::to_writer(buf.payload_writer(), reply)
             .expect("serializing a reply into memory cannot fail");
         buf.finish(OpCode::Text)
@@ -87,6 +94,33 @@ impl FrameBuilder {
             timestamp: Timestamp::now(),
             data,
         })
+    }
+
+    /// A success frame around data serialized already (a stored message), stamped with
+    /// `timestamp` so that the frames of one event share one clock read.
+    pub fn success_raw(
+        code: &str,
+        user_id: &str,
+        room_id: Option<&str>,
+        reference: Option<&str>,
+        timestamp: Timestamp,
+        data: &RawValue,
+    ) -> Bytes {
+        // The envelope's names and punctuation, the timestamp, and room for escapes.
+        let envelope = 128 + code.len() + user_id.len();
+        let fields = room_id.map_or(0, str::len) + reference.map_or(0, str::len);
+        Self::encode_sized(
+            &Reply {
+                success: true,
+                code,
+                user_id: Some(user_id),
+                room_id,
+                reference,
+                timestamp,
+                data,
+            },
+            envelope + fields + data.get().len(),
+        )
     }
 
     /// An error frame with `data: { error_code, message }`.
