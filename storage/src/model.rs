@@ -19,9 +19,12 @@ impl Timestamp {
     /// Writes the RFC 3339 form into `out` without allocating.
     pub fn write_rfc3339(self, out: &mut String) {
         use std::fmt::Write;
-        let nanos = i128::from(self.0) * 1_000_000;
-        let dt = time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let dt = self.date_time();
+        if let Some(bytes) = Self::rfc3339_bytes(dt) {
+            // The bytes are ASCII digits and separators.
+            out.push_str(std::str::from_utf8(&bytes).unwrap_or_default());
+            return;
+        }
         let _ = write!(
             out,
             "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
@@ -33,6 +36,33 @@ impl Timestamp {
             dt.second(),
             dt.millisecond()
         );
+    }
+
+    fn date_time(self) -> time::OffsetDateTime {
+        let nanos = i128::from(self.0) * 1_000_000;
+        time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    }
+
+    /// `YYYY-MM-DDThh:mm:ss.mmmZ` written digit by digit (it is in every frame), for the
+    /// four-digit years; `None` for the others, which take the formatter.
+    fn rfc3339_bytes(dt: time::OffsetDateTime) -> Option<[u8; 24]> {
+        let year = u16::try_from(dt.year()).ok().filter(|year| *year <= 9999)?;
+        let mut out = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, width: usize, mut value: u16| {
+            for slot in out[at..at + width].iter_mut().rev() {
+                *slot = b'0' + (value % 10) as u8;
+                value /= 10;
+            }
+        };
+        put(0, 4, year);
+        put(5, 2, u16::from(u8::from(dt.month())));
+        put(8, 2, u16::from(dt.day()));
+        put(11, 2, u16::from(dt.hour()));
+        put(14, 2, u16::from(dt.minute()));
+        put(17, 2, u16::from(dt.second()));
+        put(20, 3, dt.millisecond());
+        Some(out)
     }
 
     /// The RFC 3339 form.
@@ -67,9 +97,13 @@ impl<'de> Deserialize<'de> for Timestamp {
 
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut out = String::with_capacity(24);
-        self.write_rfc3339(&mut out);
-        serializer.serialize_str(&out)
+        match Self::rfc3339_bytes(self.date_time()) {
+            // The bytes are ASCII digits and separators.
+            Some(bytes) => {
+                serializer.serialize_str(std::str::from_utf8(&bytes).unwrap_or_default())
+            }
+            None => serializer.serialize_str(&self.to_rfc3339()),
+        }
     }
 }
 
@@ -480,5 +514,60 @@ impl ScanOutcome {
         }
         page.messages = messages;
         page
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The formatter's spelling, which the digit-by-digit one must match.
+    fn formatted(stamp: Timestamp) -> String {
+        let dt = stamp.date_time();
+        format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            dt.year(),
+            u8::from(dt.month()),
+            dt.day(),
+            dt.hour(),
+            dt.minute(),
+            dt.second(),
+            dt.millisecond()
+        )
+    }
+
+    #[test]
+    fn rfc3339_is_spelled_as_the_formatter_spells_it() {
+        // 10000-01-01T00:00:00.000Z, past the years `time` represents (it reads as the epoch).
+        let year_10000 = 253_402_300_800_000;
+        let mut stamps = vec![
+            0,
+            1,
+            999,
+            -1,
+            -62_135_596_800_000,
+            year_10000 - 1,
+            year_10000,
+        ];
+        // Leap days, month ends and every millisecond digit across three centuries.
+        let mut millis = -2_208_988_800_000i64; // 1900-01-01
+        while millis < 4_102_444_800_000 {
+            stamps.push(millis);
+            millis += 86_399_999 * 7 + 123;
+        }
+        for millis in stamps {
+            let stamp = Timestamp(millis);
+            let expected = formatted(stamp);
+            assert_eq!(stamp.to_rfc3339(), expected, "{millis}");
+            assert_eq!(
+                serde_json::to_string(&stamp).unwrap(),
+                format!("\"{expected}\""),
+                "{millis}"
+            );
+        }
+        assert_eq!(
+            Timestamp(1_682_944_496_789).to_rfc3339(),
+            "2023-05-01T12:34:56.789Z"
+        );
     }
 }
