@@ -18,13 +18,17 @@ impl Timestamp {
 
     /// Writes the RFC 3339 form into `out` without allocating.
     pub fn write_rfc3339(self, out: &mut String) {
-        use std::fmt::Write;
         let dt = self.date_time();
-        if let Some(bytes) = Self::rfc3339_bytes(dt) {
+        match Self::rfc3339_bytes(dt) {
             // The bytes are ASCII digits and separators.
-            out.push_str(std::str::from_utf8(&bytes).unwrap_or_default());
-            return;
+            Some(bytes) => out.push_str(std::str::from_utf8(&bytes).unwrap_or_default()),
+            None => Self::write_formatted(dt, out),
         }
+    }
+
+    /// The RFC 3339 form by the formatter, for any year.
+    fn write_formatted(dt: time::OffsetDateTime, out: &mut String) {
+        use std::fmt::Write;
         let _ = write!(
             out,
             "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
@@ -523,17 +527,9 @@ mod tests {
 
     /// The formatter's spelling, which the digit-by-digit one must match.
     fn formatted(stamp: Timestamp) -> String {
-        let dt = stamp.date_time();
-        format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-            dt.year(),
-            u8::from(dt.month()),
-            dt.day(),
-            dt.hour(),
-            dt.minute(),
-            dt.second(),
-            dt.millisecond()
-        )
+        let mut out = String::new();
+        Timestamp::write_formatted(stamp.date_time(), &mut out);
+        out
     }
 
     #[test]
