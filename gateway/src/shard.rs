@@ -310,9 +310,10 @@ pub(crate) struct AppendContext {
     /// Sends so far (renumbering after a seq conflict sends again).
     pub(crate) attempts: u8,
 }
-/// The shard's maps of rooms and members, looked up several times per chat. Seeded per map
-/// from a random per-process secret like the standard hasher, and several times cheaper for
-/// short keys than its SipHash.
+
+/// The shard's maps of rooms and members, looked up several times per chat: foldhash, seeded
+/// per map from a random per-process secret like the standard hasher, and cheaper than its
+/// SipHash for short keys.
 pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 type AppendFuture = std::pin::Pin<
