@@ -75,7 +75,10 @@
 //!   and await a [`tokio::sync::oneshot`] reply, so they work on any runtime flavour and never
 //!   block a shard thread.
 
-use std::collections::HashMap;
+/// The writer's maps of rooms and senders, looked up per append: foldhash, seeded per map
+/// from a random per-process secret like the standard hasher, and cheaper than its SipHash for
+/// short keys.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -320,7 +323,7 @@ impl SqliteStore {
             .map_err(|e| Error::NotApplied(format!("cannot start the checkpointer: {e}")))?;
         let writer = Writer {
             conn: write_conn,
-            cache: HashMap::new(),
+            cache: HashMap::default(),
             max_batch: config.max_batch.max(1),
             metrics: metrics.clone(),
             checkpointer: Some((stop_checkpoints, checkpointer)),
