@@ -512,7 +512,8 @@ async fn publish_message(
     }
     // Built only when the bus keeps it for someone (with no Kafka and no in-process reader of
     // the topic, nobody ever would).
-    if integration.bus.keeps(&topics.conversation_events) {
+    let kept = integration.kept();
+    if kept & KEPT_EVENTS != 0 {
         let event = MessageCreated::new(room, message);
         integration
             .publish(
@@ -525,7 +526,7 @@ async fn publish_message(
     if kind == RoomKind::Team {
         return;
     }
-    if integration.bus.keeps(&topics.notifications_push) {
+    if kept & KEPT_PUSH != 0 {
         for user in participants.iter().filter(|p| **p != message.sender) {
             push(shared, room, message, user, PushReason::Message).await;
         }
