@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -44,6 +45,9 @@ use crate::shard::{self, ConnRef, RoomAction, RoomRequest, ShardCommand};
 /// How long a closing connection may take to get its close frame written before the socket is
 /// dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// After its close frame is out, how long a client that did not close first may stay silent
+/// before the socket is closed (see `drain_input`).
+const LINGER_QUIET: Duration = Duration::from_millis(100);
 /// About the most bytes handed to the kernel in one write of queued frames.
 const MAX_WRITE_BYTES: usize = 256 * 1024;
 /// Most frames in one vectored write (Linux's `IOV_MAX` is 1024).
@@ -650,6 +654,16 @@ enum Dispatch {
     Later(ShardSend),
 }
 
+/// A request being handed to a shard (counted in its connection's shard's `dispatching`)
+/// until dropped.
+struct Dispatching(Arc<AtomicUsize>);
+
+impl Drop for Dispatching {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// What handling the input already read left to do.
 enum Handled {
     /// A frame was handled (or the input refused); with a send to wait for when its shard's
@@ -714,10 +728,36 @@ fn deadline(after: Duration) -> Pin<Box<Sleep>> {
     Box::pin(tokio::time::sleep(after))
 }
 
+/// Reads and drops what the peer sends until it closes its side, the connection fails, it
+/// sends nothing for [`LINGER_QUIET`] (it has stopped sending, and has had the time to read
+/// what came before), or `linger` passes.
+async fn drain_input(stream: &TcpStream, mut linger: Pin<&mut Sleep>) {
+    let mut scratch = vec![0u8; 4096];
+    loop {
+        tokio::select! {
+            _ = linger.as_mut() => return,
+            _ = tokio::time::sleep(LINGER_QUIET) => return,
+            readable = stream.readable() => {
+                if readable.is_err() {
+                    return;
+                }
+                match stream.try_read(&mut scratch) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+}
+
 /// One connection's state, all of it owned by its task.
 struct Connection {
     shared: Arc<Shared>,
     stream: TcpStream,
+    /// The client sent its close frame (and, if it keeps to the protocol, sends nothing more).
+    peer_closed: bool,
     outbox: Arc<Outbox>,
     session: Option<Session>,
     reader: FrameReader,
@@ -815,6 +855,7 @@ pub fn run(
         session,
         writer: Writer::default(),
         linger: None,
+        peer_closed: false,
         write_stall: None,
         guard,
     };
@@ -837,6 +878,7 @@ impl Connection {
     fn serve(mut self) -> impl Future<Output = ()> + Send {
         async move {
             self.shared.metrics.connections[self.shard()].inc();
+            let mut linger_input = false;
             loop {
                 // 1. Handle complete frames already read: a few per turn, so that replies
                 // get written between them when a client sends faster than its shard takes
@@ -883,6 +925,10 @@ impl Connection {
                     // The close frame is out (an echo completes the handshake; for a close of ours
                     // the client has what it needs to reconnect): done.
                     let _ = self.stream.shutdown().await;
+                    // A client that did not close first may still be sending: closing a socket
+                    // with input unread sends a reset, which can destroy the close frame before
+                    // the client reads it. So its input is drained (below) until it closes too.
+                    linger_input = !self.peer_closed;
                     break;
                 }
 
@@ -919,6 +965,15 @@ impl Connection {
                 self.writer.refill(&self.outbox); // then the close itself
                 let _ = self.writer.flush(&self.stream);
             }
+            if linger_input {
+                let linger = self
+                    .linger
+                    .get_or_insert_with(|| deadline(CLOSE_LINGER))
+                    .as_mut();
+                // Boxed: it runs once per connection, and kept apart it does not grow every
+                // connection's future.
+                Box::pin(drain_input(&self.stream, linger)).await;
+            }
         }
     }
 
@@ -933,6 +988,34 @@ impl Connection {
         if self.linger.is_some() {
             self.reader.buf = BytesMut::new();
         }
+        // Counted until it is queued at its shard, and none is taken once shutdown began, so
+        // that shutdown drains the shards only after every request taken is queued (see
+        // `Shared::stop_requests`); what is left unread then gets no answer.
+        let dispatching = &self.shared.shards[self.shard()].dispatching;
+        dispatching.fetch_add(1, Ordering::SeqCst);
+        if self.shared.requests_stopped() {
+            dispatching.fetch_sub(1, Ordering::SeqCst);
+            self.reader.buf = BytesMut::new();
+            return Handled::NeedBytes;
+        }
+        let handled = self.handle_next_frame();
+        let dispatching = &self.shared.shards[self.shard()].dispatching;
+        match handled {
+            Handled::Frame(Some(send)) => {
+                let queued = Dispatching(dispatching.clone());
+                Handled::Frame(Some(Box::pin(async move {
+                    send.await;
+                    drop(queued);
+                })))
+            }
+            handled => {
+                dispatching.fetch_sub(1, Ordering::SeqCst);
+                handled
+            }
+        }
+    }
+
+    fn handle_next_frame(&mut self) -> Handled {
         match self.reader.next_frame() {
             Ok(Some((head, payload))) => {
                 let send = match self.on_frame(head, payload) {
@@ -957,6 +1040,7 @@ impl Connection {
     fn on_frame(&mut self, head: ws::ClientHead, payload: Bytes) -> Option<Dispatch> {
         let (opcode, message) = match head.opcode {
             OpCode::Close => {
+                self.peer_closed = true;
                 match ws::check_close_payload(&payload) {
                     // Echo the peer's close after what is queued, then stop.
                     Ok(()) => self

@@ -69,6 +69,8 @@ pub struct Shared {
     pub verifier: Verifier,
     next_conn: AtomicU64,
     ready: AtomicBool,
+    /// Set when shutdown begins: connections hand no new request to a shard from then on.
+    requests_stopped: AtomicBool,
     shutdown: watch::Sender<bool>,
     active: AtomicUsize,
     idle: Notify,
@@ -122,6 +124,27 @@ impl Shared {
             shared: self.clone(),
             shard,
             id,
+        }
+    }
+
+    /// Whether shutdown has begun: a connection then handles no further request it read (see
+    /// [`Gateway::shutdown`]).
+    pub fn requests_stopped(&self) -> bool {
+        self.requests_stopped.load(Ordering::SeqCst)
+    }
+
+    /// Stops connections from handing new requests to the shards, and waits until those being
+    /// handed over now are queued. A connection counts a request in its shard's `dispatching`
+    /// before it checks the flag and until the request is queued, so once the flag is set and
+    /// the counts are zero, every request a connection took is in a shard's queue.
+    async fn stop_requests(&self) {
+        self.requests_stopped.store(true, Ordering::SeqCst);
+        while self
+            .shards
+            .iter()
+            .any(|shard| shard.dispatching.load(Ordering::SeqCst) > 0)
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -263,6 +286,7 @@ impl Gateway {
             verifier,
             next_conn: AtomicU64::new(1),
             ready: AtomicBool::new(false),
+            requests_stopped: AtomicBool::new(false),
             shutdown,
             active: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -303,15 +327,17 @@ impl Gateway {
         &self.shared
     }
 
-    /// Graceful shutdown: stop accepting, let the shards finish the chat commits under way
-    /// (so their replies are queued), close every connection with 1001 after what is queued to
-    /// it, stop the shards, flush the store.
+    /// Graceful shutdown: stop accepting, stop handling what connections send, let the shards
+    /// finish the chat commits of every request already handled (so their replies are queued),
+    /// close every connection with 1001 after what is queued to it, stop the shards, flush the
+    /// store.
     pub async fn shutdown(self) -> Result<(), storage::Error> {
         let shared = self.shared;
         shared.ready.store(false, Ordering::Release);
         let _ = self.stop_accept.send(());
         let _ = self.accept_task.await;
         let commits = async {
+            shared.stop_requests().await;
             let mut waits = Vec::with_capacity(shared.shards.len());
             for shard in &shared.shards {
                 let (tx, rx) = oneshot::channel();

@@ -11,7 +11,8 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -45,6 +46,9 @@ const APPENDS_IN_FLIGHT: usize = storage::sqlite::DEFAULT_QUEUE_CAPACITY;
 const MAX_APPEND_ATTEMPTS: u8 = 4;
 /// Chat ids with an unknown write outcome remembered per room.
 const MAX_UNKNOWN_OUTCOMES: usize = 64;
+/// Ids of the latest chats sent to the store remembered per room (as hashes), so that a
+/// repeat of one is not given a seq (see [`Shard::number_and_send`]).
+const RECENT_IDS: usize = 64;
 /// Most requests queued for one room while it loads; more are answered UNAVAILABLE.
 const MAX_QUEUED_WHILE_LOADING: usize = 1024;
 /// Most requests one connection may have held for a room while its join reply is prepared;
@@ -156,6 +160,10 @@ pub struct ShardHandle {
     pub live: Arc<Registry>,
     /// Frames other shards hand over for the connections running here.
     pub mailbox: Arc<Mailbox>,
+    /// Requests the connections running here are handing to a shard now: graceful shutdown
+    /// waits for these to be queued before it drains the shards (see
+    /// [`crate::server::Shared::stop_requests`]).
+    pub dispatching: Arc<AtomicUsize>,
 }
 
 /// Which shard owns a room (tenant and id: the same id in two tenants names two rooms).
@@ -204,6 +212,7 @@ pub fn spawn(
             commands: tx,
             live: Arc::default(),
             mailbox: Arc::new(Mailbox::new(MAILBOX_BYTES)),
+            dispatching: Arc::default(),
         },
         thread,
     ))
@@ -275,6 +284,9 @@ pub(crate) struct RoomState {
     /// Chats that arrived while renumbering, in arrival order, not numbered yet. Bounded with
     /// the shard's appends (see [`Shard::held_appends`]).
     pub(crate) held: VecDeque<AppendContext>,
+    /// Hashes of the `message_id`s of the room's latest numbered chats, newest last (at most
+    /// [`RECENT_IDS`]).
+    pub(crate) recent_ids: VecDeque<u64>,
     /// A conversation's activity from messages stored since its last save, and whether a save
     /// is in flight (one at a time per room; see [`crate::inbox::ActivityDelta`]).
     pub(crate) activity: crate::inbox::ActivityDelta,
@@ -309,6 +321,13 @@ pub(crate) struct AppendContext {
     pub(crate) message: NewMessage,
     /// Sends so far (renumbering after a seq conflict sends again).
     pub(crate) attempts: u8,
+    /// Sent without a seq of its own (seq 0, which the store's fence always refuses), as a
+    /// repeat of a recent chat's id: the store answers with the original, or refuses it when
+    /// the id is not stored after all, and then it is numbered like a new chat.
+    pub(crate) unnumbered: bool,
+    /// The store refused it unnumbered (it does not hold the id): numbered from then on,
+    /// whatever the room's recent ids say.
+    pub(crate) id_checked: bool,
 }
 
 /// The shard's maps of rooms and members, looked up several times per chat: foldhash, seeded
@@ -346,8 +365,13 @@ pub struct Shard {
     /// count against it too.
     pub(crate) max_appends: usize,
     pub(crate) held_appends: usize,
+    /// Hashes chat ids for [`RoomState::recent_ids`]; seeded per process, so that ids that
+    /// collide cannot be chosen (a collision only costs a chat one more trip to the store).
+    pub(crate) id_hasher: foldhash::fast::RandomState,
     /// Join replies being prepared by helper tasks.
     pub(crate) joins_in_flight: usize,
+    /// Room loads and creations under way (requests for the room wait in its `Loading` slot).
+    pub(crate) loads_in_flight: usize,
 }
 
 /// How frames leave a shard: straight into the outboxes of connections running on its own
@@ -454,7 +478,9 @@ impl Shard {
             lists: vec![Vec::new(); shared.shards.len()],
             max_appends: (APPENDS_IN_FLIGHT / shared.shards.len()).max(64),
             held_appends: 0,
+            id_hasher: foldhash::fast::RandomState::default(),
             joins_in_flight: 0,
+            loads_in_flight: 0,
             shared,
         }
     }
@@ -592,9 +618,10 @@ impl Shard {
         if self.drains.is_empty() {
             return;
         }
-        // Chats held behind a join being prepared are read but not started yet: wait for the
-        // joins too (their held chats then start, and the targets move past them).
-        if self.joins_in_flight > 0 {
+        // Chats held behind a join being prepared, or queued while their room loads, are read
+        // but not started yet: wait for those too (their chats then start, and the targets move
+        // past them).
+        if self.joins_in_flight > 0 || self.loads_in_flight > 0 {
             return;
         }
         let finished = self.appends_finished;
@@ -648,6 +675,7 @@ impl Shard {
         self.rooms
             .insert(room_id.clone(), Slot::Loading(vec![request]));
         self.update_room_gauge();
+        self.loads_in_flight += 1;
         let store = self.shared.store.clone();
         let events = self.events_tx.clone();
         tokio::spawn(async move {
@@ -663,17 +691,33 @@ impl Shard {
         self.shared.metrics.rooms[self.index].set(self.rooms.len() as i64);
     }
 
+    /// A room load or creation ended: the chats queued while it loaded have started (or been
+    /// answered), so a shutdown waits for them too.
+    fn load_ended(&mut self) {
+        self.loads_in_flight = self.loads_in_flight.saturating_sub(1);
+        for (target, _) in &mut self.drains {
+            *target = (*target).max(self.appends_started);
+        }
+        self.answer_drains();
+    }
+
     fn on_event(&mut self, event: ShardEvent) {
         match event {
-            ShardEvent::RoomLoaded { room_id, result } => match result {
-                Ok(Some(room)) => self.room_ready(room),
-                Ok(None) => self.room_missing(room_id),
-                Err(e) => self.room_failed(&room_id, e),
-            },
-            ShardEvent::RoomCreated { room_id, result } => match result {
-                Ok(room) => self.room_ready(room),
-                Err(e) => self.room_failed(&room_id, e),
-            },
+            ShardEvent::RoomLoaded { room_id, result } => {
+                match result {
+                    Ok(Some(room)) => self.room_ready(room),
+                    Ok(None) => self.room_missing(room_id),
+                    Err(e) => self.room_failed(&room_id, e),
+                }
+                self.load_ended();
+            }
+            ShardEvent::RoomCreated { room_id, result } => {
+                match result {
+                    Ok(room) => self.room_ready(room),
+                    Err(e) => self.room_failed(&room_id, e),
+                }
+                self.load_ended();
+            }
             ShardEvent::JoinReady {
                 room_id,
                 conn,
@@ -747,6 +791,7 @@ impl Shard {
                 sending: 0,
                 renumbering: false,
                 held: VecDeque::new(),
+                recent_ids: VecDeque::new(),
                 activity: Default::default(),
                 saving_activity: false,
                 seen_seq: [0; 2],
@@ -852,6 +897,7 @@ impl Shard {
                 storage::Error::NotApplied("no task budget to create the room".into()),
             );
         };
+        self.loads_in_flight += 1;
         let store = self.shared.store.clone();
         let events = self.events_tx.clone();
         tokio::spawn(async move {
@@ -986,7 +1032,29 @@ impl Shard {
             self.held_appends += 1;
             return;
         }
-        let mut context = context;
+        self.number_and_send(context);
+    }
+
+    /// Numbers a chat and sends it to the store; the caller has checked that the room is not
+    /// renumbering. A chat whose id is among the room's recent ones (and not `id_checked`) is sent
+    /// without a seq instead: a client's retry, or a copy pipelined behind the original, would
+    /// otherwise leave its seq unused and make every later chat of the room in flight be
+    /// refused and renumbered (and, after [`MAX_APPEND_ATTEMPTS`], fail).
+    fn number_and_send(&mut self, mut context: AppendContext) {
+        let id_hash = self.id_hasher.hash_one(context.message.message_id.as_str());
+        let Some(Slot::Ready(state)) = self.rooms.get_mut(&context.room_id) else {
+            return;
+        };
+        if !context.id_checked && state.recent_ids.contains(&id_hash) {
+            context.unnumbered = true;
+            context.message.seq = 0;
+            return self.send_append(context);
+        }
+        if state.recent_ids.len() == RECENT_IDS {
+            state.recent_ids.pop_front();
+        }
+        state.recent_ids.push_back(id_hash);
+        context.unnumbered = false;
         context.message.seq = state.next_seq;
         state.next_seq += 1;
         state.sending += 1;
@@ -1006,14 +1074,11 @@ impl Shard {
         state.renumbered_from = None;
         let held = std::mem::take(&mut state.held);
         self.held_appends -= held.len();
-        for mut context in held {
-            let Some(Slot::Ready(state)) = self.rooms.get_mut(room_id) else {
+        for context in held {
+            if !matches!(self.rooms.get(room_id), Some(Slot::Ready(_))) {
                 return;
-            };
-            context.message.seq = state.next_seq;
-            state.next_seq += 1;
-            state.sending += 1;
-            self.send_append(context);
+            }
+            self.number_and_send(context);
         }
     }
 
@@ -1036,6 +1101,9 @@ impl Shard {
     /// Chats that arrive while this goes on wait (see [`RoomState::held`]) so that the room
     /// stores chats in the order they arrived.
     fn on_appended(&mut self, context: AppendContext, result: storage::Result<Appended>) {
+        if context.unnumbered {
+            return self.on_unnumbered_appended(context, result);
+        }
         if let Some(Slot::Ready(state)) = self.rooms.get_mut(&context.room_id) {
             state.sending = state.sending.saturating_sub(1);
             if let Err(storage::Error::SeqConflict { last_seq }) = &result {
@@ -1094,6 +1162,50 @@ impl Shard {
         }
         self.release_held(&room_id);
         self.answer_stored(code, room_id, conn, reference, received, message_id, result);
+    }
+
+    /// Answers a chat sent without a seq (a repeat of a recent id). The store refuses it with
+    /// a seq conflict when it does not hold the id (the original failed, or the hashes of two
+    /// ids collided): it is then numbered like a chat that has just arrived.
+    fn on_unnumbered_appended(
+        &mut self,
+        context: AppendContext,
+        result: storage::Result<Appended>,
+    ) {
+        if matches!(result, Err(storage::Error::SeqConflict { .. })) {
+            if let Some(Slot::Ready(state)) = self.rooms.get_mut(&context.room_id) {
+                let mut context = context;
+                context.unnumbered = false;
+                context.id_checked = true;
+                if state.renumbering {
+                    state.held.push_back(context);
+                    self.held_appends += 1;
+                    return;
+                }
+                return self.number_and_send(context);
+            }
+        }
+        let AppendContext {
+            code,
+            room_id,
+            conn,
+            reference,
+            received,
+            message,
+            ..
+        } = context;
+        if let Some(Slot::Ready(state)) = self.rooms.get_mut(&room_id) {
+            state.inflight = state.inflight.saturating_sub(1);
+        }
+        self.answer_stored(
+            code,
+            room_id,
+            conn,
+            reference,
+            received,
+            message.message_id,
+            result,
+        );
     }
 }
 

@@ -897,6 +897,103 @@ async fn sigint_answers_chats_in_flight_refuses_newcomers_closes_1001_and_exits_
     graceful_shutdown_on("INT").await;
 }
 
+/// SIGTERM while a client pipelines chats without pause: from the signal on the server handles
+/// nothing more that connections send, and answers every chat it handled before it closes. So
+/// nothing is stored that its sender was not answered for (a client retrying an unanswered chat
+/// without its `message_id` would store it twice), and every acknowledged chat is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_during_a_stream_of_chats_stores_only_what_it_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut process = GatewayProcess::spawn(dir.path()).await;
+    let room = "stream-room";
+    let mut client = process.connect("streamer", TENANT, Role::Admin).await;
+    client.join(room).await;
+    let user = client.user.clone();
+    let (mut sink, mut stream) = client.ws.split();
+    let sender = tokio::spawn(async move {
+        let mut sent = 0u64;
+        loop {
+            let mid = format!("s-{sent}");
+            let frame = chat_frame(&user, room, &mid, &mid, &mid).to_string();
+            if sink.send(Message::Text(frame.into())).await.is_err() {
+                return sent;
+            }
+            sent += 1;
+        }
+    });
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    let mut answered: HashSet<String> = HashSet::new();
+    let mut signalled = false;
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(15), stream.next())
+            .await
+            .expect("closed within 15s")
+        {
+            Some(Ok(Message::Text(text))) => {
+                let v: Value = serde_json::from_str(&text).unwrap();
+                if v["code"] == "chat_response" {
+                    let reference = v["ref"].as_str().unwrap().to_owned();
+                    if v["status"] == "success" {
+                        acked.insert(reference.clone(), seq(&v["data"]));
+                    } else {
+                        // A store that sheds load (the CQL backend's bounded admission) refuses
+                        // some: answered all the same.
+                        assert_eq!(v["data"]["error_code"], "UNAVAILABLE", "{v}");
+                    }
+                    answered.insert(reference);
+                }
+                if acked.len() >= 300 && !signalled {
+                    process.signal("TERM");
+                    signalled = true;
+                }
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => panic!("the connection ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close, Some(1001));
+    let sent = tokio::time::timeout(Duration::from_secs(15), sender)
+        .await
+        .expect("the sender stops once the socket is closed")
+        .unwrap();
+    let status = process.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status}"
+    );
+
+    let process = GatewayProcess::spawn(dir.path()).await;
+    let mut auditor = process.connect("auditor", TENANT, Role::Admin).await;
+    let stored = read_all(&mut auditor, room).await;
+    assert_gap_free(&stored);
+    let unanswered: Vec<&str> = stored
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap())
+        .filter(|mid| !answered.contains(*mid))
+        .collect();
+    assert!(
+        unanswered.is_empty(),
+        "{} of {} stored chats were never answered (sent {sent}, answered {}): {:?}",
+        unanswered.len(),
+        stored.len(),
+        answered.len(),
+        &unanswered[..unanswered.len().min(10)]
+    );
+    let stored_seq: HashMap<&str, u64> = stored
+        .iter()
+        .map(|m| (m["message_id"].as_str().unwrap(), seq(m)))
+        .collect();
+    for (mid, s) in &acked {
+        assert_eq!(
+            stored_seq.get(mid.as_str()),
+            Some(s),
+            "acknowledged {mid} lost"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Overload: slow consumers and slowloris
 // ---------------------------------------------------------------------------------------------

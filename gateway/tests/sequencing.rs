@@ -36,19 +36,42 @@ async fn replies(client: &mut RawClient, refs: &[&str]) -> HashMap<String, Value
     got
 }
 
-/// Alice, joined to room `r`, which holds her message `id-1` ("first") at seq 1.
-async fn alice_with_one_message(server: &TestServer) -> RawClient {
+/// Alice, connected and joined to room `r`.
+async fn alice_in_room(server: &TestServer) -> RawClient {
     let mut alice = RawClient::connect(server.addr, &token("alice", TENANT, Role::Agent)).await;
-    let join = json!({"code": "join", "user_id": "alice", "room_id": "r", "data": {}});
-    alice.send_text(&join.to_string()).await;
-    let joined = alice.recv_json(Duration::from_secs(10)).await.unwrap();
+    join(&mut alice, "alice").await;
+    alice
+}
+
+/// Joins `user` to room `r` and waits for the join's reply.
+async fn join(client: &mut RawClient, user: &str) {
+    let join = json!({"code": "join", "user_id": user, "room_id": "r", "ref": "join", "data": {}});
+    client.send_text(&join.to_string()).await;
+    let joined = replies(client, &["join"]).await.remove("join").unwrap();
     assert_eq!(joined["status"], "success", "{joined}");
+}
+
+/// A server (configured by `tweak`, on one shard) whose room `r` holds alice's message `id-1`
+/// ("first") at seq 1, stored before the server restarted: the shard does not remember the id,
+/// so a retry of it is numbered and found only by the store. Alice is joined to `r`.
+async fn alice_with_one_message(
+    tweak: fn(&mut gateway::config::Config),
+) -> (TestServer, RawClient) {
+    let configure = move |c: &mut gateway::config::Config| {
+        c.shards = 1;
+        tweak(c);
+    };
+    let server = TestServer::start_with(configure).await;
+    let mut alice = alice_in_room(&server).await;
     alice
         .send_text(&chat_frame("r", "first", "id-1", "c0"))
         .await;
     let first = replies(&mut alice, &["c0"]).await.remove("c0").unwrap();
     assert_eq!(first["data"]["seq"], 1, "{first}");
-    alice
+    drop(alice);
+    let server = TestServer::start_in(server.stop().await, configure).await;
+    let alice = alice_in_room(&server).await;
+    (server, alice)
 }
 
 /// An open write transaction on the gateway's embedded database: the store's writer waits
@@ -84,8 +107,7 @@ async fn renumbered(server: &TestServer) -> u64 {
 /// the chats behind it are renumbered, not refused, and the room stays gap-free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chats_pipelined_behind_a_duplicate_are_renumbered_not_refused() {
-    let server = TestServer::start_with(|c| c.shards = 1).await;
-    let mut alice = alice_with_one_message(&server).await;
+    let (server, mut alice) = alice_with_one_message(|_| {}).await;
 
     // The retry of id-1 and three new chats, all numbered by the shard before the store answers
     // any of them: the new ones get 3, 4, 5 while the retry holds 2 and then gives it back.
@@ -174,8 +196,7 @@ fn retry_then_new(n: usize, frames: &mut Vec<String>, refs: &mut Vec<String>) {
 /// the chats between them are still renumbered into place, never refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interleaved_duplicates_never_starve_the_chats_between_them() {
-    let server = TestServer::start_with(|c| c.shards = 1).await;
-    let mut alice = alice_with_one_message(&server).await;
+    let (server, mut alice) = alice_with_one_message(|_| {}).await;
 
     let mut frames = Vec::new();
     let mut refs = Vec::new();
@@ -205,12 +226,7 @@ async fn interleaved_duplicates_never_starve_the_chats_between_them() {
 /// keeps the order in which its chats arrived, however the writes are split.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chats_arriving_while_the_room_renumbers_keep_their_order() {
-    let server = TestServer::start_with(|c| {
-        c.shards = 1;
-        c.rate_burst = 1000;
-    })
-    .await;
-    let mut alice = alice_with_one_message(&server).await;
+    let (server, mut alice) = alice_with_one_message(|c| c.rate_burst = 1000).await;
 
     let mut refs = Vec::new();
     const WAVES: usize = 40;
@@ -234,5 +250,77 @@ async fn chats_arriving_while_the_room_renumbers_keep_their_order() {
         .collect();
     let expected: Vec<u64> = (2..2 + WAVES as u64 * 4).collect();
     assert_eq!(seqs, expected, "stored in arrival order");
+    server.stop().await;
+}
+
+/// Copies of a chat pipelined right behind it (a client resending before the answer came)
+/// take no seq: the shard remembers the room's recent ids and sends a copy without one, so
+/// neither the copy nor anyone else's chat in flight is renumbered or refused, however many
+/// copies race with the room's other chats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_pipelined_behind_a_chat_take_no_seq() {
+    let server = TestServer::start_with(|c| {
+        c.shards = 1;
+        c.rate_burst = 1000;
+    })
+    .await;
+    let mut alice = alice_in_room(&server).await;
+    // Alice's second device, sending chats of its own into the same room meanwhile.
+    let mut other = alice_in_room(&server).await;
+
+    const CHATS: usize = 60;
+    let mut alice_frames = Vec::new();
+    let mut alice_refs = Vec::new();
+    let mut other_frames = Vec::new();
+    let mut other_refs = Vec::new();
+    for n in 0..CHATS {
+        for copy in ["a", "b"] {
+            alice_frames.push(chat_frame(
+                "r",
+                &format!("alice {n}"),
+                &format!("a{n}"),
+                &format!("a{n}{copy}"),
+            ));
+            alice_refs.push(format!("a{n}{copy}"));
+        }
+        other_frames.push(chat_frame(
+            "r",
+            &format!("other {n}"),
+            &format!("b{n}"),
+            &format!("b{n}"),
+        ));
+        other_refs.push(format!("b{n}"));
+    }
+    tokio::join!(
+        alice.send_texts(&alice_frames),
+        other.send_texts(&other_frames)
+    );
+    let alice_refs: Vec<&str> = alice_refs.iter().map(String::as_str).collect();
+    let other_refs: Vec<&str> = other_refs.iter().map(String::as_str).collect();
+    let (alice_got, other_got) = tokio::join!(
+        replies(&mut alice, &alice_refs),
+        replies(&mut other, &other_refs)
+    );
+    for (reference, v) in alice_got.iter().chain(&other_got) {
+        assert_eq!(v["status"], "success", "{reference}: {v}");
+    }
+    let mut seqs = Vec::new();
+    for n in 0..CHATS {
+        let (first, copy) = (&alice_got[&format!("a{n}a")], &alice_got[&format!("a{n}b")]);
+        assert_eq!(
+            first["data"]["seq"], copy["data"]["seq"],
+            "a copy gets the original"
+        );
+        assert_eq!(copy["data"]["message"], format!("alice {n}"));
+        seqs.push(first["data"]["seq"].as_u64().unwrap());
+        seqs.push(other_got[&format!("b{n}")]["data"]["seq"].as_u64().unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=2 * CHATS as u64).collect::<Vec<_>>(),
+        "each chat once, no gap"
+    );
+    assert_eq!(renumbered(&server).await, 0, "no copy left a seq unused");
     server.stop().await;
 }

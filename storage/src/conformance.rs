@@ -42,6 +42,7 @@ macro_rules! conformance_tests {
             duplicate_message_id_returns_the_original,
             a_retry_after_a_crash_gets_the_original,
             duplicates_within_one_batch_are_stored_once,
+            an_unnumbered_repeat_gets_the_original_and_takes_no_seq,
             a_refused_append_names_the_last_seq_stored_before_it,
             pipelined_appends_are_applied_in_call_order,
             append_to_a_missing_room_is_invalid,
@@ -320,6 +321,50 @@ pub async fn duplicates_within_one_batch_are_stored_once<S: Store>(store: S) {
         seqs(&page(&store, "r", Some(0), None, 10).await),
         range(1, 2)
     );
+}
+
+/// An append at seq 0, which no message has, is how an owner sends a repeat of an id it sent
+/// recently without giving it a seq: a stored id (stored earlier in the same batch, or before)
+/// gets the original and takes no seq, so the append numbered after the original still fits.
+/// An id the room does not hold is refused like any wrong seq, and nothing is stored.
+pub async fn an_unnumbered_repeat_gets_the_original_and_takes_no_seq<S: Store>(store: S) {
+    team_room(&store, "r").await;
+    let room = key("r");
+    let mut first = NewMessage::text(&room, 1, "alice", "one");
+    first.message_id = "same".to_owned();
+    let mut copy = first.clone();
+    copy.seq = 0;
+    copy.message = "one, again".to_owned();
+    let second = NewMessage::text(&room, 2, "alice", "two");
+    // Called in order without waiting, as a room's owner pipelines them.
+    let pending = [
+        store.append(first),
+        store.append(copy.clone()),
+        store.append(second),
+    ];
+    let [first, copied, second] = pending;
+    let first = first.await.unwrap();
+    let copied = copied.await.unwrap();
+    assert!(!first.duplicate);
+    assert!(copied.duplicate);
+    assert_eq!(copied.message, first.message);
+    assert_eq!(second.await.unwrap().message.seq, 2);
+
+    let later = store.append(copy).await.unwrap();
+    assert!(later.duplicate);
+    assert_eq!(later.message, first.message);
+
+    let unknown = NewMessage::text(&room, 0, "alice", "never stored");
+    let error = store.append(unknown).await.unwrap_err();
+    assert!(
+        matches!(error, Error::SeqConflict { last_seq: 2 }),
+        "{error:?}"
+    );
+    assert_eq!(
+        seqs(&page(&store, "r", Some(0), None, 10).await),
+        range(1, 2)
+    );
+    assert_eq!(say(&store, "r", "alice", "three").await.seq, 3);
 }
 
 /// Pipelined appends, every other one at a seq the fence refuses: each refused one names the

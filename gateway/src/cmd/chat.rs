@@ -134,6 +134,8 @@ impl Shard {
             received,
             message,
             attempts: 0,
+            unnumbered: false,
+            id_checked: false,
         });
     }
 

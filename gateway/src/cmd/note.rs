@@ -115,6 +115,8 @@ impl Shard {
             received,
             message,
             attempts: 0,
+            unnumbered: false,
+            id_checked: false,
         });
     }
 
