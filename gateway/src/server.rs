@@ -59,7 +59,7 @@ pub struct Shared {
     pub integration: crate::integration::Integration,
     /// Uploads in flight, in KiB: every upload holds its size (its declared length, or the
     /// largest a file may be) while it arrives.
-    pub upload_budget: Arc<tokio::sync::Semaphore>,
+    pub upload_budget: crate::http::files::UploadBudget,
     /// Where uploaded files' bytes are kept.
     pub files: Box<dyn crate::http::files::FileStore>,
     /// Permits for presence broadcasts (each a task collecting members from the shards): at
@@ -243,9 +243,8 @@ impl Gateway {
             metrics.analytics_dropped.clone(),
         )?;
         let widget_sessions = TenantBudgets::per_minute(config.widget_sessions_per_ip_minute);
-        let upload_budget = Arc::new(tokio::sync::Semaphore::new(
-            config.uploads_in_flight_mib as usize * 1024,
-        ));
+        let upload_budget =
+            crate::http::files::UploadBudget::new(config.uploads_in_flight_mib as usize * 1024);
         let files =
             crate::http::files::file_store(config.files_url.as_deref(), config.files_dir())?;
         let bus: Arc<dyn integrations::Bus> = match &config.kafka_brokers {

@@ -11,6 +11,7 @@ use common::*;
 use gateway::auth::Role;
 use reqwest::{Client as Http, Method, StatusCode};
 use serde_json::{json, Value};
+use tokio::net::TcpStream;
 
 const SILENCE: Duration = Duration::from_millis(300);
 
@@ -856,6 +857,81 @@ async fn contacts_and_inboxes_are_listed_newest_first_page_by_page_per_tenant() 
     assert_eq!(status, StatusCode::OK);
     assert_eq!(page["items"][0]["channel"]["phone_number"], "+15550100");
     assert_eq!(page["next"], Value::Null);
+    server.stop().await;
+}
+
+/// Starts an upload of `length` declared bytes for `tenant`, sends its first bytes and stalls.
+async fn stalled_upload(addr: std::net::SocketAddr, tenant: &str, length: usize) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let bearer = token("mallory", tenant, Role::Agent);
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\n\
+         Content-Type: multipart/form-data; boundary=XYZ\r\nContent-Length: {length}\r\n\r\n\
+         --XYZ\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+}
+
+/// Reads the status code of the answer to a request sent on `stream`.
+async fn response_status(stream: &mut TcpStream, wait: Duration) -> u16 {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(wait, async {
+        while !got.windows(2).any(|w| w == b"\r\n") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("an answer in time");
+    String::from_utf8_lossy(&got)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap()
+}
+
+/// Uploads that stall hold at most half of the process's upload budget per tenant, and give
+/// it back with `408` once they have sent nothing for 10 s: another tenant's uploads go
+/// through meanwhile.
+#[tokio::test]
+async fn stalled_uploads_of_one_tenant_do_not_keep_another_tenants_out() {
+    let server = TestServer::start_with(|config| {
+        config.max_file_bytes = 4 << 20;
+        config.uploads_in_flight_mib = 1;
+    })
+    .await;
+    let api = Api::of(&server);
+    // Two uploads of 400 KiB that stall: together they would hold 800 of the 1024 KiB, but the
+    // second is past the tenant's half and refused (answered once its body ends or stalls).
+    let mut first = stalled_upload(server.addr, "evil", 400 << 10).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut second = stalled_upload(server.addr, "evil", 400 << 10).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let (status, _) = upload(&api, &agent(), png(500 << 10), "image/png", None).await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "the other tenant's upload fits"
+    );
+    assert_eq!(
+        response_status(&mut second, Duration::from_secs(15)).await,
+        503
+    );
+    // The stalled one is answered when it has sent nothing for 10 s, and gives its share back.
+    assert_eq!(
+        response_status(&mut first, Duration::from_secs(15)).await,
+        408
+    );
+    assert!(started.elapsed() < Duration::from_secs(11));
+    let evil = token("mallory", "evil", Role::Agent);
+    let (status, _) = upload(&api, &evil, png(500 << 10), "image/png", None).await;
+    assert_eq!(status, StatusCode::CREATED);
     server.stop().await;
 }
 

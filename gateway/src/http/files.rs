@@ -7,12 +7,14 @@
 //! conversation (`join`'s rule, so a customer only its own); one uploaded without a room by the
 //! team and its uploader. Another tenant's file does not exist (`404`).
 
+use std::collections::HashMap;
 use std::io::SeekFrom;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::TryStreamExt;
+use futures_util::StreamExt;
 use http_body_util::BodyStream;
 use hyper::body::Incoming;
 use hyper::header::{
@@ -329,6 +331,115 @@ pub(crate) struct UploadForm {
     room_id: Option<String>,
 }
 
+/// Longest an upload's body may go without sending a byte: a client that stalls gives its
+/// share of the upload budget back (`408`) instead of holding it.
+const UPLOAD_IDLE: Duration = Duration::from_secs(10);
+
+/// Bytes of uploads the process holds in memory while they arrive, in KiB: shared by every
+/// tenant, and no tenant may hold more than half (or one upload, if that is larger), so that
+/// one tenant's uploads (stalled ones, say) cannot keep every other tenant's out.
+pub struct UploadBudget {
+    total: Arc<tokio::sync::Semaphore>,
+    tenant_share: usize,
+    /// KiB each tenant holds now (a tenant with none has no entry).
+    held: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// An upload's share of the budget, given back when dropped.
+pub(crate) struct HeldUpload {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    tenant: String,
+    kib: usize,
+    held: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl UploadBudget {
+    pub fn new(kib: usize) -> UploadBudget {
+        UploadBudget {
+            total: Arc::new(tokio::sync::Semaphore::new(kib)),
+            tenant_share: (kib / 2).max(1),
+            held: Arc::default(),
+        }
+    }
+
+    /// Takes `kib` for one upload of `tenant`, or `None` when the process or the tenant has no
+    /// room for it now.
+    pub(crate) fn try_hold(&self, tenant: &str, kib: usize) -> Option<HeldUpload> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let tenant_held = held.get(tenant).copied().unwrap_or(0);
+        // A tenant's first upload may be larger than its share (a file up to the limit fits
+        // whatever the budget's size), its others not.
+        if tenant_held > 0 && tenant_held + kib > self.tenant_share {
+            return None;
+        }
+        let permit = self
+            .total
+            .clone()
+            .try_acquire_many_owned(u32::try_from(kib).ok()?)
+            .ok()?;
+        held.insert(tenant.to_owned(), tenant_held + kib);
+        Some(HeldUpload {
+            _permit: permit,
+            tenant: tenant.to_owned(),
+            kib,
+            held: self.held.clone(),
+        })
+    }
+}
+
+impl Drop for HeldUpload {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tenant_held) = held.get_mut(&self.tenant) {
+            *tenant_held = tenant_held.saturating_sub(self.kib);
+            if *tenant_held == 0 {
+                held.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// The upload's body as a stream of bytes that fails with a `TimedOut` I/O error when the
+/// client sends nothing for [`UPLOAD_IDLE`].
+fn body_until_stalled(
+    body: Incoming,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    futures_util::stream::try_unfold(BodyStream::new(body), |mut body| async move {
+        loop {
+            match tokio::time::timeout(UPLOAD_IDLE, body.next()).await {
+                Err(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the upload stalled",
+                    ))
+                }
+                Ok(None) => return Ok(None),
+                Ok(Some(Err(e))) => return Err(std::io::Error::other(e)),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Ok(Some((data, body)));
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Whether a form error is the body stalling ([`body_until_stalled`]).
+fn stalled(error: &multer::Error) -> bool {
+    matches!(error, multer::Error::StreamReadFailed(e)
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut))
+}
+
+fn stalled_error() -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "TIMEOUT",
+        format!("the upload sent nothing for {} s", UPLOAD_IDLE.as_secs()),
+    )
+}
+
 fn too_large(max: u64) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -359,6 +470,7 @@ fn type_allowed(content_type: &str, allowed: &[String]) -> bool {
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 413, description = "Over the size limit", body = ErrorBody),
+        (status = 408, description = "The body sent nothing for 10 s", body = ErrorBody),
         (status = 415, description = "Not an allowed content type", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ))]
@@ -392,21 +504,16 @@ pub(crate) async fn upload(shared: Arc<Shared>, req: Request<Incoming>) -> ApiRe
         .unwrap_or(max + FORM_OVERHEAD)
         .div_ceil(1024)
         .max(1);
-    let held = u32::try_from(kib).ok().and_then(|kib| {
-        shared
-            .upload_budget
-            .clone()
-            .try_acquire_many_owned(kib)
-            .ok()
-    });
+    let held = usize::try_from(kib)
+        .ok()
+        .and_then(|kib| shared.upload_budget.try_hold(&claims.tenant, kib));
     let Some(_held) = held else {
         // Read and dropped as it arrives (nothing is held), so that the client, still sending,
         // gets the answer instead of a broken connection.
-        let mut body = req.into_body();
+        let mut body = std::pin::pin!(body_until_stalled(req.into_body()));
         let mut left = max + FORM_OVERHEAD;
-        while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
-            let len = frame.data_ref().map_or(0, |d| d.len() as u64);
-            match left.checked_sub(len) {
+        while let Some(Ok(data)) = body.next().await {
+            match left.checked_sub(data.len() as u64) {
                 Some(rest) => left = rest,
                 None => break,
             }
@@ -417,8 +524,7 @@ pub(crate) async fn upload(shared: Arc<Shared>, req: Request<Incoming>) -> ApiRe
             "too many uploads in progress, retry later",
         ));
     };
-    let stream = BodyStream::new(req.into_body())
-        .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) });
+    let stream = body_until_stalled(req.into_body());
     let constraints = multer::Constraints::new().size_limit(
         multer::SizeLimit::new()
             .whole_stream(max + FORM_OVERHEAD)
@@ -429,6 +535,7 @@ pub(crate) async fn upload(shared: Arc<Shared>, req: Request<Incoming>) -> ApiRe
         multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => {
             too_large(max)
         }
+        e if stalled(&e) => stalled_error(),
         e => ApiError::bad_request(format!("invalid form: {e}")),
     };
     let mut file: Option<(String, String, Bytes)> = None;
