@@ -935,6 +935,28 @@ async fn stalled_uploads_of_one_tenant_do_not_keep_another_tenants_out() {
     server.stop().await;
 }
 
+/// A JSON body that never arrives is answered `408` after 10 s instead of holding the
+/// connection and its task.
+#[tokio::test]
+async fn a_json_body_that_never_arrives_times_out() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start().await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/contacts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"name\"",
+        agent()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(
+        response_status(&mut stream, Duration::from_secs(15)).await,
+        408
+    );
+    assert!(started.elapsed() >= Duration::from_secs(9));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn uploads_in_flight_are_bounded_in_bytes() {
     let server = TestServer::start_with(|config| {

@@ -191,19 +191,37 @@ pub(crate) async fn json_body<T: DeserializeOwned>(req: Request<Incoming>) -> Re
             "the body must be application/json",
         ));
     }
-    let body = Limited::new(req.into_body(), MAX_JSON_BODY)
-        .collect()
+    let body = Limited::new(req.into_body(), MAX_JSON_BODY).collect();
+    let body = tokio::time::timeout(JSON_BODY_TIMEOUT, body)
         .await
         .map_err(|_| {
             ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "TOO_LARGE",
-                "body larger than 64 KiB",
+                StatusCode::REQUEST_TIMEOUT,
+                "TIMEOUT",
+                format!(
+                    "the body did not arrive within {} s",
+                    JSON_BODY_TIMEOUT.as_secs()
+                ),
             )
+        })?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "TOO_LARGE",
+                    "body larger than 64 KiB",
+                )
+            } else {
+                ApiError::bad_request(format!("the body could not be read: {e}"))
+            }
         })?
         .to_bytes();
     parse_json(&body)
 }
+
+/// Longest a JSON body (at most [`MAX_JSON_BODY`]) may take to arrive: a request whose body
+/// never comes does not hold its connection and task.
+const JSON_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Parses JSON, naming the field that does not fit in the error.
 pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
